@@ -1,0 +1,108 @@
+"""The FastAPI application: ``create_app()`` (uvicorn: ``registry.api.app:create_app --factory``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from .. import __version__
+from ..config import Settings, get_settings, is_loopback
+from ..errors import RegistryError
+from ..services.context import RegistryContext
+from .routers import compat, drafts, files, jobs, models, system, versions, webhooks
+
+log = logging.getLogger("registry.api")
+
+API_PREFIX = "/api/v1"
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details or {}}}, status_code=status)
+
+
+class LoopbackOnly:
+    """ASGI middleware: 403 for any peer that is not on this machine."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            host = client[0] if client else "127.0.0.1"
+            if not is_loopback(host) and host != "testclient":
+                response = _error(403, "auth_required", "this server runs without authentication and only "
+                                  "accepts connections from its own machine")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, ctx: RegistryContext | None = None) -> FastAPI:
+    settings = settings or (ctx.settings if ctx else get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = ctx is None
+        app.state.ctx = ctx or RegistryContext.open(settings, migrate=True)
+        if app.state.ctx.job_sender is None:
+            from workers.app import send_job
+
+            app.state.ctx.job_sender = send_job
+        try:
+            yield
+        finally:
+            if own:
+                app.state.ctx.close()
+
+    app = FastAPI(
+        title="registry",
+        version=__version__,
+        summary="Versions, lineage and derived artifacts for base models, LoRA adapters, fine-tunes and merges.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", [])), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return _error(422, "invalid_request", f"{where}: {first['msg']}", {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        from ..weights.errors import WeightsError
+
+        if isinstance(exc, WeightsError):
+            return _error(422, "invalid_weights", str(exc), {"type": type(exc).__name__})
+        log.exception("unhandled error")
+        return _error(500, "internal", "internal server error")
+
+    if settings.auth == "off":
+        # Without auth the server must only be reachable from this machine; refuse remote peers
+        # even if someone bound it to a public address by hand.
+        app.add_middleware(LoopbackOnly)
+
+    routers = (system, models, versions, files, drafts, jobs, compat, webhooks)
+    for router in (r.router for r in routers):
+        app.include_router(router, prefix=API_PREFIX)
+    return app

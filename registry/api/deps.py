@@ -1,0 +1,44 @@
+"""Dependencies injected into routes: the registry context and the authenticated principal."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from ..services import tokens
+from ..services.context import RegistryContext
+from ..services.tokens import Principal
+
+
+async def get_ctx(request: Request) -> RegistryContext:
+    # async: FastAPI would run a plain ``def`` dependency in the thread pool, one hop per request
+    ctx: RegistryContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[RegistryContext, Depends(get_ctx)]
+
+
+async def get_principal(request: Request) -> Principal:
+    ctx: RegistryContext = request.app.state.ctx
+    if ctx.settings.auth == "off":
+        return tokens.ANONYMOUS_ADMIN
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip() if scheme.lower() == "bearer" else ""
+    return await run_in_threadpool(tokens.authenticate, ctx, secret or None)
+
+
+def _scope(needed: str):  # type: ignore[no-untyped-def]
+    async def dep(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        principal.require(needed)
+        return principal
+
+    return dep
+
+
+Reader = Annotated[Principal, Depends(_scope("read"))]
+Writer = Annotated[Principal, Depends(_scope("write"))]
+Admin = Annotated[Principal, Depends(_scope("admin"))]

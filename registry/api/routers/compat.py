@@ -1,0 +1,41 @@
+"""Prediction sets per version and MUSCLE update-compatibility between two versions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, Field
+
+from ...services import compat
+from ..deps import Ctx, Reader, Writer
+from .common import version_ref
+
+router = APIRouter(tags=["compatibility"])
+
+
+class PredictionsIn(BaseModel):
+    dataset: str
+    kind: str = Field("classification", description="classification or generative")
+    predictions: list[Any] | None = None
+    labels: list[Any] | None = None
+    scores: list[float] | None = Field(None, description="generative: S(prediction_i, y_i) per instance")
+    replace: bool = False
+
+
+@router.post("/models/{name}/versions/{v}/predictions", status_code=status.HTTP_201_CREATED)
+def store_predictions(name: str, v: str, body: PredictionsIn, ctx: Ctx, _: Writer) -> dict[str, Any]:
+    return compat.store_predictions(ctx, version_ref(name, v), body.dataset, body.kind,
+                                    predictions=body.predictions, labels=body.labels, scores=body.scores,
+                                    replace=body.replace)
+
+
+@router.get("/models/{name}/versions/{v}/predictions")
+def list_predictions(name: str, v: str, ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
+    return compat.list_predictions(ctx, version_ref(name, v))
+
+
+@router.get("/compat")
+def compare(old: str, new: str, dataset: str, ctx: Ctx, _: Reader) -> dict[str, Any]:
+    """MUSCLE metrics of the update old -> new: NFR, PFR, NFR_mc, accuracies, BTC (or D-based rates)."""
+    return compat.compare(ctx, old, new, dataset)

@@ -1,0 +1,44 @@
+"""Health, tokens and the event log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+from sqlalchemy import text
+
+from ... import __version__
+from ...services import events, tokens
+from ..deps import Admin, Ctx, Reader
+from ..schemas import TokenCreate, TokenOut
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+def health(ctx: Ctx) -> dict[str, Any]:
+    with ctx.db.read() as s:
+        s.execute(text("select 1"))
+    return {"status": "ok", "version": __version__, "database": ctx.db.engine.dialect.name,
+            "storage": ctx.store.name, "auth": ctx.settings.auth}
+
+
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenOut)
+def create_token(body: TokenCreate, ctx: Ctx, _: Admin) -> object:
+    return tokens.create(ctx, body.name, body.scope, body.expires_days)
+
+
+@router.get("/tokens", response_model=list[TokenOut])
+def list_tokens(ctx: Ctx, _: Admin) -> object:
+    return tokens.list_tokens(ctx)
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenOut)
+def revoke_token(token_id: int, ctx: Ctx, _: Admin) -> object:
+    return tokens.revoke(ctx, token_id)
+
+
+@router.get("/events")
+def list_events(ctx: Ctx, _: Reader, after: int = 0, limit: int = 100) -> dict[str, Any]:
+    """The event log (oldest first, after the given id)."""
+    return {"items": events.list_events(ctx, after, limit)}

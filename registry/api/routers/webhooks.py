@@ -1,0 +1,113 @@
+"""Webhooks and their delivery log (admin scope: targets and logs may carry sensitive URLs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from ...services import webhooks
+from ..deps import Admin, Ctx
+from .common import int_cursor
+
+router = APIRouter(tags=["webhooks"])
+
+
+class WebhookCreate(BaseModel):
+    url: str = Field(description="http(s) URL receiving POSTed events.")
+    events: list[str] = Field(description="Event type patterns (fnmatch): 'version.*', 'job.failed', '*'.")
+    secret: str | None = Field(None, description="HMAC signing secret (16-256 chars); generated when omitted.")
+    description: str = ""
+
+
+class WebhookUpdate(BaseModel):
+    url: str | None = None
+    events: list[str] | None = None
+    active: bool | None = None
+    description: str | None = None
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    events: list[str]
+    active: bool
+    description: str
+    created_at: Any
+    created_by: str | None
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="The signing secret; shown only in this response.")
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    webhook_id: int
+    event_id: int
+    event_type: str | None
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: Any
+    created_at: Any
+    delivered_at: Any
+
+
+class DeliveryDetail(DeliveryOut):
+    log: list[dict[str, Any]]
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+@router.post("/webhooks", status_code=status.HTTP_201_CREATED, response_model=WebhookCreated)
+def create_webhook(body: WebhookCreate, ctx: Ctx, who: Admin) -> object:
+    """Subscribe a URL to events. The response carries the signing secret, shown only once."""
+    return webhooks.create_webhook(ctx, body.url, body.events, secret=body.secret, description=body.description,
+                                   actor=who.name)
+
+
+@router.get("/webhooks", response_model=list[WebhookOut])
+def list_webhooks(ctx: Ctx, _: Admin) -> object:
+    return webhooks.list_webhooks(ctx)
+
+
+@router.get("/webhooks/{webhook_id}", response_model=WebhookOut)
+def get_webhook(webhook_id: int, ctx: Ctx, _: Admin) -> object:
+    return webhooks.get_webhook(ctx, webhook_id)
+
+
+@router.patch("/webhooks/{webhook_id}", response_model=WebhookOut)
+def update_webhook(webhook_id: int, body: WebhookUpdate, ctx: Ctx, _: Admin) -> object:
+    return webhooks.update_webhook(ctx, webhook_id, url=body.url, events=body.events, active=body.active,
+                                   description=body.description)
+
+
+@router.delete("/webhooks/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_webhook(webhook_id: int, ctx: Ctx, _: Admin) -> Response:
+    webhooks.delete_webhook(ctx, webhook_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage)
+def list_deliveries(webhook_id: int, ctx: Ctx, _: Admin, status: str | None = None, limit: int = 50,
+                    cursor: str | None = None) -> object:
+    items, nxt = webhooks.list_deliveries(ctx, webhook_id, status=status, limit=limit, cursor=int_cursor(cursor))
+    return {"items": items, "next_cursor": str(nxt) if nxt is not None else None}
+
+
+@router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
+def get_delivery(delivery_id: int, ctx: Ctx, _: Admin) -> object:
+    return webhooks.get_delivery(ctx, delivery_id)
+
+
+@router.post("/deliveries/{delivery_id}/redeliver", status_code=status.HTTP_202_ACCEPTED)
+def redeliver(delivery_id: int, ctx: Ctx, who: Admin) -> dict[str, Any]:
+    """Send the delivery again (same delivery id, new job); returns ``{"delivery", "job"}``."""
+    return webhooks.redeliver(ctx, delivery_id, actor=who.name)

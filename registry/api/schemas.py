@@ -1,0 +1,215 @@
+"""Request and response bodies (pydantic), distinct from the ORM classes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ORM(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class FileOut(ORM):
+    path: str
+    sha256: str
+    size: int
+
+
+class ParentOut(ORM):
+    ref: str
+    relation: str
+    params: dict[str, Any]
+
+
+class VersionOut(ORM):
+    id: int
+    model: str
+    version: int
+    ref: str
+    kind: str
+    status: str
+    storage_mode: str
+    base: str | None
+    fingerprint: str | None
+    content_sha256: str
+    size: int
+    file_count: int
+    description: str
+    summary: dict[str, Any]
+    tags: dict[str, str]
+    aliases: list[str]
+    parents: list[ParentOut]
+    mlflow_run_id: str | None
+    created_at: datetime
+    created_by: str | None
+    archived: bool
+    archived_at: datetime | None
+    files: list[FileOut] | None = None
+
+
+class VersionPage(BaseModel):
+    items: list[VersionOut]
+    next_cursor: str | None
+
+
+class ModelOut(ORM):
+    id: int
+    name: str
+    kind: str
+    description: str
+    tags: dict[str, str]
+    latest_version: int | None
+    version_count: int
+    aliases: dict[str, int]
+    created_at: datetime | None
+    created_by: str | None
+
+
+class ModelPage(BaseModel):
+    items: list[ModelOut]
+    next_cursor: str | None
+
+
+class ModelCreate(BaseModel):
+    name: str
+    kind: str
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelUpdate(BaseModel):
+    description: str | None = None
+
+
+class ParentIn(BaseModel):
+    ref: str
+    relation: str = "merge_of"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DraftCreate(BaseModel):
+    model: str
+    kind: str | None = None
+    base: str | None = Field(None, description="Ref of the base version an adapter/fine-tune is pinned to.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    parents: list[ParentIn] = Field(default_factory=list)
+
+
+class DraftFileOut(BaseModel):
+    path: str
+    sha256: str
+    size: int
+    deduplicated: bool = False
+
+
+class DraftOut(BaseModel):
+    id: str
+    model: str
+    kind: str | None
+    base: str | None
+    tags: dict[str, str]
+    aliases: list[str]
+    description: str
+    parents: list[ParentIn]
+    files: list[FileOut]
+    created_at: datetime
+
+
+class LinkFile(BaseModel):
+    path: str
+    sha256: str
+    size: int | None = None
+
+
+class UploadCreate(BaseModel):
+    path: str
+    size: int | None = None
+
+
+class UploadOut(BaseModel):
+    id: str
+    draft: str
+    path: str
+    size: int | None
+    received: int
+
+
+class UploadCommit(BaseModel):
+    sha256: str
+
+
+class AliasSet(BaseModel):
+    version: str = Field(description="Version number, or a ref of the same model.")
+
+
+class AliasOut(BaseModel):
+    model: str
+    alias: str
+    version: int
+    ref: str
+
+
+class TagsSet(BaseModel):
+    tags: dict[str, str]
+
+
+class TagValue(BaseModel):
+    value: str
+
+
+class LineageNode(BaseModel):
+    id: int
+    ref: str
+    model: str
+    version: int
+    kind: str
+    status: str
+    storage_mode: str
+    archived: bool
+
+
+class LineageEdgeOut(BaseModel):
+    child: str
+    parent: str
+    relation: str
+    params: dict[str, Any]
+
+
+class LineageOut(BaseModel):
+    root: str
+    nodes: list[LineageNode]
+    edges: list[LineageEdgeOut]
+    truncated: bool
+
+
+class TokenCreate(BaseModel):
+    name: str
+    scope: str = "read"
+    expires_days: int | None = None
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    scope: str
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked: bool
+    last_used_at: datetime | None
+    token: str | None = Field(None, description="The secret; only in the response that creates it.")

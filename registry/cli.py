@@ -1,0 +1,836 @@
+"""The ``registry`` command.
+
+Client commands (push, pull, ls, show, lineage, alias, tag, archive) talk to a server over HTTP:
+``--server``/``REGISTRY_URL`` and ``--token``/``REGISTRY_TOKEN``. Server-side commands (up, gc,
+token, db) act on the registry configured by ``REGISTRY_*`` settings (by default the embedded
+one under ``REGISTRY_HOME``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.tree import Tree
+
+from .client import RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
+from .config import get_settings, is_loopback
+
+app = typer.Typer(help="Model registry for base models, LoRA adapters, fine-tunes and merges.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+alias_app = typer.Typer(help="Movable names for versions (production, staging, ...).", no_args_is_help=True)
+tag_app = typer.Typer(help="Key/value tags on versions.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens (acts on the configured registry database).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+basis_app = typer.Typer(help="RMM bases: many adapters of one base in one reconstructable basis.", no_args_is_help=True)
+policy_app = typer.Typer(help="Automation policies (transfer on base update, refresh basis).", no_args_is_help=True)
+app.add_typer(alias_app, name="alias")
+app.add_typer(tag_app, name="tag")
+app.add_typer(token_app, name="token")
+app.add_typer(db_app, name="db")
+app.add_typer(basis_app, name="basis")
+app.add_typer(policy_app, name="policy")
+webhook_app = typer.Typer(help="Webhooks: signed HTTP callbacks for registry events.", no_args_is_help=True)
+app.add_typer(webhook_app, name="webhook")
+
+out = Console()
+err = Console(stderr=True)
+_state: dict[str, Any] = {}
+
+
+@app.callback()
+def main(
+    server: Annotated[str | None, typer.Option("--server", envvar="REGISTRY_URL", help="Registry URL.")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="REGISTRY_TOKEN", help="Bearer token.")] = None,
+) -> None:
+    _state["server"] = server
+    _state["token"] = token
+
+
+def _client() -> RegistryClient:
+    return RegistryClient(_state.get("server"), _state.get("token"))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except RegistryAPIError as e:
+        err.print(f"[red]error[/red] ({e.status} {e.code}): {e.message}")
+        if e.details:
+            err.print_json(data=e.details)
+        raise typer.Exit(1) from None
+    except RegistryConnectionError as e:
+        err.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err, transient=False, disable=not err.is_terminal)
+
+
+def _kv(pairs: list[str] | None, what: str = "tag") -> dict[str, str]:
+    out_: dict[str, str] = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise typer.BadParameter(f"{what} {p!r} must look like key=value")
+        out_[k] = v
+    return out_
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+# ---------------------------------------------------------------------------- server side
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="Bind address (default REGISTRY_HOST, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default REGISTRY_PORT, 8080).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Workers to start beside the API (default 1).")] = None,
+    mlflow_ui: Annotated[bool | None, typer.Option("--mlflow-ui/--no-mlflow-ui", help="Start the MLflow UI.")] = None,
+    api_workers: Annotated[int | None, typer.Option(
+        help="API processes (default REGISTRY_API_WORKERS, 1); more than 1 runs uvicorn's multi-process mode, "
+             "every process configured from the REGISTRY_* environment.")] = None,
+) -> None:
+    """Run the registry: API, worker(s), dispatcher and MLflow UI, on the embedded default
+    (SQLite + local blobs + SQLite broker + MLflow SQLite store under REGISTRY_HOME)."""
+    from .api.server import serve
+    from .supervisor import Supervisor
+
+    settings = get_settings()
+    settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
+    if settings.auth == "off" and not is_loopback(settings.host):
+        err.print(f"[red]refusing to start[/red]: binding to {settings.host} without authentication would expose "
+                  "the registry to the network. Set REGISTRY_AUTH=required and create a token with "
+                  "`registry token create NAME --scope admin`, or bind to 127.0.0.1.")
+        raise typer.Exit(2)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    from .db import upgrade
+
+    upgrade(settings.resolved_database_url)
+    n_workers = settings.embedded_workers if workers is None else workers
+    ui = settings.mlflow_ui if mlflow_ui is None else mlflow_ui
+    sup = Supervisor(settings)
+    for i in range(n_workers):
+        sup.add(f"worker-{i + 1}", [sys.executable, "-m", "registry", "worker", "--hostname", f"embedded-{i + 1}@%h"])
+    if n_workers and settings.embedded_dispatcher:
+        sup.add("dispatcher", [sys.executable, "-m", "registry", "dispatcher"])
+    if ui:
+        sup.add("mlflow-ui", [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.resolved_mlflow_uri,
+                              "--default-artifact-root", settings.mlflow_artifact_root, "--host", "127.0.0.1",
+                              "--port", str(settings.mlflow_ui_port)])
+    err.print(f"registry: data in {settings.home.resolve()}, database "
+              f"{settings.resolved_database_url.split('@')[-1]}, storage {settings.storage}")
+    err.print(f"registry: API on http://{settings.host}:{settings.port}/api/v1 (docs at /docs); "
+              f"{n_workers} worker(s) on {settings.resolved_broker_url.split('@')[-1]}"
+              + (f"; MLflow UI on http://127.0.0.1:{settings.mlflow_ui_port}" if ui else ""))
+    sup.start()
+    serve(settings, workers=settings.api_workers if api_workers is None else api_workers, on_exit=sup.stop)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu, gpu.")] = "cpu,gpu",
+    concurrency: Annotated[int, typer.Option(help="Jobs at once (threads when > 1).")] = 1,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a Celery worker that executes registry jobs (bases, transfers, merges, webhooks)."""
+    import logging
+
+    from workers.app import celery_app
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = ["worker", "-Q", queues, "-c", str(concurrency), "-P", "solo" if concurrency == 1 else "threads",
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if hostname:
+        args += ["-n", hostname]
+    celery_app.worker_main(args)
+
+
+@app.command()
+def dispatcher() -> None:
+    """Run the dispatcher: events -> jobs and webhook deliveries, re-queue jobs of lost workers,
+    send queued jobs to the broker."""
+    import logging
+    import signal
+    import threading
+
+    from workers.app import send_job
+
+    from .services.context import RegistryContext
+    from .services.dispatcher import run_forever
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = RegistryContext.open(migrate=True)
+    ctx.job_sender = send_job
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        run_forever(ctx, stop)
+    finally:
+        ctx.close()
+
+
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed.")] = False,
+    grace: Annotated[int | None, typer.Option(help="Keep blobs younger than this many seconds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Remove blobs no version references, abandoned pushes and orphaned bytes."""
+    from .services import gc as gc_service
+    from .services.context import RegistryContext
+
+    ctx = RegistryContext.open(migrate=True)
+    try:
+        report = gc_service.collect(ctx, dry_run=dry_run, grace_seconds=grace)
+    finally:
+        ctx.close()
+    if as_json:
+        _print_json(report.as_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"gc {verb}: {report.blob_rows_removed} blob rows, {report.objects_removed} stored objects, "
+              f"{report.drafts_removed} abandoned pushes, {report.staging_dirs_removed} staging dirs; "
+              f"{report.bytes_freed} bytes; kept {report.kept_in_use} blobs that came into use")
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    scope: Annotated[str, typer.Option(help="read, write or admin.")] = "read",
+    expires_days: Annotated[int | None, typer.Option(help="Expire after N days.")] = None,
+) -> None:
+    """Create a token in the configured registry database; prints the secret once."""
+    from .errors import RegistryError
+    from .services import tokens
+    from .services.context import RegistryContext
+
+    ctx = RegistryContext.open(migrate=True)
+    try:
+        t = tokens.create(ctx, name, scope, expires_days)
+    except RegistryError as e:
+        err.print(f"[red]error[/red]: {e.message}")
+        raise typer.Exit(1) from None
+    finally:
+        ctx.close()
+    err.print(f"token {t['id']} ({t['scope']}) created; store it now, it is not shown again:")
+    out.print(t["token"], markup=False)
+
+
+@token_app.command("ls")
+def token_ls() -> None:
+    """List tokens (never their secrets)."""
+    from .services import tokens
+    from .services.context import RegistryContext
+
+    ctx = RegistryContext.open(migrate=True)
+    try:
+        rows = tokens.list_tokens(ctx)
+    finally:
+        ctx.close()
+    table = Table("id", "name", "scope", "prefix", "created", "expires", "revoked", "last used")
+    for t in rows:
+        table.add_row(str(t["id"]), t["name"], t["scope"], t["prefix"], str(t["created_at"])[:19],
+                      str(t["expires_at"] or "")[:19], "yes" if t["revoked"] else "", str(t["last_used_at"] or "")[:19])
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke a token by id."""
+    from .errors import RegistryError
+    from .services import tokens
+    from .services.context import RegistryContext
+
+    ctx = RegistryContext.open(migrate=True)
+    try:
+        tokens.revoke(ctx, token_id)
+    except RegistryError as e:
+        err.print(f"[red]error[/red]: {e.message}")
+        raise typer.Exit(1) from None
+    finally:
+        ctx.close()
+    out.print(f"token {token_id} revoked")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations to the configured database."""
+    from .db import current_revision, upgrade
+
+    url = get_settings().resolved_database_url
+    upgrade(url, revision)
+    out.print(f"database at revision {current_revision(url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's migration revision."""
+    from .db import current_revision
+
+    out.print(str(current_revision(get_settings().resolved_database_url)))
+
+
+@app.command()
+def demo(folder: Annotated[Path, typer.Argument(help="Where to write the demo checkpoints.")] = Path("demo")) -> None:
+    """Write small demo checkpoints (a base, its v2, two LoRA adapters, a fine-tune)."""
+    from .demo import make_demo
+
+    for name, path in make_demo(folder).items():
+        out.print(f"{name:14s} {path}")
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="Folder (or file) to upload.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name.")],
+    kind: Annotated[str | None, typer.Option(help="base, adapter, finetune or merge (default: inferred).")] = None,
+    base: Annotated[str | None, typer.Option(help="Ref of the base this adapter/fine-tune is pinned to.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="key=value; repeatable.")] = None,
+    alias: Annotated[list[str] | None, typer.Option("--alias", "-a", help="Alias to point here; repeatable.")] = None,
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+    no_dedup: Annotated[bool, typer.Option("--no-dedup", help="Upload every file without hashing first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the version as JSON before the ref.")] = False,
+) -> None:
+    """Push FOLDER as the next version of NAME; the last line printed is the new ref NAME@VERSION."""
+    with _errors(), _client() as rc:
+        files = iter_folder(folder)
+        total = sum(p.stat().st_size for _, p in files)
+        with _progress() as bar:
+            tasks = {"hash": bar.add_task("hashing", total=total, visible=not no_dedup),
+                     "upload": bar.add_task("uploading", total=total)}
+            v = rc.push(folder, name, kind=kind, base=base, tags=_kv(tag), aliases=alias or [],
+                        description=description, dedup=not no_dedup,
+                        progress=lambda phase, n: bar.advance(tasks[phase], n))
+    if as_json:
+        _print_json(v)
+    out.print(v["ref"], markup=False, highlight=False)
+
+
+@app.command()
+def pull(
+    ref: Annotated[str, typer.Argument(help="name, name@VERSION or name@ALIAS.")],
+    dest: Annotated[Path, typer.Argument(help="Destination folder.")],
+    file: Annotated[list[str] | None, typer.Option("--file", "-f", help="Only these paths; repeatable.")] = None,
+    format: Annotated[str, typer.Option("--format", help="native, or for adapters: delta, merged.")] = "native",
+) -> None:
+    """Download a version into DEST and verify every file's sha256."""
+    with _errors(), _client() as rc:
+        v = rc.get_version(ref)
+        listing = v["files"] if format == "native" else rc.list_files(v["ref"], format)
+        files = [f for f in listing if not file or f["path"] in file]
+        with _progress() as bar:
+            task = bar.add_task("downloading", total=sum(f["size"] for f in files))
+            rc.pull(v["ref"], dest, files=file, format=format, progress=lambda _phase, n: bar.advance(task, n))
+    err.print(f"{v['ref']}: {len(files)} files verified (sha256) in {dest}")
+    out.print(v["ref"], markup=False, highlight=False)
+
+
+@app.command("ls")
+def ls(
+    prefix: Annotated[str | None, typer.Argument(help="Model name prefix.")] = None,
+    model: Annotated[str | None, typer.Option(help="Exact model name.")] = None,
+    kind: Annotated[str | None, typer.Option()] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="key=value or key; repeatable (AND).")] = None,
+    base: Annotated[str | None, typer.Option(help="Only versions pinned to this base ref.")] = None,
+    status: Annotated[str | None, typer.Option()] = None,
+    archived: Annotated[bool, typer.Option("--archived", help="Include archived versions.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
+    models: Annotated[bool, typer.Option("--models", help="List models instead of versions.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List (search) versions, newest first; or models with --models."""
+    with _errors(), _client() as rc:
+        if models:
+            mpage = rc.list_models(prefix=prefix, kind=kind, tags=tag, limit=limit)
+            if as_json:
+                _print_json(mpage["items"])
+                return
+            table = Table("model", "kind", "latest", "versions", "aliases", "description")
+            for m in mpage["items"]:
+                table.add_row(m["name"], m["kind"], str(m["latest_version"] or "-"), str(m["version_count"]),
+                              ", ".join(f"{a}→{v}" for a, v in m["aliases"].items()), m["description"][:40])
+            out.print(table)
+            return
+        page = rc.search_versions(model=model, prefix=prefix, kind=kind, tags=tag, base=base, status=status,
+                                  archived=archived, limit=limit)
+    if as_json:
+        _print_json(page["items"])
+        return
+    table = Table("ref", "kind", "status", "base", "size", "aliases", "tags", "created")
+    for v in page["items"]:
+        table.add_row(v["ref"] + (" (archived)" if v["archived"] else ""), v["kind"], v["status"], v["base"] or "",
+                      _size(v["size"]), ", ".join(v["aliases"]), ", ".join(f"{k}={x}" for k, x in v["tags"].items()),
+                      str(v["created_at"])[:19])
+    out.print(table)
+    if page.get("next_cursor"):
+        err.print(f"(more: raise --limit; next cursor {page['next_cursor']})")
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+@app.command()
+def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show one version: metadata, files, tags, aliases, lineage parents."""
+    with _errors(), _client() as rc:
+        v = rc.get_version(ref)
+    if as_json:
+        _print_json(v)
+        return
+    out.print(f"[bold]{v['ref']}[/bold]  {v['kind']}  {v['status']}  {v['storage_mode']}"
+              + ("  [yellow]archived[/yellow]" if v["archived"] else ""))
+    for label, value in (("base", v["base"]), ("aliases", ", ".join(v["aliases"])),
+                         ("tags", ", ".join(f"{k}={x}" for k, x in v["tags"].items())),
+                         ("size", f"{_size(v['size'])} in {v['file_count']} files"),
+                         ("fingerprint", v["fingerprint"]), ("content sha256", v["content_sha256"]),
+                         ("created", f"{v['created_at']} by {v['created_by']}"), ("description", v["description"])):
+        if value:
+            out.print(f"  {label:15s} {value}")
+    for p in v["parents"]:
+        out.print(f"  parent          {p['relation']} {p['ref']}")
+    if v["summary"]:
+        out.print("  summary         " + ", ".join(f"{k}={x}" for k, x in v["summary"].items()))
+    table = Table("path", "size", "sha256")
+    for f in v["files"] or []:
+        table.add_row(f["path"], _size(f["size"]), f["sha256"])
+    out.print(table)
+
+
+@app.command()
+def lineage(
+    ref: str,
+    direction: Annotated[str, typer.Option(help="up (ancestors), down (descendants) or both.")] = "both",
+    depth: Annotated[int, typer.Option()] = 25,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the lineage of a version as a tree (ancestors above, descendants below)."""
+    with _errors(), _client() as rc:
+        g = rc.lineage(ref, direction=direction, depth=depth)
+    if as_json:
+        _print_json(g)
+        return
+    kinds = {n["ref"]: n["kind"] for n in g["nodes"]}
+    parents: dict[str, list[tuple[str, str]]] = {}
+    children: dict[str, list[tuple[str, str]]] = {}
+    for e in g["edges"]:
+        parents.setdefault(e["child"], []).append((e["parent"], e["relation"]))
+        children.setdefault(e["parent"], []).append((e["child"], e["relation"]))
+    root = Tree(f"[bold]{g['root']}[/bold] ({kinds.get(g['root'])})")
+
+    def grow(node: Tree, ref_: str, links: dict[str, list[tuple[str, str]]], arrow: str, seen: set[str]) -> None:
+        for other, rel in sorted(links.get(ref_, [])):
+            branch = node.add(f"{arrow} {rel} {other} ({kinds.get(other)})")
+            if other not in seen:
+                grow(branch, other, links, arrow, seen | {other})
+
+    if direction in ("up", "both"):
+        grow(root, g["root"], parents, "↑", {g["root"]})
+    if direction in ("down", "both"):
+        grow(root, g["root"], children, "↓", {g["root"]})
+    out.print(root)
+
+
+@app.command()
+def archive(ref: str) -> None:
+    """Archive (soft-delete) a version; refused while other versions depend on it."""
+    with _errors(), _client() as rc:
+        v = rc.archive(ref)
+    out.print(f"{v['ref']} archived")
+
+
+@alias_app.command("set")
+def alias_set(name: str, alias: str, version: str) -> None:
+    """Point NAME@ALIAS at VERSION (a number or a ref of the same model)."""
+    with _errors(), _client() as rc:
+        a = rc.set_alias(name, alias, version)
+    out.print(f"{name}@{alias} -> {a['ref']}")
+
+
+@alias_app.command("rm")
+def alias_rm(name: str, alias: str) -> None:
+    """Remove an alias."""
+    with _errors(), _client() as rc:
+        rc.delete_alias(name, alias)
+    out.print(f"{name}@{alias} removed")
+
+
+@alias_app.command("ls")
+def alias_ls(name: str) -> None:
+    """List a model's aliases."""
+    with _errors(), _client() as rc:
+        rows = rc.list_aliases(name)
+    for a in rows:
+        out.print(f"{name}@{a['alias']} -> {a['ref']}")
+
+
+@tag_app.command("set")
+def tag_set(ref: str, pairs: Annotated[list[str], typer.Argument(help="key=value ...")]) -> None:
+    """Set tags on a version."""
+    with _errors(), _client() as rc:
+        v = rc.set_tags(ref, _kv(pairs))
+    out.print(f"{v['ref']}: " + ", ".join(f"{k}={x}" for k, x in v["tags"].items()))
+
+
+@tag_app.command("rm")
+def tag_rm(ref: str, key: str) -> None:
+    """Remove a tag from a version."""
+    with _errors(), _client() as rc:
+        v = rc.delete_tag(ref, key)
+    out.print(f"{v['ref']}: " + (", ".join(f"{k}={x}" for k, x in v["tags"].items()) or "(no tags)"))
+
+
+def _wait(rc: RegistryClient, job: dict[str, Any], wait: bool) -> dict[str, Any]:
+    """Print the queued job; with ``wait``, follow it with a progress bar to its end."""
+    err.print(f"job {job['id']} ({job['type']}) {job['state']}")
+    if not wait:
+        out.print(str(job["id"]))
+        return job
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=err, disable=not err.is_terminal) as bar:
+        task = bar.add_task(f"job {job['id']}", total=1.0)
+
+        def update(j: dict[str, Any]) -> None:
+            bar.update(task, completed=j["progress"], description=f"job {j['id']} {j['state']}: {j['message'][:60]}")
+
+        done = rc.wait_job(job["id"], on_update=update)
+    result = done.get("result") or {}
+    if result.get("ref"):
+        out.print(result["ref"], markup=False, highlight=False)
+    else:
+        _print_json(result)
+    return done
+
+
+@app.command()
+def jobs(
+    job_id: Annotated[int | None, typer.Argument(help="One job (omit to list recent jobs).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end.")] = False,
+    state: Annotated[str | None, typer.Option(help="Filter: queued, running, succeeded, failed.")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="Filter: basis, transfer, merge, webhook, ...")] = None,
+    limit: int = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show jobs, or one job (with --wait: a progress bar until it finishes)."""
+    with _errors(), _client() as rc:
+        if job_id is not None:
+            job = rc.get_job(job_id)
+            if wait:
+                _wait(rc, job, True)
+            elif as_json:
+                _print_json(job)
+            else:
+                out.print(f"job {job['id']} {job['type']} {job['state']} {job['progress']:.0%} "
+                          f"attempts {job['attempts']}/{job['max_attempts']} {job['message']}")
+                if job.get("result"):
+                    _print_json(job["result"])
+                if job.get("error"):
+                    _print_json(job["error"])
+            return
+        rows = rc.list_jobs(state=state, type=type, limit=limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "type", "state", "progress", "attempts", "result / error", "created")
+    for j in rows:
+        outcome = (j.get("result") or {}).get("ref") or (j.get("error") or {}).get("message", "")
+        table.add_row(str(j["id"]), j["type"], j["state"], f"{j['progress']:.0%}", str(j["attempts"]),
+                      str(outcome)[:50], str(j["created_at"])[:19])
+    out.print(table)
+
+
+@basis_app.command("create")
+def basis_create(
+    members: Annotated[list[str], typer.Option("--members", "-m", help="Adapter refs (≥ 2); repeatable.")],
+    p: Annotated[int | None, typer.Option("-p", help="Basis directions per module.")] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Error budget per module.")] = None,
+    name: Annotated[str | None, typer.Option(help="Model to hold the basis (default <base>-rmm).")] = None,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Fit an RMM basis over adapters of one base (a job)."""
+    with _errors(), _client() as rc:
+        _wait(rc, rc.create_basis(members, p=p, max_error=max_error, name=name), wait)
+
+
+@basis_app.command("show")
+def basis_show(basis_id: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A basis: its version, p, storage ratio and each member's delta error."""
+    with _errors(), _client() as rc:
+        b = rc.get_basis(basis_id)
+    if as_json:
+        _print_json(b)
+        return
+    out.print(f"basis {b['id']} {b['method']} {b['status']} -> {b['ref']} (base {b['base']}); "
+              f"p={b['p']} max_error={b['max_error']} storage ratio {b['storage_ratio']:.3f}")
+    table = Table("position", "member", "relative delta error")
+    for m in b["members"]:
+        table.add_row(str(m["position"]), m["ref"], f"{m['error']:.3e}")
+    out.print(table)
+
+
+@basis_app.command("prune")
+def basis_prune(
+    basis_id: int,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Error budget (0: exact only).")] = None,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Let members within the error budget drop their own blobs and be served from the basis."""
+    with _errors(), _client() as rc:
+        _wait(rc, rc.prune(basis_id, max_error), wait)
+
+
+@basis_app.command("ls")
+def basis_ls(collection: Annotated[str | None, typer.Option()] = None) -> None:
+    """List bases, newest first."""
+    with _errors(), _client() as rc:
+        rows = rc.list_bases(collection)
+    table = Table("id", "version", "members", "p / max_error", "storage ratio", "max error", "created")
+    for b in rows:
+        table.add_row(str(b["id"]), str(b["ref"]), str(len(b["members"])), f"{b['p']} / {b['max_error']}",
+                      f"{b['storage_ratio']:.3f}" if b["storage_ratio"] is not None else "-",
+                      f"{max((m['error'] or 0) for m in b['members']):.2e}" if b["members"] else "-",
+                      str(b["created_at"])[:19])
+    out.print(table)
+
+
+@app.command("transfer")
+def transfer_cmd(
+    ref: Annotated[str, typer.Argument(help="Fine-tune or adapter to transfer.")],
+    to: Annotated[str, typer.Option("--to", help="Target base ref.")],
+    alpha: Annotated[float, typer.Option(help="Scale of the diff (1 = the paper's default).")] = 1.0,
+    derived: Annotated[bool, typer.Option("--derived", help="Keep only the recipe; rebuild on request.")] = False,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Transfer a fine-tune/adapter to a new base version: a candidate version (a job)."""
+    with _errors(), _client() as rc:
+        _wait(rc, rc.transfer(ref, to, alpha, "derived" if derived else "stored"), wait)
+
+
+@app.command("merge")
+def merge_cmd(
+    inputs: Annotated[list[str], typer.Argument(help="Refs to merge (adapters of one base, or full models).")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model to hold the result.")],
+    method: Annotated[str, typer.Option(help="task_arithmetic, ties, dare_linear, dare_ties.")] = "ties",
+    param: Annotated[list[str] | None, typer.Option("--param", help="lam=0.4 density=0.2 seed=0 weights=1,1")] = None,
+    rank: Annotated[int | None, typer.Option(help="Adapters: rank of the merged LoRA.")] = None,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Merge versions with task arithmetic / TIES / DARE (a job)."""
+    params: dict[str, Any] = {}
+    for k, v in _kv(param, "param").items():
+        if k == "weights":
+            params[k] = [float(x) for x in v.split(",")]
+        elif k in ("seed",):
+            params[k] = int(v)
+        elif k == "majority_sign":
+            params[k] = v
+        else:
+            params[k] = float(v)
+    with _errors(), _client() as rc:
+        _wait(rc, rc.merge(method, inputs, name, params, rank), wait)
+
+
+@app.command()
+def predictions(
+    ref: str,
+    file: Annotated[Path, typer.Argument(help="JSON: {predictions, labels} or {scores} (one entry per instance).")],
+    dataset: Annotated[str, typer.Option(help="Name of the evaluation set.")],
+    kind: Annotated[str, typer.Option(help="classification or generative.")] = "classification",
+    replace: Annotated[bool, typer.Option("--replace")] = False,
+) -> None:
+    """Store a version's predictions on an evaluation set (for `registry compat`)."""
+    data = json.loads(file.read_text())
+    with _errors(), _client() as rc:
+        r = rc.store_predictions(ref, dataset, kind=kind, predictions=data.get("predictions"),
+                                 labels=data.get("labels"), scores=data.get("scores"), replace=replace)
+    out.print(f"{r['ref']}: {r['count']} {r['kind']} predictions on {r['dataset']}")
+
+
+@app.command()
+def compat(old: str, new: str, dataset: Annotated[str, typer.Option()],
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Update compatibility of OLD -> NEW (MUSCLE: negative flip rate, BTC, ...)."""
+    with _errors(), _client() as rc:
+        r = rc.compat(old, new, dataset)
+    if as_json:
+        _print_json(r)
+        return
+    table = Table("metric", "value")
+    for k, v in r["metrics"].items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(f"{r['old']} -> {r['new']} on {r['dataset']} ({r['kind']})")
+    out.print(table)
+
+
+@app.command()
+def verify(ref: str) -> None:
+    """Recompute and check the sha256 of every file of a version (stored or derived)."""
+    with _errors(), _client() as rc:
+        job = rc.wait_job(rc.verify(ref)["id"])
+    result = job["result"]
+    for f in result["files"]:
+        mark = "[green]ok[/green]" if f["ok"] else "[red]MISMATCH[/red]"
+        out.print(f"{mark} {f['path']} ({f['source']}) {f['actual']}")
+    out.print(f"{result['ref']}: {'verified' if result['ok'] else 'CORRUPT'}")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def promote(ref: str, alias: Annotated[str | None, typer.Option(help="Point this alias at it.")] = None) -> None:
+    """Promote a candidate version to ready (optionally setting an alias)."""
+    with _errors(), _client() as rc:
+        v = rc.promote(ref, alias)
+    out.print(f"{v['ref']} {v['status']}" + (f" ({alias})" if alias else ""))
+
+
+@policy_app.command("create")
+def policy_create(
+    name: str,
+    type: Annotated[str, typer.Option("--type", help="transfer_on_base_update or refresh_basis.")],
+    base_model: Annotated[str, typer.Option("--base-model", help="The base model the policy watches.")],
+    alpha: Annotated[float | None, typer.Option(help="transfer: scale of the diff.")] = None,
+    p: Annotated[int | None, typer.Option("-p", help="refresh_basis: directions per module.")] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="refresh_basis: error budget.")] = None,
+    collection: Annotated[str | None, typer.Option(help="refresh_basis: model holding the basis versions.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="refresh_basis: only adapters with key=value.")] = None,
+) -> None:
+    """Create an automation policy."""
+    params: dict[str, Any] = {}
+    if type == "transfer_on_base_update":
+        params["alpha"] = 1.0 if alpha is None else alpha
+    else:
+        params.update({"p": p, "max_error": max_error, "collection": collection, "tags": _kv(tag)})
+    with _errors(), _client() as rc:
+        pol = rc.create_policy(name, type, base_model, params)
+    out.print(f"policy {pol['name']} ({pol['type']} on {pol['base_model']}) created")
+
+
+@policy_app.command("ls")
+def policy_ls() -> None:
+    """List policies."""
+    with _errors(), _client() as rc:
+        rows = rc.list_policies()
+    table = Table("name", "type", "base model", "params", "active")
+    for pol in rows:
+        table.add_row(pol["name"], pol["type"], pol["base_model"], json.dumps(pol["params"]), str(pol["active"]))
+    out.print(table)
+
+
+@policy_app.command("rm")
+def policy_rm(name: str) -> None:
+    """Delete a policy."""
+    with _errors(), _client() as rc:
+        rc.delete_policy(name)
+    out.print(f"policy {name} removed")
+
+
+@webhook_app.command("create")
+def webhook_create(
+    url: str,
+    event: Annotated[list[str], typer.Option("--event", "-e", help="Event type pattern (repeatable): version.*, "
+                                             "job.failed, *.")],
+    secret: Annotated[str | None, typer.Option(help="Signing secret (16-256 chars; generated when omitted).")] = None,
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+) -> None:
+    """Subscribe URL to events; prints the signing secret (shown only once)."""
+    with _errors(), _client() as rc:
+        w = rc.create_webhook(url, event, secret=secret, description=description)
+    out.print(f"webhook {w['id']} -> {w['url']} ({', '.join(w['events'])}) created")
+    out.print(f"secret: {w['secret']}  (store it now: it is not shown again)", highlight=False)
+
+
+@webhook_app.command("ls")
+def webhook_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List webhooks."""
+    with _errors(), _client() as rc:
+        rows = rc.list_webhooks()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "url", "events", "active", "description")
+    for w in rows:
+        table.add_row(str(w["id"]), w["url"], ", ".join(w["events"]), str(w["active"]), w["description"])
+    out.print(table)
+
+
+@webhook_app.command("rm")
+def webhook_rm(webhook_id: int) -> None:
+    """Delete a webhook and its delivery log."""
+    with _errors(), _client() as rc:
+        rc.delete_webhook(webhook_id)
+    out.print(f"webhook {webhook_id} removed")
+
+
+@webhook_app.command("deliveries")
+def webhook_deliveries(
+    webhook_id: int,
+    status: Annotated[str | None, typer.Option(help="pending, succeeded or failed.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A webhook's delivery log (newest first)."""
+    with _errors(), _client() as rc:
+        rows = rc.list_deliveries(webhook_id, status=status, limit=limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "event", "type", "status", "attempts", "last code", "last error", "delivered")
+    for d in rows:
+        table.add_row(str(d["id"]), str(d["event_id"]), d["event_type"] or "", d["status"], str(d["attempts"]),
+                      str(d["last_status_code"] or ""), (d["last_error"] or "")[:60], str(d["delivered_at"] or ""))
+    out.print(table)
+
+
+@webhook_app.command("delivery")
+def webhook_delivery(delivery_id: int) -> None:
+    """One delivery with its per-attempt log (JSON)."""
+    with _errors(), _client() as rc:
+        _print_json(rc.get_delivery(delivery_id))
+
+
+@webhook_app.command("redeliver")
+def webhook_redeliver(delivery_id: int) -> None:
+    """Send a delivery again (same delivery id, new job)."""
+    with _errors(), _client() as rc:
+        r = rc.redeliver(delivery_id)
+    out.print(f"delivery {delivery_id} queued again (job {r['job']['id']})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,168 @@
+"""MLflow provenance.
+
+- Every job that makes an artifact is an MLflow **run** in the experiment ``registry/<model>``,
+  with params (operation, method, p, α, member refs with their content sha256), metrics (errors,
+  storage ratio, duration) and a ``lineage.json`` artifact; the version it creates stores the
+  run id.
+- Every registry version is also registered in the **MLflow Model Registry** (registered model
+  = registry model name) with tags ``registry.ref``, ``registry.sha256``, ``registry.kind``,
+  ``registry.parents``, ``registry.status``; its ``source`` is the registry URL of its files, so
+  the MLflow UI shows the registry's contents and links each version to the run that made it.
+
+Embedded default: a SQLite store under ``REGISTRY_HOME`` (the UI is started by ``registry up``);
+production: ``REGISTRY_MLFLOW_TRACKING_URI=http://mlflow:5000``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Settings
+
+MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list | tuple):
+        out[prefix] = json.dumps(value, default=str)[:MAX_PARAM]
+    elif value is not None:
+        out[prefix] = str(value)[:MAX_PARAM]
+
+
+@dataclass
+class RunHandle:
+    client: Any
+    run_id: str
+    started: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+    def finish(self) -> None:
+        """Log the duration and mark the run FINISHED (once). Jobs call this just before they
+        publish their output, so a version never becomes visible while its run still says
+        RUNNING; if publishing then fails, the run is turned FAILED."""
+        if self.finished:
+            return
+        from mlflow.entities import RunTag
+
+        self.log_metrics({"duration_seconds": time.monotonic() - self.started})
+        self.client.log_batch(self.run_id, tags=[RunTag("registry.status", "finished")])
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.finished = True
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 900):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+
+class Provenance:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.uri = settings.resolved_mlflow_uri
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            if self.uri.startswith("sqlite:"):
+                # MLflow creates and migrates a SQLite store on first use; several workers doing
+                # that at once collide ("duplicate column"). One process at a time, under a lock.
+                import fcntl
+
+                lock_path = self.settings.home / "mlflow.lock"
+                lock_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(lock_path, "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    try:
+                        client.search_experiments(max_results=1)
+                        client.search_registered_models(max_results=1)
+                    finally:
+                        fcntl.flock(lock, fcntl.LOCK_UN)
+            self._client = client
+        return self._client
+
+    def experiment_id(self, model_name: str) -> str:
+        name = f"registry/{model_name}"
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return str(exp.experiment_id)
+        location = None
+        if not self.uri.startswith(("http://", "https://", "databricks")):
+            location = f"{self.settings.mlflow_artifact_root}/{model_name}"
+        try:
+            return str(self.client.create_experiment(name, artifact_location=location))
+        except Exception:  # created concurrently by another worker
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
+
+    @contextmanager
+    def run(self, model_name: str, run_name: str, params: dict[str, Any],
+            tags: dict[str, str] | None = None) -> Iterator[RunHandle]:
+        """An MLflow run for one job; FINISHED on success, FAILED on an exception."""
+        from mlflow.entities import Param
+
+        exp = self.experiment_id(model_name)
+        run = self.client.create_run(exp, run_name=run_name, tags={"registry.model": model_name, **(tags or {})})
+        handle = RunHandle(self.client, run.info.run_id)
+        flat: dict[str, str] = {}
+        _flat("", params, flat)
+        items = [Param(k[:250], v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(handle.run_id, params=items[i:i + 90])
+        handle.started = time.monotonic()
+        try:
+            yield handle
+        except BaseException:
+            self.client.set_terminated(handle.run_id, "FAILED")
+            raise
+        handle.finish()
+
+    def register_version(self, view: dict[str, Any]) -> tuple[str, str]:
+        """Register a registry version (its API view) in the MLflow Model Registry; idempotent:
+        a version already registered under the same ref is returned, with its tags refreshed."""
+        name, ref = view["model"], view["ref"]
+        client = self.client
+        try:
+            client.create_registered_model(name, tags={"registry.kind": view["kind"]})
+        except Exception as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(e, "error_code", "")) and "already exists" not in str(e):
+                raise
+        tags = {
+            "registry.ref": ref, "registry.sha256": view["content_sha256"], "registry.kind": view["kind"],
+            "registry.status": view["status"], "registry.storage_mode": view["storage_mode"],
+            "registry.parents": json.dumps([f"{p['relation']}:{p['ref']}" for p in view["parents"]]),
+            "registry.base": view.get("base") or "",
+        }
+        existing = client.search_model_versions(f"name='{name}' and tags.`registry.ref` = '{ref}'")
+        if existing:
+            mv = existing[0]
+            for k, v in tags.items():
+                if mv.tags.get(k) != v:
+                    client.set_model_version_tag(name, mv.version, k, v)
+            return name, str(mv.version)
+        source = f"{self.settings.resolved_public_url}/api/v1/models/{name}/versions/{view['version']}/files"
+        mv = client.create_model_version(name, source=source, run_id=view.get("mlflow_run_id"), tags=tags,
+                                         description=view.get("description") or None)
+        return name, str(mv.version)

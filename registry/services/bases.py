@@ -1,0 +1,169 @@
+"""RMM bases: n adapters of one base compressed into one basis (SPECS §1), computed by a job.
+
+The basis file (``basis.safetensors``: μ, U_p, C per module and factor, metadata naming members
+and parameters) becomes a version of kind ``merge`` in the basis model (``<base model>-rmm`` by
+default); each member gets a ``basis_member_of`` edge to it carrying its position and delta
+error; a :class:`MergeBasis` row records p / max_error, per-member errors and the storage ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from ..errors import InvalidInput, NotFound
+from ..models import BasisMember, LineageEdge, MergeBasis, Model, ModelVersion, VersionTag
+from . import jobs, names
+from .context import RegistryContext
+from .derive import check_number, input_version, job_run, lineage_doc, local_copy, provenance_entry, record, ref_of
+from .drafts import CommitOptions, DraftSpec
+from .runner import JobRun, handler
+
+MAX_MEMBERS = 256
+
+
+def basis_view(s: Any, b: MergeBasis) -> dict[str, Any]:
+    return {
+        "id": b.id, "collection": b.collection, "method": b.method, "status": b.status, "p": b.p,
+        "max_error": b.max_error, "storage_ratio": b.storage_ratio, "summary": b.summary, "job_id": b.job_id,
+        "mlflow_run_id": b.mlflow_run_id, "created_at": b.created_at,
+        "ref": ref_of(s, b.version_id) if b.version_id else None,
+        "base": ref_of(s, b.base_version_id) if b.base_version_id else None,
+        "members": [{"position": m.position, "ref": ref_of(s, m.version_id), "error": m.error,
+                     "module_errors": m.module_errors} for m in b.members],
+    }
+
+
+def _check_request(p: int | None, max_error: float | None) -> None:
+    if (p is None) == (max_error is None):
+        raise InvalidInput("give exactly one of p or max_error", code="invalid_parameter")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
+        raise InvalidInput("p must be a non-negative integer", code="invalid_parameter")
+    check_number("max_error", max_error, low=0.0)
+
+
+def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = None, max_error: float | None = None,
+                  name: str | None = None, collection: str | None = None, actor: str | None = None,
+                  idempotency_key: str | None = None) -> dict[str, Any]:
+    """Validate a basis request and queue its job."""
+    _check_request(p, max_error)
+    if name is not None:
+        names.model_name(name)
+    if not 2 <= len(members) <= MAX_MEMBERS:
+        raise InvalidInput(f"a basis needs 2 to {MAX_MEMBERS} member adapters", code="invalid_members")
+
+    def build(s: Any) -> dict[str, Any]:
+        versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in members]
+        if len({v.id for v in versions}) != len(versions):
+            raise InvalidInput("members must be distinct versions", code="invalid_members")
+        bases = {v.base_version_id for v in versions}
+        if len(bases) != 1:
+            raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
+                               details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
+        return {"members": [v.ref for v in versions], "p": p, "max_error": max_error, "name": name,
+                "collection": collection}
+
+    return jobs.submit(ctx, "basis", build, actor=actor, idempotency_key=idempotency_key)
+
+
+def query_members(s: Any, base_ref: str, tags: dict[str, str | None]) -> list[ModelVersion]:
+    """Live, ready adapters pinned to ``base_ref`` carrying ``tags`` (a policy's collection)."""
+    from .refs import resolve
+
+    base = resolve(s, base_ref)
+    q = select(ModelVersion).where(ModelVersion.base_version_id == base.id, ModelVersion.kind == "adapter",
+                                   ModelVersion.status == "ready", ModelVersion.archived_at.is_(None))
+    for k, v in tags.items():
+        cond = (VersionTag.version_id == ModelVersion.id) & (VersionTag.key == k)
+        if v is not None:
+            cond = cond & (VersionTag.value == v)
+        q = q.where(select(VersionTag.version_id).where(cond).exists())
+    return list(s.scalars(q.order_by(ModelVersion.id)))
+
+
+@handler("basis")
+def compute_basis(run: JobRun) -> dict[str, Any]:
+    from ..weights.adapters import load_peft_adapter
+    from ..weights.rmm import fit_basis, save_basis
+
+    ctx, prm = run.ctx, run.params
+    with ctx.db.read() as s:
+        if prm.get("query"):
+            versions = query_members(s, prm["query"]["base"], prm["query"].get("tags") or {})
+            if len(versions) < 2:
+                return {"skipped": f"collection has {len(versions)} adapter(s); a basis needs 2"}
+        else:
+            versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm["members"]]
+        members = [(v.id, provenance_entry(v)) for v in versions]
+        base = s.get(ModelVersion, versions[0].base_version_id)
+        assert base is not None
+        base_ref, base_model = base.ref, s.scalar(select(Model.name).where(Model.id == base.model_id))
+    refs = [m[1]["ref"] for m in members]
+    run.progress(0.05, f"loading {len(members)} adapters")
+    adapters = [load_peft_adapter(local_copy(run, vid, f"member-{i}")) for i, (vid, _) in enumerate(members)]
+    model_name = prm.get("name") or f"{base_model}-rmm"
+    params = {"operation": "rmm_basis", "method": "rmm", "p": prm.get("p"), "max_error": prm.get("max_error"),
+              "members": [m[1] for m in members], "base": base_ref, "job_id": run.job_id}
+    with job_run(run, model_name, "rmm basis", params) as mr:
+        run.progress(0.2, "fitting the basis")
+        basis = fit_basis(adapters, p=prm.get("p"), max_error=prm.get("max_error"), device=ctx.settings.device,
+                          names=refs)
+        errors = basis.member_errors()
+        ratio = basis.storage_ratio()
+        ps = sorted({mb.p for mb in basis.modules.values()})
+        metrics = {"storage_ratio": ratio, "error_mean": sum(e.overall for e in errors) / len(errors),
+                   "error_max": max(e.overall for e in errors), "p_min": ps[0], "p_max": ps[-1]}
+        metrics.update({f"error_member_{i}": e.overall for i, e in enumerate(errors)})
+        mr.log_metrics(metrics)
+        mr.log_dict(lineage_doc(model_name, "rmm_basis", params["members"], params), "lineage.json")
+        run.progress(0.8, "writing the basis")
+        out = run.work_dir / "basis"
+        out.mkdir()
+        save_basis(basis, out / "basis.safetensors")
+        summary = {"rmm": {"members": len(members), "p": ps[0] if len(ps) == 1 else ps, "storage_ratio": ratio,
+                           "error_mean": metrics["error_mean"], "error_max": metrics["error_max"]}}
+        result: dict[str, Any] = {}
+
+        def hook(s: Any, v: ModelVersion) -> None:
+            b = MergeBasis(collection=prm.get("collection"), method="rmm", status="ready",
+                           base_version_id=base.id, version_id=v.id, p=prm.get("p"), max_error=prm.get("max_error"),
+                           storage_ratio=ratio, job_id=run.job_id, mlflow_run_id=mr.run_id, created_by=run.created_by,
+                           summary={"p_per_module": {n: mb.p for n, mb in basis.modules.items()},
+                                    "error_mean": metrics["error_mean"], "error_max": metrics["error_max"]})
+            b.members = [BasisMember(position=i, version_id=vid, error=errors[i].overall,
+                                     module_errors=dict(errors[i].modules)) for i, (vid, _) in enumerate(members)]
+            s.add(b)
+            for i, (vid, _) in enumerate(members):
+                s.add(LineageEdge(child_id=vid, parent_id=v.id, relation="basis_member_of",
+                                  params={"position": i, "error": errors[i].overall, "method": "rmm"}))
+            s.flush()
+            result.update({"basis_id": b.id, "ref": f"{model_name}@{v.version}", "storage_ratio": ratio,
+                           "errors": {entry["ref"]: errors[i].overall for i, (_, entry) in enumerate(members)}})
+            run.complete(s, result, mr.run_id)
+
+        spec = DraftSpec(model=model_name, kind="merge", base=base_ref, tags={"registry.method": "rmm"}, aliases=[],
+                         description=f"RMM basis of {len(members)} adapters of {base_ref}", parents=[])
+        opts = CommitOptions(status="ready", mlflow_run_id=mr.run_id, extra_summary=summary, hook=hook,
+                             recipe={"type": "rmm_basis", "members": refs, "p": prm.get("p"),
+                                     "max_error": prm.get("max_error"), "job_id": run.job_id})
+        out_view = record(run, out, spec, opts, mlflow_run=mr)
+    if isinstance(out_view, str):  # this exact basis exists already
+        return {"ref": out_view, "deduplicated": True}
+    return result
+
+
+def get_basis(ctx: RegistryContext, basis_id: int) -> dict[str, Any]:
+    with ctx.db.read() as s:
+        b = s.get(MergeBasis, basis_id)
+        if b is None:
+            raise NotFound(f"basis {basis_id} not found", code="basis_not_found")
+        return basis_view(s, b)
+
+
+def list_bases(ctx: RegistryContext, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    with ctx.db.read() as s:
+        q = select(MergeBasis)
+        if collection:
+            q = q.where(MergeBasis.collection == collection)
+        return [basis_view(s, b) for b in s.scalars(q.order_by(MergeBasis.id.desc()).limit(max(1, min(limit, 500))))]

@@ -1,0 +1,85 @@
+"""Shared steps of the jobs that derive artifacts (bases, transfers, merges): resolving inputs,
+loading them for the weight math, and recording the output as a version with its provenance."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..errors import Conflict, InvalidInput
+from ..models import Model, ModelVersion
+from ..provenance import Provenance, RunHandle
+from .drafts import CommitOptions, DraftSpec, _resolve_body_ref, ingest_folder
+from .materialize import materialize
+from .runner import JobRun
+from .views import VersionView
+
+FULL_MODEL_KINDS = ("base", "finetune", "merge")
+
+
+def ref_of(s: Session, version_id: int) -> str:
+    row = s.execute(select(Model.name, ModelVersion.version).join(Model, Model.id == ModelVersion.model_id)
+                    .where(ModelVersion.id == version_id)).one()
+    return f"{row[0]}@{row[1]}"
+
+
+def input_version(s: Session, ref: str, *, kinds: Sequence[str], what: str) -> ModelVersion:
+    """A live, ready version named in a request body, of one of ``kinds`` (422 otherwise)."""
+    v = _resolve_body_ref(s, ref, what)
+    if v.kind not in kinds:
+        raise InvalidInput(f"{what} {v.ref} is a {v.kind}; expected {' or '.join(kinds)}", code=f"invalid_{what}",
+                           details={"ref": v.ref, "kind": v.kind})
+    if v.status != "ready":
+        raise InvalidInput(f"{what} {v.ref} is {v.status}, not ready", code=f"invalid_{what}",
+                           details={"ref": v.ref, "status": v.status})
+    return v
+
+
+def check_number(name: str, value: float | None, *, low: float | None = None, high: float | None = None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number", code="invalid_parameter", details={"name": name})
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidInput(f"{name} must be in [{low}, {high}]", code="invalid_parameter", details={"name": name})
+
+
+def provenance_entry(v: ModelVersion) -> dict[str, str]:
+    return {"ref": v.ref, "sha256": v.content_sha256}
+
+
+def local_copy(run: JobRun, version_id: int, label: str) -> Path:
+    return materialize(run.ctx, version_id, run.work_dir / label)
+
+
+def record(run: JobRun, folder: Path | None, spec: DraftSpec, options: CommitOptions,
+           links: dict[str, str] | None = None, mlflow_run: RunHandle | None = None) -> VersionView | str:
+    """Commit the job's output as a version (completing the job in the same transaction). If
+    the registry already holds exactly this output, return the existing ref instead.
+
+    ``mlflow_run`` is marked FINISHED first, so that whoever sees the new version sees a finished
+    run; should the commit fail, the run's context turns it FAILED."""
+    if mlflow_run is not None:
+        mlflow_run.finish()
+    try:
+        return ingest_folder(run.ctx, folder, spec, run.created_by, options, links)  # type: ignore[arg-type]
+    except Conflict as e:
+        if e.code != "duplicate_content":
+            raise
+        return str(e.details["existing"])
+
+
+def job_run(run: JobRun, model: str, title: str, params: dict[str, Any]) -> Any:
+    """The MLflow run of a job (experiment ``registry/<model>``), with a ``lineage.json`` artifact."""
+    return Provenance(run.ctx.settings).run(model, f"{title} (job {run.job_id})", params,
+                                            {"registry.job": str(run.job_id), "registry.job_type": run.type})
+
+
+def lineage_doc(output_model: str, operation: str, inputs: list[dict[str, Any]],
+                params: dict[str, Any]) -> dict[str, Any]:
+    return {"output_model": output_model, "operation": operation, "inputs": inputs, "params": params}

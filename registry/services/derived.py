@@ -1,0 +1,561 @@
+"""Files a version serves without storing them: derived versions and format views.
+
+A version's **native** files are either blobs (``stored``) or generated (``derived:basis``: an
+adapter rebuilt from an RMM basis; ``derived:diff``: a transfer rebuilt as target + α(fine-tune −
+source)). Any adapter version can also be served in the **delta** format (dense per-module
+deltas) and the **merged** format (base + adapter as full model weights, sharded with an index
+for large models). Generated files are:
+
+- *defined once*: the first time a (version, format) is asked for (or when a derived version is
+  created), the files are generated in full, hashed, and their sha256 and size recorded
+  (:class:`registry.models.DerivedFile`); every later response carries that sha256 as ETag and
+  checksum, and the ``Content-Length`` is known before a byte is generated;
+- *deterministic*: the same inputs give the same bytes (computed on the CPU, fixed order, one
+  rounding), so every response is byte-identical, across restarts;
+- *streamed*: safetensors files are produced tensor by tensor and row chunk by row chunk from a
+  precomputed header (:func:`registry.weights.checkpoint.safetensors_layout`), so memory stays at a
+  few chunks; a ``Range`` request computes only the tensors it overlaps;
+- *cached*: a complete response is teed into a size-limited on-disk cache keyed by sha256
+  (least recently used first out); later requests read the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from ..errors import InvalidInput, NotFound
+from ..models import DerivedFile, ModelVersion, VersionFile
+from .context import RegistryContext
+from .materialize import materialize
+from .sql import insert_ignore
+
+log = logging.getLogger("registry.derived")
+
+FORMATS = ("native", "delta", "merged")
+PIECE = 8 << 20  # bytes computed per step of a generated stream
+ROWS_BYTES = 8 << 20  # rows of a computed tensor per chunk (in output bytes)
+
+RawRead = Callable[[str, int, int], bytes]  # (tensor name, byte lo, byte hi) -> raw bytes of that slice
+
+
+# ----------------------------------------------------------------------------- streaming helpers
+
+
+def layout_range(layout: Any, start: int, end: int, read: RawRead) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of the safetensors file ``layout`` describes; tensor bytes come from
+    ``read``, in pieces of at most :data:`PIECE`, only for tensors the range overlaps."""
+    header = layout.header
+    if start < len(header):
+        yield header[start:min(end, len(header))]
+    ds = len(header)
+    for name in layout.order:
+        b, e = layout.offsets[name]
+        fb, fe = ds + b, ds + e
+        if fe <= start or fb >= end or fe == fb:
+            continue
+        lo, hi = max(start, fb) - fb, min(end, fe) - fb
+        for p in range(lo, hi, PIECE):
+            yield read(name, p, min(hi, p + PIECE))
+
+
+def _tensor_bytes(t: Any) -> bytes:
+    import torch
+
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def computed_rows(spec: Any, rows: Callable[[int, int], Any]) -> RawRead:
+    """A :data:`RawRead` for a tensor computed row block by row block: ``rows(r0, r1)`` returns rows
+    ``[r0, r1)`` already in the output dtype. Any byte range is served by computing only the rows
+    it touches (deterministic: each row's value does not depend on the block it is computed in)."""
+    itemsize = spec.dtype.itemsize
+    row_bytes = max(1, spec.nbytes // max(1, spec.shape[0])) if spec.shape else spec.nbytes
+
+    def read(_name: str, lo: int, hi: int) -> bytes:
+        if not spec.shape:
+            return _tensor_bytes(rows(0, 1))[lo:hi]
+        r0, r1 = lo // row_bytes, -(-hi // row_bytes)
+        step = max(1, ROWS_BYTES // row_bytes)
+        out = bytearray()
+        for a in range(r0, r1, step):
+            out += _tensor_bytes(rows(a, min(r1, a + step)))
+        base = r0 * row_bytes
+        assert itemsize > 0
+        return bytes(out[lo - base:hi - base])
+
+    return read
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+class Generator(ABC):
+    """The files of one (version, format), produced on request."""
+
+    @abstractmethod
+    def sizes(self) -> dict[str, int]:
+        """File path -> size in bytes (known before generating)."""
+
+    @abstractmethod
+    def read_range(self, path: str, start: int, end: int) -> Iterator[bytes]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class StaticFiles(Generator):
+    """Files held in memory or on local disk (small generated files, copies of blobs)."""
+
+    def __init__(self, files: dict[str, bytes | Path]) -> None:
+        self.files = files
+
+    def sizes(self) -> dict[str, int]:
+        return {p: (len(v) if isinstance(v, bytes) else v.stat().st_size) for p, v in self.files.items()}
+
+    def read_range(self, path: str, start: int, end: int) -> Iterator[bytes]:
+        v = self.files[path]
+        if isinstance(v, bytes):
+            yield v[start:end]
+            return
+        with open(v, "rb") as f:
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = f.read(min(PIECE, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+
+
+class Composite(Generator):
+    """Several generators' files as one set."""
+
+    def __init__(self, parts: list[Generator]) -> None:
+        self.parts = parts
+        self.owner: dict[str, Generator] = {}
+        for g in parts:
+            for p in g.sizes():
+                self.owner[p] = g
+
+    def sizes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for g in self.parts:
+            out.update(g.sizes())
+        return out
+
+    def read_range(self, path: str, start: int, end: int) -> Iterator[bytes]:
+        return self.owner[path].read_range(path, start, end)
+
+    def close(self) -> None:
+        for g in self.parts:
+            g.close()
+
+
+class SafetensorsFiles(Generator):
+    """Safetensors files from layouts (plus an optional index) and a raw reader per tensor."""
+
+    def __init__(self, layouts: dict[str, Any], read: RawRead, extra: dict[str, bytes] | None = None) -> None:
+        self.layouts = layouts
+        self.read = read
+        self.extra = extra or {}
+
+    def sizes(self) -> dict[str, int]:
+        out = {p: lay.total_size for p, lay in self.layouts.items()}
+        out.update({p: len(b) for p, b in self.extra.items()})
+        return out
+
+    def read_range(self, path: str, start: int, end: int) -> Iterator[bytes]:
+        if path in self.extra:
+            yield self.extra[path][start:end]
+            return
+        yield from layout_range(self.layouts[path], start, end, self.read)
+
+
+class TensorSource:
+    """The tensors of a version, readable slice by slice (a stored checkpoint on local disk)."""
+
+    def __init__(self, folder: Path) -> None:
+        from ..weights.checkpoint import open_checkpoint
+
+        self.folder = folder
+        self.ck = open_checkpoint(folder)
+
+    def specs(self) -> list[Any]:
+        return list(self.ck.specs())
+
+    def raw(self, name: str, lo: int, hi: int) -> bytes:
+        info = self.ck.info(name)
+        with open(info.file, "rb") as f:
+            f.seek(info.start + lo)
+            return f.read(hi - lo)
+
+    def rows(self, name: str, r0: int, r1: int) -> Any:
+        import torch
+
+        spec = self.ck.info(name)
+        row_bytes = spec.nbytes // max(1, spec.shape[0])
+        data = bytearray(self.raw(name, r0 * row_bytes, r1 * row_bytes))
+        return torch.frombuffer(data, dtype=spec.dtype).reshape(r1 - r0, *spec.shape[1:])
+
+    def close(self) -> None:
+        self.ck.close()
+
+
+def _adapter_for(ctx: RegistryContext, v: ModelVersion, work: Path) -> Any:
+    """The LoraAdapter of an adapter version, stored or derived."""
+    from ..weights.adapters import load_peft_adapter
+
+    folder = work / f"adapter-{v.id}"
+    if v.storage_mode == "stored":
+        materialize(ctx, v.id, folder)
+    else:
+        g = native_generator(ctx, v, work)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for p, size in g.sizes().items():
+                target = folder / p
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as f:
+                    for chunk in g.read_range(p, 0, size):
+                        f.write(chunk)
+        finally:
+            g.close()
+    return load_peft_adapter(folder)
+
+
+def _delta_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
+    import torch
+
+    from ..weights.checkpoint import TensorSpec, safetensors_layout
+
+    adapter = _adapter_for(ctx, v, work)
+    specs = []
+    for name, m in adapter.modules.items():
+        shape = (m.in_features, m.out_features) if adapter.fan_in_fan_out else (m.out_features, m.in_features)
+        specs.append(TensorSpec(f"{name}.weight", adapter.dtype, shape))
+    layout = safetensors_layout(specs, {"format": "delta", "adapter": v.ref})
+    readers: dict[str, RawRead] = {}
+    for spec in specs:
+        m = adapter.modules[spec.name.removesuffix(".weight")]
+        if adapter.fan_in_fan_out:  # weight layout (in, out): rows of (B A)^T = A^T[rows] B^T
+            def rows(a: int, b: int, m: Any = m) -> Any:
+                return (m.A.T[a:b].to(torch.float32) @ m.B.T.to(torch.float32)).to(adapter.dtype)
+        else:
+            def rows(a: int, b: int, m: Any = m) -> Any:
+                return (m.B[a:b].to(torch.float32) @ m.A.to(torch.float32)).to(adapter.dtype)
+        readers[spec.name] = computed_rows(spec, rows)
+    manifest = json.dumps({"format": "delta", "adapter": v.ref, "modules": sorted(adapter.modules),
+                           "note": "W_merged = W_base + delta (same tensor names as the base)"},
+                          indent=2, sort_keys=True).encode() + b"\n"
+    return SafetensorsFiles({"delta.safetensors": layout}, lambda n, lo, hi: readers[n](n, lo, hi),
+                            {"delta_config.json": manifest})
+
+
+def _merged_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
+    import torch
+
+    from ..weights.checkpoint import sharded_layout
+
+    if v.base_version_id is None:
+        raise InvalidInput(f"{v.ref} has no base to merge into", code="invalid_format")
+    adapter = _adapter_for(ctx, v, work)
+    with ctx.db.read() as s:
+        base = s.get(ModelVersion, v.base_version_id)
+        assert base is not None
+        base_folder = work / f"base-{base.id}"
+        if base.storage_mode != "stored":
+            raise InvalidInput(f"the base {base.ref} is itself derived; pull it and push it as stored first",
+                               code="invalid_format")
+        base_files = [f.path for f in s.scalars(select(VersionFile).where(VersionFile.version_id == base.id))]
+    materialize(ctx, base.id, base_folder)
+    src = TensorSource(base_folder)
+    specs = src.specs()
+    lay = sharded_layout(specs, ctx.settings.merged_shard_bytes, {"format": "pt"})
+    targets = {f"{name}.weight": m for name, m in adapter.modules.items()}
+
+    def read(name: str, lo: int, hi: int) -> bytes:
+        m = targets.get(name)
+        if m is None:
+            return src.raw(name, lo, hi)
+        spec = src.ck.info(name)
+
+        def rows(a: int, b: int) -> Any:
+            w = src.rows(name, a, b).to(torch.float32)
+            if adapter.fan_in_fan_out:
+                d = m.A.T[a:b].to(torch.float32) @ m.B.T.to(torch.float32)
+            else:
+                d = m.B[a:b].to(torch.float32) @ m.A.to(torch.float32)
+            return (w + d).to(spec.dtype)
+
+        return computed_rows(spec, rows)(name, lo, hi)
+
+    extra = {}
+    if lay.index is not None:
+        extra["model.safetensors.index.json"] = lay.index
+    side = {p: base_folder / p for p in base_files if not p.endswith(".safetensors") and not
+            p.endswith(".safetensors.index.json")}
+    gen = Composite([SafetensorsFiles(dict(lay.files), read, extra), StaticFiles(side)])  # type: ignore[arg-type]
+    orig_close = gen.close
+
+    def close() -> None:
+        src.close()
+        orig_close()
+
+    gen.close = close  # type: ignore[method-assign]
+    return gen
+
+
+def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
+    """An adapter rebuilt from its RMM basis: x̂_i = μ + U_p C[:, i] (on the CPU, deterministic)."""
+    from ..weights.adapters import save_peft_adapter
+    from ..weights.rmm import load_basis
+
+    recipe = v.recipe or {}
+    basis_dir = work / f"basis-{recipe['basis_version_id']}"
+    if not basis_dir.exists():
+        materialize(ctx, recipe["basis_version_id"], basis_dir)
+    files = [p for p in basis_dir.rglob("*.safetensors")]
+    basis = load_basis(files[0])
+    out = work / f"member-{v.id}"
+    save_peft_adapter(basis.reconstruct(int(recipe["position"]), device="cpu"), out)
+    return StaticFiles({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+
+
+def native_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
+    """Generated native files of a derived version (its stored side files are blobs)."""
+    if v.storage_mode == "derived:basis":
+        return _basis_member_generator(ctx, v, work)
+    if v.storage_mode == "derived:diff":
+        from .transfers import diff_generator
+
+        return diff_generator(ctx, v, work)
+    raise InvalidInput(f"{v.ref} is stored, not derived", code="not_derived")
+
+
+def generator(ctx: RegistryContext, v: ModelVersion, fmt: str, work: Path) -> Generator:
+    if fmt == "native":
+        return native_generator(ctx, v, work)
+    if v.kind != "adapter":
+        raise InvalidInput(f"format {fmt!r} is for adapters; {v.ref} is a {v.kind}", code="invalid_format")
+    if fmt == "delta":
+        return _delta_generator(ctx, v, work)
+    if fmt == "merged":
+        return _merged_generator(ctx, v, work)
+    raise InvalidInput(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", code="invalid_format")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class DerivedCache:
+    """Generated files on disk, by sha256, up to ``max_bytes`` (least recently used evicted)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def path(self, sha: str) -> Path:
+        return self.root / sha[:2] / sha
+
+    def get(self, sha: str) -> Path | None:
+        p = self.path(sha)
+        if p.is_file():
+            os.utime(p)
+            return p
+        return None
+
+    def tee(self, sha: str, size: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Yield ``chunks`` and keep a copy; the copy joins the cache only if complete and its
+        hash is ``sha`` (a mismatch is logged: generation was not deterministic)."""
+        if self.max_bytes <= 0 or size > self.max_bytes:
+            yield from chunks
+            return
+        self.path(sha).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
+        h = hashlib.sha256()
+        n = 0
+        ok = False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for c in chunks:
+                    f.write(c)
+                    h.update(c)
+                    n += len(c)
+                    yield c
+            if n == size and h.hexdigest() == sha:
+                os.replace(tmp, self.path(sha))
+                ok = True
+                self.evict()
+            elif n == size:
+                log.error("generated file hashed to %s, expected %s: not cached", h.hexdigest(), sha)
+        finally:
+            if not ok:
+                Path(tmp).unlink(missing_ok=True)
+
+    def tee_new(self, size: int, chunks: Iterator[bytes], h: Any) -> Iterator[bytes]:
+        """Yield ``chunks`` while updating ``h`` (a sha256) and keeping a copy, filed under the
+        hash once complete (for files whose sha256 is not known yet)."""
+        if self.max_bytes <= 0 or size > self.max_bytes:
+            for c in chunks:
+                h.update(c)
+                yield c
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for c in chunks:
+                    h.update(c)
+                    f.write(c)
+                    yield c
+            dest = self.path(h.hexdigest())
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+            self.evict()
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def put_bytes(self, sha: str, data: bytes) -> None:
+        if self.max_bytes <= 0 or len(data) > self.max_bytes:
+            return
+        dest = self.path(sha)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+
+    def put_file(self, sha: str, src: Path) -> None:
+        if self.max_bytes <= 0 or src.stat().st_size > self.max_bytes:
+            return
+        dest = self.path(sha)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        self.evict()
+
+    def evict(self) -> None:
+        with self._lock:
+            files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.glob("*/*") if p.is_file()]
+            total = sum(f[1] for f in files)
+            for _, size, p in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                p.unlink(missing_ok=True)
+                total -= size
+
+
+def cache(ctx: RegistryContext) -> DerivedCache:
+    return DerivedCache(ctx.settings.resolved_cache_dir, ctx.settings.derived_cache_bytes)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+@dataclass
+class ServedFile:
+    path: str
+    sha256: str
+    size: int
+    blob: bool  # True: bytes are a blob in the store; False: generated
+
+
+def define(ctx: RegistryContext, version_id: int, fmt: str) -> list[ServedFile]:
+    """Generate a (version, format)'s files once to learn their sha256 and size; record them."""
+    with ctx.db.read() as s:
+        v = s.get(ModelVersion, version_id)
+        assert v is not None
+        s.expunge(v)
+    ctx.settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="define-", dir=ctx.settings.resolved_work_dir))
+    rows = []
+    try:
+        g = generator(ctx, v, fmt, work)
+        try:
+            c = cache(ctx)
+            for path, size in sorted(g.sizes().items()):
+                h = hashlib.sha256()
+                fd, tmp = tempfile.mkstemp(prefix=".def-", dir=c.root)
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in g.read_range(path, 0, size):
+                        h.update(chunk)
+                        f.write(chunk)
+                sha = h.hexdigest()
+                if c.max_bytes > 0 and size <= c.max_bytes:
+                    c.path(sha).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, c.path(sha))
+                else:
+                    Path(tmp).unlink(missing_ok=True)
+                rows.append({"version_id": version_id, "format": fmt, "path": path, "sha256": sha, "size": size})
+        finally:
+            g.close()
+        c.evict()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with ctx.db.write() as s:
+        insert_ignore(s, DerivedFile.__table__, rows)
+    return [ServedFile(r["path"], r["sha256"], r["size"], False) for r in rows]
+
+
+def served_files(ctx: RegistryContext, version_id: int, fmt: str = "native") -> list[ServedFile]:
+    """Every file of a version in a format: stored blobs and generated files."""
+    if fmt not in FORMATS:
+        raise InvalidInput(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", code="invalid_format")
+    with ctx.db.read() as s:
+        v = s.get(ModelVersion, version_id)
+        if v is None:
+            raise NotFound("version not found", code="version_not_found")
+        gen = list(s.scalars(select(DerivedFile).where(DerivedFile.version_id == version_id,
+                                                       DerivedFile.format == fmt).order_by(DerivedFile.path)))
+        stored = [] if fmt != "native" else list(s.scalars(
+            select(VersionFile).where(VersionFile.version_id == version_id).order_by(VersionFile.path)))
+        needs_define = fmt != "native" and not gen
+    if needs_define:
+        return define(ctx, version_id, fmt)
+    files = [ServedFile(f.path, f.blob_sha256, f.size, True) for f in stored]
+    files += [ServedFile(f.path, f.sha256, f.size, False) for f in gen]
+    return sorted(files, key=lambda f: f.path)
+
+
+def open_generated(ctx: RegistryContext, version_id: int, fmt: str, f: ServedFile, start: int,
+                   end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of a generated file: from the cache, else generated (and, for a full
+    response, teed into the cache)."""
+    c = cache(ctx)
+    cached = c.get(f.sha256)
+    if cached is not None:
+        yield from StaticFiles({f.path: cached}).read_range(f.path, start, end)
+        return
+    with ctx.db.read() as s:
+        v = s.get(ModelVersion, version_id)
+        assert v is not None
+        s.expunge(v)
+    work = Path(tempfile.mkdtemp(prefix="serve-", dir=c.root))
+    try:
+        g = generator(ctx, v, fmt, work)
+        try:
+            stream = g.read_range(f.path, start, end)
+            if start == 0 and end == f.size:
+                stream = c.tee(f.sha256, f.size, stream)
+            yield from stream
+        finally:
+            g.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""Merges (SPECS §3): task arithmetic, TIES, DARE (linear / TIES) over adapters or full models.
+
+- adapters of one base: merged in **delta space** (ΔW_i = B_i A_i) and re-factorised to a LoRA of
+  rank ``rank`` (default: the largest input rank) by truncated SVD; the result is an adapter
+  pinned to the same base;
+- full models (fine-tunes/merges) of one base: merged tensor by tensor against the base
+  (τ_i = θ_i − θ_base); the result is a ``merge`` version pinned to the base.
+
+Every input gets a ``merge_of`` edge carrying its weight; the recipe (method, variant, params)
+is stored on the version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidInput
+from ..models import ModelVersion
+from . import jobs, names
+from .context import RegistryContext
+from .derive import (
+    FULL_MODEL_KINDS,
+    check_number,
+    input_version,
+    job_run,
+    lineage_doc,
+    local_copy,
+    provenance_entry,
+    record,
+    ref_of,
+)
+from .drafts import CommitOptions, DraftSpec
+from .runner import JobRun, handler
+
+MAX_INPUTS = 64
+# The names in registry.weights.merge.METHODS (kept here so validating a request does not import
+# torch in the API process; tests/test_jobs_api.py checks they agree).
+METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+PARAM_KEYS = {"weights", "lam", "density", "seed", "majority_sign"}
+
+
+def _validate(s: Any, method: str, inputs: list[str], params: dict[str, Any]) -> tuple[list[ModelVersion], int]:
+    if method not in METHODS:
+        raise InvalidInput(f"unknown merge method {method!r}; one of {', '.join(sorted(METHODS))}",
+                           code="invalid_method", details={"methods": sorted(METHODS)})
+    if not 1 <= len(inputs) <= MAX_INPUTS:
+        raise InvalidInput(f"a merge needs 1 to {MAX_INPUTS} inputs", code="invalid_inputs")
+    unknown = set(params) - PARAM_KEYS
+    if unknown:
+        raise InvalidInput(f"unknown merge parameters {sorted(unknown)}; allowed {sorted(PARAM_KEYS)}",
+                           code="invalid_parameter")
+    versions = [input_version(s, r, kinds=("adapter", *FULL_MODEL_KINDS[1:]), what="input") for r in inputs]
+    kinds = {"adapter" if v.kind == "adapter" else "full" for v in versions}
+    if len(kinds) != 1:
+        raise InvalidInput("merge inputs must be all adapters or all full models", code="invalid_inputs")
+    bases = {v.base_version_id for v in versions}
+    if len(bases) != 1 or None in bases:
+        raise InvalidInput("merge inputs must be pinned to the same base version", code="mixed_bases",
+                           details={"bases": sorted({ref_of(s, b) for b in bases if b is not None})})
+    base_id = bases.pop()
+    assert base_id is not None
+    return versions, base_id
+
+
+def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: str, *,
+                  params: dict[str, Any] | None = None, rank: int | None = None, actor: str | None = None,
+                  idempotency_key: str | None = None) -> dict[str, Any]:
+    names.model_name(name)
+    params = dict(params or {})
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InvalidInput("rank must be a positive integer", code="invalid_parameter")
+    for key in ("lam", "density"):
+        check_number(key, params.get(key))
+
+    def build(s: Any) -> dict[str, Any]:
+        versions, _ = _validate(s, method, inputs, params)
+        if "weights" in params and (not isinstance(params["weights"], list) or len(params["weights"]) != len(inputs)):
+            raise InvalidInput("weights must be a list with one number per input", code="invalid_parameter")
+        return {"method": method, "inputs": [v.ref for v in versions], "name": name, "params": params,
+                "rank": rank}
+
+    return jobs.submit(ctx, "merge", build, actor=actor, idempotency_key=idempotency_key)
+
+
+@handler("merge")
+def compute_merge(run: JobRun) -> dict[str, Any]:
+    from ..weights.adapters import load_peft_adapter, save_peft_adapter
+    from ..weights.merge import get_method, merge_adapters, merge_checkpoints
+
+    ctx, prm = run.ctx, run.params
+    method, name, mparams = prm["method"], prm["name"], dict(prm.get("params") or {})
+    with ctx.db.read() as s:
+        versions, base_id = _validate(s, method, prm["inputs"], mparams)
+        entries = [(v.id, provenance_entry(v), v.kind) for v in versions]
+        base_ref = ref_of(s, base_id)
+    is_adapter = entries[0][2] == "adapter"
+    m = get_method(method)
+    weights = mparams.get("weights") or [1.0] * len(entries)
+    params = {"operation": "merge", "method": m.name, "variant": m.variant, "params": mparams,
+              "inputs": [e[1] for e in entries], "base": base_ref, "rank": prm.get("rank"), "job_id": run.job_id}
+    out = run.work_dir / "out"
+    result: dict[str, Any] = {}
+    with job_run(run, name, f"{m.name} merge", params) as mr:
+        mr.log_dict(lineage_doc(name, "merge", params["inputs"], params), "lineage.json")
+        run.progress(0.05, "materialising inputs")
+        if is_adapter:
+            adapters = [load_peft_adapter(local_copy(run, vid, f"in-{i}")) for i, (vid, _, _) in enumerate(entries)]
+            rank = prm.get("rank") or max(a.rank for a in adapters)
+            run.progress(0.3, f"merging {len(adapters)} adapters in delta space")
+            merged = merge_adapters(m, adapters, mparams, rank=rank, device=ctx.settings.device)
+            save_peft_adapter(merged, out)  # type: ignore[arg-type]
+            kind, metrics = "adapter", {"rank": rank}
+        else:
+            base_dir = local_copy(run, base_id, "base")
+            dirs = [local_copy(run, vid, f"in-{i}") for i, (vid, _, _) in enumerate(entries)]
+            run.progress(0.2, f"merging {len(dirs)} checkpoints tensor by tensor")
+            rep = merge_checkpoints(m, base_dir, dirs, out, mparams, device=ctx.settings.device)
+            kind, metrics = "merge", {k: v for k, v in rep.as_dict().items() if isinstance(v, int | float)}
+        mr.log_metrics({k: float(v) for k, v in metrics.items()})
+        run.progress(0.85, "recording the merge")
+
+        def hook(s: Any, v: ModelVersion) -> None:
+            result["ref"] = f"{name}@{v.version}"
+            run.complete(s, dict(result), mr.run_id)
+
+        spec = DraftSpec(model=name, kind=kind, base=base_ref, tags={"registry.method": m.name}, aliases=[],
+                         description=f"{m.name} merge of {len(entries)} inputs",
+                         parents=[{"ref": e[1]["ref"], "relation": "merge_of",
+                                   "params": {"weight": weights[i], "method": m.name}} for i, e in enumerate(entries)])
+        recipe = {"type": "merge", "method": m.name, "variant": m.variant, "params": mparams,
+                  "inputs": [e[1]["ref"] for e in entries], "base": base_ref, "rank": prm.get("rank"),
+                  "job_id": run.job_id}
+        view = record(run, out, spec, CommitOptions(status="ready", recipe=recipe, mlflow_run_id=mr.run_id,
+                                                    extra_summary={"merge": {"method": m.name, "variant": m.variant}},
+                                                    hook=hook), mlflow_run=mr)
+    if isinstance(view, str):
+        return {"ref": view, "deduplicated": True}
+    return result

@@ -1,0 +1,168 @@
+"""Automation policies, evaluated by the dispatcher for every event.
+
+``transfer_on_base_update`` (base model X, α): when a new version of X becomes ready, create a
+transfer candidate for every live, ready fine-tune and adapter pinned to X's previous ready
+version.
+
+``refresh_basis`` (base model X, p | max_error, collection, tags): when an adapter pinned to a
+version of X becomes ready, refit the RMM basis of the collection "adapters pinned to that base
+version [with these tags]". A refresh already waiting in the queue absorbs later triggers (its
+members are resolved when it runs).
+
+Jobs get idempotency keys derived from (policy, event[, dependent]), so re-dispatching an event
+after a crash never creates a job twice. Promotion stays a user action: policies only create
+candidates and bases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..errors import Conflict, InvalidInput, NotFound
+from ..models import Event, Job, JobState, Model, ModelVersion, Policy
+from . import jobs, names
+from .context import RegistryContext
+from .derive import FULL_MODEL_KINDS, check_number
+from .dispatcher import subscriber
+
+TYPES = ("transfer_on_base_update", "refresh_basis")
+TRIGGERS = ("version.created", "version.promoted")
+
+
+def policy_view(p: Policy) -> dict[str, Any]:
+    return {"id": p.id, "name": p.name, "type": p.type, "base_model": p.base_model, "params": p.params,
+            "active": p.active, "created_at": p.created_at, "created_by": p.created_by}
+
+
+def _check_params(type_: str, params: dict[str, Any]) -> dict[str, Any]:
+    if type_ == "transfer_on_base_update":
+        alpha = params.get("alpha", 1.0)
+        check_number("alpha", alpha, low=-100.0, high=100.0)
+        kinds = params.get("kinds", ["finetune", "adapter"])
+        if not isinstance(kinds, list) or not kinds or not set(kinds) <= {"finetune", "adapter"}:
+            raise InvalidInput("kinds must be a non-empty list of finetune/adapter", code="invalid_parameter")
+        return {"alpha": float(alpha), "kinds": sorted(kinds)}
+    p, max_error = params.get("p"), params.get("max_error")
+    if (p is None) == (max_error is None):
+        raise InvalidInput("refresh_basis needs exactly one of p or max_error", code="invalid_parameter")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
+        raise InvalidInput("p must be a non-negative integer", code="invalid_parameter")
+    check_number("max_error", max_error, low=0.0)
+    tags = params.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise InvalidInput("tags must be an object", code="invalid_parameter")
+    collection = params.get("collection")
+    if collection is not None:
+        names.model_name(collection)
+    return {"p": p, "max_error": max_error, "tags": tags, "collection": collection, "name": collection}
+
+
+def create_policy(ctx: RegistryContext, name: str, type_: str, base_model: str, params: dict[str, Any],
+                  actor: str | None = None) -> dict[str, Any]:
+    names.model_name(name)
+    names.model_name(base_model)
+    if type_ not in TYPES:
+        raise InvalidInput(f"unknown policy type {type_!r}; one of {', '.join(TYPES)}", code="invalid_policy_type")
+    clean = _check_params(type_, params or {})
+    with ctx.db.write() as s:
+        if s.scalar(select(Policy.id).where(Policy.name == name)) is not None:
+            raise Conflict(f"policy {name!r} already exists", code="policy_exists")
+        p = Policy(name=name, type=type_, base_model=base_model, params=clean, created_by=actor)
+        s.add(p)
+        s.flush()
+        return policy_view(p)
+
+
+def list_policies(ctx: RegistryContext) -> list[dict[str, Any]]:
+    with ctx.db.read() as s:
+        return [policy_view(p) for p in s.scalars(select(Policy).order_by(Policy.id))]
+
+
+def delete_policy(ctx: RegistryContext, name: str) -> None:
+    with ctx.db.write() as s:
+        p = s.scalar(select(Policy).where(Policy.name == name))
+        if p is None:
+            raise NotFound(f"policy {name!r} not found", code="policy_not_found")
+        s.delete(p)
+
+
+@subscriber
+def on_event(s: Session, ev: Event, settings: Settings) -> list[Job]:
+    if ev.type not in TRIGGERS or ev.version_id is None:
+        return []
+    if ev.type == "version.created" and ev.payload.get("status", "ready") != "ready":
+        return []
+    v = s.get(ModelVersion, ev.version_id)
+    if v is None or v.archived_at is not None or v.status != "ready":
+        return []
+    created: list[Job] = []
+    if v.kind in FULL_MODEL_KINDS:
+        created += _transfers_for_new_base(s, ev, v, settings)
+    if v.kind == "adapter" and v.base_version_id is not None:
+        created += _refresh_bases(s, ev, v, settings)
+    return created
+
+
+def _transfers_for_new_base(s: Session, ev: Event, new: ModelVersion, settings: Settings) -> list[Job]:
+    model = new.model.name
+    policies = list(s.scalars(select(Policy).where(Policy.type == "transfer_on_base_update",
+                                                   Policy.base_model == model, Policy.active.is_(True))))
+    if not policies:
+        return []
+    prev = s.scalar(select(ModelVersion).where(
+        ModelVersion.model_id == new.model_id, ModelVersion.version < new.version, ModelVersion.status == "ready",
+        ModelVersion.archived_at.is_(None)).order_by(ModelVersion.version.desc()).limit(1))
+    if prev is None:
+        return []
+    dependents = list(s.scalars(select(ModelVersion).where(
+        ModelVersion.base_version_id == prev.id, ModelVersion.archived_at.is_(None), ModelVersion.status == "ready")
+        .order_by(ModelVersion.id)))
+    out: list[Job] = []
+    for p in policies:
+        for dep in dependents:
+            if dep.kind not in p.params.get("kinds", ["finetune", "adapter"]):
+                continue
+            job, created = jobs.create(
+                s, type="transfer", queue=settings.math_queue, created_by=f"policy:{p.name}",
+                idempotency_key=f"policy:{p.id}:event:{ev.id}:version:{dep.id}", event_id=ev.id, policy_id=p.id,
+                max_attempts=settings.job_max_attempts,
+                params={"finetune": dep.ref, "target_base": new.ref, "alpha": p.params.get("alpha", 1.0)})
+            if created:
+                out.append(job)
+    return out
+
+
+def _refresh_bases(s: Session, ev: Event, adapter: ModelVersion, settings: Settings) -> list[Job]:
+    base = s.get(ModelVersion, adapter.base_version_id)
+    if base is None:
+        return []
+    base_model = s.scalar(select(Model.name).where(Model.id == base.model_id))
+    policies = list(s.scalars(select(Policy).where(Policy.type == "refresh_basis", Policy.base_model == base_model,
+                                                   Policy.active.is_(True))))
+    out: list[Job] = []
+    for p in policies:
+        tags = p.params.get("tags") or {}
+        if tags:
+            from ..models import VersionTag
+
+            have = {t.key: t.value for t in s.scalars(select(VersionTag).where(VersionTag.version_id == adapter.id))}
+            if any(k not in have or (val is not None and have[k] != val) for k, val in tags.items()):
+                continue
+        waiting = s.scalar(select(Job.id).where(Job.policy_id == p.id, Job.type == "basis",
+                                                Job.state == JobState.queued.value).limit(1))
+        if waiting is not None:
+            continue  # the queued refresh will see this adapter too
+        job, created = jobs.create(
+            s, type="basis", queue=settings.math_queue, created_by=f"policy:{p.name}",
+            idempotency_key=f"policy:{p.id}:event:{ev.id}", event_id=ev.id, policy_id=p.id,
+            max_attempts=settings.job_max_attempts,
+            params={"query": {"base": base.ref, "tags": tags}, "p": p.params.get("p"),
+                    "max_error": p.params.get("max_error"), "collection": p.params.get("collection") or p.name,
+                    "name": p.params.get("name")})
+        if created:
+            out.append(job)
+    return out

@@ -1,0 +1,41 @@
+"""Provenance in MLflow for every version: the dispatcher turns ``version.created`` /
+``version.promoted`` / ``version.archived`` events into ``mlflow_sync`` jobs, which register (or
+refresh) the version in the MLflow Model Registry. See :mod:`registry.provenance`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..models import Event, Job, ModelVersion
+from . import jobs
+from .dispatcher import subscriber
+from .runner import JobRun, handler
+from .views import version_view
+
+SYNC_EVENTS = ("version.created", "version.promoted", "version.archived")
+
+
+@subscriber
+def on_event(s: Session, ev: Event, settings: Settings) -> list[Job]:
+    if ev.type not in SYNC_EVENTS or ev.version_id is None:
+        return []
+    job, created = jobs.create(s, type="mlflow_sync", params={"version_id": ev.version_id}, queue="cpu",
+                               idempotency_key=f"mlflow_sync:event:{ev.id}", event_id=ev.id, max_attempts=10)
+    return [job] if created else []
+
+
+@handler("mlflow_sync")
+def sync_version(run: JobRun) -> dict[str, Any]:
+    from ..provenance import Provenance
+
+    with run.ctx.db.read() as s:
+        v = s.get(ModelVersion, run.params["version_id"])
+        if v is None:
+            return {"skipped": "version no longer exists"}
+        view = asdict(version_view(s, v, with_files=False))
+    name, number = Provenance(run.ctx.settings).register_version(view)
+    return {"mlflow_model": name, "mlflow_version": number, "ref": view["ref"]}

@@ -1,0 +1,84 @@
+"""References to versions: ``name@3``, ``name@alias``, ``name`` (the newest ready version)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, contains_eager
+
+from ..errors import InvalidInput, NotFound
+from ..models import Alias, Model, ModelVersion, VersionStatus
+from . import names
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}@{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+def parse_ref(text: str) -> Ref:
+    """Parse a ref; raises ``invalid_ref`` (422) on bad syntax."""
+
+    def bad(reason: str) -> InvalidInput:
+        return InvalidInput(f"invalid ref {text!r}: {reason} (expected name, name@VERSION or name@ALIAS)",
+                            code="invalid_ref", details={"ref": text})
+
+    if not isinstance(text, str) or not text or text.count("@") > 1:
+        raise bad("malformed")
+    name, _, sel = text.partition("@")
+    if not names.MODEL_NAME_RE.match(name):
+        raise bad("bad model name")
+    if not _:
+        return Ref(name)
+    if sel.isdigit():
+        v = int(sel)
+        if v < 1 or len(sel) > 9:
+            raise bad("version numbers start at 1")
+        return Ref(name, version=v)
+    if sel == "latest":
+        return Ref(name)
+    if not names.ALIAS_RE.match(sel):
+        raise bad("bad alias")
+    return Ref(name, alias=sel)
+
+
+def get_model(session: Session, name: str) -> Model:
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFound(f"model {name!r} not found", code="model_not_found", details={"model": name})
+    return model
+
+
+def resolve(session: Session, ref: Ref | str, *, include_archived: bool = True) -> ModelVersion:
+    """The version a ref names. ``name`` alone is the newest ready, non-archived version.
+
+    One query (the version joined with its model; the model's tags are left unloaded); a second
+    one only on a miss, to tell an unknown model from an unknown version."""
+    r = parse_ref(ref) if isinstance(ref, str) else ref
+    q = (select(ModelVersion).join(Model, Model.id == ModelVersion.model_id).where(Model.name == r.name)
+         .options(contains_eager(ModelVersion.model).lazyload(Model.tags)))
+    if r.version is not None:
+        q = q.where(ModelVersion.version == r.version)
+    elif r.alias is not None:
+        q = q.join(Alias, Alias.version_id == ModelVersion.id).where(
+            Alias.model_id == Model.id, Alias.name == r.alias)
+    else:
+        q = q.where(ModelVersion.status == VersionStatus.ready.value, ModelVersion.archived_at.is_(None)).order_by(
+            ModelVersion.version.desc()).limit(1)
+    v = session.scalar(q)
+    if v is None:
+        get_model(session, r.name)  # model_not_found when the model itself is unknown
+    if v is None or (not include_archived and v.archived_at is not None):
+        what = "no ready version" if r.version is None and r.alias is None else "not found"
+        raise NotFound(f"{r}: {what}", code="version_not_found", details={"ref": str(r)})
+    return v

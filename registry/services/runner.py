@@ -1,0 +1,173 @@
+"""Running one job: claim it, keep a heartbeat, call its handler, record the outcome.
+
+Handlers are registered per job type with :func:`handler`. A handler gets a :class:`JobRun`
+and returns the job's result; when it creates things (versions, bases) it records them and
+calls :meth:`JobRun.complete` inside the same transaction, so the result and the job's success
+commit together or not at all (a second attempt then cannot add a duplicate).
+
+Errors: bad input (:class:`RegistryError`, :class:`WeightsError`) fails the job at once, with
+the error's code and message; :class:`RetryLater` and unexpected exceptions are retried with
+exponential backoff until ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ..errors import RegistryError
+from ..models import Job
+from . import jobs
+from .context import RegistryContext
+
+log = logging.getLogger("registry.jobs")
+
+Handler = Callable[["JobRun"], dict[str, Any]]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(job_type: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[job_type] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class JobRun:
+    ctx: RegistryContext
+    job_id: int
+    attempt: int
+    type: str
+    params: dict[str, Any]
+    created_by: str | None
+    work_dir: Path
+    completed: bool = False
+    lost: threading.Event = field(default_factory=threading.Event)
+    _progress: float = 0.0
+    _message: str = ""
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress (0..1); written with the next heartbeat."""
+        self._progress, self._message = fraction, message
+        if not jobs.heartbeat(self.ctx, self.job_id, self.attempt, fraction, message):
+            self.lost.set()
+
+    def complete(self, s: Session, result: dict[str, Any], mlflow_run_id: str | None = None) -> None:
+        """Mark the job succeeded inside the caller's transaction."""
+        jobs.complete(s, self.job_id, self.attempt, result, mlflow_run_id)
+        self.completed = True
+
+
+class _Heartbeat:
+    def __init__(self, run: JobRun, interval: float) -> None:
+        self.run = run
+        self.interval = interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{run.job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                if not jobs.heartbeat(self.run.ctx, self.run.job_id, self.run.attempt):
+                    self.run.lost.set()
+            except Exception:  # a missed beat is not fatal; the next one may succeed
+                log.warning("heartbeat for job %s failed", self.run.job_id, exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def backoff(attempt: int, base: float = 5.0, cap: float = 600.0) -> float:
+    return float(min(cap, base * 2 ** (attempt - 1)))
+
+
+def _error(e: BaseException) -> dict[str, Any]:
+    from ..weights.errors import WeightsError
+
+    if isinstance(e, RegistryError):
+        return {"code": e.code, "message": e.message, "details": e.details, "type": type(e).__name__}
+    if isinstance(e, WeightsError):
+        return {"code": "invalid_weights", "message": str(e), "details": {}, "type": type(e).__name__}
+    return {"code": "internal", "message": f"{type(e).__name__}: {e}", "details": {},
+            "traceback": traceback.format_exc()[-4000:]}
+
+
+def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
+    """Execute job ``job_id`` if this worker can claim it. Returns the outcome."""
+    _load_handlers()
+    attempt = jobs.claim(ctx, job_id, worker)
+    if attempt is None:
+        return "skipped"
+    with ctx.db.read() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        jtype, params, created_by = job.type, dict(job.params), job.created_by
+    work = ctx.settings.resolved_work_dir / f"job-{job_id}-{attempt}"
+    jr = JobRun(ctx, job_id, attempt, jtype, params, created_by, work)
+    fn = HANDLERS.get(jtype)
+    started = time.monotonic()
+    try:
+        if fn is None:
+            raise RegistryError(f"no handler for job type {jtype!r}", code="unknown_job_type")
+        work.mkdir(parents=True, exist_ok=True)
+        with _Heartbeat(jr, max(0.5, ctx.settings.job_stale_seconds / 4)):
+            if ctx.settings.job_start_delay:
+                time.sleep(ctx.settings.job_start_delay)
+            result = fn(jr)
+            if not jr.completed:
+                with ctx.db.write() as s:
+                    jr.complete(s, result)
+        log.info("job %s (%s) attempt %s succeeded in %.1fs", job_id, jtype, attempt, time.monotonic() - started)
+        return "succeeded"
+    except jobs.JobSuperseded:
+        log.warning("job %s attempt %s was superseded by another attempt", job_id, attempt)
+        return "superseded"
+    except jobs.RetryLater as e:
+        return jobs.fail(ctx, job_id, attempt, {"code": "retry", "message": str(e), "details": {}}, e.delay)
+    except BaseException as e:  # noqa: BLE001 - every failure is recorded on the job
+        from ..weights.errors import WeightsError
+
+        final = isinstance(e, RegistryError | WeightsError)
+        if not final:
+            log.exception("job %s (%s) attempt %s crashed", job_id, jtype, attempt)
+        state = jobs.fail(ctx, job_id, attempt, _error(e), None if final else backoff(attempt))
+        if not isinstance(e, Exception):
+            raise
+        return state
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+_loaded = False
+
+
+def _load_handlers() -> None:
+    """Import the modules that register handlers (kept lazy: they import torch, mlflow...)."""
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+
+    for mod in ("bases", "transfers", "merges", "webhooks", "provenance", "pruning", "verify"):
+        try:
+            importlib.import_module(f"registry.services.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"registry.services.{mod}":
+                raise
+    _loaded = True
