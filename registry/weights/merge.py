@@ -1,0 +1,689 @@
+"""Classic merges (SPECS §3): task arithmetic, TIES, DARE -- per tensor, streamed, and for LoRA.
+
+Task vectors ``τ_i = θ_i − θ_base`` (for LoRA adapters ``τ_i = ΔW_i = B_i A_i``). Every method is
+one :class:`MergeMethod`: a name, the parameters it declares (validated in one place,
+:meth:`MergeMethod.resolve`) and two switches -- how each τ_i is trimmed, and whether signs are
+elected. The merged model is ``θ = θ_base + λ · τ_m`` with, per tensor (weights ``w_i``):
+
+* ``task_arithmetic``: ``τ_m = Σ_i w_i τ_i``;
+* ``ties`` (variant ``ties/per-tensor``): ``τ̂_i`` = τ_i with all but its top-k magnitudes zeroed,
+  ``k = int(density · numel)`` counted **per tensor** (as PEFT and mergekit do; the TIES paper
+  trims over the whole flattened task vector, which is not implemented); elected sign
+  ``γ = sgn(Σ_i τ̂_i)`` (``majority_sign="total"``) or ``sgn(Σ_i sgn τ̂_i)`` (``"frequency"``),
+  ``γ = +1`` on ties; disjoint mean ``τ_m = Σ_{i: sgn τ̂_i = γ} w_i τ̂_i / max(1, #{i: sgn τ̂_i = γ})``
+  (zeros never count; the vote is unweighted, weights apply afterwards -- PEFT's semantics);
+* ``dare_linear``: ``τ̃_i = m_i ⊙ τ_i / density`` with ``m_i ~ Bernoulli(density)`` (drop rate
+  ``p = 1 − density``, rescaled as in PEFT ≥ 0.19), ``τ_m = Σ_i w_i τ̃_i``;
+* ``dare_ties``: the DARE-rescaled ``τ̃_i`` through TIES's sign election and disjoint mean.
+
+Bit-for-bit these are PEFT's ``peft.utils.merge_utils`` functions (same operations in the same
+order; tested), with two documented differences: the top-k set is found by an exact radix select
+on the magnitudes' bit patterns (ties at the threshold kept in flat-index order -- PEFT's
+``torch.topk`` leaves that order unspecified), and input ``i``'s DARE mask is drawn
+(``torch.bernoulli(full(density))``, as PEFT) from its own ``torch.Generator`` seeded with
+:func:`tensor_seed` ``(seed, tensor name, i)`` -- PEFT draws all inputs from the global RNG -- so a
+mask depends neither on the order tensors are processed in nor on the device (masks are drawn on
+the CPU), and can be drawn chunk by chunk.
+
+Streaming: everything after the top-k threshold is elementwise per position, so each tensor is
+processed in flat chunks of ``_CHUNK`` elements (the n task-vector chunks stacked ``[n, chunk]``);
+TIES first finds each input's threshold with a two-pass (four for float64) 16-bit radix histogram
+over the same chunks. Memory per tensor is a few ``n × chunk`` buffers whatever its size; chunking
+never changes a bit.
+
+Arithmetic in float32 (float64 when an input is float64); the merged tensor is rounded once to the
+base tensor's dtype. For LoRA adapters the merge runs in delta space (:func:`merge_adapters`);
+:func:`merge_adapter_factors_separately` is the paper's baseline that merges A's and B's apart
+(creating cross terms ``B_i A_j``) and exists only for comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from .adapters import LoraAdapter
+from .checkpoint import Checkpoint, CheckpointOutput, SafetensorsWriter, ShardedWriter, open_checkpoint
+from .device import resolve_device
+from .errors import (
+    IncompatibleAdaptersError,
+    MergeParamsError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
+from .transfer import TARGET_FILES, TOKENIZER_FILES
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "MergeParams",
+    "MergeReport",
+    "get_method",
+    "merge_adapter_factors_separately",
+    "merge_adapters",
+    "merge_checkpoints",
+    "merge_tensors",
+    "tensor_seed",
+    "truncated_svd_factors",
+]
+
+Trim = Literal["none", "magnitude", "random"]
+_PARAM_NAMES = ("weights", "lam", "density", "seed", "majority_sign")
+_ALIASES = {"lambda": "lam"}
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Merge parameters; ``None`` means "not given" (:meth:`MergeMethod.resolve` fills defaults).
+
+    ``weights``: one per input (default all 1). ``lam``: λ, scale of the merged task vector
+    (default 1; the TIES paper uses 0.4 without validation data). ``density``: fraction kept --
+    top-k fraction for TIES (default 0.2), keep probability ``1 − p`` for DARE (required).
+    ``seed``: DARE seed (default 0). ``majority_sign``: ``"total"`` (default) or ``"frequency"``.
+    """
+
+    weights: tuple[float, ...] | None = None
+    lam: float | None = None
+    density: float | None = None
+    seed: int | None = None
+    majority_sign: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["weights"] is not None:
+            d["weights"] = list(d["weights"])
+        return {k: v for k, v in d.items() if v is not None}
+
+
+ParamsLike = MergeParams | Mapping[str, Any] | None
+
+
+def _real(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise MergeParamsError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: name, declared parameters (``accepts``; ``defaults``; ``required``) and
+    its two steps (``trim`` each task vector: none / magnitude top-k / random DARE drop; ``elect``
+    signs + disjoint mean, or a weighted sum)."""
+
+    name: str
+    variant: str
+    trim: Trim
+    elect: bool
+    accepts: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+
+    def resolve(self, params: ParamsLike, n_inputs: int) -> MergeParams:
+        """Validate ``params`` for ``n_inputs`` inputs and fill defaults (raises
+        :class:`MergeParamsError` with the reason)."""
+        if n_inputs < 1:
+            raise MergeParamsError(f"{self.name}: needs at least one input to merge")
+        if params is None:
+            raw: dict[str, Any] = {}
+        elif isinstance(params, MergeParams):
+            raw = {f.name: getattr(params, f.name) for f in fields(params)}
+            raw = {k: v for k, v in raw.items() if v is not None}
+        elif isinstance(params, Mapping):
+            raw = {_ALIASES.get(str(k), str(k)): v for k, v in params.items()}
+        else:
+            raise MergeParamsError(f"params must be a mapping or MergeParams, got {type(params).__name__}")
+        unknown = sorted(set(raw) - set(_PARAM_NAMES))
+        if unknown:
+            raise MergeParamsError(f"{self.name}: unknown parameter(s) {unknown}; known: {list(_PARAM_NAMES)}")
+        foreign = sorted(k for k in raw if k not in self.accepts)
+        if foreign:
+            raise MergeParamsError(f"{self.name} does not take {foreign}; it takes {list(self.accepts)}")
+        missing = [k for k in self.required if raw.get(k) is None]
+        if missing:
+            raise MergeParamsError(f"{self.name}: parameter(s) {missing} are required")
+        v = {**self.defaults, **{k: x for k, x in raw.items() if x is not None}}
+        weights = v.get("weights")
+        if weights is None:
+            w: tuple[float, ...] = (1.0,) * n_inputs
+        else:
+            if isinstance(weights, str | bytes) or not isinstance(weights, Sequence | torch.Tensor):
+                raise MergeParamsError(f"weights must be a list of numbers, got {weights!r}")
+            w = tuple(_real("weight", float(x) if isinstance(x, torch.Tensor) else x) for x in weights)
+            if len(w) != n_inputs:
+                raise MergeParamsError(f"{self.name}: {len(w)} weights for {n_inputs} inputs")
+        lam = _real("lam", v.get("lam", 1.0))
+        density = v.get("density")
+        if density is not None:
+            density = _real("density", density)
+            if not 0.0 < density <= 1.0:
+                raise MergeParamsError(f"density must be in (0, 1], got {density}")
+        seed = v.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise MergeParamsError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        sign = v.get("majority_sign")
+        if sign is not None and sign not in ("total", "frequency"):
+            raise MergeParamsError(f"majority_sign must be 'total' or 'frequency', got {sign!r}")
+        return MergeParams(weights=w, lam=lam, density=density, seed=seed, majority_sign=sign)
+
+
+TASK_ARITHMETIC = MergeMethod("task_arithmetic", "task_arithmetic", "none", False, ("weights", "lam"))
+TIES = MergeMethod(
+    "ties",
+    "ties/per-tensor",
+    "magnitude",
+    True,
+    ("weights", "lam", "density", "majority_sign"),
+    {"density": 0.2, "majority_sign": "total"},
+)
+DARE_LINEAR = MergeMethod(
+    "dare_linear",
+    "dare_linear/rescaled",
+    "random",
+    False,
+    ("weights", "lam", "density", "seed"),
+    {"seed": 0},
+    ("density",),
+)
+DARE_TIES = MergeMethod(
+    "dare_ties",
+    "dare_ties/rescaled/per-tensor",
+    "random",
+    True,
+    ("weights", "lam", "density", "seed", "majority_sign"),
+    {"seed": 0, "majority_sign": "total"},
+    ("density",),
+)
+#: Name -> method. A new method is one :class:`MergeMethod` plus one entry here.
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES)}
+
+
+def get_method(method: str | MergeMethod) -> MergeMethod:
+    """Look a method up by name (:class:`MergeParamsError` listing the known names if unknown)."""
+    if isinstance(method, MergeMethod):
+        return method
+    try:
+        return METHODS[method]
+    except (KeyError, TypeError):
+        raise MergeParamsError(f"unknown merge method {method!r}; known: {sorted(METHODS)}") from None
+
+
+def tensor_seed(seed: int, name: str, index: int = 0) -> int:
+    """Seed of input ``index``'s DARE generator for tensor ``name``: the first 8 bytes
+    (little-endian) of ``sha256(f"{seed}:{name}:{index}")``, masked to 63 bits."""
+    digest = hashlib.sha256(f"{seed}:{name}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------- streaming core
+
+_CHUNK = 1 << 18  # elements per chunk; results do not depend on it
+_DIGITS = 1 << 16
+
+#: ``source(first, count)`` -> flat elements ``[first, first + count)`` in the compute dtype on the
+#: compute device. The returned buffer may be reused by the next call to the same source.
+Source = Callable[[int, int], torch.Tensor]
+#: ``emit(first, update_chunk, base_chunk_or_None, bound)`` consumes one merged chunk.
+Emit = Callable[[int, torch.Tensor, torch.Tensor | None, float], None]
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _tensor_source(t: torch.Tensor, cd: torch.dtype, dev: torch.device) -> Source:
+    flat = t.detach().reshape(-1)
+
+    def get(first: int, count: int) -> torch.Tensor:
+        return flat[first : first + count].to(dev, cd)
+
+    return get
+
+
+class _CheckpointSource:
+    """Chunks of one checkpoint tensor read with ``pread`` (no memory mapping)."""
+
+    def __init__(self, ck: Checkpoint, name: str, cd: torch.dtype, dev: torch.device, chunk: int) -> None:
+        self.ck, self.name, self.cd, self.dev = ck, name, cd, dev
+        dtype = ck.info(name).dtype
+        size = min(chunk, max(ck.info(name).numel, 1))
+        self.raw = torch.empty(size, dtype=dtype)
+        self.buf = None if (dtype == cd and dev.type == "cpu") else torch.empty(size, dtype=cd, device=dev)
+
+    def __call__(self, first: int, count: int) -> torch.Tensor:
+        raw = self.ck.read_into(self.name, self.raw[:count], first)
+        return raw if self.buf is None else self.buf[:count].copy_(raw)
+
+
+def _finite_sq(x: torch.Tensor, what: str) -> float:
+    """Σx² (float64 accumulation across chunks by the caller); NonFiniteError if ``x`` is not finite."""
+    q = float(torch.dot(x, x))
+    if not math.isfinite(q) and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} holds NaN or Inf values")
+    return q
+
+
+def _stream_merge(
+    m: MergeMethod,
+    p: MergeParams,
+    name: str,
+    numel: int,
+    base: Source | None,
+    inputs: Sequence[Source],
+    cd: torch.dtype,
+    dev: torch.device,
+    emit: Emit,
+) -> tuple[list[float], float]:
+    """Compute ``λ·τ_m`` of one tensor chunk by chunk; ``emit(first, update, base_chunk, bound)``
+    receives each chunk, ``bound = ‖base_chunk‖ + ‖update‖`` bounding every ``|base + update|``.
+    ``base=None`` means a zero base (LoRA deltas). Returns (Σ τ_i² per input, Σ (λτ_m)²)."""
+    n, chunk = len(inputs), _CHUNK
+    ranges = [(lo, min(chunk, numel - lo)) for lo in range(0, numel, chunk)]
+    store = torch.empty(n * min(chunk, max(numel, 1)), dtype=cd, device=dev)
+    where = f"tensor {name!r}"
+
+    def load(lo: int, cnt: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        taus = store[: n * cnt].view(n, cnt)
+        b = base(lo, cnt) if base is not None else None
+        for i, src in enumerate(inputs):
+            x = src(lo, cnt)
+            if b is None:
+                taus[i].copy_(x)
+            else:
+                torch.sub(x, b, out=taus[i])
+        return b, taus
+
+    density = p.density if p.density is not None else 1.0
+    k = int(density * numel)
+    magnitude = m.trim == "magnitude" and density < 1.0 and k < numel
+    thresholds: list[torch.Tensor] = []
+    need: list[int] = []
+    if magnitude and k > 0:
+        thresholds, need = _radix_thresholds(load, ranges, n, k, cd, dev, where)
+    gens = []
+    if m.trim == "random" and density < 1.0:
+        gens = [torch.Generator(device="cpu").manual_seed(tensor_seed(p.seed or 0, name, i)) for i in range(n)]
+    assert p.weights is not None
+    w = torch.tensor(p.weights, dtype=cd, device=dev).view(n, 1)
+    lam = p.lam if p.lam is not None else 1.0
+    task_sq, update_sq = [0.0] * n, 0.0
+    for lo, cnt in ranges:
+        b, taus = load(lo, cnt)
+        b_sq = 0.0
+        if b is not None:
+            b_sq = _finite_sq(b, f"{where} of the base")
+        for i in range(n):
+            task_sq[i] += _finite_sq(taus[i], f"{where} of input {i}")
+        if magnitude and k == 0:
+            taus.mul_(0.0)  # PEFT keeps no entry (signed zeros, as tensor * 0-mask)
+        elif magnitude:
+            for i in range(n):
+                mag = taus[i].abs()
+                keep = mag > thresholds[i]
+                if need[i] > 0:  # ties at the threshold, in flat-index order
+                    eq = mag == thresholds[i]
+                    hits = int(eq.sum())
+                    if hits > need[i]:
+                        eq &= eq.cumsum(0) <= need[i]
+                        hits = need[i]
+                    keep |= eq
+                    need[i] -= hits
+                taus[i].mul_(keep)
+        elif gens:
+            for i in range(n):
+                mask = torch.bernoulli(torch.full((cnt,), density, dtype=cd), generator=gens[i])
+                taus[i].mul_(mask.to(dev)).div_(density)
+        if m.elect:
+            sign = taus.sign()
+            total = taus.sum(dim=0) if p.majority_sign != "frequency" else sign.sum(dim=0)
+            agree = sign == torch.where(total >= 0, 1, -1)
+            del sign, total
+            taus.mul_(w)
+            count = agree.sum(dim=0)
+            update = taus.mul_(agree).sum(dim=0) / torch.clamp(count, min=1.0)
+        else:
+            update = taus.mul_(w).sum(dim=0)
+        if lam != 1.0:
+            update = lam * update
+        u_sq = float(torch.dot(update, update))
+        update_sq += u_sq
+        emit(lo, update, b, math.sqrt(b_sq if b is not None else 0.0) + math.sqrt(u_sq))
+    return task_sq, update_sq
+
+
+def _radix_thresholds(
+    load: Callable[[int, int], tuple[torch.Tensor | None, torch.Tensor]],
+    ranges: Sequence[tuple[int, int]],
+    n: int,
+    k: int,
+    cd: torch.dtype,
+    dev: torch.device,
+    where: str,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Per input, the exact k-th largest |τ_i| and how many of the top k tie with it.
+
+    Radix select on the IEEE bit patterns (monotonic for non-negative floats): one pass over the
+    chunks per 16-bit digit, most significant first, histogramming the digit among the elements
+    that match the digits chosen so far, then picking the digit where the count of larger
+    elements reaches k. Exact, O(numel) per pass, no sort and no full-size copy.
+    """
+    ibits, width = (torch.int64, 64) if cd == torch.float64 else (torch.int32, 32)
+    prefix, above = [0] * n, [0] * n
+    for shift in range(width - 16, -1, -16):
+        counts = torch.zeros((n, _DIGITS), dtype=torch.int64, device=dev)
+        for lo, cnt in ranges:
+            _, taus = load(lo, cnt)
+            for i in range(n):
+                bits = taus[i].abs().view(ibits)
+                if shift < width - 16:
+                    bits = bits[(bits >> (shift + 16)) == prefix[i]]
+                    digits = bits & 0xFFFF if shift == 0 else (bits >> shift) & 0xFFFF
+                else:
+                    digits = bits >> shift  # top digit: the sign bit is 0, no mask needed
+                counts[i] += torch.bincount(digits, minlength=_DIGITS)
+        for i in range(n):
+            cum = counts[i].flip(0).cumsum(0)  # cum[j] = #elements whose digit >= 0xFFFF - j
+            want = torch.tensor([k - above[i]], dtype=cum.dtype, device=dev)
+            j = int(torch.searchsorted(cum, want)[0])
+            if j >= _DIGITS:
+                raise NonFiniteError(f"{where} of input {i} holds NaN or Inf values")
+            digit = _DIGITS - 1 - j
+            above[i] += int(cum[j]) - int(counts[i, digit])
+            prefix[i] = (prefix[i] << 16) | digit
+    thresholds = [torch.tensor([x], dtype=ibits).view(cd)[0].to(dev) for x in prefix]
+    return thresholds, [k - a for a in above]
+
+
+# ------------------------------------------------------------------------------- per tensor
+
+
+def _check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str) -> None:
+    if not base.dtype.is_floating_point or not all(f.dtype.is_floating_point for f in finetuned):
+        raise ShapeMismatchError(f"tensor {name!r}: merges need floating-point tensors")
+    bad = [i for i, f in enumerate(finetuned) if f.shape != base.shape]
+    if bad:
+        shapes = ", ".join(f"input {i}: {list(finetuned[i].shape)}" for i in bad)
+        raise ShapeMismatchError(f"tensor {name!r}: base is {list(base.shape)}, {shapes}")
+
+
+def _rounded(out: torch.Tensor, update: torch.Tensor, b: torch.Tensor | None, bound: float, name: str) -> torch.Tensor:
+    """``out`` <- round(b + update) (once, to out's dtype), checked for overflow (only when ``bound``,
+    a bound on every |b + update|, does not rule it out)."""
+    out.copy_(update if b is None else b + update)
+    certain = bound < 0.99 * torch.finfo(out.dtype).max
+    if not certain and not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(f"tensor {name!r}: the merge overflows {out.dtype}")
+    return out
+
+
+def merge_tensors(
+    method: str | MergeMethod,
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    params: ParamsLike = None,
+    *,
+    name: str = "",
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Merge one tensor: ``θ_base + λ · τ_m(θ_i − θ_base)`` in the base's dtype (see module doc).
+
+    ``name`` identifies the tensor for DARE seeding and error messages. Raises
+    :class:`MergeParamsError`, :class:`ShapeMismatchError` or :class:`NonFiniteError`.
+    """
+    m = get_method(method)
+    p = m.resolve(params, len(finetuned))
+    _check_tensors(base, finetuned, name)
+    dev = resolve_device(device)
+    cd = _compute_dtype(base.dtype, *(f.dtype for f in finetuned))
+    out = torch.empty(base.numel(), dtype=base.dtype, device=dev)
+
+    def emit(lo: int, update: torch.Tensor, b: torch.Tensor | None, bound: float) -> None:
+        _rounded(out[lo : lo + update.numel()], update, b, bound, name)
+
+    srcs = [_tensor_source(f, cd, dev) for f in finetuned]
+    _stream_merge(m, p, name, base.numel(), _tensor_source(base, cd, dev), srcs, cd, dev, emit)
+    return out.view(base.shape)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class MergeReport:
+    """What :func:`merge_checkpoints` did (JSON-safe via :meth:`as_dict`). ``task_norms[i]`` =
+    ‖τ_i‖ and ``update_norm`` = ‖λ τ_m‖ over all merged tensors (float64 sums)."""
+
+    method: str
+    variant: str
+    params: dict[str, Any]
+    inputs: int
+    tensors: int = 0
+    merged: int = 0
+    copied: list[str] = field(default_factory=list)
+    task_norms: list[float] = field(default_factory=list)
+    update_norm: float = 0.0
+    bytes_written: int = 0
+    files: list[str] = field(default_factory=list)
+    side_files: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_structure(base: Checkpoint, inputs: Sequence[Checkpoint]) -> None:
+    problems: list[str] = []
+    for i, ck in enumerate(inputs):
+        for name in base.names:
+            bi = base.info(name)
+            if not bi.dtype.is_floating_point:
+                continue
+            if name not in ck:
+                problems.append(f"{name!r} missing from input {i}")
+            elif ck.info(name).shape != bi.shape or not ck.info(name).dtype.is_floating_point:
+                ci = ck.info(name)
+                problems.append(f"{name!r} is {ci.dtype} {list(ci.shape)} in input {i}, base {list(bi.shape)}")
+        problems += [f"{n!r} in input {i} but not in the base" for n in ck.names if n not in base]
+    if problems:
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ShapeMismatchError("inputs do not match the base: " + "; ".join(problems[:10]) + more)
+
+
+def _chunk_writer(writer: ShardedWriter | SafetensorsWriter, name: str, stage: torch.Tensor) -> Emit:
+    def emit(lo: int, update: torch.Tensor, b: torch.Tensor | None, bound: float) -> None:
+        writer.write_range(name, lo, _rounded(stage[: update.numel()], update, b, bound, name))
+
+    return emit
+
+
+def merge_checkpoints(
+    method: str | MergeMethod,
+    base: str | os.PathLike[str] | Checkpoint,
+    inputs: Sequence[str | os.PathLike[str] | Checkpoint],
+    out: str | os.PathLike[str],
+    params: ParamsLike = None,
+    device: str | torch.device | None = None,
+    *,
+    max_shard_bytes: int | None = None,
+) -> MergeReport:
+    """Merge full checkpoints tensor by tensor into ``out`` (directory or ``.safetensors`` file).
+
+    Every float tensor of ``base`` must exist with the same shape in every input (else
+    :class:`ShapeMismatchError`, before anything is written); non-float tensors are copied from the
+    base. Each tensor is merged exactly as :func:`merge_tensors` would, but streamed: its inputs are
+    read chunk by chunk with ``pread`` and the result written chunk by chunk, so memory stays at a
+    few ``n × chunk`` buffers. A directory output also gets the base's config and tokenizer files.
+    """
+    m = get_method(method)
+    ck_base = open_checkpoint(base)
+    cks = [open_checkpoint(x) for x in inputs]
+    p = m.resolve(params, len(cks))
+    _check_structure(ck_base, cks)
+    dev = resolve_device(device)
+    report = MergeReport(m.name, m.variant, p.as_dict(), len(cks))
+    sq = [0.0] * len(cks)
+    output = CheckpointOutput(out, ck_base.specs(), max_shard_bytes, {"format": "pt"})
+    try:
+        for name in ck_base.names:
+            info = ck_base.info(name)
+            if not info.dtype.is_floating_point:
+                output.writer.copy_from(name, info.file, info.start)
+                report.copied.append(name)
+                continue
+            cd = _compute_dtype(info.dtype, *(c.info(name).dtype for c in cks))
+            emit = _chunk_writer(output.writer, name, torch.empty(min(_CHUNK, max(info.numel, 1)), dtype=info.dtype))
+            srcs = [_CheckpointSource(c, name, cd, dev, _CHUNK) for c in cks]
+            bsrc = _CheckpointSource(ck_base, name, cd, dev, _CHUNK)
+            tsq, usq = _stream_merge(m, p, name, info.numel, bsrc, srcs, cd, dev, emit)
+            sq = [a + b for a, b in zip(sq, tsq, strict=True)]
+            report.update_norm += usq
+            report.merged += 1
+        report.tensors = len(ck_base)
+        report.bytes_written = output.writer.bytes_written
+        if output.is_dir and ck_base.directory is not None:
+            for fname in TARGET_FILES + TOKENIZER_FILES:
+                src = ck_base.directory / fname
+                if src.is_file():
+                    output.add_file(src, fname)
+                    report.side_files[fname] = "base"
+        report.files = output.finish()
+    except BaseException:
+        output.abort()
+        raise
+    finally:
+        for ck in (ck_base, *cks):
+            ck.close()
+    report.task_norms = [math.sqrt(x) for x in sq]
+    report.update_norm = math.sqrt(report.update_norm)
+    return report
+
+
+# ------------------------------------------------------------------------------- LoRA adapters
+
+
+def truncated_svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``r`` factors of ``delta`` (out × in), ``r = min(rank, out, in)``: with
+    ``delta = U Σ Vᵀ``, ``B = U_r Σ_r^½`` (out × r) and ``A = Σ_r^½ V_rᵀ`` (r × in), so ``B @ A`` is the
+    truncated SVD (Eckart–Young optimal in Frobenius norm)."""
+    if rank < 1:
+        raise MergeParamsError(f"rank must be >= 1, got {rank}")
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    r = min(rank, s.shape[0])
+    root = s[:r].sqrt()
+    return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous()
+
+
+def _check_adapters(adapters: Sequence[LoraAdapter]) -> list[str]:
+    if not adapters:
+        raise MergeParamsError("needs at least one adapter to merge")
+    first = adapters[0]
+    names = first.module_names()
+    for i, a in enumerate(adapters[1:], 1):
+        if a.module_names() != names:
+            diff = sorted(set(names).symmetric_difference(a.module_names()))
+            raise IncompatibleAdaptersError(f"adapter {i} targets other modules than adapter 0: {diff[:10]}")
+        if a.fan_in_fan_out != first.fan_in_fan_out:
+            raise IncompatibleAdaptersError(f"adapter {i} has fan_in_fan_out={a.fan_in_fan_out}, adapter 0 not")
+        for n in names:
+            x, y = a.modules[n], first.modules[n]
+            if (x.out_features, x.in_features) != (y.out_features, y.in_features):
+                raise IncompatibleAdaptersError(
+                    f"module {n!r}: adapter {i} is {x.out_features}x{x.in_features}, "
+                    f"adapter 0 is {y.out_features}x{y.in_features}"
+                )
+    return names
+
+
+def _merge_dense(
+    m: MergeMethod, p: MergeParams, name: str, parts: Sequence[torch.Tensor], dev: torch.device
+) -> torch.Tensor:
+    """``λ · τ_m(parts)`` with a zero base (the parts are the task vectors), on the CPU."""
+    cd = _compute_dtype(*(x.dtype for x in parts))
+    out = torch.empty(parts[0].numel(), dtype=cd, device=dev)
+
+    def emit(lo: int, update: torch.Tensor, b: torch.Tensor | None, bound: float) -> None:
+        out[lo : lo + update.numel()] = update
+
+    srcs = [_tensor_source(x, cd, dev) for x in parts]
+    _stream_merge(m, p, name, parts[0].numel(), None, srcs, cd, dev, emit)
+    return out.view(parts[0].shape).to("cpu")
+
+
+def merge_adapters(
+    method: str | MergeMethod,
+    adapters: Sequence[LoraAdapter],
+    params: ParamsLike = None,
+    rank: int | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> LoraAdapter | dict[str, torch.Tensor]:
+    """Merge LoRA adapters in **delta space**: per module ``ΔW = λ · τ_m(ΔW_1, ..., ΔW_n)`` with
+    ``ΔW_i = B_i A_i`` (scale folded in; the base is zero, so τ_i = ΔW_i).
+
+    ``rank=None`` returns the dense deltas ``{module: ΔW}`` (out × in, float32/64 on the CPU);
+    an int re-factorises each ΔW by :func:`truncated_svd_factors` and returns a
+    :class:`LoraAdapter` (config, dtype, fan_in_fan_out from the first adapter). Merging one
+    adapter with weight 1 and λ = 1 returns its ΔW exactly. Adapters must target the same modules
+    with the same shapes (ranks may differ), else :class:`IncompatibleAdaptersError`.
+    """
+    m = get_method(method)
+    names = _check_adapters(adapters)
+    p = m.resolve(params, len(adapters))
+    dev = resolve_device(device)
+    cd = _compute_dtype(*(mod.A.dtype for a in adapters for mod in a.modules.values()))
+    dense: dict[str, torch.Tensor] = {}
+    for name in names:
+        dense[name] = _merge_dense(m, p, name, [a.delta(name, dtype=cd, device=dev) for a in adapters], dev)
+    if rank is None:
+        return dense
+    first = adapters[0]
+    factors = {n: truncated_svd_factors(d, rank) for n, d in dense.items()}
+    return LoraAdapter.from_factors(
+        factors, config=first.config, dtype=first.dtype, fan_in_fan_out=first.fan_in_fan_out
+    )
+
+
+def merge_adapter_factors_separately(
+    method: str | MergeMethod,
+    adapters: Sequence[LoraAdapter],
+    params: ParamsLike = None,
+    *,
+    device: str | torch.device | None = None,
+) -> LoraAdapter:
+    """BASELINE ONLY -- merges the A factors and the B factors **separately** (what PEFT's
+    ``add_weighted_adapter`` does for linear/TIES/DARE without SVD), so the merged delta
+    ``B_m A_m = (Σ_i √w_i B_i)(Σ_j √w_j A_j)`` contains cross terms ``B_i A_j`` (i ≠ j) that belong to
+    no adapter. Use :func:`merge_adapters` for real merges.
+
+    Per module: ``A_m = √λ · τ_m(A_1..A_n)``, ``B_m = √λ · τ_m(B_1..B_n)`` with weights ``√w_i``
+    (PEFT's ``√(w_i · s_i)`` on unfolded factors), DARE seeds from ``"<module>.lora_A"`` /
+    ``"<module>.lora_B"``. Needs equal ranks, weights ≥ 0 and λ ≥ 0.
+    """
+    m = get_method(method)
+    names = _check_adapters(adapters)
+    p = m.resolve(params, len(adapters))
+    assert p.weights is not None
+    lam = p.lam if p.lam is not None else 1.0
+    if lam < 0 or any(w < 0 for w in p.weights):
+        raise MergeParamsError("the separate-factor baseline takes square roots: weights and lam must be >= 0")
+    pf = replace(p, weights=tuple(math.sqrt(w) for w in p.weights), lam=1.0)
+    root = math.sqrt(lam)
+    dev = resolve_device(device)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        ranks = {a.modules[name].rank for a in adapters}
+        if len(ranks) != 1:
+            raise IncompatibleAdaptersError(f"module {name!r}: ranks differ {sorted(ranks)}")
+        merged = []
+        for part in ("A", "B"):
+            t = _merge_dense(m, pf, f"{name}.lora_{part}", [getattr(a.modules[name], part) for a in adapters], dev)
+            merged.append(t if root == 1.0 else root * t)
+        factors[name] = (merged[0], merged[1])
+    first = adapters[0]
+    return LoraAdapter.from_factors(
+        factors, config=first.config, dtype=first.dtype, fan_in_fan_out=first.fan_in_fan_out
+    )

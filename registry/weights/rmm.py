@@ -1,0 +1,1014 @@
+"""Reversible Model Merging (RMM) bases for LoRA adapters (SPECS §1, arXiv 2510.14163).
+
+n adapters of one base, same modules, same rank r. Per module, a **position** is one row of the
+paper's A (m × r) = one row of PEFT ``lora_B``, or one column of the paper's B (r × d) = one column
+of PEFT ``lora_A``. At each position j the n task vectors x_{j,i} ∈ R^r form X_j ∈ R^{r×n}; the
+positions are independent and every module handles all of its d + m positions at once as one
+tensor X ∈ R^{P×r×n}. The method (``rmm``), per position, data-free and in closed form:
+
+1. μ = (1/n) Σ_i x_i,  X_c = X − μ 1ᵀ                         (mean task vector, centring)
+2. X_c = U Σ Vᵀ (thin SVD), U_p = first p columns of U         (computed as the eigh of a Gram
+   matrix, float64: of (X_c Q)ᵀ(X_c Q) = W Σ² Wᵀ with U = X_c Q W Σ⁻¹ when n − 1 ≤ r, where Q is
+   an orthonormal basis of 1^⊥ (centring makes 1 a null vector); of X_c X_cᵀ = U Σ² Uᵀ otherwise)
+3. C = U_pᵀ X_c ∈ R^{p×n}  (= Σ_p V_pᵀ)                        (per-task coefficients)
+4. store (μ, U_p, C); task i is x̂_i = μ + U_p C[:, i]           (reconstruction)
+
+Facts: p = 0 is plain factor averaging; p = min(r, n − 1) ≥ rank(X_c) reconstructs exactly (to
+round-off); the factor error is non-increasing in p. Storage relative to the n adapters is
+(p(r + n) + r) / (r n) per position: the basis saves space only while p < r(n − 1)/(r + n).
+
+Quality is reported per member as the relative Frobenius error of the *delta*,
+‖B̂Â − BA‖_F / ‖BA‖_F, per module and overall (√Σ num² / √Σ den² over modules), computed from
+r × r Grams (‖XY‖_F² = tr(XᵀX YYᵀ)), never from out × in matrices (see :func:`_module_errors`).
+Errors are computed at fit time from the stored (rounded) tensors and kept in the basis and its file.
+
+Known weakness (measured, not hidden): LoRA factors are defined only up to an invertible r × r
+mixing (BA = (BR)(R⁻¹A)), so positions of independently initialised adapters are not aligned and
+need a large p; adapters trained from a shared initialisation align much better. The gauge-invariant
+alternative :func:`fit_delta_basis` (method ``rmm_delta``) works on the deltas instead.
+
+Also here: :func:`truncate_adapter` (the per-adapter baseline at equal storage: truncated SVD of each
+delta to rank k, k/r of one adapter), :func:`add_member` (project a new adapter on an existing basis)
+and :func:`adapter_error` (factored delta error between any two adapters).
+
+Files (:func:`save_basis`/:func:`load_basis`): one safetensors file with six tensors per module,
+laid out in each factor's PEFT orientation (see :class:`ModuleBasis`): ``<module>.lora_A.mu``
+[r, in], ``.lora_A.U`` [p, r, in], ``.lora_A.C`` [n, p, in], ``<module>.lora_B.mu`` [out, r],
+``.lora_B.U`` [p, out, r], ``.lora_B.C`` [n, p, out], plus string metadata (members, p per module,
+r, n, dtypes, member errors, ...). Stored in float32 by default: U has unit columns and C carries
+the magnitudes, and float32 keeps a full-p reconstruction exact (rounded back to a float16 source
+it gives the original values) at twice the bytes of a float16 source; ``storage_dtype=
+torch.float16`` halves the bytes for ≈1e-3 relative error. :meth:`RmmBasis.storage_ratio` counts
+numbers (the paper's measure), :meth:`RmmBasis.byte_ratio` bytes.
+
+Where it runs: every function takes ``device`` (default ``REGISTRY_DEVICE``). On CPU the hot path
+is ~2.5 M independent 7 × 7 eigendecompositions for a 7B-shaped collection of 8 rank-16 LoRAs,
+LAPACK one matrix at a time (see bench/RESULTS.md); on CUDA torch batches them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .adapters import LoraAdapter, LoraModule, _all_finite, write_safetensors
+from .device import resolve_device
+from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteError, WeightsError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DeltaBasis",
+    "DeltaModuleBasis",
+    "MemberError",
+    "ModuleBasis",
+    "RmmBasis",
+    "add_member",
+    "adapter_error",
+    "fit_basis",
+    "fit_delta_basis",
+    "load_basis",
+    "save_basis",
+    "storage_ratio",
+    "truncate_adapter",
+]
+
+METHOD = "rmm"
+DELTA_METHOD = "rmm_delta"
+FORMAT = "registry.rmm"
+FORMAT_VERSION = "1"
+_F32, _F64 = torch.float32, torch.float64
+# A direction whose eigenvalue is below this fraction of the position's largest one carries no
+# energy above round-off: its column of U is stored as zeros (and so is its row of C).
+_EIG_RTOL = 1e-14
+
+
+def storage_ratio(p: int, r: int, n: int) -> float:
+    """Stored numbers per position relative to n separate adapters: (p(r + n) + r) / (r n)."""
+    return (p * (r + n) + r) / (r * n)
+
+
+@dataclass(frozen=True)
+class MemberError:
+    """Relative delta error of one member: ‖B̂Â − BA‖_F / ‖BA‖_F per module, and ``overall`` =
+    √(Σ_modules num²) / √(Σ_modules den²). ``0.0`` where both are zero, ``inf`` where only ‖BA‖ is."""
+
+    name: str
+    modules: dict[str, float]
+    overall: float
+
+    @property
+    def max_module(self) -> float:
+        return max(self.modules.values(), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "overall": self.overall, "modules": dict(self.modules)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> MemberError:
+        mods = {str(k): float(v) for k, v in dict(obj["modules"]).items()}
+        return cls(name=str(obj["name"]), modules=mods, overall=float(obj["overall"]))
+
+
+def _ratio(num2: float, den2: float) -> float:
+    num2 = max(num2, 0.0)
+    if den2 > 0.0:
+        return math.sqrt(num2 / den2)
+    return 0.0 if num2 == 0.0 else math.inf
+
+
+def _member_error(name: str, num2: Mapping[str, float], den2: Mapping[str, float]) -> MemberError:
+    mods = {m: _ratio(num2[m], den2[m]) for m in sorted(num2)}
+    return MemberError(name=name, modules=mods, overall=_ratio(sum(num2.values()), sum(den2.values())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Basis containers
+
+
+@dataclass
+class ModuleBasis:
+    """RMM basis of one module, each factor kept in its PEFT orientation (step 4 of the method).
+
+    lora_A (r × in): a position is a column j. ``mu_A`` [r, in] is the mean lora_A, ``U_A[k]``
+    [r, in] holds the k-th basis direction of every column, ``C_A[i, k]`` [in] member i's k-th
+    coefficient per column:  Â_i = μ_A + Σ_k U_A[k] · diag(C_A[i, k]).
+    lora_B (out × r): a position is a row j. ``mu_B`` [out, r], ``U_B`` [p, out, r], ``C_B``
+    [n, p, out]:  B̂_i = μ_B + Σ_k diag(C_B[i, k]) · U_B[k].
+    (This layout makes a reconstruction p contiguous multiply-adds with no transposes.)
+    """
+
+    mu_A: torch.Tensor
+    U_A: torch.Tensor
+    C_A: torch.Tensor
+    mu_B: torch.Tensor
+    U_B: torch.Tensor
+    C_B: torch.Tensor
+
+    @property
+    def p(self) -> int:
+        return int(self.U_A.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.mu_A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.mu_A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.mu_B.shape[0])
+
+    @property
+    def positions(self) -> int:
+        return self.in_features + self.out_features
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The six stored tensors by file suffix (``lora_A.mu`` ...)."""
+        return {
+            "lora_A.mu": self.mu_A,
+            "lora_A.U": self.U_A,
+            "lora_A.C": self.C_A,
+            "lora_B.mu": self.mu_B,
+            "lora_B.U": self.U_B,
+            "lora_B.C": self.C_B,
+        }
+
+    def factors(self, i: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Â_i, B̂_i) in float32: x̂_i = μ + U_p C[:, i] at every position (step 4).
+
+        Written as μ + Σ_k U[k] · c_k, elementwise in a fixed order, so identical stored tensors
+        give bit-identical factors on the same device."""
+        dev = device or self.mu_A.device
+        a = self.mu_A.to(dev, _F32, copy=True)
+        b = self.mu_B.to(dev, _F32, copy=True)
+        ua, ub = self.U_A.to(dev, _F32), self.U_B.to(dev, _F32)
+        ca, cb = self.C_A[i].to(dev, _F32), self.C_B[i].to(dev, _F32)
+        for k in range(self.p):
+            a.addcmul_(ua[k], ca[k].unsqueeze(0))
+            b.addcmul_(ub[k], cb[k].unsqueeze(1))
+        return a, b
+
+
+@dataclass
+class RmmBasis:
+    """A fitted RMM basis (method ``rmm``) over ``members``; see the module docstring.
+
+    ``r`` is the adapters' rank (the largest one when ``rank_pattern`` gave modules different
+    ranks; :attr:`ranks` has each module's). ``n_fit`` members determined μ and U; members added
+    later with :func:`add_member` only have coefficients. ``configs``/``dtypes`` are the members'
+    PEFT configs and source dtypes, used to rebuild each member as a :class:`LoraAdapter`.
+    """
+
+    modules: dict[str, ModuleBasis]
+    members: list[str]
+    r: int
+    dtypes: list[torch.dtype]
+    configs: list[dict[str, Any]]
+    errors: list[MemberError]
+    fan_in_fan_out: bool = False
+    n_fit: int = 0
+    method: str = METHOD
+    storage_dtype: torch.dtype = _F32
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modules = dict(sorted(self.modules.items()))
+        if not self.n_fit:
+            self.n_fit = len(self.members)
+
+    @property
+    def n(self) -> int:
+        return len(self.members)
+
+    @property
+    def p(self) -> dict[str, int]:
+        """Number of basis directions per module."""
+        return {name: mb.p for name, mb in self.modules.items()}
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """LoRA rank per module."""
+        return {name: mb.rank for name, mb in self.modules.items()}
+
+    def index(self, member: int | str) -> int:
+        if isinstance(member, str):
+            try:
+                return self.members.index(member)
+            except ValueError:
+                raise WeightsError(f"basis has no member {member!r}") from None
+        if not 0 <= member < self.n:
+            raise WeightsError(f"member index {member} out of range 0..{self.n - 1}")
+        return member
+
+    def reconstruct(self, member: int | str, device: str | torch.device | None = None) -> LoraAdapter:
+        """Rebuild member i: per module and factor x̂_i = μ + U_p C[:, i] (step 4), reassembled as
+        Â = x̂_Aᵀ (r × in) and B̂ = x̂_B (out × r), with the member's config and source dtype."""
+        i = self.index(member)
+        dev = resolve_device(device)
+        modules: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {
+            name: mb.factors(i, dev) for name, mb in self.modules.items()
+        }
+        return LoraAdapter.from_factors(
+            modules,
+            config=copy.deepcopy(self.configs[i]),
+            dtype=self.dtypes[i],
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
+
+    def storage_ratio(self) -> float:
+        """Σ_m P_m (p_m(r_m + n) + r_m) / Σ_m P_m r_m n: numbers stored by the basis over numbers
+        in the n adapters, each module m weighted by its position count P_m = in + out."""
+        n = self.n
+        num = sum(mb.positions * (mb.p * (mb.rank + n) + mb.rank) for mb in self.modules.values())
+        den = sum(mb.positions * mb.rank * n for mb in self.modules.values())
+        return num / den
+
+    def byte_ratio(self) -> float:
+        """Bytes of the stored tensors over bytes of the n adapters' factors in their source dtypes."""
+        stored = sum(t.numel() * t.element_size() for mb in self.modules.values() for t in mb.tensors().values())
+        per_member = sum(mb.positions * mb.rank for mb in self.modules.values())
+        source = sum(per_member * torch.empty((), dtype=dt).element_size() for dt in self.dtypes)
+        return stored / source
+
+    def member_errors(self) -> list[MemberError]:
+        """Per member, the relative delta error of its reconstruction (computed at fit time)."""
+        return list(self.errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[list[str], dict[str, int]]:
+    if len(adapters) < minimum:
+        raise IncompatibleAdaptersError(f"need at least {minimum} adapters, got {len(adapters)}")
+    ref = adapters[0]
+    names = ref.module_names()
+    problems: list[str] = []
+    for idx, ad in enumerate(adapters[1:], start=1):
+        mine = set(ad.modules)
+        missing, extra = sorted(set(names) - mine), sorted(mine - set(names))
+        if missing:
+            problems.append(f"adapter {idx} lacks modules {missing[:5]}")
+        if extra:
+            problems.append(f"adapter {idx} has extra modules {extra[:5]}")
+        if ad.fan_in_fan_out != ref.fan_in_fan_out:
+            problems.append(f"adapter {idx} has fan_in_fan_out={ad.fan_in_fan_out}")
+    if problems:
+        raise IncompatibleAdaptersError("adapters do not share their modules: " + "; ".join(problems))
+    ranks = {n: ref.modules[n].rank for n in names}
+    odd = sorted({n for ad in adapters for n in names if ad.modules[n].rank != ranks[n]})
+    if odd:
+        raise IncompatibleAdaptersError(
+            "adapters must share the rank r of every module; modules whose rank differs: "
+            + ", ".join(f"{n} ({sorted({ad.modules[n].rank for ad in adapters})})" for n in odd[:10])
+        )
+    shapes = sorted(
+        n
+        for n in names
+        if len({(ad.modules[n].in_features, ad.modules[n].out_features) for ad in adapters}) != 1
+    )
+    if shapes:
+        raise IncompatibleAdaptersError(f"module shapes differ across adapters: {', '.join(shapes[:10])}")
+    return names, ranks
+
+
+def _check_finite(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteError` naming the first adapter/module/factor holding NaN or Inf."""
+    for idx, ad in enumerate(adapters):
+        for n in names:
+            mod = ad.modules[n]
+            for which, t in (("lora_A", mod.A), ("lora_B", mod.B)):
+                if not _all_finite(t):
+                    raise NonFiniteError(f"adapter {idx}: {n}.{which} holds NaN or Inf values")
+
+
+def _check_against(basis: RmmBasis, adapter: LoraAdapter) -> None:
+    """``adapter`` has the basis's modules, shapes, rank, fan_in_fan_out and finite factors."""
+    if set(adapter.modules) != set(basis.modules):
+        diff = sorted(set(adapter.modules) ^ set(basis.modules))
+        raise IncompatibleAdaptersError(f"adapter modules differ from the basis: {diff[:10]}")
+    if adapter.fan_in_fan_out != basis.fan_in_fan_out:
+        raise IncompatibleAdaptersError("adapter fan_in_fan_out differs from the basis")
+    odd = sorted(
+        name
+        for name, mb in basis.modules.items()
+        if (adapter.modules[name].rank, adapter.modules[name].in_features, adapter.modules[name].out_features)
+        != (mb.rank, mb.in_features, mb.out_features)
+    )
+    if odd:
+        raise IncompatibleAdaptersError(f"adapter rank/shapes differ from the basis: {odd[:10]}")
+    for name, mod in adapter.modules.items():
+        for which, t in (("lora_A", mod.A), ("lora_B", mod.B)):
+            if not _all_finite(t):
+                raise NonFiniteError(f"adapter: {name}.{which} holds NaN or Inf values")
+
+
+def _member_names(names: Sequence[str] | None, n: int) -> list[str]:
+    out = [f"m{i}" for i in range(n)] if names is None else [str(x) for x in names]
+    if len(out) != n or len(set(out)) != n:
+        raise WeightsError(f"names must be {n} distinct strings, got {list(out)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The hot path: all positions of a module at once
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_MIN_CHUNK = 2048
+
+
+def _forget_pool() -> None:  # a forked child (e.g. a Celery worker) must not reuse the parent's threads
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched symmetric eigendecomposition (ascending). On CPU, torch runs a batch through LAPACK
+    one matrix at a time on one thread, so the batch is split across torch's intra-op thread count
+    (each matrix is still solved alone, so the split does not change any result)."""
+    global _POOL
+    workers = torch.get_num_threads()
+    if G.device.type != "cpu" or workers < 2 or G.shape[0] < 2 * _MIN_CHUNK:
+        evals, evecs = torch.linalg.eigh(G)
+        return evals, evecs
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmm-eigh")
+        pool = _POOL
+    evals = G.new_empty(G.shape[:-1])
+    evecs = torch.empty_like(G)
+    chunks = zip(G.chunk(workers), evals.chunk(workers), evecs.chunk(workers), strict=True)
+    list(pool.map(lambda c: torch.linalg.eigh(c[0], out=(c[1], c[2])), chunks))
+    return evals, evecs
+
+
+def _helmert(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Q [n, n − 1]: orthonormal basis of the vectors orthogonal to 1 (Helmert), so that
+    X_c Q = X Q and X_c = (X Q) Qᵀ: centring and the trivial direction 1 removed in one product."""
+    q = torch.zeros(n, n - 1, dtype=dtype, device=device)
+    for j in range(1, n):
+        q[:j, j - 1] = 1.0
+        q[j, j - 1] = -float(j)
+        q[:, j - 1] /= math.sqrt(j * (j + 1))
+    return q
+
+
+def _principal_directions(X: torch.Tensor, mu: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-3 for every position: U_k [P, r, k] and C = U_kᵀ X_c [P, k, n] (float64), from
+    X [P, r, n] and its mean μ [P, r, 1].
+
+    n − 1 ≤ r: Y = X Q = X_c Q (Q [n, n − 1] orthonormal, Q ⟂ 1, so centring is implicit), eigh of
+    the (n−1)×(n−1) Gram YᵀY = W Σ² Wᵀ, U = Y W Σ⁻¹ and C = Σ Wᵀ Qᵀ (= Σ_p V_pᵀ: X_c = Y Qᵀ).
+    Otherwise eigh of X_c X_cᵀ = U Σ² Uᵀ and C = Uᵀ X_c. Gram and eigh in float64 (squaring
+    doubles the condition number); directions with σ² ≤ 1e-14 σ_max² are zero in U and C."""
+    P, r, n = X.shape
+    if k == 0:
+        return X.new_zeros(P, r, 0, dtype=_F64), X.new_zeros(P, 0, n, dtype=_F64)
+    if n - 1 <= r:
+        Q = _helmert(n, _F64, X.device)
+        Y = (X.reshape(-1, n) @ Q.to(X.dtype)).view(P, r, n - 1).to(_F64)  # round-off ~ eps·‖x‖
+        evals, V = _eigh(Y.mT @ Y)
+        Vk = V[..., -k:].flip(-1)  # [P, n − 1, k], descending σ
+        keep = evals[..., -k:].flip(-1) > _EIG_RTOL * evals[..., -1:]
+        W = Y @ Vk  # U Σ
+        sigma = torch.where(keep, (W * W).sum(dim=1).sqrt(), 0.0)  # σ = ‖Y v‖, so U C = Y V_k V_kᵀ Qᵀ
+        U = W * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(_F64).tiny), 0.0).unsqueeze(1)
+        C = ((Vk * sigma.unsqueeze(1)).mT.reshape(-1, n - 1) @ Q.T).view(P, k, n)  # Σ V_kᵀ Qᵀ
+        return U, C
+    Xc = X.to(_F64) - mu.to(_F64)
+    _, U = _eigh(Xc @ Xc.mT)
+    U = U[..., -k:].flip(-1)
+    return U, U.mT @ Xc
+
+
+def _fit_module(
+    A: torch.Tensor, B: torch.Tensor, k: int, storage_dtype: torch.dtype
+) -> ModuleBasis:
+    """Steps 1-3 for all positions of one module at once; A [n, r, in], B [n, out, r] (float32).
+
+    Positions are stacked as X [in + out, r, n]; μ in float32, U and C in float64, all rounded to
+    ``storage_dtype``. For a half-precision storage dtype C is recomputed as U_kᵀ(X − μ) from the
+    rounded μ and U_k (the least-squares coefficients for the stored basis)."""
+    d = A.shape[2]
+    X = torch.cat([A.permute(2, 1, 0), B.permute(1, 2, 0)])  # [P, r, n]
+    mu = X.mean(dim=-1, keepdim=True)  # step 1
+    if not bool(torch.isfinite(mu).all()):  # NaN/Inf anywhere in X reaches the mean
+        raise NonFiniteError("non-finite factor")
+    U, C = _principal_directions(X, mu, k)  # steps 2-3
+    mu, U = mu.to(storage_dtype), U.to(storage_dtype)
+    if storage_dtype not in (_F32, _F64):  # re-fit C to the rounded μ and U (least squares)
+        C = U.to(_F64).mT @ (X.to(_F64) - mu.to(_F64))
+    C = C.to(storage_dtype)
+    return ModuleBasis(
+        mu_A=mu[:d, :, 0].T.contiguous(),
+        U_A=U[:d].permute(2, 1, 0).contiguous(),
+        C_A=C[:d].permute(2, 1, 0).contiguous(),
+        mu_B=mu[d:, :, 0].contiguous(),
+        U_B=U[d:].permute(2, 0, 1).contiguous(),
+        C_B=C[d:].permute(2, 1, 0).contiguous(),
+    )
+
+
+def _truncated(mb: ModuleBasis, p: int) -> ModuleBasis:
+    """The same basis with only its first p directions (U_p, C_p)."""
+    return ModuleBasis(
+        mu_A=mb.mu_A,
+        U_A=mb.U_A[:p].contiguous(),
+        C_A=mb.C_A[:, :p].contiguous(),
+        mu_B=mb.mu_B,
+        U_B=mb.U_B[:p].contiguous(),
+        C_B=mb.C_B[:, :p].contiguous(),
+    )
+
+
+def _partial_factors(mb: ModuleBasis) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(Â [n, r, in], B̂ [n, out, r]) of every member with the first p' directions, for
+    p' = 0, 1, ..., p in turn (float32; the yielded tensors are updated in place afterwards)."""
+    ua, ub = mb.U_A.to(_F32), mb.U_B.to(_F32)
+    ca, cb = mb.C_A.to(_F32), mb.C_B.to(_F32)
+    a = mb.mu_A.to(_F32).expand(ca.shape[0], -1, -1).clone()
+    b = mb.mu_B.to(_F32).expand(cb.shape[0], -1, -1).clone()
+    yield a, b
+    for k in range(mb.p):
+        a.addcmul_(ua[k].unsqueeze(0), ca[:, k].unsqueeze(1))
+        b.addcmul_(ub[k].unsqueeze(0), cb[:, k].unsqueeze(2))
+        yield a, b
+
+
+def _all_factors(mb: ModuleBasis) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Â [n, r, in], B̂ [n, out, r]) of every member with all p directions, float32."""
+    *_, last = _partial_factors(mb)
+    return last
+
+
+def _stack(adapters: Sequence[LoraAdapter], name: str, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [n, r, in], B [n, out, r]) of one module over the adapters, float32 on ``dev``."""
+    A = torch.stack([ad.modules[name].A.to(dev, _F32) for ad in adapters])
+    B = torch.stack([ad.modules[name].B.to(dev, _F32) for ad in adapters])
+    return A, B
+
+
+@dataclass
+class _Fixed:
+    """p-independent pieces of the error of one module: the factors and their Grams."""
+
+    A: torch.Tensor  # [n, r, in]
+    B: torch.Tensor  # [n, out, r]
+    AAt: torch.Tensor  # [n, r, r] float64
+    BtB: torch.Tensor  # [n, r, r] float64
+    den2: torch.Tensor  # [n] float64: ‖BA‖_F²
+
+
+def _fixed(A: torch.Tensor, B: torch.Tensor) -> _Fixed:
+    AAt = (A @ A.mT).to(_F64)
+    BtB = (B.mT @ B).to(_F64)
+    return _Fixed(A, B, AAt, BtB, _tr(BtB, AAt))
+
+
+def _tr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """tr(x y) for batches of square matrices."""
+    return (x * y.mT).sum(dim=(-2, -1))
+
+
+def _module_errors(fx: _Fixed, Ahat: torch.Tensor, Bhat: torch.Tensor) -> torch.Tensor:
+    """num² = ‖B̂Â − BA‖_F² per member [n], for A, Â [n, r, in] and B, B̂ [n, out, r].
+
+    With residuals E_A = A − Â, E_B = B − B̂ (so B̂Â − BA = −(B E_A + E_B Â)) and ‖XY‖² = tr(XᵀX YYᵀ):
+
+        num² = tr(BᵀB · E_AE_Aᵀ) + 2 tr(BᵀE_B · ÂE_Aᵀ) + tr(E_BᵀE_B · ÂÂᵀ)
+        ÂE_Aᵀ = AE_Aᵀ − E_AE_Aᵀ,   ÂÂᵀ = AAᵀ − AE_Aᵀ − (AE_Aᵀ)ᵀ + E_AE_Aᵀ,   den² = tr(BᵀB · AAᵀ)
+
+    Every term is a product of r × r Grams (cost (in + out) r² per member, no out × in matrix), and
+    the terms scale with the error itself, so there is no catastrophic cancellation (unlike
+    ‖B̂Â‖² − 2⟨B̂Â, BA⟩ + ‖BA‖²); Grams in float32, traces in float64."""
+    EA = fx.A - Ahat
+    EB = fx.B - Bhat
+    AE, EE = (fx.A @ EA.mT).to(_F64), (EA @ EA.mT).to(_F64)  # A E_Aᵀ, E_A E_Aᵀ
+    BE, FF = (fx.B.mT @ EB).to(_F64), (EB.mT @ EB).to(_F64)  # Bᵀ E_B, E_Bᵀ E_B
+    ahat = fx.AAt - AE - AE.mT + EE
+    return _tr(fx.BtB, EE) + 2.0 * _tr(BE, AE - EE) + _tr(FF, ahat)
+
+
+def fit_basis(
+    adapters: Sequence[LoraAdapter],
+    p: int | None = None,
+    max_error: float | None = None,
+    device: str | torch.device | None = None,
+    names: Sequence[str] | None = None,
+    storage_dtype: torch.dtype = _F32,
+) -> RmmBasis:
+    """Fit an RMM basis (method ``rmm``, steps 1-4 of the module docstring) over ``adapters``.
+
+    Exactly one of ``p`` (directions for every module; 0 ≤ p ≤ min(r, n − 1), anything else is
+    refused rather than clamped) or ``max_error`` (per module, the smallest p whose delta errors of
+    all members on that module are ≤ ``max_error``; found by scanning p = 0, 1, ... because the
+    delta error need not be monotone in p; min(r, n − 1) if no p meets it). Modules may have
+    different ranks (``rank_pattern``) as long as every adapter agrees on each module's rank.
+    ``names`` label the members (default ``m0``, ``m1``, ...). Raises
+    :class:`IncompatibleAdaptersError` when modules, ranks, shapes or ``fan_in_fan_out`` differ,
+    :class:`NonFiniteError` on NaN/Inf factors.
+    """
+    if (p is None) == (max_error is None):
+        raise WeightsError("give exactly one of p or max_error")
+    module_names, ranks = _check_adapters(adapters)
+    n = len(adapters)
+    members = _member_names(names, n)
+    kmax = {m: min(rk, n - 1) for m, rk in ranks.items()}
+    pmax = min(kmax.values())
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= pmax):
+        raise WeightsError(f"p must be an integer in 0..min(r, n-1) = 0..{pmax}, got {p!r}")
+    if max_error is not None and not (math.isfinite(max_error) and max_error >= 0):
+        raise WeightsError(f"max_error must be a finite number >= 0, got {max_error!r}")
+    if storage_dtype not in (torch.float16, torch.bfloat16, _F32, _F64):
+        raise WeightsError(f"storage_dtype must be a float dtype, got {storage_dtype}")
+    dev = resolve_device(device)
+
+    modules: dict[str, ModuleBasis] = {}
+    num2: list[dict[str, float]] = [{} for _ in range(n)]
+    den2: list[dict[str, float]] = [{} for _ in range(n)]
+    tiny = torch.finfo(_F64).tiny
+    for name in module_names:
+        A, B = _stack(adapters, name, dev)
+        fx = _fixed(A, B)
+        try:
+            full = _fit_module(A, B, kmax[name] if p is None else p, storage_dtype)
+        except NonFiniteError:
+            _check_finite(adapters, [name])  # names the adapter and factor
+            raise
+        if max_error is None:
+            mb, num = full, _module_errors(fx, *_all_factors(full))
+        else:  # scan p' = 0, 1, ...: one more direction per step, stop at the first within budget
+            chosen = 0
+            for chosen, (ahat, bhat) in enumerate(_partial_factors(full)):  # noqa: B007 (used below)
+                num = _module_errors(fx, ahat, bhat)
+                if bool((num.clamp_min(0) <= max_error**2 * fx.den2.clamp_min(tiny)).all()):
+                    break
+            mb = _truncated(full, chosen)
+        modules[name] = ModuleBasis(**{f: t.cpu() for f, t in vars(mb).items()})
+        for i in range(n):
+            num2[i][name], den2[i][name] = float(num[i]), float(fx.den2[i])
+    return RmmBasis(
+        modules=modules,
+        members=members,
+        r=max(ranks.values()),
+        dtypes=[ad.dtype for ad in adapters],
+        configs=[copy.deepcopy(ad.config) for ad in adapters],
+        errors=[_member_error(members[i], num2[i], den2[i]) for i in range(n)],
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+        n_fit=n,
+        storage_dtype=storage_dtype,
+    )
+
+
+def add_member(
+    basis: RmmBasis,
+    adapter: LoraAdapter,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+) -> RmmBasis:
+    """Add ``adapter`` to ``basis`` without refitting: per position c = U_pᵀ(x − μ) with the
+    existing μ and U_p (a projection on the old subspace), appended as a new member of C.
+
+    Returns a new basis (the input is not modified); the new member's delta error is the last entry
+    of :meth:`RmmBasis.member_errors` and is typically larger than a refit would give, since U_p was
+    chosen for the other members."""
+    _check_against(basis, adapter)
+    label = name if name is not None else f"m{basis.n}"
+    if label in basis.members:
+        raise WeightsError(f"basis already has a member named {label!r}")
+    dev = resolve_device(device)
+    sd = basis.storage_dtype
+    modules: dict[str, ModuleBasis] = {}
+    num2: dict[str, float] = {}
+    den2: dict[str, float] = {}
+    for mname, mb in basis.modules.items():
+        A, B = _stack([adapter], mname, dev)
+        # c_k = U_kᵀ (x − μ) per position: columns of lora_A, rows of lora_B
+        ca = ((A.to(_F64) - mb.mu_A.to(dev, _F64)) * mb.U_A.to(dev, _F64)).sum(dim=1).to(sd)  # [p, in]
+        cb = ((B.to(_F64) - mb.mu_B.to(dev, _F64)) * mb.U_B.to(dev, _F64)).sum(dim=2).to(sd)  # [p, out]
+        one = ModuleBasis(mb.mu_A, mb.U_A, ca.unsqueeze(0).cpu(), mb.mu_B, mb.U_B, cb.unsqueeze(0).cpu())
+        fx = _fixed(A, B)
+        num = _module_errors(fx, *_all_factors(_to(one, dev)))
+        num2[mname], den2[mname] = float(num[0]), float(fx.den2[0])
+        modules[mname] = ModuleBasis(
+            mu_A=mb.mu_A,
+            U_A=mb.U_A,
+            C_A=torch.cat([mb.C_A, one.C_A]),
+            mu_B=mb.mu_B,
+            U_B=mb.U_B,
+            C_B=torch.cat([mb.C_B, one.C_B]),
+        )
+    return RmmBasis(
+        modules=modules,
+        members=[*basis.members, label],
+        r=basis.r,
+        dtypes=[*basis.dtypes, adapter.dtype],
+        configs=[*copy.deepcopy(basis.configs), copy.deepcopy(adapter.config)],
+        errors=[*basis.errors, _member_error(label, num2, den2)],
+        fan_in_fan_out=basis.fan_in_fan_out,
+        n_fit=basis.n_fit,
+        method=basis.method,
+        storage_dtype=basis.storage_dtype,
+        extra=dict(basis.extra),
+    )
+
+
+def _to(mb: ModuleBasis, dev: torch.device) -> ModuleBasis:
+    return ModuleBasis(**{f: t.to(dev) for f, t in vars(mb).items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and the generic error
+
+
+def _gram_error(
+    A: torch.Tensor, B: torch.Tensor, Ah: torch.Tensor, Bh: torch.Tensor
+) -> tuple[float, float]:
+    """(‖B̂Â − BA‖², ‖BA‖²) for factors of any ranks, in float64:
+    ‖B̂Â‖² − 2⟨B̂Â, BA⟩ + ‖BA‖² = tr(B̂ᵀB̂ ÂÂᵀ) − 2 tr(B̂ᵀB AÂᵀ) + tr(BᵀB AAᵀ)."""
+    A, B, Ah, Bh = (t.to(_F64) for t in (A, B, Ah, Bh))
+    den2 = float(((B.T @ B) * (A @ A.T)).sum())
+    hh = float(((Bh.T @ Bh) * (Ah @ Ah.T)).sum())
+    cross = float(((Bh.T @ B) * (Ah @ A.T)).sum())
+    return hh - 2.0 * cross + den2, den2
+
+
+def adapter_error(
+    reference: LoraAdapter,
+    approx: LoraAdapter,
+    name: str = "",
+    device: str | torch.device | None = None,
+) -> MemberError:
+    """Relative delta error of ``approx`` against ``reference`` per module and overall, from
+    factors only (float64 Grams, see :func:`_gram_error`); ranks may differ."""
+    if set(reference.modules) != set(approx.modules):
+        raise IncompatibleAdaptersError("reference and approximation have different modules")
+    dev = resolve_device(device)
+    num2: dict[str, float] = {}
+    den2: dict[str, float] = {}
+    for m, ref in reference.modules.items():
+        app = approx.modules[m]
+        if (ref.in_features, ref.out_features) != (app.in_features, app.out_features):
+            raise IncompatibleAdaptersError(f"module {m}: shapes differ")
+        num2[m], den2[m] = _gram_error(ref.A.to(dev), ref.B.to(dev), app.A.to(dev), app.B.to(dev))
+    return _member_error(name, num2, den2)
+
+
+def truncate_adapter(adapter: LoraAdapter, k: int, device: str | torch.device | None = None) -> LoraAdapter:
+    """Per-adapter baseline: each module's delta BA truncated to its best rank-k approximation
+    (Eckart-Young), computed from the factors: B = Q_B R_B, Aᵀ = Q_A R_A (thin QR), SVD of the
+    r × r core R_B R_Aᵀ = W S Zᵀ, then B_k = Q_B W_k S_k^½ and A_k = S_k^½ Z_kᵀ Q_Aᵀ (no out × in
+    matrix). Costs k/r of one adapter; k ≥ rank keeps the module as it is (min(k, r) is used)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise WeightsError(f"k must be a non-negative integer, got {k!r}")
+    dev = resolve_device(device)
+    out: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, mod in adapter.modules.items():
+        if k >= mod.rank:
+            out[name] = (mod.A, mod.B)
+            continue
+        qb, rb = torch.linalg.qr(mod.B.to(dev, _F64))
+        qa, ra = torch.linalg.qr(mod.A.to(dev, _F64).T)
+        w, s, zt = torch.linalg.svd(rb @ ra.T)
+        root = s[:k].sqrt()
+        cdt = mod.A.dtype  # float32 (float64 for float64 sources)
+        out[name] = (((root[:, None] * zt[:k]) @ qa.T).to(cdt), (qb @ (w[:, :k] * root)).to(cdt))
+    return LoraAdapter.from_factors(
+        out, config=copy.deepcopy(adapter.config), dtype=adapter.dtype, fan_in_fan_out=adapter.fan_in_fan_out
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta-space variant (beyond the paper): gauge-invariant
+
+
+@dataclass
+class DeltaModuleBasis:
+    """Shared subspaces of one module: U [out, k] (column space of all deltas), V [in, k] (row
+    space), per-member cores S [n, k, k]; member i's delta is U S_i Vᵀ."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    S: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.U.shape[1])
+
+
+@dataclass
+class DeltaBasis:
+    """A delta-space basis (method ``rmm_delta``), see :func:`fit_delta_basis`."""
+
+    modules: dict[str, DeltaModuleBasis]
+    members: list[str]
+    ranks: dict[str, int]
+    dtypes: list[torch.dtype]
+    configs: list[dict[str, Any]]
+    errors: list[MemberError]
+    fan_in_fan_out: bool = False
+    method: str = DELTA_METHOD
+
+    @property
+    def n(self) -> int:
+        return len(self.members)
+
+    @property
+    def k(self) -> dict[str, int]:
+        return {name: mb.k for name, mb in self.modules.items()}
+
+    def reconstruct(self, member: int | str, device: str | torch.device | None = None) -> LoraAdapter:
+        """Δ̂_i = U S_i Vᵀ, refactored to rank ≤ r: S_i = W Σ Zᵀ, B̂ = U W_r Σ_r^½, Â = Σ_r^½ Z_rᵀ Vᵀ
+        (exact, since rank S_i ≤ rank Δ_i ≤ r)."""
+        if isinstance(member, str) and member not in self.members:
+            raise WeightsError(f"basis has no member {member!r}")
+        i = self.members.index(member) if isinstance(member, str) else member
+        if not 0 <= i < self.n:
+            raise WeightsError(f"member index {i} out of range 0..{self.n - 1}")
+        dev = resolve_device(device)
+        out: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, mb in self.modules.items():
+            w, s, zt = torch.linalg.svd(mb.S[i].to(dev, _F64))
+            r = self.ranks[name]
+            q = min(r, mb.k)
+            root = s[:q].sqrt()
+            b = mb.U.to(dev, _F64) @ (w[:, :q] * root)
+            a = (root[:, None] * zt[:q]) @ mb.V.to(dev, _F64).T
+            if q < r:  # pad with zero directions so every module keeps its rank r
+                b = torch.cat([b, b.new_zeros(b.shape[0], r - q)], dim=1)
+                a = torch.cat([a, a.new_zeros(r - q, a.shape[1])], dim=0)
+            out[name] = (a.to(_F32), b.to(_F32))
+        return LoraAdapter.from_factors(
+            out,
+            config=copy.deepcopy(self.configs[i]),
+            dtype=self.dtypes[i],
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
+
+    def storage_ratio(self) -> float:
+        """Σ_m (k_m(in_m + out_m) + n k_m²) / Σ_m n r (in_m + out_m)."""
+        n = self.n
+        num = sum(mb.k * (mb.U.shape[0] + mb.V.shape[0]) + n * mb.k**2 for mb in self.modules.values())
+        den = sum(n * self.ranks[m] * (mb.U.shape[0] + mb.V.shape[0]) for m, mb in self.modules.items())
+        return num / den
+
+    def member_errors(self) -> list[MemberError]:
+        return list(self.errors)
+
+
+def _range_basis(Y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left singular vectors of Y [L, q] (float64) via eigh of the q × q Gram, and all
+    eigenvalues (descending)."""
+    evals, Z = torch.linalg.eigh(Y.T @ Y)
+    evals, Z = evals.flip(0), Z.flip(1)
+    W = Y @ Z[:, :k]
+    norms = torch.linalg.vector_norm(W, dim=0, keepdim=True)
+    keep = evals[:k] > _EIG_RTOL * evals[0].clamp_min(0)
+    return torch.where(keep, W / norms.clamp_min(torch.finfo(_F64).tiny), 0.0), evals
+
+
+def fit_delta_basis(
+    adapters: Sequence[LoraAdapter],
+    k: int | None = None,
+    max_error: float | None = None,
+    device: str | torch.device | None = None,
+    names: Sequence[str] | None = None,
+) -> DeltaBasis:
+    """Delta-space variant ``rmm_delta`` (beyond the paper), invariant to the factor gauge.
+
+    Per module, with Δ_i = B_i A_i: U_k = top-k left singular vectors of [Δ_1 … Δ_n] and V_k = top-k
+    right singular vectors of [Δ_1; …; Δ_n], both from factors (B_i and A_iᵀ are made orthogonal
+    on the other side by thin QR, so Σ_i Δ_iΔ_iᵀ = Y Yᵀ with Y = [B_1 R_1ᵀ … B_n R_nᵀ], out × nr,
+    and the eigh of its nr × nr Gram gives U); cores S_i = (U_kᵀ B_i)(A_i V_k) ∈ R^{k×k}; Δ̂_i =
+    U_k S_i V_kᵀ = P_U Δ_i P_V, so ‖Δ_i − Δ̂_i‖² = ‖Δ_i‖² − ‖S_i‖² (computed in float64).
+    Exactly one of ``k`` (0 ≤ k ≤ n r) or ``max_error`` (smallest k per module meeting it; the
+    error is monotone in k here). Storage: (k(in + out) + n k²) / (n r (in + out)) per module.
+    """
+    if (k is None) == (max_error is None):
+        raise WeightsError("give exactly one of k or max_error")
+    module_names, ranks = _check_adapters(adapters)
+    _check_finite(adapters, module_names)
+    n = len(adapters)
+    members = _member_names(names, n)
+    kcap = n * min(ranks.values())
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= kcap):
+        raise WeightsError(f"k must be an integer in 0..n*r = 0..{kcap}, got {k!r}")
+    if max_error is not None and not (math.isfinite(max_error) and max_error >= 0):
+        raise WeightsError(f"max_error must be a finite number >= 0, got {max_error!r}")
+    dev = resolve_device(device)
+    modules: dict[str, DeltaModuleBasis] = {}
+    num2: list[dict[str, float]] = [{} for _ in range(n)]
+    den2: list[dict[str, float]] = [{} for _ in range(n)]
+    for name in module_names:
+        kmax = n * ranks[name]
+        As = [ad.modules[name].A.to(dev, _F64) for ad in adapters]
+        Bs = [ad.modules[name].B.to(dev, _F64) for ad in adapters]
+        ra = [torch.linalg.qr(a.T)[1] for a in As]  # A_iᵀ = Q R → Δ_i Δ_iᵀ = (B_i Rᵀ)(B_i Rᵀ)ᵀ
+        rb = [torch.linalg.qr(b)[1] for b in Bs]  # B_i = Q R → Δ_iᵀ Δ_i = (A_iᵀ Rᵀ)(A_iᵀ Rᵀ)ᵀ
+        U, _ = _range_basis(torch.cat([b @ q.T for b, q in zip(Bs, ra, strict=True)], dim=1), kmax)
+        V, _ = _range_basis(torch.cat([a.T @ q.T for a, q in zip(As, rb, strict=True)], dim=1), kmax)
+        ub = torch.stack([U.T @ b for b in Bs])  # [n, K, r]
+        av = torch.stack([a @ V for a in As])  # [n, r, K]
+        den = torch.stack([((b.T @ b) * (a @ a.T)).sum() for a, b in zip(As, Bs, strict=True)])
+        chosen = k
+        if max_error is not None:
+            chosen = kmax
+            for kk in range(kmax + 1):
+                s2 = (ub[:, :kk] @ av[:, :, :kk]).square().sum(dim=(1, 2))
+                rel = ((den - s2).clamp_min(0) / den.clamp_min(torch.finfo(_F64).tiny)).sqrt()
+                if bool((rel <= max_error).all()):
+                    chosen = kk
+                    break
+        assert chosen is not None
+        S = ub[:, :chosen] @ av[:, :, :chosen]
+        s2 = S.square().sum(dim=(1, 2))
+        modules[name] = DeltaModuleBasis(
+            U=U[:, :chosen].to("cpu", _F32).contiguous(),
+            V=V[:, :chosen].to("cpu", _F32).contiguous(),
+            S=S.to("cpu", _F32).contiguous(),
+        )
+        for i in range(n):
+            num2[i][name], den2[i][name] = float(den[i] - s2[i]), float(den[i])
+    return DeltaBasis(
+        modules=modules,
+        members=members,
+        ranks=ranks,
+        dtypes=[ad.dtype for ad in adapters],
+        configs=[copy.deepcopy(ad.config) for ad in adapters],
+        errors=[_member_error(members[i], num2[i], den2[i]) for i in range(n)],
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+_DTYPES = {str(dt).removeprefix("torch."): dt for dt in (torch.float16, torch.bfloat16, _F32, _F64)}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def save_basis(basis: RmmBasis, path: str | os.PathLike[str]) -> None:
+    """Write ``basis`` as one safetensors file (tensors ``<module>.lora_{A,B}.{mu,U,C}``, laid out as
+    in :class:`ModuleBasis`); the
+    string metadata holds format/version, method, members, n, n_fit, r, p per module, source and
+    storage dtypes, fan_in_fan_out, the member configs and the member errors (JSON). Deterministic
+    bytes: same basis, same file."""
+    tensors = {
+        f"{name}.{suffix}": t.detach().to("cpu").contiguous()
+        for name, mb in basis.modules.items()
+        for suffix, t in mb.tensors().items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": basis.method,
+        "members": json.dumps(basis.members),
+        "n": str(basis.n),
+        "n_fit": str(basis.n_fit),
+        "r": str(basis.r),
+        "p": json.dumps(basis.p),
+        "dtypes": json.dumps([_dtype_name(dt) for dt in basis.dtypes]),
+        "storage_dtype": _dtype_name(basis.storage_dtype),
+        "fan_in_fan_out": json.dumps(basis.fan_in_fan_out),
+        "storage_ratio": repr(basis.storage_ratio()),
+        "configs": json.dumps(basis.configs),
+        "errors": json.dumps([e.to_json() for e in basis.errors]),
+        **basis.extra,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, target, metadata)
+
+
+def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
+    """Read a basis written by :func:`save_basis`; reconstructions are bit-identical to the
+    in-memory basis it came from. Raises :class:`CheckpointFormatError` on anything malformed."""
+    where = Path(path)
+    if not where.is_file():
+        raise CheckpointFormatError(f"{where}: cannot read basis file (missing or not a file)")
+    try:
+        with safe_open(str(where), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise CheckpointFormatError(f"{where}: not an RMM basis file (format={meta.get('format')!r})")
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise CheckpointFormatError(f"{where}: unsupported format_version {meta.get('format_version')!r}")
+            if meta.get("method") != METHOD:
+                raise CheckpointFormatError(f"{where}: unsupported basis method {meta.get('method')!r}")
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except CheckpointFormatError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointFormatError(f"{where}: unreadable safetensors file: {exc}") from exc
+    try:
+        members = [str(m) for m in json.loads(meta["members"])]
+        p_per_module = {str(k): int(v) for k, v in json.loads(meta["p"]).items()}
+        r, n, n_fit = int(meta["r"]), int(meta["n"]), int(meta["n_fit"])
+        dtypes = [_DTYPES[s] for s in json.loads(meta["dtypes"])]
+        storage_dtype = _DTYPES[meta["storage_dtype"]]
+        configs = [dict(c) for c in json.loads(meta["configs"])]
+        errors = [MemberError.from_json(e) for e in json.loads(meta["errors"])]
+        fifo = bool(json.loads(meta["fan_in_fan_out"]))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointFormatError(f"{where}: malformed basis metadata: {exc!r}") from exc
+    if not (len(members) == n == len(dtypes) == len(configs) == len(errors)):
+        raise CheckpointFormatError(f"{where}: member lists disagree with n={n}")
+    suffixes = ("lora_A.mu", "lora_A.U", "lora_A.C", "lora_B.mu", "lora_B.U", "lora_B.C")
+    expected = {f"{m}.{x}" for m in p_per_module for x in suffixes}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise CheckpointFormatError(f"{where}: tensors do not match the modules in the metadata: {odd[:5]}")
+    modules: dict[str, ModuleBasis] = {}
+    for name, p in p_per_module.items():
+        mu_a, u_a, c_a, mu_b, u_b, c_b = (tensors[f"{name}.{x}"] for x in suffixes)
+        rk, d = (mu_a.shape[0], mu_a.shape[1]) if mu_a.dim() == 2 else (-1, -1)
+        m = mu_b.shape[0] if mu_b.dim() == 2 else -1
+        shapes_ok = (
+            0 < rk <= r
+            and mu_a.shape == (rk, d)
+            and u_a.shape == (p, rk, d)
+            and c_a.shape == (n, p, d)
+            and mu_b.shape == (m, rk)
+            and u_b.shape == (p, m, rk)
+            and c_b.shape == (n, p, m)
+        )
+        if not shapes_ok or {t.dtype for t in (mu_a, u_a, c_a, mu_b, u_b, c_b)} != {storage_dtype}:
+            raise CheckpointFormatError(f"{where}: {name}: tensor shapes/dtypes do not match the metadata")
+        modules[name] = ModuleBasis(mu_a, u_a, c_a, mu_b, u_b, c_b)
+    known = {"format", "format_version", "method", "members", "n", "n_fit", "r", "p", "dtypes"}
+    known |= {"storage_dtype", "fan_in_fan_out", "storage_ratio", "configs", "errors"}
+    return RmmBasis(
+        modules=modules,
+        members=members,
+        r=r,
+        dtypes=dtypes,
+        configs=configs,
+        errors=errors,
+        fan_in_fan_out=fifo,
+        n_fit=n_fit,
+        storage_dtype=storage_dtype,
+        extra={k: v for k, v in meta.items() if k not in known},
+    )
