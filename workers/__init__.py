@@ -1,0 +1,1 @@
+"""Celery workers: ``registry worker`` (or ``celery -A workers.app worker``)."""
