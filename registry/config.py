@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     draft_ttl_seconds: int = Field(24 * 3600, description="Unfinished pushes older than this are removed by gc.")
     gc_grace_seconds: int = Field(3600, description="gc never removes blobs younger than this.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(
+        0, ge=0, description="torch CPU threads per worker / API process; 0 = auto (half the cores, at least 1)."
+    )
 
     # Workers and automation
     broker_url: str | None = Field(

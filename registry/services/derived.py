@@ -543,6 +543,9 @@ def open_generated(ctx: RegistryContext, version_id: int, fmt: str, f: ServedFil
     if cached is not None:
         yield from StaticFiles({f.path: cached}).read_range(f.path, start, end)
         return
+    from ..weights.device import set_cpu_threads
+
+    set_cpu_threads(ctx.settings.torch_threads)
     with ctx.db.read() as s:
         v = s.get(ModelVersion, version_id)
         assert v is not None

@@ -110,7 +110,7 @@ def _error(e: BaseException) -> dict[str, Any]:
 
 def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
     """Execute job ``job_id`` if this worker can claim it. Returns the outcome."""
-    _load_handlers()
+    _load_handlers(ctx)
     attempt = jobs.claim(ctx, job_id, worker)
     if attempt is None:
         return "skipped"
@@ -157,12 +157,17 @@ def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
 _loaded = False
 
 
-def _load_handlers() -> None:
-    """Import the modules that register handlers (kept lazy: they import torch, mlflow...)."""
+def _load_handlers(ctx: RegistryContext) -> None:
+    """Import the modules that register handlers (kept lazy: they import torch, mlflow...) and
+    size torch's CPU thread pool (``REGISTRY_TORCH_THREADS``)."""
     global _loaded
     if _loaded:
         return
     import importlib
+
+    from ..weights.device import set_cpu_threads
+
+    set_cpu_threads(ctx.settings.torch_threads)
 
     for mod in ("bases", "transfers", "merges", "webhooks", "provenance", "pruning", "verify"):
         try:
