@@ -83,21 +83,25 @@ class Provenance:
         if self._client is None:
             from mlflow import MlflowClient
 
-            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            if self.uri.startswith("sqlite:"):
-                # MLflow creates and migrates a SQLite store on first use; several workers doing
-                # that at once collide ("duplicate column"). One process at a time, under a lock.
-                import fcntl
+            if not self.uri.startswith("sqlite:"):
+                self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                return self._client
+            # MLflow creates and migrates a SQLite store on first use, already in MlflowClient's
+            # constructor (tracking store) and on the first registry call (registry store);
+            # several workers doing that at once collide ("duplicate column", then a half-migrated
+            # file). So one process at a time, under a file lock, from construction on.
+            import fcntl
 
-                lock_path = self.settings.home / "mlflow.lock"
-                lock_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(lock_path, "w") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                    try:
-                        client.search_experiments(max_results=1)
-                        client.search_registered_models(max_results=1)
-                    finally:
-                        fcntl.flock(lock, fcntl.LOCK_UN)
+            lock_path = self.settings.home / "mlflow.lock"
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                    client.search_experiments(max_results=1)
+                    client.search_registered_models(max_results=1)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
             self._client = client
         return self._client
 
