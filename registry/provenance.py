@@ -16,6 +16,7 @@ production: ``REGISTRY_MLFLOW_TRACKING_URI=http://mlflow:5000``.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,38 +73,51 @@ class RunHandle:
         self.client.set_tag(self.run_id, key, value)
 
 
-class Provenance:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.uri = settings.resolved_mlflow_uri
-        self._client: Any = None
+_CLIENTS: dict[str, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
 
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            from mlflow import MlflowClient
 
-            if not self.uri.startswith("sqlite:"):
-                self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-                return self._client
+def _mlflow_client(settings: Settings) -> Any:
+    """This process's MLflow client for ``settings``' tracking URI, made once (jobs of a worker
+    share it; building one per job repeated the store set-up and, for SQLite, the lock)."""
+    uri = settings.resolved_mlflow_uri
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(uri)
+        if client is not None:
+            return client
+        from mlflow import MlflowClient
+
+        if not uri.startswith("sqlite:"):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        else:
             # MLflow creates and migrates a SQLite store on first use, already in MlflowClient's
             # constructor (tracking store) and on the first registry call (registry store);
-            # several workers doing that at once collide ("duplicate column", then a half-migrated
-            # file). So one process at a time, under a file lock, from construction on.
+            # several workers doing that at once collide ("duplicate column", then a
+            # half-migrated file). So one process at a time, under a file lock, from construction on.
             import fcntl
 
-            lock_path = self.settings.home / "mlflow.lock"
+            lock_path = settings.home / "mlflow.lock"
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             with open(lock_path, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
-                    client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
                     client.search_experiments(max_results=1)
                     client.search_registered_models(max_results=1)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
-            self._client = client
-        return self._client
+        _CLIENTS[uri] = client
+        return client
+
+
+class Provenance:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.uri = settings.resolved_mlflow_uri
+
+    @property
+    def client(self) -> Any:
+        return _mlflow_client(self.settings)
 
     def experiment_id(self, model_name: str) -> str:
         name = f"registry/{model_name}"
@@ -129,13 +143,12 @@ class Provenance:
 
         exp = self.experiment_id(model_name)
         run = self.client.create_run(exp, run_name=run_name, tags={"registry.model": model_name, **(tags or {})})
-        handle = RunHandle(self.client, run.info.run_id)
         flat: dict[str, str] = {}
         _flat("", params, flat)
         items = [Param(k[:250], v) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 90):
-            self.client.log_batch(handle.run_id, params=items[i:i + 90])
-        handle.started = time.monotonic()
+            self.client.log_batch(run.info.run_id, params=items[i:i + 90])
+        handle = RunHandle(self.client, run.info.run_id)
         try:
             yield handle
         except BaseException:

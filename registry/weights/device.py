@@ -32,21 +32,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     raise WeightsError(f"unknown device {spec!r}; expected one of {', '.join(_VALID)} or cuda:N")
 
 
-def set_cpu_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op CPU thread count for this process and return it.
+def set_cpu_threads(threads: int) -> int:
+    """Set torch's intra-op CPU thread count for this process and return it (the service passes
+    ``REGISTRY_TORCH_THREADS``); 0 means half the cores, at least 1.
 
-    ``threads`` = ``None`` reads ``REGISTRY_TORCH_THREADS``; 0 (the default) means half the
-    cores, at least 1. The streamed weight math works on cache-sized chunks, where intra-op
-    threads buy little on a quiet host and cost a great deal on a busy one: a worker and an API
-    server share the host, and a torch thread that waits for a busy core stalls every chunk
-    (``bench/transfer.py`` measured 1 thread 25x faster than 2 on a loaded 2-core machine).
+    The streamed weight math works on cache-sized chunks, where intra-op threads buy little on a
+    quiet host and cost a great deal on a busy one: a worker and an API server share the host,
+    and a torch thread that waits for a busy core stalls every chunk (``bench/transfer.py``
+    measured 1 thread 25x faster than 2 on a loaded 2-core machine).
     """
-    if threads is None:
-        raw = os.environ.get("REGISTRY_TORCH_THREADS", "0").strip() or "0"
-        try:
-            threads = int(raw)
-        except ValueError:
-            raise WeightsError(f"REGISTRY_TORCH_THREADS={raw!r} is not an integer") from None
     if threads < 0:
         raise WeightsError(f"torch threads must be >= 0, got {threads}")
     n = threads or max(1, (os.cpu_count() or 1) // 2)
