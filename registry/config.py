@@ -99,6 +99,9 @@ class Settings(BaseSettings):
         None, description="Default error budget for pruning basis members (unset: never prune unless asked)."
     )
     verify_interval_seconds: int = Field(0, description="Re-verify one version's checksums this often (0: off).")
+    verify_reads: bool = Field(
+        True, description="Hash every whole-file download as it streams and cut the response if the stored bytes "
+        "do not match their sha256 (the version is then marked corrupt).")
 
     # Provenance
     mlflow_tracking_uri: str | None = Field(

@@ -69,3 +69,18 @@ class PayloadTooLarge(RegistryError):
 class RangeNotSatisfiable(RegistryError):
     status = 416
     code = "range_not_satisfiable"
+
+
+class Unavailable(RegistryError):
+    """A transient condition on the server's side: the same request succeeds a moment later."""
+
+    status = 503
+    code = "unavailable"
+
+
+class DataCorrupt(RegistryError):
+    """Stored bytes are missing or do not hash to their recorded sha256: the registry's fault,
+    never the client's. The version is marked corrupt and a ``version.corrupt`` event is emitted."""
+
+    status = 500
+    code = "data_corrupt"

@@ -146,6 +146,8 @@ class ModelVersion(Base):
     created_by: Mapped[str | None] = mapped_column(String(128))
     archived_at: Mapped[datetime | None] = mapped_column()
     verified_at: Mapped[datetime | None] = mapped_column()
+    # Set when a read or a verify found its stored bytes missing or wrong; cleared by a verify that passes.
+    corrupt_at: Mapped[datetime | None] = mapped_column()
 
     model: Mapped[Model] = relationship(back_populates="versions", lazy="joined", innerjoin=True)
     base_version: Mapped[ModelVersion | None] = relationship(remote_side=[id], lazy="raise_on_sql")
@@ -172,14 +174,30 @@ class ModelVersion(Base):
         return f"{self.model.name}@{self.version}"
 
 
+class BlobState(enum.StrEnum):
+    pending = "pending"  # claimed by a draft: the bytes are staged or being moved into the store
+    ready = "ready"  # the bytes are in the blob store, fsynced and verified
+    deleting = "deleting"  # gc owns it: nobody may claim it until gc removes the object and the row
+
+
 class Blob(Base):
-    """A content-addressed file in the blob store. A row exists only once the bytes are in place."""
+    """A content-addressed file in the blob store, and the claim that keeps its bytes alive.
+
+    The row exists *before* the bytes move into the store (``pending``, claimed by a draft) and gc
+    only deletes an object after it has atomically turned the row into ``deleting`` (or inserted
+    one for an object with no row), which it can do only while nothing references the row and no
+    claim touched it within the grace period. See :mod:`registry.services.blobs`."""
 
     __tablename__ = "blobs"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default=BlobState.ready.value)
+    # Last time a draft, a commit or a link claimed the row; gc leaves younger rows alone.
+    touched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (CheckConstraint("state in ('pending','ready','deleting')", name="state"),)
 
 
 class VersionFile(Base):

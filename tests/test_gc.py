@@ -47,7 +47,8 @@ def test_gc_removes_only_unreferenced_old_blobs(sqlite_server: Server, demo: dic
     unref = _object(srv, b"unreferenced row", 2 * 3600)
     engine = create_engine(srv.database_url)
     with engine.begin() as c:
-        c.execute(insert(Blob).values(sha256=unref, size=16, created_at=utcnow() - timedelta(hours=2)))
+        old = utcnow() - timedelta(hours=2)
+        c.execute(insert(Blob).values(sha256=unref, size=16, created_at=old, touched_at=old))
     engine.dispose()
 
     dry = _gc(srv, "--dry-run")

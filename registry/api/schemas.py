@@ -57,6 +57,7 @@ class VersionOut(ORM):
     created_by: str | None
     archived: bool
     archived_at: datetime | None
+    corrupt: bool = False
     files: list[FileOut] | None = None
 
 

@@ -4,8 +4,9 @@ A draft is invisible: its files sit in the staging area, not in the blob store, 
 row exists. :func:`commit` validates the whole version, moves staged files into the blob store
 (content-addressed: identical files are stored once) and then, in ONE database transaction,
 allocates the next version number, records blobs, manifest, lineage, tags, aliases and an event.
-If anything fails, no version and no blob row exists; bytes already moved into the store without
-a row are invisible and removed by ``registry gc``.
+If anything fails, no version exists. A file's blob row is claimed (``pending``) when it joins the
+draft, before its bytes move anywhere, so gc never removes bytes a commit may still reference
+(:mod:`registry.services.blobs`); an abandoned draft's claims and bytes are removed by ``registry gc``.
 
 Large files use resumable upload sessions: chunks are appended at explicit offsets, the client
 can ask for the received offset after a failure and continue, and the file joins the draft only
@@ -34,7 +35,6 @@ from ..formats import inspect as fmt
 from ..formats.paths import clean_path
 from ..formats.safetensors import StreamCheck, iter_file
 from ..models import (
-    Blob,
     DerivedFile,
     Draft,
     DraftFile,
@@ -50,7 +50,7 @@ from ..models import (
 from ..storage import HashingWriter
 from ..storage.base import SHA256_RE
 from ..storage.staging import sha256_file
-from . import names
+from . import blobs, names
 from .aliases import set_row
 from .context import RegistryContext
 from .events import emit
@@ -225,13 +225,18 @@ def _accept_staged_file(ctx: RegistryContext, draft_id: str, path: str, tmp: Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    with ctx.db.write() as s:
-        _get_draft(s, draft_id)
-        existing = s.get(DraftFile, (draft_id, path))
-        if existing is not None:
-            s.delete(existing)
-            s.flush()
-        s.add(DraftFile(draft_id=draft_id, path=path, sha256=sha256, size=size, staged=True))
+
+    def add() -> None:
+        with ctx.db.write() as s:
+            _get_draft(s, draft_id)
+            blobs.claim(s, {sha256: size})  # from now on gc leaves these bytes alone
+            existing = s.get(DraftFile, (draft_id, path))
+            if existing is not None:
+                s.delete(existing)
+                s.flush()
+            s.add(DraftFile(draft_id=draft_id, path=path, sha256=sha256, size=size, staged=True))
+
+    blobs.retrying(add)
     return {"path": path, "sha256": sha256, "size": size, "deduplicated": False}
 
 
@@ -338,16 +343,16 @@ def link_file(ctx: RegistryContext, draft_id: str, path: str, sha256: str, size:
     sha = _check_sha_arg(sha256)
     with ctx.db.write() as s:
         draft = _get_draft(s, draft_id)
-        blob = s.get(Blob, sha)
-        if blob is None or (size is not None and blob.size != size):
+        held = blobs.claim_ready(s, sha)
+        if held is None or (size is not None and held != size):
             raise NotFound(f"no blob {sha}; upload the file instead", code="blob_not_found",
                            details={"sha256": sha})
         existing = next((f for f in draft.files if f.path == path), None)  # files are loaded with the draft
         if existing is not None:
             s.delete(existing)
             s.flush()
-        s.add(DraftFile(draft_id=draft_id, path=path, sha256=sha, size=blob.size, staged=False))
-        return {"path": path, "sha256": sha, "size": blob.size, "deduplicated": True}
+        s.add(DraftFile(draft_id=draft_id, path=path, sha256=sha, size=held, staged=False))
+        return {"path": path, "sha256": sha, "size": held, "deduplicated": True}
 
 
 # ----------------------------------------------------------------------------- resumable uploads
@@ -559,11 +564,12 @@ def commit(ctx: RegistryContext, draft_id: str, actor: str | None,
     if base_index is not None and base is not None:
         _check_against_base(kind, insp, base_index, str(spec["base"]))
 
-    # Bytes into the blob store before the transaction; without a row they stay invisible.
+    # Bytes into the blob store before the transaction. Their rows were claimed when the files
+    # joined the draft, so gc leaves them alone; the transaction turns the rows ready.
     known: set[str] = set()
     if staged:
         with ctx.db.read() as s:
-            known = set(s.scalars(select(Blob.sha256).where(Blob.sha256.in_(staged))))
+            known = blobs.ready(s, staged)
     for sha in sorted(staged - known):
         path = ctx.staging.staged_path(draft_id, sha)
         if path.exists():
@@ -606,15 +612,10 @@ def record_version(
         locked = s.scalar(select(ModelVersion).where(ModelVersion.id == base.id).with_for_update(read=True))
         if locked is None or locked.archived_at is not None:
             raise InvalidInput(f"base {spec.get('base')} was archived meanwhile", code="invalid_base")
-    # Rows for bytes this commit put into the store; rows of deduplicated bytes must still exist
-    # (locked so gc cannot remove them before this transaction commits).
-    insert_ignore(s, Blob.__table__, [{"sha256": sha, "size": size, "created_at": utcnow()}
-                                      for _, (sha, size) in sorted(files.items()) if sha in new_blobs])
-    reused = sorted({sha for sha, _ in files.values()} - new_blobs)
-    present = set(s.scalars(select(Blob.sha256).where(Blob.sha256.in_(reused)).with_for_update(read=True)))
-    if set(reused) - present:
-        raise Conflict("stored bytes of this version were garbage-collected meanwhile; push again",
-                       code="blob_missing", details={"sha256": sorted(set(reused) - present)})
+    # Bytes this commit put into the store become ready; reused bytes must be ready (and stay
+    # locked until this transaction commits).
+    blobs.mark_ready(s, {sha: size for sha, size in files.values() if sha in new_blobs})
+    blobs.lock_ready(s, {sha for sha, _ in files.values()} - new_blobs)
     generated = generated or {}
     all_sizes = [size for _, size in files.values()] + [size for _, size in generated.values()]
     v = ModelVersion(

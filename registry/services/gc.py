@@ -1,13 +1,14 @@
-"""Garbage collection: remove what no version references, never what a push may still need.
+"""Garbage collection: remove what nothing references, never bytes a commit may still need.
 
 1. Drafts older than ``draft_ttl_seconds`` (abandoned pushes) and their staged bytes; staging
    directories with no draft row (left by a crash).
-2. Blob rows no version and no draft references, older than the grace period. Each is deleted in
-   its own transaction; the foreign key from ``version_files`` (ON DELETE RESTRICT) makes the
-   delete fail if a commit started referencing the blob meanwhile, and gc then keeps it.
-3. Store objects without a blob row whose bytes were last written before the grace period: those
-   of step 2, and those of a commit that failed after moving bytes into the store. A commit
-   that needs bytes with no row writes (or touches) the object first, so gc leaves it alone.
+2. Blob rows that no version and no draft file references and that no claim touched within the
+   grace period (abandoned drafts' claims, bytes a prune released). Each is taken with one
+   conditional UPDATE to ``deleting`` — the database arbitrates against a concurrent claim, see
+   :mod:`registry.services.blobs` — then its object is deleted, then the row. Rows left
+   ``deleting`` by a gc that died are finished the same way.
+3. Store objects with no row at all, last written before the grace period (bytes from before
+   blob claims existed, or written by hand): taken by inserting a ``deleting`` row, then deleted.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..models import Blob, Draft, DraftFile, VersionFile, utcnow
+from ..models import Blob, BlobState, Draft, DraftFile, VersionFile, utcnow
 from .context import RegistryContext
 
 
@@ -64,47 +65,64 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
             if not dry_run:
                 ctx.staging.remove_draft(d)
 
-    # 2. unreferenced blob rows
+    # 2. unreferenced blob rows, and rows a gc that died left deleting
+    unreferenced = (~exists().where(VersionFile.blob_sha256 == Blob.sha256),
+                    ~exists().where(DraftFile.sha256 == Blob.sha256))
     with ctx.db.read() as s:
-        candidates = list(s.execute(select(Blob.sha256, Blob.size).where(
-            Blob.created_at < cutoff,
-            ~exists().where(VersionFile.blob_sha256 == Blob.sha256),
-            ~exists().where(DraftFile.sha256 == Blob.sha256),
-        )))
-    for sha, size in candidates:
+        candidates = list(s.execute(select(Blob.sha256, Blob.size, Blob.state).where(
+            (Blob.state == BlobState.deleting.value) | (Blob.touched_at < cutoff), *unreferenced)))
+    for sha, size, state in candidates:
+        if dry_run:
+            report.blob_rows_removed += 1
+            report.objects_removed += 1
+            report.bytes_freed += size
+            report.removed.append(sha)
+            continue
+        if state != BlobState.deleting.value:
+            try:
+                with ctx.db.write() as s:
+                    taken = s.execute(update(Blob.__table__).where(
+                        Blob.__table__.c.sha256 == sha, Blob.__table__.c.state != BlobState.deleting.value,
+                        Blob.__table__.c.touched_at < cutoff, *unreferenced,
+                    ).values(state=BlobState.deleting.value, touched_at=utcnow())).rowcount
+            except IntegrityError:
+                taken = 0
+            if not taken:  # claimed or referenced meanwhile
+                report.kept_in_use += 1
+                continue
+        _remove(ctx, sha)
         report.blob_rows_removed += 1
+        report.objects_removed += 1
         report.bytes_freed += size
         report.removed.append(sha)
-        if dry_run:
-            continue
-        try:
-            with ctx.db.write() as s:
-                gone = s.execute(delete(Blob).where(
-                    Blob.sha256 == sha, ~exists().where(VersionFile.blob_sha256 == sha),
-                    ~exists().where(DraftFile.sha256 == sha))).rowcount
-        except IntegrityError:
-            gone = 0
-        if not gone:
-            report.blob_rows_removed -= 1
-            report.bytes_freed -= size
-            report.removed.pop()
-            report.kept_in_use += 1
 
-    # 3. store objects with no row (including those whose rows step 2 just removed). A commit
-    # that needs such bytes again rewrites or touches the object first, which makes it young.
-    removed_rows = set(report.removed)
+    # 3. store objects no row claims
     for obj in ctx.store.list_objects():
         if obj.mtime >= cutoff.timestamp():
             continue
         with ctx.db.read() as s:
             if s.get(Blob, obj.sha256) is not None:
                 continue
-        if obj.sha256 not in removed_rows:
-            report.objects_removed += 1
-            report.bytes_freed += obj.size
-            report.removed.append(obj.sha256)
-        else:
-            report.objects_removed += 1
-        if not dry_run:
-            ctx.store.delete(obj.sha256)
+        report.objects_removed += 1
+        report.bytes_freed += obj.size
+        report.removed.append(obj.sha256)
+        if dry_run:
+            continue
+        try:
+            with ctx.db.write() as s:
+                s.execute(insert(Blob.__table__).values(sha256=obj.sha256, size=obj.size, created_at=now,
+                                                        touched_at=now, state=BlobState.deleting.value))
+        except IntegrityError:  # somebody claimed it first: theirs
+            report.objects_removed -= 1
+            report.bytes_freed -= obj.size
+            report.removed.pop()
+            continue
+        _remove(ctx, obj.sha256)
     return report
+
+
+def _remove(ctx: RegistryContext, sha: str) -> None:
+    """Delete the object of a row gc owns (``deleting``), then the row."""
+    ctx.store.delete(sha)
+    with ctx.db.write() as s:
+        s.execute(delete(Blob).where(Blob.sha256 == sha, Blob.state == BlobState.deleting.value))

@@ -78,6 +78,7 @@ def verify(run: JobRun) -> dict[str, Any]:
         row = s.get(ModelVersion, v.id)
         if row is not None:
             row.verified_at = utcnow()
+            row.corrupt_at = None if ok else (row.corrupt_at or row.verified_at)
             emit(s, "version.verified" if ok else "version.corrupt", model_name=row.model.name, version_id=row.id,
                  ref=row.ref, bad=[c["path"] for c in checks if not c["ok"]])
         run.complete(s, result)

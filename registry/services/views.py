@@ -53,6 +53,7 @@ class VersionView:
     created_by: str | None
     archived: bool
     archived_at: datetime | None
+    corrupt: bool = False  # a read or a verify found its stored bytes missing or wrong
     files: list[FileView] | None = None
 
 
@@ -129,7 +130,7 @@ def version_views(session: Session, versions: Sequence[ModelVersion], *, with_fi
             file_count=v.file_count, description=v.description, summary=v.summary or {},
             tags=tags.get(v.id, {}), aliases=aliases.get(v.id, []), parents=parents.get(v.id, []),
             mlflow_run_id=v.mlflow_run_id, created_at=v.created_at, created_by=v.created_by,
-            archived=v.archived_at is not None, archived_at=v.archived_at,
+            archived=v.archived_at is not None, archived_at=v.archived_at, corrupt=v.corrupt_at is not None,
             files=files.get(v.id, []) if with_files else None,
         )
         for v in versions

@@ -34,13 +34,14 @@ class LocalBlobStore(BlobStore):
 
     def put(self, sha256: str, staged: Path) -> None:
         dest = self.path(sha256)
-        if dest.exists():
-            os.utime(dest)  # young again: gc keeps objects written within its grace period
+        if dest.exists() and dest.stat().st_size == staged.stat().st_size:
+            os.utime(dest)
             staged.unlink(missing_ok=True)
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(staged, dest)  # atomic on one filesystem
+            _fsync_dir(dest.parent)  # the rename itself survives a power cut
             return
         except OSError:
             pass
@@ -49,7 +50,10 @@ class LocalBlobStore(BlobStore):
         os.close(fd)
         try:
             shutil.copyfile(staged, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
         finally:
             Path(tmp).unlink(missing_ok=True)
         staged.unlink(missing_ok=True)
@@ -78,3 +82,11 @@ class LocalBlobStore(BlobStore):
     def local_path(self, sha256: str) -> Path | None:
         p = self.path(sha256)
         return p if p.is_file() else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from ...errors import RangeNotSatisfiable
-from ...services import derived, versions
+from ...services import derived, integrity, versions
 from ..deps import Ctx, Reader
 from ..ranges import parse_range
 from .common import version_ref
@@ -53,6 +53,6 @@ def download(name: str, v: str, path: str, request: Request, ctx: Ctx, _: Reader
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
-    body = (ctx.store.iter_range(sha, start, end) if f.blob
+    body = (integrity.read_stored(ctx, version_id, f, start, end) if f.blob
             else derived.open_generated(ctx, version_id, format, f, start, end))
     return StreamingResponse(body, status_code=status, headers=headers, media_type="application/octet-stream")
