@@ -287,3 +287,45 @@ def test_streaming_a_derived_1gb_model_keeps_server_memory_flat(tmp_path_factory
     n, sha, growth = out.stdout.split()
     assert int(n) == w["size"] and sha == w["sha256"]
     assert int(growth) < 100 << 20, f"server RSS grew by {int(growth) >> 20} MiB"
+
+
+def test_every_storage_mode_is_a_job_input(dstack: Stack, demo: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """Pruned basis members (``derived:basis``) and derived transfers (``derived:diff``) work as
+    the input of every job type, exactly like stored versions (they used to fail with "missing
+    adapter_config.json": job inputs linked stored blobs only)."""
+    fam = _family(dstack, demo, name, tmp_path)
+    with dstack.client() as rc:
+        basis = dstack.wait_job(rc.create_basis(fam["members"], p=2, name=f"{name}-rmm")["id"])
+        assert basis["state"] == "succeeded"
+        pruned = dstack.wait_job(rc.prune(basis["result"]["basis_id"], max_error=0.0)["id"])
+        assert len(pruned["result"]["pruned"]) == 3
+        assert all(rc.get_version(r)["storage_mode"] == "derived:basis" for r in fam["members"])
+
+        merge = dstack.wait_job(rc.merge("ties", fam["members"][:2], f"{name}-merged", params={"density": 0.5})["id"])
+        assert merge["state"] == "succeeded", merge.get("error")
+        again = dstack.wait_job(rc.create_basis(fam["members"], p=2, name=f"{name}-rmm2")["id"])
+        assert again["state"] == "succeeded", again.get("error")
+        assert max(m["error"] for m in rc.get_basis(again["result"]["basis_id"])["members"]) < 1e-4
+        ver = dstack.wait_job(rc.verify(fam["members"][0])["id"])
+        assert ver["state"] == "succeeded" and ver["result"]["ok"]
+        b1 = rc.get_version(fam["base"])
+        ft = rc.push(demo["finetune"], f"{name}-ft", base=b1["ref"])
+        b2 = rc.push(demo["base-v2"], fam["base"].split("@")[0])
+        moved = dstack.wait_job(rc.transfer(fam["members"][2], b2["ref"], storage="stored")["id"])
+        assert moved["state"] == "succeeded", moved.get("error")
+
+        # a derived transfer (derived:diff) as the fine-tune of a transfer and the input of a merge
+        cand = dstack.wait_job(rc.transfer(ft["ref"], b2["ref"], storage="derived")["id"])["result"]["ref"]
+        rc.promote(cand)
+        assert rc.get_version(cand)["storage_mode"] == "derived:diff"
+        back = dstack.wait_job(rc.transfer(cand, b1["ref"], storage="stored")["id"])
+        assert back["state"] == "succeeded", back.get("error")
+        stored = dstack.wait_job(rc.transfer(ft["ref"], b2["ref"], alpha=0.5)["id"])["result"]["ref"]
+        rc.promote(stored)
+        fm = dstack.wait_job(rc.merge("task_arithmetic", [cand, stored], f"{name}-ftmerge")["id"])
+        assert fm["state"] == "succeeded", fm.get("error")
+        rc.pull(back["result"]["ref"], tmp_path / "back")
+    # fine-tune moved to v2 and back to v1 is the fine-tune again (to bf16/fp32 round-off)
+    got = load_file(tmp_path / "back" / "model.safetensors")
+    want = load_file(demo["finetune"] / "model.safetensors")
+    assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-2) for k in want)

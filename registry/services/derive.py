@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from ..errors import Conflict, InvalidInput
 from ..models import Model, ModelVersion
 from ..provenance import Provenance, RunHandle
+from .derived import materialize
 from .drafts import CommitOptions, DraftSpec, _resolve_body_ref, ingest_folder
-from .materialize import materialize
 from .runner import JobRun
 from .views import VersionView
 

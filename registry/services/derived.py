@@ -37,9 +37,10 @@ from typing import Any
 from sqlalchemy import select
 
 from ..errors import InvalidInput, NotFound
+from ..formats.paths import clean_path
 from ..models import DerivedFile, ModelVersion, VersionFile
 from .context import RegistryContext
-from .materialize import materialize
+from .materialize import link_blobs, write_checked
 from .sql import insert_ignore
 
 log = logging.getLogger("registry.derived")
@@ -219,22 +220,7 @@ def _adapter_for(ctx: RegistryContext, v: ModelVersion, work: Path) -> Any:
     """The LoraAdapter of an adapter version, stored or derived."""
     from ..weights.adapters import load_peft_adapter
 
-    folder = work / f"adapter-{v.id}"
-    if v.storage_mode == "stored":
-        materialize(ctx, v.id, folder)
-    else:
-        g = native_generator(ctx, v, work)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for p, size in g.sizes().items():
-                target = folder / p
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as f:
-                    for chunk in g.read_range(p, 0, size):
-                        f.write(chunk)
-        finally:
-            g.close()
-    return load_peft_adapter(folder)
+    return load_peft_adapter(materialize(ctx, v.id, work / f"adapter-{v.id}"))
 
 
 def _delta_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
@@ -277,10 +263,7 @@ def _merged_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Gene
         base = s.get(ModelVersion, v.base_version_id)
         assert base is not None
         base_folder = work / f"base-{base.id}"
-        if base.storage_mode != "stored":
-            raise InvalidInput(f"the base {base.ref} is itself derived; pull it and push it as stored first",
-                               code="invalid_format")
-        base_files = [f.path for f in s.scalars(select(VersionFile).where(VersionFile.version_id == base.id))]
+    base_files = [f.path for f in served_files(ctx, base.id)]
     materialize(ctx, base.id, base_folder)
     src = TensorSource(base_folder)
     specs = src.specs()
@@ -532,6 +515,21 @@ def served_files(ctx: RegistryContext, version_id: int, fmt: str = "native") -> 
     files = [ServedFile(f.path, f.blob_sha256, f.size, True) for f in stored]
     files += [ServedFile(f.path, f.sha256, f.size, False) for f in gen]
     return sorted(files, key=lambda f: f.path)
+
+
+def materialize(ctx: RegistryContext, version_id: int, dest: Path) -> Path:
+    """Any version as a local folder that looks exactly like the pushed one, whatever its storage
+    mode: stored files are linked (:func:`registry.services.materialize.link_blobs`), generated
+    files are read from the cache or generated, and checked against their recorded sha256. Every
+    job input and every derived view reads its inputs through here."""
+    files = served_files(ctx, version_id, "native")
+    link_blobs(ctx, [(f.path, f.sha256) for f in files if f.blob], dest)
+    for f in files:
+        if not f.blob:
+            target = dest / clean_path(f.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_checked(target, f.sha256, open_generated(ctx, version_id, "native", f, 0, f.size))
+    return dest
 
 
 def open_generated(ctx: RegistryContext, version_id: int, fmt: str, f: ServedFile, start: int,

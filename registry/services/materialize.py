@@ -1,31 +1,26 @@
-"""Versions as local folders for the weight math.
+"""Stored bytes as local files for the weight math.
 
-Local blob store: the folder holds hard links to the blobs (no copy; the math only reads; a
-symlink would point outside the folder, which checkpoint readers rightly refuse for shards), or
-copies when the work directory is on another filesystem. Other stores: the files are downloaded.
-Either way the result looks exactly like the pushed folder.
+Local blob store: hard links to the blobs (no copy; the math only reads; a symlink would point
+outside the folder, which checkpoint readers rightly refuse for shards), or copies when the work
+directory is on another filesystem. Other stores: the files are downloaded and their sha256
+checked. A whole version of any storage mode becomes a folder through
+:func:`registry.services.derived.materialize`, which uses this for its stored files.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
-from sqlalchemy import select
-
 from ..formats.paths import clean_path
-from ..models import ModelVersion, VersionFile
 from ..storage import HashingWriter
 from .context import RegistryContext
 
 
-def materialize(ctx: RegistryContext, version_id: int, dest: Path) -> Path:
-    with ctx.db.read() as s:
-        v = s.get(ModelVersion, version_id)
-        if v is None:
-            raise ValueError(f"no version {version_id}")
-        files = [(f.path, f.blob_sha256) for f in s.scalars(select(VersionFile).where(VersionFile.version_id == v.id))]
+def link_blobs(ctx: RegistryContext, files: Iterable[tuple[str, str]], dest: Path) -> Path:
+    """Place each (relative path, blob sha256) of ``files`` under ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     for path, sha in files:
         target = dest / clean_path(path)
@@ -37,13 +32,18 @@ def materialize(ctx: RegistryContext, version_id: int, dest: Path) -> Path:
             except OSError:
                 shutil.copyfile(local, target)
             continue
-        writer = HashingWriter(target)
-        try:
-            for chunk in ctx.store.iter_range(sha):
-                writer.write(chunk)
-            if writer.close() != sha:
-                raise OSError(f"blob {sha} read back with a different hash")
-        except BaseException:
-            writer.abort()
-            raise
+        write_checked(target, sha, ctx.store.iter_range(sha))
     return dest
+
+
+def write_checked(target: Path, sha: str, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``target``; they must hash to ``sha`` (else nothing is left)."""
+    writer = HashingWriter(target)
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+        if writer.close() != sha:
+            raise OSError(f"{target.name}: bytes read back with a different hash than {sha}")
+    except BaseException:
+        writer.abort()
+        raise

@@ -34,8 +34,8 @@ from .derive import (
     provenance_entry,
     record,
 )
+from .derived import materialize
 from .drafts import CommitOptions, DraftSpec, _resolve_base
-from .materialize import materialize
 from .runner import JobRun, handler
 
 
@@ -80,6 +80,7 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
         inputs = [provenance_entry(ft), provenance_entry(source), provenance_entry(target)]
         ft_id, src_id, tgt_id = ft.id, source.id, target.id
         ft_ref, src_ref, tgt_ref = ft.ref, source.ref, target.ref
+        ft_stored = ft.storage_mode == "stored"
         files = {f.path: f.blob_sha256 for f in s.scalars(select(VersionFile).where(VersionFile.version_id == ft.id))}
     params = {"operation": "transfer", "method": "repin" if kind == "adapter" else "diff", "alpha": alpha,
               "finetune": inputs[0], "source_base": inputs[1], "target_base": inputs[2], "job_id": run.job_id}
@@ -103,9 +104,11 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
                                    code="invalid_parameter")
             report = {"method": "repin", "note": "the adapter is the diff; re-pinned after a shape check"}
             result["diagnostics"] = report
-            view = record(run, None, spec, CommitOptions(status="candidate", recipe=recipe, mlflow_run_id=mr.run_id,
-                                                         extra_summary={"transfer": report}, hook=hook), links=files,
-                          mlflow_run=mr)
+            # a stored adapter's blobs are linked as they are; a derived one is rebuilt and stored
+            folder = None if ft_stored else local_copy(run, ft_id, "finetune")
+            view = record(run, folder, spec, CommitOptions(status="candidate", recipe=recipe, mlflow_run_id=mr.run_id,
+                                                           extra_summary={"transfer": report}, hook=hook),
+                          links=files if ft_stored else None, mlflow_run=mr)
         elif prm.get("storage") == "derived":
             view = _record_derived(run, spec, recipe, hook, mr, (ft_id, src_id, tgt_id), alpha, result)
         else:
