@@ -530,6 +530,8 @@ def _wait(rc: RegistryClient, job: dict[str, Any], wait: bool) -> dict[str, Any]
 
         done = rc.wait_job(job["id"], on_update=update)
     result = done.get("result") or {}
+    if isinstance(result.get("error"), int | float):  # a lossy step says what it cost
+        err.print(f"lossy: relative delta error {result['error']:.4g} against the exact result")
     if result.get("ref"):
         out.print(result["ref"], markup=False, highlight=False)
     else:

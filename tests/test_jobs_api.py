@@ -13,8 +13,33 @@ from .conftest import Server
 from .test_bad_input import assert_error
 
 
+def _rank_pattern_adapter(folder: Path) -> Path:
+    """A LoRA whose first module has rank 4 and the others rank 8 (``rank_pattern``)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from registry.demo import make_adapter
+
+    make_adapter(folder, seed=5, r=8)
+    weights = load_file(folder / "adapter_model.safetensors")
+    key_a = sorted(k for k in weights if k.endswith("lora_A.weight"))[0]
+    module = key_a[len("base_model.model."):-len(".lora_A.weight")]
+    weights[key_a] = weights[key_a][:4].contiguous()
+    key_b = key_a.replace("lora_A", "lora_B")
+    weights[key_b] = weights[key_b][:, :4].contiguous()
+    save_file(weights, folder / "adapter_model.safetensors")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {module: 4}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 @pytest.fixture(scope="module")
-def family(server: Server, demo: dict[str, Path]) -> dict[str, str]:
+def family(server: Server, demo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from registry.demo import make_adapter
+
+    scratch = tmp_path_factory.mktemp("family")
     with server.client() as rc:
         base = rc.push(demo["base"], "jobs-base")["ref"]
         other = rc.push(demo["base-v2"], "jobs-other-base")["ref"]
@@ -24,6 +49,9 @@ def family(server: Server, demo: dict[str, Path]) -> dict[str, str]:
             "b": rc.push(demo["adapter-chat"], "jobs-b", base=base)["ref"],
             "c": rc.push(demo["adapter-chat"], "jobs-c", base=other)["ref"],
             "ft": rc.push(demo["finetune"], "jobs-ft", base=base)["ref"],
+            "r4": rc.push(make_adapter(scratch / "r4", seed=4, r=4), "jobs-r4", base=base)["ref"],
+            "rp": rc.push(_rank_pattern_adapter(scratch / "rp"), "jobs-rp", base=base)["ref"],
+            "rp2": rc.push(_rank_pattern_adapter(scratch / "rp2"), "jobs-rp2", base=base)["ref"],
         }
 
 
@@ -52,6 +80,11 @@ def _jobs(server: Server) -> int:
     ({"members": ["a", "ft"], "p": 1}, "invalid_member"),
     ({"members": ["a", "nope@1"], "p": 1}, "unknown_member"),
     ({"members": ["a", "b"], "max_error": float("inf")}, "invalid_request"),
+    # known from the members' metadata: refused now, not as a failed job later
+    ({"members": ["a", "r4"], "p": 1}, "incompatible_members"),
+    ({"members": ["a", "rp"], "p": 1}, "incompatible_members"),
+    ({"members": ["a", "b"], "p": 99}, "invalid_p"),
+    ({"members": ["a", "b"], "p": 2}, "invalid_p"),
 ])
 def test_bad_basis_requests(server: Server, family: dict[str, str], body: dict[str, Any], code: str) -> None:
     body = {**body, "members": [family.get(m, m) for m in body["members"]]}
@@ -87,6 +120,7 @@ def test_bad_transfer_requests(server: Server, family: dict[str, str], body: dic
     ({"method": "ties", "inputs": ["a", "b"], "name": "m1", "params": {"weights": [1]}}, "invalid_parameter"),
     ({"method": "ties", "inputs": ["a", "b"], "name": "bad name"}, "invalid_name"),
     ({"method": "ties", "inputs": ["a", "b"], "name": "m1", "rank": 0}, "invalid_parameter"),
+    ({"method": "ties", "inputs": ["rp", "rp2"], "name": "m1"}, "rank_required"),
 ])
 def test_bad_merge_requests(server: Server, family: dict[str, str], body: dict[str, Any], code: str) -> None:
     body = {**body, "inputs": [family.get(i, i) for i in body["inputs"]]}

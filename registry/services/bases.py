@@ -61,10 +61,31 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
         if len(bases) != 1:
             raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
                                details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
+        _check_fit(versions, p)
         return {"members": [v.ref for v in versions], "p": p, "max_error": max_error, "name": name,
                 "collection": collection}
 
     return jobs.submit(ctx, "basis", build, actor=actor, idempotency_key=idempotency_key)
+
+
+def _check_fit(versions: list[ModelVersion], p: int | None) -> None:
+    """What the members' metadata already rules out, refused before a job exists: members of
+    different ranks or module counts (the weight math refuses them too, per module, in
+    :func:`registry.weights.rmm.fit_basis`), and p above min(r, n - 1)."""
+    ranks = {v.ref: (v.summary or {}).get("r") for v in versions}
+    modules = {v.ref: (v.summary or {}).get("modules") for v in versions}
+    if len({repr(r) for r in ranks.values()}) != 1 or len(set(modules.values())) != 1:
+        raise InvalidInput("RMM needs adapters with the same modules and the same rank r per module; these differ. "
+                           "Build one basis per rank, or re-train / truncate the odd adapters to a common rank",
+                           code="incompatible_members", details={"ranks": ranks, "modules": modules})
+    r = next(iter(ranks.values()))
+    rmin = min(r) if isinstance(r, list) else r
+    if p is not None and isinstance(rmin, int):
+        pmax = min(rmin, len(versions) - 1)
+        if p > pmax:
+            raise InvalidInput(f"p={p} is above min(r, n - 1) = min({rmin}, {len(versions) - 1}) = {pmax}; "
+                               f"p={pmax} already reconstructs every member exactly",
+                               code="invalid_p", details={"p": p, "max": pmax})
 
 
 def query_members(s: Any, base_ref: str, tags: dict[str, str | None]) -> list[ModelVersion]:

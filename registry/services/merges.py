@@ -74,6 +74,11 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
 
     def build(s: Any) -> dict[str, Any]:
         versions, _ = _validate(s, method, inputs, params)
+        per_module = {v.ref: r for v in versions if v.kind == "adapter" and isinstance(r := (v.summary or {}).get("r"),
+                                                                                       list)}
+        if per_module and rank is None:
+            raise InvalidInput("inputs have per-module ranks (rank_pattern): pass rank (CLI: --rank R) for the "
+                               "merged adapter", code="rank_required", details={"ranks": per_module})
         if "weights" in params and (not isinstance(params["weights"], list) or len(params["weights"]) != len(inputs)):
             raise InvalidInput("weights must be a list with one number per input", code="invalid_parameter")
         return {"method": method, "inputs": [v.ref for v in versions], "name": name, "params": params,
@@ -85,7 +90,7 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
 @handler("merge")
 def compute_merge(run: JobRun) -> dict[str, Any]:
     from ..weights.adapters import load_peft_adapter, save_peft_adapter
-    from ..weights.merge import get_method, merge_adapters, merge_checkpoints
+    from ..weights.merge import get_method, merge_adapters, merge_checkpoints, refactorise
 
     ctx, prm = run.ctx, run.params
     method, name, mparams = prm["method"], prm["name"], dict(prm.get("params") or {})
@@ -107,9 +112,13 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
             adapters = [load_peft_adapter(local_copy(run, vid, f"in-{i}")) for i, (vid, _, _) in enumerate(entries)]
             rank = prm.get("rank") or max(a.rank for a in adapters)
             run.progress(0.3, f"merging {len(adapters)} adapters in delta space")
-            merged = merge_adapters(m, adapters, mparams, rank=rank, device=ctx.settings.device)
-            save_peft_adapter(merged, out)  # type: ignore[arg-type]
-            kind, metrics = "adapter", {"rank": rank}
+            dense = merge_adapters(m, adapters, mparams, rank=None, device=ctx.settings.device)
+            stored = refactorise(dense, rank, adapters[0])  # type: ignore[arg-type]
+            save_peft_adapter(stored.adapter, out)
+            # lossy: the exact merged delta is re-factorised to rank r; say by how much
+            result["error"] = stored.error
+            result["module_errors"] = stored.module_errors
+            kind, metrics = "adapter", {"rank": rank, "refactorisation_error": stored.error}
         else:
             base_dir = local_copy(run, base_id, "base")
             dirs = [local_copy(run, vid, f"in-{i}") for i, (vid, _, _) in enumerate(entries)]
@@ -131,7 +140,10 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
                   "inputs": [e[1]["ref"] for e in entries], "base": base_ref, "rank": prm.get("rank"),
                   "job_id": run.job_id}
         view = record(run, out, spec, CommitOptions(status="ready", recipe=recipe, mlflow_run_id=mr.run_id,
-                                                    extra_summary={"merge": {"method": m.name, "variant": m.variant}},
+                                                    extra_summary={"merge": {
+                                                        "method": m.name, "variant": m.variant,
+                                                        **({"rank": metrics["rank"], "error": result["error"]}
+                                                           if "error" in result else {})}},
                                                     hook=hook), mlflow_run=mr)
     if isinstance(view, str):
         return {"ref": view, "deduplicated": True}

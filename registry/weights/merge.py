@@ -640,11 +640,39 @@ def merge_adapters(
         dense[name] = _merge_dense(m, p, name, [a.delta(name, dtype=cd, device=dev) for a in adapters], dev)
     if rank is None:
         return dense
-    first = adapters[0]
+    return refactorise(dense, rank, adapters[0]).adapter
+
+
+@dataclass(frozen=True)
+class Refactorised:
+    """A merged delta stored as rank-r factors, and what that cost:
+    ``error = ‖ΔŴ − ΔW‖_F / ‖ΔW‖_F`` over all modules (``module_errors`` per module), ΔŴ the delta of
+    the stored factors (after rounding to the adapter's dtype), ΔW the exact merged delta."""
+
+    adapter: LoraAdapter
+    error: float
+    module_errors: dict[str, float]
+
+
+def refactorise(dense: Mapping[str, torch.Tensor], rank: int, like: LoraAdapter) -> Refactorised:
+    """Each merged ``ΔW`` (out × in) as its best rank-``rank`` factors (:func:`truncated_svd_factors`),
+    stored with ``like``'s config, dtype and ``fan_in_fan_out``; the error is measured on what is
+    stored. A merge whose delta has rank ≤ ``rank`` is exact up to rounding."""
     factors = {n: truncated_svd_factors(d, rank) for n, d in dense.items()}
-    return LoraAdapter.from_factors(
-        factors, config=first.config, dtype=first.dtype, fan_in_fan_out=first.fan_in_fan_out
-    )
+    adapter = LoraAdapter.from_factors(factors, config=like.config, dtype=like.dtype,
+                                       fan_in_fan_out=like.fan_in_fan_out)
+    num2: dict[str, float] = {}
+    den2: dict[str, float] = {}
+    for n, d in dense.items():
+        exact = d.to(torch.float64)
+        got = adapter.delta(n, dtype=torch.float64, device=d.device)
+        num2[n] = float((got - exact).square().sum())
+        den2[n] = float(exact.square().sum())
+    def rel(num: float, den: float) -> float:
+        return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+    per = {n: rel(num2[n], den2[n]) for n in dense}
+    return Refactorised(adapter, rel(sum(num2.values()), sum(den2.values())), per)
 
 
 def merge_adapter_factors_separately(

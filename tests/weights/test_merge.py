@@ -358,3 +358,23 @@ def test_incompatible_adapters(lora_adapters: Callable[..., list[LoraAdapter]]) 
         merge_adapter_factors_separately("task_arithmetic", [a, c], None)
     with pytest.raises(MergeParamsError, match="at least one adapter"):
         merge_adapters("ties", [], None)
+
+
+def test_refactorisation_reports_its_error(lora_adapters: Callable[..., list[LoraAdapter]]) -> None:
+    """The error a rank-r merge records is the Eckart-Young tail of the exact merged delta
+    (independent oracle: singular values), and 0 (round-off) when the rank suffices."""
+    from registry.weights.merge import refactorise
+
+    ads = lora_adapters(3, 4)
+    dense = merge_adapters("ties", ads, {"density": 0.3})
+    assert isinstance(dense, dict)
+    low = refactorise(dense, 4, ads[0])
+    tail2 = {n: float(torch.linalg.svdvals(d.double())[4:].square().sum()) for n, d in dense.items()}
+    total2 = {n: float(d.double().square().sum()) for n, d in dense.items()}
+    for n in dense:
+        assert low.module_errors[n] == pytest.approx(math.sqrt(tail2[n] / total2[n]), rel=1e-3)
+    assert low.error == pytest.approx(math.sqrt(sum(tail2.values()) / sum(total2.values())), rel=1e-3)
+    assert low.error > 0.05
+    ta = merge_adapters("task_arithmetic", ads, None)
+    assert isinstance(ta, dict)
+    assert refactorise(ta, 12, ads[0]).error < 1e-5  # rank(Σ ΔW_i) <= 3 * 4: exact
