@@ -27,10 +27,12 @@ def st_bytes(header: dict[str, Any], data: bytes) -> bytes:
 
 
 def state(server: Server) -> tuple[int, int, int, frozenset[str]]:
+    """Models, versions, stored blobs (``ready`` rows: a live draft's ``pending`` claims are, like
+    its staged files, part of the draft) and store objects."""
     engine = create_engine(server.database_url)
     with engine.connect() as c:
         counts = tuple(c.execute(text(f"select count(*) from {t}")).scalar_one()
-                       for t in ("models", "model_versions", "blobs"))
+                       for t in ("models", "model_versions", "blobs where state = 'ready'"))
     engine.dispose()
     return (*counts, frozenset(server.blob_files()))  # type: ignore[return-value]
 

@@ -169,3 +169,36 @@ def test_peft_embedding_and_fan_in_fan_out_shapes() -> None:
     assert peft.check_against_base(spec, base) == []
     base["h.0.attn.c_attn.weight"] = ["F32", [48, 16], "m"]
     assert [p["key"] for p in peft.check_against_base(spec, base)] == ["h.0.attn.c_attn.weight"]
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "gaussian"}, {"peft_type": None}, {"r": 4.0},
+    {"r": 0}, {"arrow_config": {"top_k": 2}}, {"use_dora": True}, {"bias": "all"}, {"lora_alpha": float("nan")},
+    {"rank_pattern": {"model.layers.0.self_attn.q_proj": 0}}, {"rank_pattern": []}, {"peft_type": "IA3"},
+    {"modules_to_save": ["lm_head"]}, {"lora_alpha": 32}, {"use_rslora": True},
+])
+def test_push_and_math_agree_on_adapter_configs(tmp_path: Path, change: dict[str, object]) -> None:
+    """A config the push accepts is one the weight math loads, and the other way round (they used
+    to disagree: pissa init, a missing peft_type, r=4.0 and arrow_config pushed fine, then every
+    job on them failed)."""
+    from registry.demo import make_adapter
+    from registry.weights.adapters import load_peft_adapter
+    from registry.weights.errors import WeightsError
+
+    folder = make_adapter(tmp_path / "a", r=4)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    raw = json.dumps(cfg).encode()
+    (folder / "adapter_config.json").write_bytes(raw)
+    try:
+        peft.parse_config(raw)
+        pushed = True
+    except InvalidInput:
+        pushed = False
+    try:
+        load_peft_adapter(folder)
+        loaded = True
+    except WeightsError:
+        loaded = False
+    assert pushed == loaded, (change, pushed, loaded)

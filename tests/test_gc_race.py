@@ -137,3 +137,21 @@ def test_claim_waits_for_gc_and_gc_finishes_what_a_dead_gc_left(tmp_path: Path, 
             assert s.get(Blob, sha).state == BlobState.ready.value
     finally:
         ctx.close()
+
+
+def test_aborted_draft_releases_its_claims(tmp_path: Path, pg_databases: list[str]) -> None:
+    """An aborted draft leaves no blob row behind; a claim another draft shares stays."""
+    ctx = _context(tmp_path, "sqlite", pg_databases)
+    try:
+        data = _weights(11)
+        sha = hashlib.sha256(data).hexdigest()
+        first, second = _stage(ctx, "abort-a", data), _stage(ctx, "abort-b", data)
+        drafts.abort_draft(ctx, first)
+        with ctx.db.read() as s:
+            assert s.get(Blob, sha) is not None  # still claimed by the second draft
+        drafts.abort_draft(ctx, second)
+        with ctx.db.read() as s:
+            assert s.get(Blob, sha) is None
+        assert not ctx.store.exists(sha)
+    finally:
+        ctx.close()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput
+from ..weights.errors import AdapterFormatError, UnsupportedAdapterError
+from ..weights.peft_config import check_config
 from .safetensors import TensorInfo
 
 PREFIX = "base_model.model."
@@ -79,25 +81,12 @@ def parse_config(raw: bytes, file: str = "adapter_config.json") -> dict[str, Any
         raise _invalid(f"{file} is not valid JSON: {e}", file=file) from None
     if not isinstance(cfg, dict):
         raise _invalid(f"{file} must hold a JSON object", file=file)
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise _unsupported(f"PEFT type {peft_type} is not supported; only LoRA adapters can be registered",
-                           peft_type=peft_type)
-    if cfg.get("use_dora"):
-        raise _unsupported("DoRA adapters (use_dora=true) are not supported: their magnitude vectors "
-                           "cannot be represented as low-rank deltas", feature="use_dora")
-    if cfg.get("lora_bias"):
-        raise _unsupported("LoRA bias (lora_bias=true) is not supported", feature="lora_bias")
-    if str(cfg.get("bias", "none")) != "none":
-        raise _unsupported(f"bias={cfg.get('bias')!r} is not supported (only 'none')", feature="bias")
-    if cfg.get("modules_to_save"):
-        raise _unsupported("modules_to_save is not supported: the adapter would carry full weights",
-                           feature="modules_to_save", modules=cfg.get("modules_to_save"))
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
-            raise _invalid(f"{file}: {key} must be a positive number", file=file, key=key)
-    return cfg
+    try:
+        return check_config(cfg, file)
+    except UnsupportedAdapterError as e:
+        raise _unsupported(str(e), file=file) from None
+    except AdapterFormatError as e:
+        raise _invalid(str(e), file=file) from None
 
 
 def parse_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo], file: str) -> AdapterSpec:

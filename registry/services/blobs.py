@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import Conflict, Unavailable
-from ..models import Blob, BlobState, utcnow
+from ..models import Blob, BlobState, DraftFile, VersionFile, utcnow
+from .context import RegistryContext
 from .sql import insert_ignore
 
 T = TypeVar("T")
@@ -123,3 +126,42 @@ def retrying(fn: Callable[[], T], patience: float = CLAIM_PATIENCE_SECONDS) -> T
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+# ----------------------------------------------------------------------------- removal (gc's side)
+
+UNREFERENCED = (~exists().where(VersionFile.blob_sha256 == BLOBS.c.sha256),
+                ~exists().where(DraftFile.sha256 == BLOBS.c.sha256))
+
+
+def take(ctx: RegistryContext, sha256: str, cutoff: datetime, *, pending_only: bool = False) -> bool:
+    """Make the row ``deleting`` if nothing references it and no claim touched it since
+    ``cutoff`` (one statement: a concurrent claim either commits first and keeps it, or waits and
+    then finds it ``deleting``). True when the caller now owns it and must :func:`remove` it."""
+    states = (BlobState.pending.value,) if pending_only else (BlobState.pending.value, BlobState.ready.value)
+    try:
+        with ctx.db.write() as s:
+            return bool(s.execute(update(BLOBS).where(
+                BLOBS.c.sha256 == sha256, BLOBS.c.state.in_(states), BLOBS.c.touched_at < cutoff, *UNREFERENCED,
+            ).values(state=BlobState.deleting.value, touched_at=utcnow())).rowcount)
+    except IntegrityError:
+        return False
+
+
+def remove(ctx: RegistryContext, sha256: str) -> None:
+    """Delete the object of a row the caller owns (``deleting``), then the row."""
+    ctx.store.delete(sha256)
+    with ctx.db.write() as s:
+        s.execute(delete(BLOBS).where(BLOBS.c.sha256 == sha256, BLOBS.c.state == BlobState.deleting.value))
+
+
+def release(ctx: RegistryContext, shas: Iterable[str]) -> int:
+    """Remove at once the ``pending`` claims (and any bytes) that a discarded draft held and
+    nothing else references. Returns how many were removed."""
+    cutoff = utcnow()
+    removed = 0
+    for sha in sorted(set(shas)):
+        if take(ctx, sha, cutoff, pending_only=True):
+            remove(ctx, sha)
+            removed += 1
+    return removed

@@ -170,9 +170,13 @@ def get_draft(ctx: RegistryContext, draft_id: str) -> dict[str, Any]:
 
 
 def abort_draft(ctx: RegistryContext, draft_id: str) -> None:
+    """Discard a draft: its staged bytes, and the blob claims nothing else holds."""
     with ctx.db.write() as s:
-        s.delete(_get_draft(s, draft_id))
+        draft = _get_draft(s, draft_id)
+        claimed = [f.sha256 for f in draft.files]
+        s.delete(draft)
     ctx.staging.remove_draft(draft_id)
+    blobs.release(ctx, claimed)
 
 
 # ----------------------------------------------------------------------------- receiving files

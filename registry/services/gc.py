@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from ..models import Blob, BlobState, Draft, DraftFile, VersionFile, utcnow
+from ..models import Blob, BlobState, Draft, DraftFile, utcnow
+from . import blobs
 from .context import RegistryContext
 
 
@@ -56,8 +57,10 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
         report.drafts_removed += 1
         if not dry_run:
             with ctx.db.write() as s:
+                claimed = list(s.scalars(select(DraftFile.sha256).where(DraftFile.draft_id == draft_id)))
                 s.execute(delete(Draft).where(Draft.id == draft_id))
             ctx.staging.remove_draft(draft_id)
+            blobs.release(ctx, claimed)
     for d in ctx.staging.draft_ids():
         path = ctx.staging.root / d
         if d not in live_drafts and path.stat().st_mtime < time.time() - grace:
@@ -66,31 +69,15 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
                 ctx.staging.remove_draft(d)
 
     # 2. unreferenced blob rows, and rows a gc that died left deleting
-    unreferenced = (~exists().where(VersionFile.blob_sha256 == Blob.sha256),
-                    ~exists().where(DraftFile.sha256 == Blob.sha256))
     with ctx.db.read() as s:
         candidates = list(s.execute(select(Blob.sha256, Blob.size, Blob.state).where(
-            (Blob.state == BlobState.deleting.value) | (Blob.touched_at < cutoff), *unreferenced)))
+            (Blob.state == BlobState.deleting.value) | (Blob.touched_at < cutoff), *blobs.UNREFERENCED)))
     for sha, size, state in candidates:
-        if dry_run:
-            report.blob_rows_removed += 1
-            report.objects_removed += 1
-            report.bytes_freed += size
-            report.removed.append(sha)
-            continue
-        if state != BlobState.deleting.value:
-            try:
-                with ctx.db.write() as s:
-                    taken = s.execute(update(Blob.__table__).where(
-                        Blob.__table__.c.sha256 == sha, Blob.__table__.c.state != BlobState.deleting.value,
-                        Blob.__table__.c.touched_at < cutoff, *unreferenced,
-                    ).values(state=BlobState.deleting.value, touched_at=utcnow())).rowcount
-            except IntegrityError:
-                taken = 0
-            if not taken:  # claimed or referenced meanwhile
-                report.kept_in_use += 1
+        if not dry_run:
+            if state != BlobState.deleting.value and not blobs.take(ctx, sha, cutoff):
+                report.kept_in_use += 1  # claimed or referenced meanwhile
                 continue
-        _remove(ctx, sha)
+            blobs.remove(ctx, sha)
         report.blob_rows_removed += 1
         report.objects_removed += 1
         report.bytes_freed += size
@@ -117,12 +104,6 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
             report.bytes_freed -= obj.size
             report.removed.pop()
             continue
-        _remove(ctx, obj.sha256)
+        blobs.remove(ctx, obj.sha256)
     return report
 
-
-def _remove(ctx: RegistryContext, sha: str) -> None:
-    """Delete the object of a row gc owns (``deleting``), then the row."""
-    ctx.store.delete(sha)
-    with ctx.db.write() as s:
-        s.execute(delete(Blob).where(Blob.sha256 == sha, Blob.state == BlobState.deleting.value))

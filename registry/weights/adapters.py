@@ -51,6 +51,7 @@ from safetensors.torch import load_file, save_file
 
 from .device import resolve_device
 from .errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError, WeightsError
+from .peft_config import check_config
 
 __all__ = [
     "CONFIG_NAME",
@@ -71,25 +72,6 @@ _PREFIX = "base_model.model."
 _SUFFIX_A = ".lora_A.weight"
 _SUFFIX_B = ".lora_B.weight"
 
-# Config fields whose truthy value means a forward pass other than base(x) + s·B·A·x.
-_UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora) adds a learned magnitude vector",
-    "lora_bias": "LoRA bias (lora_bias) adds a bias term to lora_B",
-    "modules_to_save": "modules_to_save stores full copies of modules, not low-rank factors",
-    "trainable_token_indices": "trainable tokens store embedding rows, not low-rank factors",
-    "layer_replication": "layer_replication changes the base model's layers",
-    "use_qalora": "QALoRA pools the input before lora_A",
-    "alora_invocation_tokens": "aLoRA activates the adapter only after invocation tokens",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters) uses a different key layout",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is a different factor layout",
-    "arrow_config": "Arrow routing mixes several adapters at run time",
-    "kasa_config": "KaSA changes the LoRA forward",
-    "velora_config": "VeLoRA changes the LoRA forward",
-    "monteclora_config": "MonteCLoRA samples the factors",
-    "megatron_config": "Megatron-parallel LoRA layers are not supported",
-}
-# init_lora_weights values that also rewrite the base weights: the delta alone is not the adapter.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -301,32 +283,7 @@ def _targets(config: Mapping[str, Any], name: str) -> bool:
 
 
 def _check_config(config: dict[str, Any], where: Path) -> None:
-    peft_type = config.get("peft_type")
-    if peft_type is None:
-        raise AdapterFormatError(f"{where}: adapter_config.json has no peft_type")
-    if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapterError(f"{where}: peft_type {peft_type!r} is not LORA")
-    bias = config.get("bias", "none")
-    if bias not in (None, "none"):
-        raise UnsupportedAdapterError(f"{where}: bias={bias!r} trains base biases; only 'none' is supported")
-    for key, why in _UNSUPPORTED_FIELDS.items():
-        if config.get(key):
-            raise UnsupportedAdapterError(f"{where}: {key} is set: {why}; the registry cannot represent it")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise UnsupportedAdapterError(
-            f"{where}: init_lora_weights={init!r} rewrites the base weights; convert the adapter to a plain "
-            "LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))"
-        )
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterFormatError(f"{where}: config r must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterFormatError(f"{where}: config lora_alpha must be a finite number, got {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterFormatError(f"{where}: config {key} must be an object")
+    check_config(config, f"{where}/adapter_config.json")
 
 
 def _classify_extra_keys(keys: Sequence[str], where: Path) -> None:
