@@ -15,11 +15,9 @@ from ..errors import Conflict, InvalidInput
 from ..models import Model, ModelVersion
 from ..provenance import Provenance, RunHandle
 from .derived import materialize
-from .drafts import CommitOptions, DraftSpec, _resolve_body_ref, ingest_folder
+from .drafts import CommitOptions, DraftSpec, ingest_folder, resolve_body_ref
 from .runner import JobRun
 from .views import VersionView
-
-FULL_MODEL_KINDS = ("base", "finetune", "merge")
 
 
 def ref_of(s: Session, version_id: int) -> str:
@@ -30,7 +28,7 @@ def ref_of(s: Session, version_id: int) -> str:
 
 def input_version(s: Session, ref: str, *, kinds: Sequence[str], what: str) -> ModelVersion:
     """A live, ready version named in a request body, of one of ``kinds`` (422 otherwise)."""
-    v = _resolve_body_ref(s, ref, what)
+    v = resolve_body_ref(s, ref, what)
     if v.kind not in kinds:
         raise InvalidInput(f"{what} {v.ref} is a {v.kind}; expected {' or '.join(kinds)}", code=f"invalid_{what}",
                            details={"ref": v.ref, "kind": v.kind})

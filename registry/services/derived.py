@@ -318,14 +318,49 @@ def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -
     return StaticFiles({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
 
 
+def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path) -> Any:
+    """The streaming plan of m_t + α (m'_s − m_s) for the versions ``ids`` = (fine-tune, source
+    base, target base), any storage mode (materialised under ``work``)."""
+    from ..weights.transfer_stream import plan_transfer
+
+    dirs = [materialize(ctx, vid, work / label) for vid, label in zip(ids, ("finetune", "source", "target"),
+                                                                        strict=True)]
+    return plan_transfer(dirs[0], dirs[1], dirs[2], alpha, max_shard_bytes=ctx.settings.merged_shard_bytes,
+                         device="cpu")
+
+
+class _DiffFiles(Generator):
+    """A ``derived:diff`` version's generated files: m_t + α (m'_s − m_s), range by range."""
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+        self.side = {sf.name: sf.data for sf in plan.side_files if sf.data is not None}
+
+    def sizes(self) -> dict[str, int]:
+        return {**self.plan.file_sizes(), **{k: len(d) for k, d in self.side.items()}}
+
+    def read_range(self, path: str, start: int, end: int) -> Iterator[bytes]:
+        if path in self.side:
+            return iter([self.side[path][start:end]])
+        return self.plan.iter_file(path, start, end)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.plan.close()
+
+
+def _diff_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
+    r = v.recipe or {}
+    return _DiffFiles(plan_transfer_files(
+        ctx, (r["finetune_version_id"], r["source_version_id"], r["target_version_id"]),
+        float(r.get("alpha", 1.0)), work))
+
+
 def native_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
     """Generated native files of a derived version (its stored side files are blobs)."""
     if v.storage_mode == "derived:basis":
         return _basis_member_generator(ctx, v, work)
     if v.storage_mode == "derived:diff":
-        from .transfers import diff_generator
-
-        return diff_generator(ctx, v, work)
+        return _diff_generator(ctx, v, work)
     raise InvalidInput(f"{v.ref} is stored, not derived", code="not_derived")
 
 

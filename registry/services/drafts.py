@@ -59,7 +59,6 @@ from .sql import insert_ignore
 from .views import VersionView, version_view
 
 BATCH_BYTES = 8 << 20  # hand received bytes to a worker thread in batches of this size
-FULL_MODEL_KINDS = ("base", "finetune", "merge")
 
 
 # ----------------------------------------------------------------------------- drafts
@@ -102,9 +101,9 @@ def create_draft(ctx: RegistryContext, spec: DraftSpec, actor: str | None) -> di
             raise Conflict(f"model {spec.model!r} holds {model.kind} versions, not {spec.kind}",
                            code="kind_mismatch", details={"model": spec.model, "kind": model.kind})
         if spec.base is not None:
-            _resolve_base(s, spec.base)
+            resolve_base(s, spec.base)
         for p in parents:
-            _resolve_body_ref(s, p["ref"], "parent")
+            resolve_body_ref(s, p["ref"], "parent")
     draft = Draft(
         id=str(uuid.uuid4()),
         model_name=spec.model,
@@ -134,7 +133,7 @@ def _check_parent(p: dict[str, Any]) -> dict[str, Any]:
     return {"ref": p["ref"], "relation": relation, "params": params}
 
 
-def _resolve_body_ref(s: Session, ref: str, what: str) -> ModelVersion:
+def resolve_body_ref(s: Session, ref: str, what: str) -> ModelVersion:
     """Resolve a ref given in a request body: unknown refs are a 422, not a 404 of the URL."""
     try:
         v = resolve(s, ref, include_archived=False)
@@ -146,9 +145,9 @@ def _resolve_body_ref(s: Session, ref: str, what: str) -> ModelVersion:
     return v
 
 
-def _resolve_base(s: Session, ref: str) -> ModelVersion:
-    v = _resolve_body_ref(s, ref, "base")
-    if v.kind not in FULL_MODEL_KINDS:
+def resolve_base(s: Session, ref: str) -> ModelVersion:
+    v = resolve_body_ref(s, ref, "base")
+    if v.kind not in names.FULL_MODEL_KINDS:
         raise InvalidInput(f"base {ref} is an {v.kind}; a base must be a full model", code="invalid_base",
                            details={"ref": ref, "kind": v.kind})
     if v.status != "ready":
@@ -549,7 +548,7 @@ def commit(ctx: RegistryContext, draft_id: str, actor: str | None,
         sizes = {f.path: f.size for f in draft.files}
         staged = {f.sha256 for f in draft.files if f.staged}
         model = s.scalar(_model_named(model_name))
-        base = _resolve_base(s, spec["base"]) if spec.get("base") else None
+        base = resolve_base(s, spec["base"]) if spec.get("base") else None
         kind = spec.get("kind") or (model.kind if model else None) or fmt.infer_kind(list(manifest), base is not None)
         if model is not None and model.kind != kind:
             raise Conflict(f"model {model_name!r} holds {model.kind} versions, not {kind}", code="kind_mismatch",
@@ -561,7 +560,7 @@ def commit(ctx: RegistryContext, draft_id: str, actor: str | None,
         sources = _sources(ctx, s, draft)
         chash = fmt.content_hash(manifest)
         if model is not None:
-            _check_duplicate(s, model.id, chash, base.id if base is not None else None, model_name)
+            check_duplicate(s, model.id, chash, base.id if base is not None else None, model_name)
 
     check_finite = settings.check_finite == "all" or (settings.check_finite == "adapters" and kind == "adapter")
     insp = fmt.inspect_version(kind, sources, max_header_bytes=settings.max_header_bytes, check_finite=check_finite)
@@ -611,7 +610,7 @@ def record_version(
         update(Model).where(Model.id == model.id).values(last_version=Model.last_version + 1)
         .returning(Model.last_version)
     ).scalar_one()
-    _check_duplicate(s, model.id, content_sha256, base.id if base is not None else None, model_name)
+    check_duplicate(s, model.id, content_sha256, base.id if base is not None else None, model_name)
     if base is not None:
         locked = s.scalar(select(ModelVersion).where(ModelVersion.id == base.id).with_for_update(read=True))
         if locked is None or locked.archived_at is not None:
@@ -639,7 +638,7 @@ def record_version(
         rel = Relation.adapter_of if kind == "adapter" else Relation.finetune_of
         s.add(LineageEdge(child_id=v.id, parent_id=base.id, relation=rel.value, params={}))
     for p in spec.get("parents") or []:
-        parent = _resolve_body_ref(s, p["ref"], "parent")
+        parent = resolve_body_ref(s, p["ref"], "parent")
         if base is not None and parent.id == base.id and p["relation"] in ("adapter_of", "finetune_of"):
             continue
         s.add(LineageEdge(child_id=v.id, parent_id=parent.id, relation=p["relation"], params=p["params"]))
@@ -658,7 +657,7 @@ def record_version(
     return v
 
 
-def _check_duplicate(s: Session, model_id: int, chash: str, base_id: int | None, model_name: str) -> None:
+def check_duplicate(s: Session, model_id: int, chash: str, base_id: int | None, model_name: str) -> None:
     """Versions are immutable: the same files pinned to the same base would add nothing. (The same
     files pinned to another base are a new version: an adapter re-pinned to a new base.)"""
     dup = s.scalar(select(ModelVersion.version).where(

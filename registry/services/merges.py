@@ -19,7 +19,6 @@ from ..models import ModelVersion
 from . import jobs, names
 from .context import RegistryContext
 from .derive import (
-    FULL_MODEL_KINDS,
     check_number,
     input_version,
     job_run,
@@ -30,6 +29,7 @@ from .derive import (
     ref_of,
 )
 from .drafts import CommitOptions, DraftSpec
+from .names import FULL_MODEL_KINDS
 from .runner import JobRun, handler
 
 MAX_INPUTS = 64

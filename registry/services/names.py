@@ -13,6 +13,7 @@ MAX_TAG_VALUE = 1024
 MAX_DESCRIPTION = 10_000
 RESERVED_ALIASES = {"latest"}
 KINDS = ("base", "adapter", "finetune", "merge")
+FULL_MODEL_KINDS = ("base", "finetune", "merge")  # kinds that hold whole weights (a base can be one of these)
 
 
 def model_name(name: str) -> str:

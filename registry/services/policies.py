@@ -26,8 +26,9 @@ from ..errors import Conflict, InvalidInput, NotFound
 from ..models import Event, Job, JobState, Model, ModelVersion, Policy
 from . import jobs, names
 from .context import RegistryContext
-from .derive import FULL_MODEL_KINDS, check_number
+from .derive import check_number
 from .dispatcher import subscriber
+from .names import FULL_MODEL_KINDS
 
 TYPES = ("transfer_on_base_update", "refresh_basis")
 TRIGGERS = ("version.created", "version.promoted")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -25,7 +24,6 @@ from ..models import Model, ModelVersion, VersionFile
 from . import jobs
 from .context import RegistryContext
 from .derive import (
-    FULL_MODEL_KINDS,
     check_number,
     input_version,
     job_run,
@@ -34,8 +32,9 @@ from .derive import (
     provenance_entry,
     record,
 )
-from .derived import materialize
-from .drafts import CommitOptions, DraftSpec, _resolve_base
+from .derived import cache, plan_transfer_files
+from .drafts import CommitOptions, DraftSpec, check_duplicate, record_version, resolve_base
+from .names import FULL_MODEL_KINDS
 from .runner import JobRun, handler
 
 
@@ -137,28 +136,16 @@ def _diagnostics(rep: Any, mr: Any) -> dict[str, Any]:
     return {**diag, "skipped": report.get("skipped", [])[:50], "padded": report.get("padded", [])[:50]}
 
 
-def _plan(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path) -> Any:
-    from ..weights.transfer_stream import plan_transfer
-
-    dirs = [materialize(ctx, vid, work / label) for vid, label in zip(ids, ("finetune", "source", "target"),
-                                                                        strict=True)]
-    return plan_transfer(dirs[0], dirs[1], dirs[2], alpha, max_shard_bytes=ctx.settings.merged_shard_bytes,
-                         device="cpu")
-
-
 def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: Any, mr: Any,
                     ids: tuple[int, int, int], alpha: float, result: dict[str, Any]) -> Any:
     """A ``derived:diff`` candidate: no weights stored, only the recipe. Its files are generated
     once here to learn their sha256 (and diagnostics), teed into the cache; side files that are
     plain copies link the target's / fine-tune's blobs."""
-    from ..weights.transfer import _finish_report
     from ..weights.transfer_stream import tensor_index
-    from .derived import cache
-    from .drafts import _check_duplicate, record_version
 
     ctx = run.ctx
     run.progress(0.05, "planning the derived transfer")
-    plan = _plan(ctx, ids, alpha, run.work_dir)
+    plan = plan_transfer_files(ctx, ids, alpha, run.work_dir)
     c = cache(ctx)
     generated: dict[str, tuple[str, int]] = {}
     try:
@@ -172,7 +159,7 @@ def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: 
                 if done % (256 << 20) < len(chunk):
                     run.progress(0.1 + 0.75 * done / total, f"hashing {name}")
             generated[name] = (h.hexdigest(), size)
-        _finish_report(plan.report, plan._engine.sums, alpha)
+        plan.finish_report()
         links: dict[str, tuple[str, int]] = {}
         with ctx.db.read() as s:
             for side in plan.side_files:
@@ -202,10 +189,10 @@ def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: 
     mr.finish()
     try:
         with ctx.db.write() as s:
-            base = _resolve_base(s, spec.base) if spec.base else None
+            base = resolve_base(s, spec.base) if spec.base else None
             model = s.scalar(select(Model).where(Model.name == spec.model))
             if model is not None:
-                _check_duplicate(s, model.id, chash, base.id if base is not None else None, spec.model)
+                check_duplicate(s, model.id, chash, base.id if base is not None else None, spec.model)
             recipe = {**recipe, "finetune_version_id": ids[0], "source_version_id": ids[1],
                       "target_version_id": ids[2], "max_shard_bytes": ctx.settings.merged_shard_bytes}
             v = record_version(
@@ -220,27 +207,3 @@ def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: 
         if e.code != "duplicate_content":
             raise
         return str(e.details["existing"])
-
-
-def diff_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Any:
-    """Serve a ``derived:diff`` version: m_t + α (m'_s − m_s), generated range by range."""
-    from .derived import Generator
-
-    r = v.recipe or {}
-    plan = _plan(ctx, (r["finetune_version_id"], r["source_version_id"], r["target_version_id"]),
-                 float(r.get("alpha", 1.0)), work)
-    side = {sf.name: sf.data for sf in plan.side_files if sf.data is not None}
-
-    class _DiffFiles(Generator):
-        def sizes(self) -> dict[str, int]:
-            return {**plan.file_sizes(), **{k: len(d) for k, d in side.items()}}
-
-        def read_range(self, path: str, start: int, end: int) -> Any:
-            if path in side:
-                return iter([side[path][start:end]])
-            return plan.iter_file(path, start, end)
-
-        def close(self) -> None:
-            plan.close()
-
-    return _DiffFiles()

@@ -75,7 +75,7 @@ _SUFFIX_B = ".lora_B.weight"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in ``t``. NaN and Inf propagate into a sum, so one reduction (no temporary)
     decides the common case; a non-finite sum (or an overflow) is confirmed element-wise."""
     return bool(t.sum(dtype=_compute_dtype(t.dtype)).isfinite()) or bool(torch.isfinite(t).all())
@@ -376,7 +376,7 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
             x = t.to(cdt)  # a fresh tensor, or the loaded one itself: either is ours to scale in place
             if root != 1.0:
                 x.mul_(root)
-            if not _all_finite(x):
+            if not all_finite(x):
                 raise NonFiniteError(f"{st_path}: tensor {_PREFIX}{name}.{which}.weight holds NaN or Inf")
             folded.append(x)
         modules[name] = LoraModule(A=folded[0], B=folded[1])

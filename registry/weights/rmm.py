@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .adapters import LoraAdapter, LoraModule, _all_finite, write_safetensors
+from .adapters import LoraAdapter, LoraModule, all_finite, write_safetensors
 from .device import resolve_device
 from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteError, WeightsError
 
@@ -332,7 +332,7 @@ def _check_finite(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None
         for n in names:
             mod = ad.modules[n]
             for which, t in (("lora_A", mod.A), ("lora_B", mod.B)):
-                if not _all_finite(t):
+                if not all_finite(t):
                     raise NonFiniteError(f"adapter {idx}: {n}.{which} holds NaN or Inf values")
 
 
@@ -353,7 +353,7 @@ def _check_against(basis: RmmBasis, adapter: LoraAdapter) -> None:
         raise IncompatibleAdaptersError(f"adapter rank/shapes differ from the basis: {odd[:10]}")
     for name, mod in adapter.modules.items():
         for which, t in (("lora_A", mod.A), ("lora_B", mod.B)):
-            if not _all_finite(t):
+            if not all_finite(t):
                 raise NonFiniteError(f"adapter: {name}.{which} holds NaN or Inf values")
 
 

@@ -32,6 +32,7 @@ from .transfer import (
     _check_args,
     _Chunk,
     _Engine,
+    _finish_report,
     _Job,
     _patched_config,
     _plan_transfer,
@@ -75,6 +76,11 @@ class TransferPlan:
     _t: Checkpoint
     _engine: _Engine
     _slot: _Slot = field(default_factory=_Slot)
+
+    def finish_report(self) -> TransferReport:
+        """Complete :attr:`report` (norms, ratios, cosine) once every output tensor was streamed."""
+        _finish_report(self.report, self._engine.sums, self.report.alpha)
+        return self.report
 
     def file_sizes(self) -> dict[str, int]:
         """Output weight files (and the index when sharded) -> size in bytes."""
