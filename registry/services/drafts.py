@@ -239,7 +239,7 @@ def _check_sha_arg(sha256: str | None) -> str | None:
     if sha256 is None:
         return None
     sha256 = sha256.lower()
-    if not SHA256_RE.match(sha256):
+    if not SHA256_RE.fullmatch(sha256):
         raise BadRequest(f"not a hex sha256: {sha256!r}", code="invalid_sha256")
     return sha256
 

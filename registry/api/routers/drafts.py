@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ...errors import BadRequest
-from ...services import drafts
+from ...services import drafts, names
 from ...services.drafts import DraftSpec
 from ..deps import Ctx, Writer
 from ..schemas import (
@@ -47,9 +47,10 @@ def _content_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    length = names.ascii_uint(value)
+    if length is None:
         raise BadRequest("bad Content-Length", code="bad_content_length")
-    return int(value)
+    return length
 
 
 @router.put("/drafts/{draft_id}/files/{path:path}", status_code=status.HTTP_201_CREATED, response_model=DraftFileOut,
@@ -84,9 +85,13 @@ def get_upload(upload_id: str, ctx: Ctx, _: Writer) -> object:
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def append_chunk(
     upload_id: str, request: Request, ctx: Ctx, _: Writer,
-    upload_offset: int = Header(description="Offset of this chunk; must equal `received`."),
+    upload_offset: str = Header(description="Offset of this chunk (ASCII digits); must equal `received`."),
 ) -> object:
-    return await drafts.append_chunk(ctx, upload_id, upload_offset, request.stream())
+    offset = names.ascii_uint(upload_offset)
+    if offset is None:
+        raise BadRequest(f"bad Upload-Offset {upload_offset!r}: expected ASCII digits", code="invalid_offset",
+                         details={"offset": upload_offset})
+    return await drafts.append_chunk(ctx, upload_id, offset, request.stream())
 
 
 @router.post("/uploads/{upload_id}/commit", status_code=status.HTTP_201_CREATED, response_model=DraftFileOut)
