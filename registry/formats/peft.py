@@ -8,11 +8,11 @@ The weight math itself (loading factors, scales) lives in :mod:`registry.weights
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput
+from . import jsonfile
 from .safetensors import TensorInfo
 
 PREFIX = "base_model.model."
@@ -74,9 +74,9 @@ class AdapterSpec:
 
 def parse_config(raw: bytes, file: str = "adapter_config.json") -> dict[str, Any]:
     try:
-        cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _invalid(f"{file} is not valid JSON: {e}", file=file) from None
+        cfg = jsonfile.parse(raw)
+    except jsonfile.JsonError as e:
+        raise _invalid(f"{file} is {e}", file=file) from None
     if not isinstance(cfg, dict):
         raise _invalid(f"{file} must hold a JSON object", file=file)
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
