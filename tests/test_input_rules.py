@@ -167,3 +167,39 @@ def test_unsatisfiable_range() -> None:
     with pytest.raises(RegistryError) as e:
         parse_range("bytes=100-", 100)
     assert e.value.status == 416
+
+
+# --------------------------------------------------------------------------- adapter configs
+
+
+_CFG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
+
+
+@pytest.mark.parametrize("change,code", [
+    ({"r": None}, "invalid_adapter"), ({"r": 0}, "invalid_adapter"), ({"r": -4}, "invalid_adapter"),
+    ({"r": 4.5}, "invalid_adapter"), ({"r": "4"}, "invalid_adapter"), ({"r": True}, "invalid_adapter"),
+    ({"lora_alpha": "8"}, "invalid_adapter"), ({"peft_type": None}, "invalid_adapter"),
+    ({"peft_type": "IA3"}, "unsupported_adapter"), ({"use_qalora": True}, "unsupported_adapter"),
+    ({"init_lora_weights": "pissa"}, "unsupported_adapter"), ({"trainable_token_indices": [1]}, "unsupported_adapter"),
+])
+def test_adapter_config_rules(change: dict[str, object], code: str) -> None:
+    cfg = {k: v for k, v in {**_CFG, **change}.items() if v is not None}
+    with pytest.raises(InvalidInput) as e:
+        peft.parse_config(json.dumps(cfg).encode())
+    assert e.value.code == code
+
+
+def _factors(r: int, module: str = "q_proj") -> dict[str, object]:
+    from registry.formats.safetensors import TensorInfo
+
+    p = f"base_model.model.model.layers.0.self_attn.{module}"
+    return {f"{p}.lora_A.weight": TensorInfo("a", "F32", (r, 16), 0, 0),
+            f"{p}.lora_B.weight": TensorInfo("b", "F32", (16, r), 0, 0)}
+
+
+def test_adapter_config_must_describe_its_factors() -> None:
+    assert peft.parse_adapter(dict(_CFG), _factors(4), "a.safetensors").modules  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="rank 8"):
+        peft.parse_adapter(dict(_CFG), _factors(8), "a.safetensors")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="target_modules"):
+        peft.parse_adapter(dict(_CFG), _factors(4, "v_proj"), "a.safetensors")  # type: ignore[arg-type]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput
+from ..weights import peft_config
+from ..weights.errors import AdapterFormatError, UnsupportedAdapterError
 from . import jsonfile
 from .safetensors import TensorInfo
 
@@ -79,25 +81,32 @@ def parse_config(raw: bytes, file: str = "adapter_config.json") -> dict[str, Any
         raise _invalid(f"{file} is {e}", file=file) from None
     if not isinstance(cfg, dict):
         raise _invalid(f"{file} must hold a JSON object", file=file)
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise _unsupported(f"PEFT type {peft_type} is not supported; only LoRA adapters can be registered",
-                           peft_type=peft_type)
-    if cfg.get("use_dora"):
-        raise _unsupported("DoRA adapters (use_dora=true) are not supported: their magnitude vectors "
-                           "cannot be represented as low-rank deltas", feature="use_dora")
-    if cfg.get("lora_bias"):
-        raise _unsupported("LoRA bias (lora_bias=true) is not supported", feature="lora_bias")
-    if str(cfg.get("bias", "none")) != "none":
-        raise _unsupported(f"bias={cfg.get('bias')!r} is not supported (only 'none')", feature="bias")
-    if cfg.get("modules_to_save"):
-        raise _unsupported("modules_to_save is not supported: the adapter would carry full weights",
-                           feature="modules_to_save", modules=cfg.get("modules_to_save"))
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
-            raise _invalid(f"{file}: {key} must be a positive number", file=file, key=key)
+    # The same rules the weight library applies when it loads the adapter (one place: peft_config).
+    try:
+        peft_config.check_config(cfg, file)
+    except UnsupportedAdapterError as e:
+        raise _unsupported(f"not supported: {e}", file=file) from None
+    except AdapterFormatError as e:
+        raise _invalid(str(e), file=file) from None
     return cfg
+
+
+def _check_module_config(config: dict[str, Any], module: str, r: int, file: str) -> None:
+    """The config must describe the factors: ``r`` equal to their rank and the module among
+    ``target_modules``. Checked when that takes no user-supplied regular expression (which could
+    take exponential time here); with ``rank_pattern`` or regex targets the weight library checks
+    them when it loads the adapter."""
+    if not config.get("rank_pattern"):
+        want, _ = peft_config.rank_alpha(config, module)
+        if r != want:
+            raise _invalid(f"{file}: module {module!r} has rank {r} but adapter_config.json says r={want}",
+                           module=module, rank=r, config_r=want)
+    targets = config.get("target_modules")
+    plain = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if plain and not config.get("layers_pattern") and not isinstance(config.get("exclude_modules"), str) \
+            and not peft_config.targets(config, module):
+        raise _invalid(f"{file}: module {module!r} is not among target_modules {targets[:10]}",
+                       module=module, target_modules=targets[:50])
 
 
 def parse_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo], file: str) -> AdapterSpec:
@@ -138,6 +147,7 @@ def parse_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo], file: 
         if r != r_b or r == 0:
             raise _invalid(f"module {module!r}: lora_A rank {r} does not match lora_B rank {r_b}",
                            module=module, a_shape=list(a.shape), b_shape=list(b.shape))
+        _check_module_config(config, module, r, file)
         modules[module] = LoraModuleShape(module, layers[module], r, in_f, out_f)
     if not modules:
         raise _invalid(f"{file} holds no LoRA factors")
