@@ -11,10 +11,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 
 from .. import __version__
 from ..config import Settings, get_settings, is_loopback
 from ..errors import RegistryError
+from ..services import names
 from ..services.context import RegistryContext
 from .routers import compat, drafts, files, jobs, models, system, versions, webhooks
 
@@ -45,6 +47,59 @@ class LoopbackOnly:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class JsonBodyLimit:
+    """ASGI middleware: request bodies of every route but those marked ``streamed_body`` (file
+    uploads, which stream to disk under their own limits) are bounded to ``limit`` bytes before
+    anything parses them. A larger body, declared or sent, gets 413 ``payload_too_large``."""
+
+    _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: Any, *, routes: list[BaseRoute], limit: int) -> None:
+        self.app = app
+        self.routes = routes
+        self.limit = limit
+
+    def _streams(self, scope: Any) -> bool:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return bool(getattr(getattr(route, "endpoint", None), "streams_body", False))
+        return False
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, "payload_too_large", f"request body larger than {self.limit} bytes "
+                      "(REGISTRY_MAX_JSON_BODY_BYTES)", {"limit": self.limit})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in self._NO_BODY or self._streams(scope):
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = names.ascii_uint(value.decode("latin-1"))
+                if declared is not None and declared > self.limit:
+                    await self._too_large()(scope, receive, send)
+                    return
+        messages: list[Any] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._too_large()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None, ctx: RegistryContext | None = None) -> FastAPI:
@@ -97,6 +152,7 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
         log.exception("unhandled error")
         return _error(500, "internal", "internal server error")
 
+    app.add_middleware(JsonBodyLimit, routes=app.router.routes, limit=settings.max_json_body_bytes)
     if settings.auth == "off":
         # Without auth the server must only be reachable from this machine; refuse remote peers
         # even if someone bound it to a public address by hand.

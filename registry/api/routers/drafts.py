@@ -9,7 +9,7 @@ from starlette.responses import Response
 from ...errors import BadRequest
 from ...services import drafts, names
 from ...services.drafts import DraftSpec
-from ..deps import Ctx, Writer
+from ..deps import Ctx, Writer, streamed_body
 from ..schemas import (
     DraftCreate,
     DraftFileOut,
@@ -55,6 +55,7 @@ def _content_length(request: Request) -> int | None:
 
 @router.put("/drafts/{draft_id}/files/{path:path}", status_code=status.HTTP_201_CREATED, response_model=DraftFileOut,
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+@streamed_body
 async def put_file(draft_id: str, path: str, request: Request, ctx: Ctx, _: Writer,
                    x_checksum_sha256: str | None = Header(default=None)) -> object:
     """Upload one file as the raw request body (streamed to disk, hashed on the way). With
@@ -83,6 +84,7 @@ def get_upload(upload_id: str, ctx: Ctx, _: Writer) -> object:
 
 @router.patch("/uploads/{upload_id}", response_model=UploadOut,
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+@streamed_body
 async def append_chunk(
     upload_id: str, request: Request, ctx: Ctx, _: Writer,
     upload_offset: str = Header(description="Offset of this chunk (ASCII digits); must equal `received`."),
