@@ -11,7 +11,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Match
 
 from .. import __version__
 from ..config import Settings, get_settings, is_loopback
@@ -49,57 +48,41 @@ class LoopbackOnly:
         await self.app(scope, receive, send)
 
 
-class JsonBodyLimit:
-    """ASGI middleware: request bodies of every route but those marked ``streamed_body`` (file
-    uploads, which stream to disk under their own limits) are bounded to ``limit`` bytes before
-    anything parses them. A larger body, declared or sent, gets 413 ``payload_too_large``."""
+class BodyLimit:
+    """ASGI middleware: a request body is bounded to ``limit`` bytes as the route reads it, before
+    anything parses it: a larger declared ``Content-Length`` is refused before any byte is read,
+    and a chunked body as soon as it passes the limit (413 ``payload_too_large``, through the
+    app's error handler). Routes marked :func:`~registry.api.deps.streamed_body` (file bytes,
+    upload chunks) are exempt: they stream to disk under their own size and time limits."""
 
-    _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
-
-    def __init__(self, app: Any, *, routes: list[BaseRoute], limit: int) -> None:
+    def __init__(self, app: Any, *, limit: int) -> None:
         self.app = app
-        self.routes = routes
         self.limit = limit
 
-    def _streams(self, scope: Any) -> bool:
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return bool(getattr(getattr(route, "endpoint", None), "streams_body", False))
-        return False
-
-    def _too_large(self) -> JSONResponse:
-        return _error(413, "payload_too_large", f"request body larger than {self.limit} bytes "
-                      "(REGISTRY_MAX_JSON_BODY_BYTES)", {"limit": self.limit})
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in self._NO_BODY or self._streams(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                declared = names.ascii_uint(value.decode("latin-1"))
-                if declared is not None and declared > self.limit:
-                    await self._too_large()(scope, receive, send)
-                    return
-        messages: list[Any] = []
-        size = 0
-        while True:
+        seen = -1  # -1: nothing read yet
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            if getattr(getattr(scope.get("route"), "endpoint", None), "streams_body", False):
+                return await receive()  # routed by now: the router set scope["route"]
+            if seen < 0:
+                seen = 0
+                for key, value in scope["headers"]:
+                    declared = names.ascii_uint(value.decode("latin-1")) if key == b"content-length" else None
+                    if declared is not None and declared > self.limit:
+                        raise StarletteHTTPException(413, "request body too large")
             message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._too_large()(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, "request body too large")
+            return message
 
-        async def replay() -> Any:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, limited_receive, send)
 
 
 def create_app(settings: Settings | None = None, ctx: RegistryContext | None = None) -> FastAPI:
@@ -141,6 +124,11 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            limit = settings.max_json_body_bytes
+            return _error(413, "payload_too_large", f"request body larger than {limit} bytes (the limit of "
+                          "REGISTRY_MAX_JSON_BODY_BYTES; files are uploaded with PUT or upload sessions)",
+                          {"limit": limit})
         return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -152,7 +140,7 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
         log.exception("unhandled error")
         return _error(500, "internal", "internal server error")
 
-    app.add_middleware(JsonBodyLimit, routes=app.router.routes, limit=settings.max_json_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_json_body_bytes)
     if settings.auth == "off":
         # Without auth the server must only be reachable from this machine; refuse remote peers
         # even if someone bound it to a public address by hand.

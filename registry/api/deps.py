@@ -23,8 +23,8 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def streamed_body(endpoint: F) -> F:
-    """Mark a route that streams its request body itself (file bytes, upload chunks) with its own
-    size and time limits: the JSON body limit of the app (``REGISTRY_MAX_JSON_BODY_BYTES``) skips it."""
+    """Mark a route that streams its request body to disk under its own limits (file bytes,
+    upload chunks): the app's body limit (``REGISTRY_MAX_JSON_BODY_BYTES``) does not apply to it."""
     endpoint.streams_body = True  # type: ignore[attr-defined]
     return endpoint
 
