@@ -106,7 +106,7 @@ def set_model_tag(ctx: RegistryContext, name: str, key: str, value: str) -> Mode
     key, value = names.tag(key, value)
     with ctx.db.write() as s:
         m = get_model(s, name)
-        current = dict(s.execute(select(ModelTag.key, ModelTag.value).where(ModelTag.model_id == m.id)).tuples())
+        current = {k: v for k, v in s.execute(select(ModelTag.key, ModelTag.value).where(ModelTag.model_id == m.id))}
         names.tag_budget({**current, key: value}, max_count=ctx.settings.max_tags,
                          max_bytes=ctx.settings.max_tag_bytes)
         row = s.get(ModelTag, (m.id, key))

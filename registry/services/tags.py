@@ -16,8 +16,8 @@ def set_tags(ctx: RegistryContext, ref: str, tags: dict[str, str]) -> VersionVie
     tags = names.tags(tags)
     with ctx.db.write() as s:
         v = resolve(s, ref)
-        current = dict(s.execute(select(VersionTag.key, VersionTag.value).where(VersionTag.version_id == v.id))
-                       .tuples())
+        current = {k: val for k, val in s.execute(
+            select(VersionTag.key, VersionTag.value).where(VersionTag.version_id == v.id))}
         names.tag_budget({**current, **tags}, max_count=ctx.settings.max_tags, max_bytes=ctx.settings.max_tag_bytes)
         for key, value in tags.items():
             row = s.get(VersionTag, (v.id, key))
