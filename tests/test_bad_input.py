@@ -293,8 +293,8 @@ def test_adapter_targets_missing_module(api: Api, name: str, base_ref: str, tmp_
     factors = lora_factors(r=4)
     factors["base_model.model.model.layers.0.self_attn.nope_proj.lora_A.weight"] = torch.zeros(4, 64)
     factors["base_model.model.model.layers.0.self_attn.nope_proj.lora_B.weight"] = torch.zeros(64, 4)
-    err = assert_error(api.push_folder(save_adapter(tmp_path / "a", factors, r=4), model=name, base=base_ref), 422,
-                       "shape_mismatch")
+    folder = save_adapter(tmp_path / "a", factors, r=4, targets=("q_proj", "v_proj", "nope_proj"))
+    err = assert_error(api.push_folder(folder, model=name, base=base_ref), 422, "shape_mismatch")
     assert {"key": "model.layers.0.self_attn.nope_proj.weight", "problem": "no such tensor in the base",
             "adapter_shape": [64, 64]} in err["details"]["mismatches"]
 
