@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     check_finite: Literal["all", "adapters", "off"] = Field(
         "all", description="Scan floating tensors for NaN/Inf at ingest."
     )
+    max_tags: int = Field(256, ge=0, description="Most tags one model or one version may hold.")
+    max_tag_bytes: int = Field(
+        64 * 1024, ge=0, description="Most bytes (UTF-8 keys + values) of the tags of one model or version."
+    )
+    max_json_body_bytes: int = Field(
+        1 << 20, ge=1, description="Largest JSON request body (413 above it); file uploads have their own limit."
+    )
+    body_timeout_seconds: float = Field(
+        60.0, gt=0, description="A streamed upload that sends nothing for this long is refused (408)."
+    )
     draft_ttl_seconds: int = Field(24 * 3600, description="Unfinished pushes older than this are removed by gc.")
     gc_grace_seconds: int = Field(3600, description="gc never removes blobs younger than this.")
     device: Literal["auto", "cpu", "cuda"] = "auto"

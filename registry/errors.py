@@ -51,6 +51,11 @@ class NotFound(RegistryError):
     code = "not_found"
 
 
+class RequestTimeout(RegistryError):
+    status = 408
+    code = "body_timeout"
+
+
 class Conflict(RegistryError):
     status = 409
     code = "conflict"

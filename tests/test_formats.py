@@ -164,7 +164,7 @@ def test_peft_embedding_and_fan_in_fan_out_shapes() -> None:
         "base_model.model.h.0.attn.c_attn.lora_A.weight": t("c", (4, 16)),
         "base_model.model.h.0.attn.c_attn.lora_B.weight": t("d", (48, 4)),
     }
-    spec = peft.parse_adapter({"fan_in_fan_out": True}, tensors, "adapter_model.safetensors")
+    spec = peft.parse_adapter({"fan_in_fan_out": True, "r": 4}, tensors, "adapter_model.safetensors")
     base = {"embed.weight": ["F32", [100, 16], "m"], "h.0.attn.c_attn.weight": ["F32", [16, 48], "m"]}
     assert peft.check_against_base(spec, base) == []
     base["h.0.attn.c_attn.weight"] = ["F32", [48, 16], "m"]

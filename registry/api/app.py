@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from .. import __version__
 from ..config import Settings, get_settings, is_loopback
 from ..errors import RegistryError
+from ..services import names
 from ..services.context import RegistryContext
 from .routers import compat, drafts, files, jobs, models, system, versions, webhooks
 
@@ -45,6 +46,43 @@ class LoopbackOnly:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body is bounded to ``limit`` bytes as the route reads it, before
+    anything parses it: a larger declared ``Content-Length`` is refused before any byte is read,
+    and a chunked body as soon as it passes the limit (413 ``payload_too_large``, through the
+    app's error handler). Routes marked :func:`~registry.api.deps.streamed_body` (file bytes,
+    upload chunks) are exempt: they stream to disk under their own size and time limits."""
+
+    def __init__(self, app: Any, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = -1  # -1: nothing read yet
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            if getattr(getattr(scope.get("route"), "endpoint", None), "streams_body", False):
+                return await receive()  # routed by now: the router set scope["route"]
+            if seen < 0:
+                seen = 0
+                for key, value in scope["headers"]:
+                    declared = names.ascii_uint(value.decode("latin-1")) if key == b"content-length" else None
+                    if declared is not None and declared > self.limit:
+                        raise StarletteHTTPException(413, "request body too large")
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, "request body too large")
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def create_app(settings: Settings | None = None, ctx: RegistryContext | None = None) -> FastAPI:
@@ -86,6 +124,11 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            limit = settings.max_json_body_bytes
+            return _error(413, "payload_too_large", f"request body larger than {limit} bytes (the limit of "
+                          "REGISTRY_MAX_JSON_BODY_BYTES; files are uploaded with PUT or upload sessions)",
+                          {"limit": limit})
         return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -97,6 +140,7 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
         log.exception("unhandled error")
         return _error(500, "internal", "internal server error")
 
+    app.add_middleware(BodyLimit, limit=settings.max_json_body_bytes)
     if settings.auth == "off":
         # Without auth the server must only be reachable from this machine; refuse remote peers
         # even if someone bound it to a public address by hand.

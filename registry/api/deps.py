@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +17,16 @@ async def get_ctx(request: Request) -> RegistryContext:
     # async: FastAPI would run a plain ``def`` dependency in the thread pool, one hop per request
     ctx: RegistryContext = request.app.state.ctx
     return ctx
+
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def streamed_body(endpoint: F) -> F:
+    """Mark a route that streams its request body to disk under its own limits (file bytes,
+    upload chunks): the app's body limit (``REGISTRY_MAX_JSON_BODY_BYTES``) does not apply to it."""
+    endpoint.streams_body = True  # type: ignore[attr-defined]
+    return endpoint
 
 
 Ctx = Annotated[RegistryContext, Depends(get_ctx)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput
-from . import peft
+from . import jsonfile, peft
 from .safetensors import SafetensorsHeader, check_stream, parse_header
 
 ADAPTER_CONFIG = peft.ADAPTER_CONFIG_NAME
@@ -78,11 +78,7 @@ def check_single_file(src: FileSource, *, max_header_bytes: int, check_finite: b
 
 
 def _load_json(src: FileSource) -> Any:
-    try:
-        return json.loads(src.read_all().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidInput(f"{src.path} is not valid JSON: {e}", code="invalid_json",
-                           details={"file": src.path}) from None
+    return jsonfile.loads(src.read_all(), file=src.path)
 
 
 @dataclass

@@ -8,13 +8,13 @@ The weight math itself (loading factors, scales) lives in :mod:`registry.weights
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput
+from ..weights import peft_config
 from ..weights.errors import AdapterFormatError, UnsupportedAdapterError
-from ..weights.peft_config import check_config
+from . import jsonfile
 from .safetensors import TensorInfo
 
 PREFIX = "base_model.model."
@@ -76,17 +76,37 @@ class AdapterSpec:
 
 def parse_config(raw: bytes, file: str = "adapter_config.json") -> dict[str, Any]:
     try:
-        cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _invalid(f"{file} is not valid JSON: {e}", file=file) from None
+        cfg = jsonfile.parse(raw)
+    except jsonfile.JsonError as e:
+        raise _invalid(f"{file} is {e}", file=file) from None
     if not isinstance(cfg, dict):
         raise _invalid(f"{file} must hold a JSON object", file=file)
+    # The same rules the weight library applies when it loads the adapter (one place: peft_config).
     try:
-        return check_config(cfg, file)
+        peft_config.check_config(cfg, file)
     except UnsupportedAdapterError as e:
-        raise _unsupported(str(e), file=file) from None
+        raise _unsupported(f"not supported: {e}", file=file) from None
     except AdapterFormatError as e:
         raise _invalid(str(e), file=file) from None
+    return cfg
+
+
+def _check_module_config(config: dict[str, Any], module: str, r: int, file: str) -> None:
+    """The config must describe the factors: ``r`` equal to their rank and the module among
+    ``target_modules``. Checked when that takes no user-supplied regular expression (which could
+    take exponential time here); with ``rank_pattern`` or regex targets the weight library checks
+    them when it loads the adapter."""
+    if not config.get("rank_pattern"):
+        want, _ = peft_config.rank_alpha(config, module)
+        if r != want:
+            raise _invalid(f"{file}: module {module!r} has rank {r} but adapter_config.json says r={want}",
+                           module=module, rank=r, config_r=want)
+    targets = config.get("target_modules")
+    plain = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if plain and not config.get("layers_pattern") and not isinstance(config.get("exclude_modules"), str) \
+            and not peft_config.targets(config, module):
+        raise _invalid(f"{file}: module {module!r} is not among target_modules {targets[:10]}",
+                       module=module, target_modules=targets[:50])
 
 
 def parse_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo], file: str) -> AdapterSpec:
@@ -127,6 +147,7 @@ def parse_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo], file: 
         if r != r_b or r == 0:
             raise _invalid(f"module {module!r}: lora_A rank {r} does not match lora_B rank {r_b}",
                            module=module, a_shape=list(a.shape), b_shape=list(b.shape))
+        _check_module_config(config, module, r, file)
         modules[module] = LoraModuleShape(module, layers[module], r, in_f, out_f)
     if not modules:
         raise _invalid(f"{file} holds no LoRA factors")

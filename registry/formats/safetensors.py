@@ -11,7 +11,6 @@ Every violation raises :class:`registry.errors.InvalidInput` with code ``invalid
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput
+from . import jsonfile
 
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS: dict[str, int] = {
@@ -29,6 +29,9 @@ DTYPE_BITS: dict[str, int] = {
 }
 MAX_DIMS = 16
 MAX_TENSORS = 1_000_000
+# Largest element count of a tensor, counting a zero dimension as 1: the safetensors library
+# multiplies dims in usize (u64) and refuses a shape like [0, 10**30] that overflows; so do we.
+MAX_ELEMENTS = 1 << 62
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -87,6 +90,20 @@ def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return (bits + 7) // 8
 
 
+def _shape_problem(shape: Any) -> str | None:
+    """Why ``shape`` is not a valid tensor shape (None when it is): a list of at most
+    :data:`MAX_DIMS` non-negative ints whose product, zeros counted as 1, stays within
+    :data:`MAX_ELEMENTS`."""
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        return f"shape must be a list of at most {MAX_DIMS} non-negative ints"
+    volume = 1
+    for d in shape:
+        volume *= max(d, 1)
+        if volume > MAX_ELEMENTS:
+            return f"shape {shape} has more than {MAX_ELEMENTS} elements"
+    return None
+
+
 def _check_length(n: int, *, file: str, max_header_bytes: int) -> None:
     if n > max_header_bytes:
         raise _bad(file, f"header of {n} bytes exceeds the limit of {max_header_bytes} bytes",
@@ -97,16 +114,12 @@ def _check_length(n: int, *, file: str, max_header_bytes: int) -> None:
 
 def _parse_json(raw: bytes, *, file: str) -> tuple[dict[str, TensorInfo], dict[str, str] | None, int]:
     """Validate the header JSON; returns tensors, metadata and the data buffer length they need."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(file, f"header is not UTF-8 ({e.reason} at byte {e.start})") from None
-    if not text.startswith("{"):
+    if not raw.startswith(b"{"):
         raise _bad(file, "header does not start with '{'")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except ValueError as e:
-        raise _bad(file, f"header is not valid JSON: {e}") from None
+        obj = jsonfile.parse(raw, object_pairs_hook=_no_duplicates)
+    except jsonfile.JsonError as e:
+        raise _bad(file, f"header is {e}") from None
     if not isinstance(obj, dict):
         raise _bad(file, "header is not a JSON object")
 
@@ -128,8 +141,9 @@ def _parse_json(raw: bytes, *, file: str) -> tuple[dict[str, TensorInfo], dict[s
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
         if dtype not in DTYPE_BITS:
             raise _bad(file, f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _bad(file, f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative ints")
+        problem = _shape_problem(shape)
+        if problem is not None:
+            raise _bad(file, f"tensor {name!r}: {problem}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
             raise _bad(file, f"tensor {name!r}: data_offsets must be two non-negative ints")
         begin, end = offsets

@@ -50,6 +50,7 @@ def create_model(ctx: RegistryContext, name: str, kind: str, description: str = 
     names.kind(kind)
     description = names.description(description)
     tag_map = names.tags(tags)
+    names.tag_budget(tag_map, max_count=ctx.settings.max_tags, max_bytes=ctx.settings.max_tag_bytes)
     with ctx.db.write() as s:
         if s.scalar(select(Model.id).where(Model.name == name)) is not None:
             raise Conflict(f"model {name!r} already exists", code="model_exists", details={"model": name})
@@ -105,6 +106,9 @@ def set_model_tag(ctx: RegistryContext, name: str, key: str, value: str) -> Mode
     key, value = names.tag(key, value)
     with ctx.db.write() as s:
         m = get_model(s, name)
+        current = {k: v for k, v in s.execute(select(ModelTag.key, ModelTag.value).where(ModelTag.model_id == m.id))}
+        names.tag_budget({**current, key: value}, max_count=ctx.settings.max_tags,
+                         max_bytes=ctx.settings.max_tag_bytes)
         row = s.get(ModelTag, (m.id, key))
         if row is None:
             s.add(ModelTag(model_id=m.id, key=key, value=value))

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session, lazyload
 
-from ..errors import BadRequest, Conflict, InvalidInput, NotFound, PayloadTooLarge
+from ..errors import BadRequest, Conflict, InvalidInput, NotFound, PayloadTooLarge, RequestTimeout
 from ..formats import inspect as fmt
 from ..formats.paths import clean_path
 from ..formats.safetensors import StreamCheck, iter_file
@@ -92,6 +92,7 @@ def create_draft(ctx: RegistryContext, spec: DraftSpec, actor: str | None) -> di
     if spec.kind is not None:
         names.kind(spec.kind)
     tags = names.tags(spec.tags)
+    names.tag_budget(tags, max_count=ctx.settings.max_tags, max_bytes=ctx.settings.max_tag_bytes)
     aliases = [names.alias_name(a) for a in spec.aliases]
     description = names.description(spec.description)
     parents = [_check_parent(p) for p in spec.parents]
@@ -247,7 +248,7 @@ def _check_sha_arg(sha256: str | None) -> str | None:
     if sha256 is None:
         return None
     sha256 = sha256.lower()
-    if not SHA256_RE.match(sha256):
+    if not SHA256_RE.fullmatch(sha256):
         raise BadRequest(f"not a hex sha256: {sha256!r}", code="invalid_sha256")
     return sha256
 
@@ -266,7 +267,7 @@ async def receive_file(ctx: RegistryContext, draft_id: str, path: str, body: Asy
     check = _stream_check(ctx, path, draft.get("kind"))
     writer = HashingWriter(ctx.staging.new_file(draft_id))
     try:
-        await _pump(body, writer, limit, path, check=check)
+        await _pump(body, writer, limit, path, check=check, timeout=ctx.settings.body_timeout_seconds)
         sha = await asyncio.to_thread(writer.close)
     except BaseException:
         writer.abort()
@@ -282,10 +283,11 @@ DRAIN_AFTER_ERROR = 64 << 20  # read (and drop) this much more of a refused body
 
 
 async def _pump(body: AsyncIterator[bytes], writer: HashingWriter, limit: int, path: str, *,
-                hasher: Any = None, check: StreamCheck | None = None) -> None:
+                hasher: Any = None, check: StreamCheck | None = None, timeout: float | None = None) -> None:
     """Copy the request body to ``writer`` in batches handed to a worker thread, updating the
     extra ``hasher`` and feeding the stream ``check`` on the way. A check failure (bad header)
-    stops the copy early; a little more of the body is drained so the client reads the 4xx."""
+    stops the copy early; a little more of the body is drained so the client reads the 4xx.
+    A body that sends nothing for ``timeout`` seconds (one read) is refused with 408."""
     batch: list[bytes] = []
     pending = 0
     total = writer.size  # bytes received so far, including those still being written
@@ -311,8 +313,20 @@ async def _pump(body: AsyncIterator[bytes], writer: HashingWriter, limit: int, p
                 failure = e
             inflight = None
 
+    chunks = body.__aiter__()
+
+    async def next_chunk() -> bytes | None:
+        try:
+            async with asyncio.timeout(timeout):
+                return await chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise RequestTimeout(f"{path}: no body bytes for {timeout:g} s; upload refused",
+                                 details={"path": path, "timeout_seconds": timeout}) from None
+
     try:
-        async for chunk in body:
+        while (chunk := await next_chunk()) is not None:
             if not chunk:
                 continue
             if failure is not None:
@@ -417,7 +431,8 @@ async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: 
         writer = HashingWriter(part, mode="ab")
         writer.size = offset
         try:
-            await _pump(body, writer, limit, view["path"], hasher=hasher, check=check)
+            await _pump(body, writer, limit, view["path"], hasher=hasher, check=check,
+                        timeout=ctx.settings.body_timeout_seconds)
             await asyncio.to_thread(writer.close)
         except BaseException:
             writer.abandon()

@@ -36,19 +36,19 @@ def parse_ref(text: str) -> Ref:
     if not isinstance(text, str) or not text or text.count("@") > 1:
         raise bad("malformed")
     name, _, sel = text.partition("@")
-    if not names.MODEL_NAME_RE.match(name):
+    if not names.is_model_name(name):
         raise bad("bad model name")
     if not _:
         return Ref(name)
-    if sel.isdigit():
-        v = int(sel)
+    v = names.ascii_uint(sel)
+    if v is not None:
         if v < 1 or len(sel) > 9:
             raise bad("version numbers start at 1")
         return Ref(name, version=v)
     if sel == "latest":
         return Ref(name)
-    if not names.ALIAS_RE.match(sel):
-        raise bad("bad alias")
+    if not names.is_alias(sel):
+        raise bad("bad alias (a version number is ASCII digits)")
     return Ref(name, alias=sel)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from ..models import VersionTag
 from . import names
 from .context import RegistryContext
@@ -14,6 +16,9 @@ def set_tags(ctx: RegistryContext, ref: str, tags: dict[str, str]) -> VersionVie
     tags = names.tags(tags)
     with ctx.db.write() as s:
         v = resolve(s, ref)
+        current = {k: val for k, val in s.execute(
+            select(VersionTag.key, VersionTag.value).where(VersionTag.version_id == v.id))}
+        names.tag_budget({**current, **tags}, max_count=ctx.settings.max_tags, max_bytes=ctx.settings.max_tag_bytes)
         for key, value in tags.items():
             row = s.get(VersionTag, (v.id, key))
             if row is None:

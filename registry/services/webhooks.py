@@ -68,7 +68,7 @@ MAX_LOG_ENTRIES = 100
 MAX_BACKOFF_SECONDS = 3600.0
 RESPONSE_EXCERPT = 500
 SIGNATURE_PREFIX = "sha256="
-_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
+_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,64}")
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
 # The event types the registry emits today (documentation; patterns are not checked against it).
 EVENT_TYPES = ("model.created", "model.updated", "model.tag_set", "model.tag_deleted", "version.created",
@@ -205,7 +205,7 @@ def check_patterns(events: Any) -> list[str]:
                            code="invalid_webhook_events")
     out: list[str] = []
     for p in events:
-        if not isinstance(p, str) or not _PATTERN.match(p):
+        if not isinstance(p, str) or not _PATTERN.fullmatch(p):
             raise InvalidInput(f"bad event pattern {p!r}: 1-64 characters of letters, digits, '._-' and glob "
                                "characters '*?[]!'", code="invalid_webhook_events")
         if p not in out:

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 CHUNK = 4 << 20  # read/stream granularity: big enough to amortise per-chunk overhead
 
 
 def check_sha(sha256: str) -> str:
-    if not SHA256_RE.match(sha256):
+    if not SHA256_RE.fullmatch(sha256):
         raise ValueError(f"not a lowercase hex sha256: {sha256!r}")
     return sha256
 

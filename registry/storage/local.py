@@ -75,7 +75,7 @@ class LocalBlobStore(BlobStore):
 
     def list_objects(self) -> Iterator[StoredObject]:
         for p in (self.root / "sha256").glob("*/*/*"):
-            if SHA256_RE.match(p.name):
+            if SHA256_RE.fullmatch(p.name):
                 st = p.stat()
                 yield StoredObject(p.name, st.st_size, st.st_mtime)
 

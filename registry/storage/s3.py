@@ -85,5 +85,5 @@ class S3BlobStore(BlobStore):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}sha256/"):
             for obj in page.get("Contents", []):
                 name = obj["Key"].rsplit("/", 1)[-1]
-                if SHA256_RE.match(name):
+                if SHA256_RE.fullmatch(name):
                     yield StoredObject(name, int(obj["Size"]), obj["LastModified"].timestamp())

@@ -40,7 +40,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,10 @@ from safetensors.torch import load_file, save_file
 
 from .device import resolve_device
 from .errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError, WeightsError
-from .peft_config import check_config
+from .peft_config import check_config as _check_config
+from .peft_config import get_pattern_key
+from .peft_config import rank_alpha as _rank_alpha
+from .peft_config import targets as _targets
 
 __all__ = [
     "CONFIG_NAME",
@@ -209,25 +212,7 @@ class LoraAdapter:
 
 
 # ---------------------------------------------------------------------------------------------
-# Config semantics (mirrors peft 0.21: peft/utils/other.py get_pattern_key, tuners/lora/layer.py)
-
-
-def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
-    """PEFT's rule: the first pattern key ``k`` (in dict order) with ``re.match(rf"(.*\\.)?({k})$",
-    name)`` wins; pattern keys are regular expressions matched against a module-name suffix.
-    Returns ``key_to_match`` itself when nothing matches (as PEFT does)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
-
-
-def _rank_alpha(config: Mapping[str, Any], name: str) -> tuple[int, float]:
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern, name), config.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, name), config.get("lora_alpha", 8))
-    return int(r), float(alpha)
+# Config semantics (mirrors peft 0.21; the config rules themselves are in peft_config.py)
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -241,49 +226,8 @@ def _module_scale(config: Mapping[str, Any], name: str) -> tuple[int, float]:
     return r, lora_scale(r, alpha, bool(config.get("use_rslora", False)))
 
 
-def _targets(config: Mapping[str, Any], name: str) -> bool:
-    """Mirror of peft's check_target_module_exists for ``target_modules``/``exclude_modules``/
-    ``layers_to_transform``/``layers_pattern``: does PEFT put a LoRA layer on ``name``?"""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith(f".{k}") for k in exclude):
-            return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    if name in targets:
-        return True
-    if not any(name.endswith(f".{k}") for k in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or (isinstance(layers, list) and not layers):
-        return True
-    pattern = config.get("layers_pattern")
-    match: re.Match[str] | None = None
-    if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        for pat in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == layers if isinstance(layers, int) else idx in layers
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-
-def _check_config(config: dict[str, Any], where: Path) -> None:
-    check_config(config, f"{where}/adapter_config.json")
 
 
 def _classify_extra_keys(keys: Sequence[str], where: Path) -> None:

@@ -1,16 +1,24 @@
-"""The rules for a PEFT ``adapter_config.json`` the registry can represent exactly: ONE place,
-used when an adapter is pushed (:mod:`registry.formats.peft`) and when the weight math loads one
-(:func:`registry.weights.adapters.load_peft_adapter`), so a push refuses what the math cannot use.
+"""PEFT LoRA ``adapter_config.json`` semantics, without torch (mirrors peft 0.21:
+peft/utils/other.py get_pattern_key, tuners/lora/layer.py).
 
-Plain Python (no torch): the API imports it at start-up.
+The one place these rules live: :mod:`registry.weights.adapters` applies them when it loads an
+adapter, and the registry's ingest (:mod:`registry.formats.peft`) applies them to the config and
+the safetensors header of an upload, so an adapter is refused at push time exactly when the
+weight library could not load it. Pure Python: importing it does not import torch.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from .errors import AdapterFormatError, UnsupportedAdapterError
+
+__all__ = ["BASE_REWRITING_INITS", "UNSUPPORTED_FIELDS", "check_config", "get_pattern_key", "rank_alpha",
+           "targets"]
 
 # Config fields whose truthy value means a forward pass other than base(x) + s·B·A·x.
 UNSUPPORTED_FIELDS = {
@@ -33,25 +41,75 @@ UNSUPPORTED_FIELDS = {
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def check_config(config: Any, where: str = "adapter_config.json") -> dict[str, Any]:
-    """Return ``config`` if the registry can represent the adapter it describes exactly; raise
-    :class:`AdapterFormatError` (malformed) or :class:`UnsupportedAdapterError` (valid PEFT, but a
-    feature beyond ΔW = s·B·A) otherwise. ``where`` names the file in messages."""
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{where} must hold a JSON object")
+def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
+    """PEFT's rule: the first pattern key ``k`` (in dict order) with ``re.match(rf"(.*\\.)?({k})$",
+    name)`` wins; pattern keys are regular expressions matched against a module-name suffix.
+    Returns ``key_to_match`` itself when nothing matches (as PEFT does)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+def rank_alpha(config: Mapping[str, Any], name: str) -> tuple[int, float]:
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern, name), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, name), config.get("lora_alpha", 8))
+    return int(r), float(alpha)
+
+
+def targets(config: Mapping[str, Any], name: str) -> bool:
+    """Mirror of peft's check_target_module_exists for ``target_modules``/``exclude_modules``/
+    ``layers_to_transform``/``layers_pattern``: does PEFT put a LoRA layer on ``name``?"""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith(f".{k}") for k in exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith(f".{k}") for k in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    pattern = config.get("layers_pattern")
+    match: re.Match[str] | None = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pat in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def check_config(config: Mapping[str, Any], where: str | Path) -> None:
+    """Refuse a config the registry cannot represent: not LoRA, base biases, the UNSUPPORTED_FIELDS,
+    base-rewriting initialisations, ``r`` not a positive int, a non-finite ``lora_alpha``."""
     peft_type = config.get("peft_type")
     if peft_type is None:
-        raise AdapterFormatError(f"{where} has no peft_type")
+        raise AdapterFormatError(f"{where}: adapter_config.json has no peft_type")
     if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapterError(f"{where}: peft_type {peft_type!r} is not LORA: not supported "
-                                      "(only LoRA adapters are)")
+        raise UnsupportedAdapterError(f"{where}: peft_type {peft_type!r} is not LORA")
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
-        raise UnsupportedAdapterError(f"{where}: bias={bias!r} trains base biases; it is not supported (only 'none')")
+        raise UnsupportedAdapterError(f"{where}: bias={bias!r} trains base biases; only 'none' is supported")
     for key, why in UNSUPPORTED_FIELDS.items():
         if config.get(key):
-            raise UnsupportedAdapterError(f"{where}: {key} is not supported: {why}, which the registry "
-                                          "cannot represent")
+            raise UnsupportedAdapterError(f"{where}: {key} is set: {why}; the registry cannot represent it")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         raise UnsupportedAdapterError(
@@ -60,18 +118,19 @@ def check_config(config: Any, where: str = "adapter_config.json") -> dict[str, A
         )
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterFormatError(f"{where}: r must be a positive integer, got {r!r}")
+        raise AdapterFormatError(f"{where}: config r must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha", 8)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterFormatError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
+        raise AdapterFormatError(f"{where}: config lora_alpha must be a finite number, got {alpha!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
-            raise AdapterFormatError(f"{where}: {key} must be an object")
+            raise AdapterFormatError(f"{where}: config {key} must be an object")
         for module, value in pattern.items():
-            ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) if key == "rank_pattern" \
-                else (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value))
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = (number and isinstance(value, int) and value > 0) if key == "rank_pattern" \
+                else (number and math.isfinite(value))
             if not ok:
-                raise AdapterFormatError(f"{where}: {key}[{module!r}] = {value!r} is not a valid "
-                                         + ("rank" if key == "rank_pattern" else "alpha"))
-    return config
+                raise AdapterFormatError(f"{where}: config {key}[{module!r}] must be a "
+                                         + ("positive integer" if key == "rank_pattern" else "finite number")
+                                         + f", got {value!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...errors import InvalidInput
+from ...services import names
 
 
 def parse_tag_filters(values: list[str]) -> dict[str, str | None]:
@@ -24,6 +25,7 @@ def version_ref(name: str, v: str) -> str:
 def int_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isdigit():
+    value = names.ascii_uint(cursor)
+    if value is None:
         raise InvalidInput(f"bad cursor {cursor!r}", code="invalid_cursor")
-    return int(cursor)
+    return value

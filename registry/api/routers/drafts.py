@@ -7,9 +7,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ...errors import BadRequest
-from ...services import drafts
+from ...services import drafts, names
 from ...services.drafts import DraftSpec
-from ..deps import Ctx, Writer
+from ..deps import Ctx, Writer, streamed_body
 from ..schemas import (
     DraftCreate,
     DraftFileOut,
@@ -47,13 +47,15 @@ def _content_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    length = names.ascii_uint(value)
+    if length is None:
         raise BadRequest("bad Content-Length", code="bad_content_length")
-    return int(value)
+    return length
 
 
 @router.put("/drafts/{draft_id}/files/{path:path}", status_code=status.HTTP_201_CREATED, response_model=DraftFileOut,
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+@streamed_body
 async def put_file(draft_id: str, path: str, request: Request, ctx: Ctx, _: Writer,
                    x_checksum_sha256: str | None = Header(default=None)) -> object:
     """Upload one file as the raw request body (streamed to disk, hashed on the way). With
@@ -82,11 +84,16 @@ def get_upload(upload_id: str, ctx: Ctx, _: Writer) -> object:
 
 @router.patch("/uploads/{upload_id}", response_model=UploadOut,
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+@streamed_body
 async def append_chunk(
     upload_id: str, request: Request, ctx: Ctx, _: Writer,
-    upload_offset: int = Header(description="Offset of this chunk; must equal `received`."),
+    upload_offset: str = Header(description="Offset of this chunk (ASCII digits); must equal `received`."),
 ) -> object:
-    return await drafts.append_chunk(ctx, upload_id, upload_offset, request.stream())
+    offset = names.ascii_uint(upload_offset)
+    if offset is None:
+        raise BadRequest(f"bad Upload-Offset {upload_offset!r}: expected ASCII digits", code="invalid_offset",
+                         details={"offset": upload_offset})
+    return await drafts.append_chunk(ctx, upload_id, offset, request.stream())
 
 
 @router.post("/uploads/{upload_id}/commit", status_code=status.HTTP_201_CREATED, response_model=DraftFileOut)

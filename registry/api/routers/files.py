@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from ...errors import RangeNotSatisfiable
-from ...services import derived, integrity, versions
+from ...services import derived, integrity, names, versions
 from ..deps import Ctx, Reader
 from ..ranges import parse_range
 from .common import version_ref
@@ -32,7 +32,7 @@ def download(name: str, v: str, path: str, request: Request, ctx: Ctx, _: Reader
         "Accept-Ranges": "bytes",
         "Content-Disposition": f"attachment; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
         # A numbered version never changes; an alias or "latest" may move.
-        "Cache-Control": "public, max-age=31536000, immutable" if v.isdigit() else "no-cache",
+        "Cache-Control": "public, max-age=31536000, immutable" if names.ascii_uint(v) is not None else "no-cache",
     }
     inm = request.headers.get("if-none-match")
     if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
