@@ -391,6 +391,32 @@ def get_upload(ctx: RegistryContext, upload_id: str) -> dict[str, Any]:
         return _upload_view(_get_upload(s, upload_id))
 
 
+def _cut_back(ctx: RegistryContext, upload_id: str, part: Path, received: int) -> int:
+    """Make the .part file hold exactly the ``received`` bytes the database recorded (the truth).
+
+    A process killed while a chunk streamed in, or between writing a chunk and recording it, leaves
+    bytes past ``received``: they are cut off (and the cut made durable) before anything is appended.
+    A file shorter than ``received`` (bytes lost below the application) moves ``received`` back to what
+    is really there. Returns the bytes the upload now holds."""
+    try:
+        on_disk = part.stat().st_size
+    except FileNotFoundError:
+        part.touch()
+        on_disk = 0
+    if on_disk > received:
+        with open(part, "r+b") as f:
+            f.truncate(received)
+            f.flush()
+            os.fsync(f.fileno())
+        return received
+    if on_disk < received:
+        with ctx.db.write() as s:
+            u = _get_upload(s, upload_id)
+            u.received = on_disk
+            u.updated_at = utcnow()
+    return on_disk
+
+
 async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: AsyncIterator[bytes]) -> dict[str, Any]:
     """Append bytes at ``offset`` (which must equal the bytes received so far). An interrupted
     chunk is cut back to the last acknowledged offset, so the client simply resends it."""
@@ -401,6 +427,10 @@ async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: 
             raise Conflict(f"upload {upload_id} has {view['received']} bytes; send the chunk at that offset",
                            code="offset_mismatch", details={"received": view["received"], "offset": offset})
         part = ctx.staging.upload_path(view["draft"], upload_id)
+        held = await asyncio.to_thread(_cut_back, ctx, upload_id, part, view["received"])
+        if held != offset:
+            raise Conflict(f"upload {upload_id} has {held} bytes; send the chunk at that offset",
+                           code="offset_mismatch", details={"received": held, "offset": offset})
         with _HASHERS_LOCK:
             state = _HASHERS.pop(upload_id, None)
         # Chunks arrive in order at this process: keep hashing and checking as they stream.
@@ -410,7 +440,7 @@ async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: 
         writer.size = offset
         try:
             await _pump(body, writer, limit, view["path"], hasher=hasher, check=check)
-            await asyncio.to_thread(writer.close)
+            await asyncio.to_thread(writer.close)  # fsync: durable before ``received`` says so
         except BaseException:
             writer.abandon()
             with open(part, "r+b") as f:
@@ -438,6 +468,11 @@ def complete_upload(ctx: RegistryContext, upload_id: str, sha256: str) -> dict[s
         u = _get_upload(s, upload_id)
         draft_id, path, size, received = u.draft_id, u.path, u.size, u.received
     part = ctx.staging.upload_path(draft_id, upload_id)
+    if not part.exists() and received and ctx.staging.staged_path(draft_id, expected or "").exists():
+        # killed after the verified file was moved into the draft, before the session was closed
+        part = ctx.staging.staged_path(draft_id, expected or "")
+    else:
+        received = _cut_back(ctx, upload_id, part, received)
     if size is not None and received != size:
         raise Conflict(f"upload {upload_id} has {received} of {size} bytes", code="upload_incomplete",
                        details={"received": received, "size": size})
