@@ -157,6 +157,28 @@ def test_part_file_shorter_than_recorded_is_resent(drill_server: Server, tmp_pat
     assert r.status_code == 201, r.text
 
 
+def test_chunk_waits_for_another_process_writing_the_upload(drill_server: Server, name: str) -> None:
+    """API processes (REGISTRY_API_WORKERS > 1) serialise the writes of one upload: a chunk resent
+    while another process still holds the .part waits for it (here the test process holds the lock)."""
+    import fcntl
+
+    srv = drill_server
+    api = srv.url + "/api/v1"
+    data = os.urandom(MiB)
+    draft = httpx.post(api + "/drafts", json={"model": name}).json()
+    up = httpx.post(f"{api}/drafts/{draft['id']}/uploads", json={"path": "notes.txt", "size": len(data)}).json()
+    answers: list[httpx.Response] = []
+    with open(part_file(srv, draft, up), "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: answers.append(
+            httpx.patch(f"{api}/uploads/{up['id']}", content=data, headers={"Upload-Offset": "0"}, timeout=30)))
+        t.start()
+        time.sleep(1.0)
+        assert not answers and httpx.get(f"{api}/uploads/{up['id']}").json()["received"] == 0
+    t.join(30)
+    assert answers and answers[0].json()["received"] == len(data)
+
+
 def test_kill_mid_chunk_then_resume(drill_server: Server, tmp_path: Path, name: str) -> None:
     """Drill (a): SIGKILL of the API while a PATCH chunk streams in (some of its bytes already on disk,
     none recorded), restart, resume at the server's offset: the commit succeeds and the pulled bytes
