@@ -57,13 +57,19 @@ _state: dict[str, Any] = {}
 def main(
     server: Annotated[str | None, typer.Option("--server", envvar="REGISTRY_URL", help="Registry URL.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="REGISTRY_TOKEN", help="Bearer token.")] = None,
+    retry_seconds: Annotated[float | None, typer.Option(
+        "--retry-seconds", envvar="REGISTRY_CLIENT_RETRY_SECONDS", min=0,
+        help="Keep retrying an unreachable server this long per outage, resuming uploads and downloads "
+             "(default 120; 0: fail at once).")] = None,
 ) -> None:
     _state["server"] = server
     _state["token"] = token
+    _state["retry_seconds"] = retry_seconds
 
 
 def _client() -> RegistryClient:
-    return RegistryClient(_state.get("server"), _state.get("token"))
+    return RegistryClient(_state.get("server"), _state.get("token"), retry_seconds=_state.get("retry_seconds"),
+                          on_retry=lambda message: err.print(message, markup=False, highlight=False))
 
 
 @contextmanager

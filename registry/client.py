@@ -10,6 +10,15 @@
 
 Errors from the server raise :class:`RegistryAPIError` (``status``, ``code``, ``message``,
 ``details``); an unreachable server raises :class:`RegistryConnectionError`.
+
+A server that cannot be reached (connection errors, 502/503/504) is retried with exponential backoff
+for up to ``retry_seconds`` (``REGISTRY_CLIENT_RETRY_SECONDS``, 120) per outage, with a message on
+stderr before each wait. Only what is safe to repeat is repeated: idempotent requests (GET, HEAD,
+PUT, DELETE), any request that never reached the server (connection refused), and the steps of a
+push and a pull, which resume where they were: chunks of a resumable upload continue at the offset
+the server acknowledged, downloads continue their ``.part`` file, a push keeps its draft, and a
+commit whose answer was lost is looked up (the draft is gone and a version holds exactly its files)
+before it is sent again, so a retried push never makes two versions. 4xx answers are never retried.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +40,13 @@ from .config import get_settings
 CHUNK = 4 << 20
 RESUMABLE_THRESHOLD = 64 << 20  # files larger than this go through resumable upload sessions
 UPLOAD_CHUNK = 64 << 20
-RETRIES = 5
+RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or a restarting server: worth another try
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+RETRY_FIRST_DELAY = 0.5  # seconds; doubles after each failure of an outage
+RETRY_MAX_DELAY = 5.0
+OFFSET_RESYNCS = 20  # 409 offset_mismatch answers in a row before a resumable upload gives up
+# Raised before the request reached the server: safe to repeat whatever the request does.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 # httpcore reads responses 64 KiB at a time; 1 MiB reads move large downloads ~40% faster on
 # loopback (bench/RESULTS.md). Only ever raised, never lowered.
@@ -55,6 +71,68 @@ class RegistryAPIError(Exception):
 
 class RegistryConnectionError(Exception):
     pass
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _transient(error: BaseException, idempotent: bool) -> bool:
+    """Whether a failed request may be repeated: never after a 4xx; after a connection that was
+    never made, always; after one that broke (or a 502/503/504), only if repeating it is harmless."""
+    if isinstance(error, NOT_SENT):
+        return True
+    if isinstance(error, httpx.TransportError):
+        return idempotent
+    if isinstance(error, RegistryAPIError):
+        return idempotent and error.status in RETRY_STATUSES
+    return False
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, RegistryAPIError):
+        return f"{error.status} {error.code}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+class _Retry:
+    """Backoff for one operation: delays of 0.5, 1, 2, 4, 5, 5 ... seconds, until ``budget``
+    seconds have passed since the first failure of the current outage (a success resets it)."""
+
+    def __init__(self, budget: float, what: str, notify: Callable[[str], None], url: str) -> None:
+        self.budget, self.what, self.notify, self.url = budget, what, notify, url
+        self.reset()
+
+    def reset(self) -> None:
+        self._since: float | None = None
+        self._failures = 0
+
+    def wait(self, error: BaseException) -> None:
+        """Sleep before the next try; raise the client's exception for ``error`` when the budget is spent."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        left = self.budget - (now - self._since)
+        if left <= 0:
+            if isinstance(error, httpx.TransportError):
+                tried = f" (retried for {self.budget:.0f}s)" if self.budget else ""
+                raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {_describe(error)}"
+                                              f"{tried}") from error
+            raise error
+        delay = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** self._failures, left)
+        self._failures += 1
+        self.notify(f"registry: {self.what}: {_describe(error)}; retrying in {delay:.1f}s "
+                    f"(gives up in {left:.0f}s)")
+        time.sleep(delay)
+
+
+def content_hash(manifest: dict[str, str]) -> str:
+    """A version's content sha256 from its ``path -> sha256`` manifest (as the server computes it,
+    registry.formats.inspect.content_hash)."""
+    h = hashlib.sha256()
+    for path, sha in sorted(manifest.items()):
+        h.update(f"{path}\0{sha}\n".encode())
+    return h.hexdigest()
 
 
 def _q(segment: str) -> str:
@@ -96,9 +174,15 @@ def iter_folder(folder: Path) -> list[tuple[str, Path]]:
 
 
 class RegistryClient:
-    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 300.0) -> None:
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 300.0,
+                 retry_seconds: float | None = None, on_retry: Callable[[str], None] | None = None) -> None:
+        """``retry_seconds``: how long to keep retrying an unreachable server per outage (default
+        ``REGISTRY_CLIENT_RETRY_SECONDS``; 0: fail at once). ``on_retry`` receives each "retrying
+        in Ns" message (default: printed on stderr)."""
         settings = get_settings()
         self.url = (url or settings.client_url).rstrip("/")
+        self.retry_seconds = settings.client_retry_seconds if retry_seconds is None else retry_seconds
+        self._on_retry = on_retry or _stderr
         token = token if token is not None else settings.token
         headers = {"User-Agent": "registry-client"}
         if token:
@@ -126,13 +210,34 @@ class RegistryClient:
         except (ValueError, KeyError, TypeError):
             raise RegistryAPIError(r.status_code, "http_error", r.text[:500]) from None
 
-    def _req(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
+    def _retry(self, what: str) -> _Retry:
+        return _Retry(self.retry_seconds, what, self._on_retry, self.url)
+
+    def _attempt(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One request; raises httpx.TransportError or RegistryAPIError."""
+        r = self._http.request(method, path, **kw)
         self._raise_for(r)
         return r
+
+    def _req(self, method: str, path: str, *, idempotent: bool | None = None, what: str | None = None,
+             **kw: Any) -> httpx.Response:
+        """A request, retried while the server is unreachable when that is safe (see ``_transient``;
+        ``idempotent`` defaults to the method's HTTP semantics). A callable ``content`` is called
+        for a fresh body on every try."""
+        idem = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
+        retry = self._retry(what or f"{method} {path}")
+        body = kw.get("content")
+        while True:
+            if callable(body):
+                kw["content"] = body()
+            try:
+                return self._attempt(method, path, **kw)
+            except (httpx.TransportError, RegistryAPIError) as e:
+                if not _transient(e, idem):
+                    if isinstance(e, httpx.TransportError):
+                        raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
+                    raise
+                retry.wait(e)
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         r = self._req(method, path, **kw)
@@ -357,22 +462,27 @@ class RegistryClient:
         """Upload a folder (or one file) as the next version of ``name``; returns the version.
 
         Each file is hashed first; with ``dedup`` bytes the registry already holds are linked, not
-        sent. Files over 64 MiB use a resumable upload that survives dropped connections. On any
-        failure the draft is aborted: nothing becomes visible."""
+        sent. Files over 64 MiB use a resumable upload. While the server is unreachable (restarting)
+        every step is retried and resumes where it was, with the same draft; a commit whose answer
+        was lost is looked up before it is repeated. On a failure that is not retried the draft is
+        aborted: nothing becomes visible."""
         files = iter_folder(Path(folder))
         if not files:
             raise ValueError(f"{folder}: no files to push")
-        draft = self._json("POST", "/drafts", json={
+        # Repeated after a broken connection too: at worst an empty draft is left, invisible, removed by gc.
+        draft = self._json("POST", "/drafts", idempotent=True, what="start of the push", json={
             "model": name, "kind": kind, "base": base, "tags": tags or {}, "aliases": aliases or [],
             "description": description, "parents": parents or []})
+        manifest: dict[str, str] = {}
         try:
             for rel, path in files:
                 sha = _hash_file(path, progress) if dedup else None
                 size = path.stat().st_size
                 if sha is not None:
-                    try:
-                        self._json("POST", f"/drafts/{draft['id']}/links",
+                    try:  # linking a path again replaces the link: safe to repeat
+                        self._json("POST", f"/drafts/{draft['id']}/links", idempotent=True, what=f"link of {rel}",
                                    json={"path": rel, "sha256": sha, "size": size})
+                        manifest[rel] = sha
                         if progress:
                             progress("upload", size)
                         continue
@@ -380,14 +490,70 @@ class RegistryClient:
                         if e.code != "blob_not_found":
                             raise
                 if size > RESUMABLE_THRESHOLD:
-                    self._upload_resumable(draft["id"], rel, path, size, sha, progress)
+                    got = self._upload_resumable(draft["id"], rel, path, size, sha, progress)
                 else:
-                    self._upload_simple(draft["id"], rel, path, sha, progress)
-            return self._json("POST", f"/drafts/{draft['id']}/commit")  # type: ignore[no-any-return]
+                    got = self._upload_simple(draft["id"], rel, path, sha, progress)
+                manifest[rel] = got["sha256"]
+            return self._commit_draft(draft["id"], name, manifest)
         except BaseException:
             with contextlib.suppress(Exception):  # best effort; gc removes abandoned drafts anyway
-                self._http.delete(f"/drafts/{draft['id']}")
+                self._http.delete(f"/drafts/{draft['id']}", timeout=10)
             raise
+
+    def _commit_draft(self, draft_id: str, name: str, manifest: dict[str, str]) -> dict[str, Any]:
+        """Commit a draft; after a lost answer find out whether the commit happened. The server deletes
+        the draft in the transaction that creates the version, so a draft that still exists was not
+        committed (commit again), and a draft that is gone was, into the newest version of ``name``
+        holding exactly ``manifest`` (never a second version: the server refuses duplicate content)."""
+        retry = self._retry("commit")
+        chash = content_hash(manifest)
+        retried = False
+        while True:
+            try:
+                return self._attempt("POST", f"/drafts/{draft_id}/commit").json()  # type: ignore[no-any-return]
+            except (httpx.TransportError, RegistryAPIError) as e:
+                if retried and isinstance(e, RegistryAPIError) and e.code in ("draft_not_found", "duplicate_content"):
+                    # an earlier try committed meanwhile (or, with the draft still there, a true duplicate)
+                    found = None if self._draft_exists(draft_id) else self._version_holding(name, chash)
+                    if found is not None:
+                        return found
+                    raise
+                if not _transient(e, idempotent=True):
+                    if isinstance(e, httpx.TransportError):
+                        raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
+                    raise
+                retry.wait(e)
+                retried = True
+                if self._draft_exists(draft_id):
+                    continue
+                found = self._version_holding(name, chash)
+                if found is not None:
+                    self._on_retry(f"registry: commit: {found['ref']} was committed before the connection broke")
+                    return found
+                raise RegistryAPIError(404, "draft_not_found", f"draft {draft_id} is gone and no version of "
+                                       f"{name} holds its files (aborted or expired meanwhile); push again") from e
+
+    def _draft_exists(self, draft_id: str) -> bool:
+        try:
+            self._json("GET", f"/drafts/{draft_id}", what="draft lookup")
+            return True
+        except RegistryAPIError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def _version_holding(self, name: str, chash: str) -> dict[str, Any] | None:
+        """The newest live version of ``name`` whose files are exactly those of content sha256 ``chash``."""
+        try:
+            page = self.search_versions(model=name, limit=20)
+        except RegistryAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+        for v in page["items"]:
+            if v["content_sha256"] == chash:
+                return self.get_version(v["ref"])
+        return None
 
     def _read_chunks(self, path: Path, start: int, length: int, progress: Progress | None,
                      hasher: Any = None) -> Iterator[bytes]:
@@ -405,42 +571,127 @@ class RegistryClient:
                     progress("upload", len(chunk))
                 yield chunk
 
-    def _upload_simple(self, draft_id: str, rel: str, path: Path, sha: str | None, progress: Progress | None) -> None:
+    def _upload_simple(self, draft_id: str, rel: str, path: Path, sha: str | None,
+                       progress: Progress | None) -> dict[str, Any]:
+        """One PUT (idempotent: a repeat replaces the file in the draft); a retry sends the file again."""
         size = path.stat().st_size
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         if sha:
             headers["X-Checksum-Sha256"] = sha
-        self._json("PUT", f"/drafts/{draft_id}/files/{quote(rel)}", headers=headers,
-                   content=self._read_chunks(path, 0, size, progress))
+        sent = 0
+
+        def count(phase: str, n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress:
+                progress(phase, n)
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            if sent and progress:
+                progress("upload", -sent)  # this try starts over
+            sent = 0
+            return self._read_chunks(path, 0, size, count)
+
+        return self._json("PUT", f"/drafts/{draft_id}/files/{quote(rel)}", headers=headers, content=body,  # type: ignore[no-any-return]
+                          what=f"upload of {rel}")
 
     def _upload_resumable(self, draft_id: str, rel: str, path: Path, size: int, sha: str | None,
-                          progress: Progress | None) -> None:
-        hasher = hashlib.sha256() if sha is None else None
-        up = self._json("POST", f"/drafts/{draft_id}/uploads", json={"path": rel, "size": size})
-        offset, failures = 0, 0
-        while offset < size:
-            length = min(UPLOAD_CHUNK, size - offset)
+                          progress: Progress | None) -> dict[str, Any]:
+        """Chunks at explicit offsets. After a broken connection (or a restarted server) ask for the
+        offset the server holds and continue from there; a session commit whose answer was lost is
+        checked against the draft; a session that vanished starts the file again."""
+        retry = self._retry(f"upload of {rel}")
+        reported = 0  # bytes of this file reported to ``progress``
+        hasher = hashlib.sha256() if sha is None else None  # with --no-dedup: hashed as it is sent
+        hashed = 0  # ``hasher`` covers bytes [0, hashed)
+
+        def report(upto: int) -> None:
+            nonlocal reported
+            if progress and upto != reported:
+                progress("upload", upto - reported)
+            reported = upto
+
+        def rehash(upto: int) -> None:
+            nonlocal hasher, hashed
+            if hasher is not None and hashed != upto:
+                hasher = hashlib.sha256()
+                for _ in self._read_chunks(path, 0, upto, None, hasher):
+                    pass
+                hashed = upto
+
+        def open_session() -> str:
+            # Repeated after a broken connection too: an unused session is removed with its draft.
+            up = self._json("POST", f"/drafts/{draft_id}/uploads", idempotent=True, what=f"upload of {rel}",
+                            json={"path": rel, "size": size})
+            return str(up["id"])
+
+        upload_id = open_session()
+        offset, resyncs = 0, 0
+        while True:
+            if offset < size:
+                length = min(UPLOAD_CHUNK, size - offset)
+                trial = hasher.copy() if hasher is not None else None
+                sent = 0
+
+                def count(_phase: str, n: int, start: int = offset) -> None:
+                    nonlocal sent
+                    sent += n
+                    report(start + sent)
+
+                try:
+                    r = self._attempt("PATCH", f"/uploads/{upload_id}",
+                                      content=self._read_chunks(path, offset, length, count, trial),
+                                      headers={"Upload-Offset": str(offset), "Content-Length": str(length),
+                                               "Content-Type": "application/octet-stream"})
+                    received = int(r.json()["received"])
+                    retry.reset()
+                    resyncs = 0
+                except (httpx.TransportError, RegistryAPIError) as e:
+                    if isinstance(e, RegistryAPIError) and e.code == "offset_mismatch" and resyncs < OFFSET_RESYNCS:
+                        resyncs += 1
+                    elif not _transient(e, idempotent=True):  # a chunk at an explicit offset: safe to resend
+                        if isinstance(e, httpx.TransportError):
+                            raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
+                        raise
+                    else:
+                        retry.wait(e)
+                    received = int(self._json("GET", f"/uploads/{upload_id}", what=f"upload of {rel}")["received"])
+                if hasher is not None and trial is not None and sent == length and received == offset + length:
+                    hasher, hashed = trial, received
+                else:
+                    rehash(received)
+                offset = received
+                report(offset)
+                continue
+            rehash(size)
+            digest = sha or (hasher.hexdigest() if hasher is not None else "")
             try:
-                r = self._http.patch(
-                    f"/uploads/{up['id']}", content=self._read_chunks(path, offset, length, progress, hasher),
-                    headers={"Upload-Offset": str(offset), "Content-Length": str(length),
-                             "Content-Type": "application/octet-stream"})
-                self._raise_for(r)
-                offset = r.json()["received"]
-                failures = 0
+                return self._attempt("POST", f"/uploads/{upload_id}/commit",  # type: ignore[no-any-return]
+                                     json={"sha256": digest}).json()
             except (httpx.TransportError, RegistryAPIError) as e:
-                failures += 1
-                if failures > RETRIES or (isinstance(e, RegistryAPIError) and e.status < 500
-                                          and e.code != "offset_mismatch"):
+                if isinstance(e, RegistryAPIError) and e.code == "upload_incomplete":
+                    pass  # the server holds fewer bytes than it acknowledged: resend from its offset
+                elif not _transient(e, idempotent=True):
+                    if isinstance(e, httpx.TransportError):
+                        raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
                     raise
-                time.sleep(min(2**failures * 0.2, 5))
-                offset = self._json("GET", f"/uploads/{up['id']}")["received"]
-                if hasher is not None:  # restart hashing from the server's offset
-                    hasher = hashlib.sha256()
-                    for _ in self._read_chunks(path, 0, offset, None, hasher):
-                        pass
-        digest = sha or (hasher.hexdigest() if hasher is not None else "")
-        self._json("POST", f"/uploads/{up['id']}/commit", json={"sha256": digest})
+                else:
+                    retry.wait(e)
+            try:  # did the session commit happen? An open session did not: continue it.
+                offset = int(self._json("GET", f"/uploads/{upload_id}", what=f"upload of {rel}")["received"])
+                report(offset)
+                continue
+            except RegistryAPIError as e:
+                if e.code != "upload_not_found":
+                    raise
+            draft = self._json("GET", f"/drafts/{draft_id}", what=f"upload of {rel}")
+            done = next((f for f in draft["files"] if f["path"] == rel and f["sha256"] == digest), None)
+            if done is not None:
+                return {**done, "deduplicated": False}
+            self._on_retry(f"registry: upload of {rel}: the server lost the upload session; sending the file again")
+            upload_id, offset = open_session(), 0
+            report(0)
 
     # ------------------------------------------------------------------ pull
 
@@ -471,48 +722,65 @@ class RegistryClient:
 
     def download_file(self, ref: str, path: str, target: str | Path, *, expected_sha256: str | None = None,
                       progress: Progress | None = None, format: str = "native") -> str:
-        """Download one file to ``target`` (resuming ``target.part``); returns its verified sha256."""
+        """Download one file to ``target`` (resuming ``target.part``); returns its verified sha256.
+        A broken connection or a restarting server is retried, continuing the ``.part`` file."""
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
-        h = hashlib.sha256()
-        start = 0
-        if part.exists():
-            with open(part, "rb") as f:
-                while chunk := f.read(4 * CHUNK):
-                    h.update(chunk)
-                    start += len(chunk)
-            if progress:
-                progress("download", start)
         url = _version_path(ref) + f"/files/{quote(path)}" + (f"?format={format}" if format != "native" else "")
-        headers = {}
-        if start and expected_sha256:
-            headers = {"Range": f"bytes={start}-", "If-Range": f'"{expected_sha256}"'}
-        try:
-            with self._http.stream("GET", url, headers=headers) as r:
-                if r.status_code == 416:  # the .part is already complete (or bogus): start over
-                    part.unlink(missing_ok=True)
-                    return self.download_file(ref, path, target, expected_sha256=expected_sha256, progress=progress,
-                                              format=format)
-                if r.status_code >= 400:
-                    r.read()
-                    self._raise_for(r)
-                if r.status_code == 200 and start:
-                    h, start = hashlib.sha256(), 0
-                server_sha = r.headers.get("x-checksum-sha256")
-                with open(part, "ab" if r.status_code == 206 else "wb") as out:
-                    for chunk in r.iter_bytes(CHUNK):
-                        out.write(chunk)
+        retry = self._retry(f"download of {path}")
+        reported = 0  # bytes of this file reported to ``progress``
+        known_sha = expected_sha256  # what a resumed range must still belong to (If-Range)
+
+        def report(upto: int) -> None:
+            nonlocal reported
+            if progress and upto != reported:
+                progress("download", upto - reported)
+            reported = upto
+
+        while True:
+            h = hashlib.sha256()
+            start = 0
+            if part.exists():
+                with open(part, "rb") as f:
+                    while chunk := f.read(4 * CHUNK):
                         h.update(chunk)
-                        if progress:
-                            progress("download", len(chunk))
-        except httpx.TransportError as e:
-            raise RegistryConnectionError(f"download of {ref}:{path} interrupted: {e}") from e
-        actual = h.hexdigest()
-        want = expected_sha256 or server_sha
-        if want and actual != want:
-            part.unlink(missing_ok=True)
-            raise RegistryAPIError(0, "checksum_mismatch", f"{path}: downloaded bytes hash to {actual}, "
-                                   f"expected {want}")
-        os.replace(part, target)
-        return actual
+                        start += len(chunk)
+            report(start)
+            headers = {"Range": f"bytes={start}-", "If-Range": f'"{known_sha}"'} if start and known_sha else {}
+            server_sha = None
+            try:
+                with self._http.stream("GET", url, headers=headers) as r:
+                    if r.status_code == 416:  # the .part is already complete (or bogus): start over
+                        part.unlink(missing_ok=True)
+                        continue
+                    if r.status_code >= 400:
+                        r.read()
+                        self._raise_for(r)
+                    server_sha = r.headers.get("x-checksum-sha256")
+                    known_sha = known_sha or server_sha
+                    if r.status_code != 206:
+                        h, start = hashlib.sha256(), 0
+                        report(0)
+                    with open(part, "ab" if r.status_code == 206 else "wb") as out:
+                        for chunk in r.iter_bytes(CHUNK):
+                            out.write(chunk)
+                            h.update(chunk)
+                            start += len(chunk)
+                            report(start)
+                retry.reset()
+            except (httpx.TransportError, RegistryAPIError) as e:
+                if not _transient(e, idempotent=True):
+                    if isinstance(e, httpx.TransportError):
+                        raise RegistryConnectionError(f"download of {ref}:{path} interrupted: {e}") from e
+                    raise
+                retry.wait(e)
+                continue
+            actual = h.hexdigest()
+            want = expected_sha256 or server_sha
+            if want and actual != want:
+                part.unlink(missing_ok=True)
+                raise RegistryAPIError(0, "checksum_mismatch", f"{path}: downloaded bytes hash to {actual}, "
+                                       f"expected {want}")
+            os.replace(part, target)
+            return actual

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     port: int = 8080
     url: str | None = Field(None, description="Server URL used by the CLI and client.")
     token: str | None = Field(None, description="Bearer token used by the CLI and client.")
+    client_retry_seconds: float = Field(
+        120.0, ge=0, description="How long the CLI and client keep retrying an unreachable server (connection "
+        "errors, 502/503/504) before giving up, per outage; 0 disables retries."
+    )
     api_workers: int = Field(1, ge=1, description="API server processes `registry up` runs (uvicorn workers).")
     auth: Literal["off", "required"] = Field(
         "off", description="'off' is only allowed when the server binds to a loopback address."

@@ -165,7 +165,8 @@ def _orphans(stack: Stack) -> tuple[set[str], set[str]]:
     return stack.server.blob_files() - rows, unreferenced
 
 
-def test_worker_killed_mid_job_is_retried_elsewhere(bare_stack: Stack, demo: dict[str, Path], name: str) -> None:
+def test_worker_killed_mid_job_is_retried_elsewhere(bare_stack: Stack, demo: dict[str, Path], name: str,
+                                                    tmp_path: Path) -> None:
     stack = bare_stack
     slow = stack.start_worker("doomed", REGISTRY_JOB_START_DELAY="60")
     with stack.client() as rc:
@@ -185,8 +186,14 @@ def test_worker_killed_mid_job_is_retried_elsewhere(bare_stack: Stack, demo: dic
         assert versions == [f"{name}-ft@2", f"{name}-ft@1"]  # exactly one candidate
         time.sleep(2 * 3)  # a redelivered message (Redis) must not make a second one
         assert [v["ref"] for v in rc.iter_versions(model=f"{name}-ft")] == versions
+        rc.pull(done["result"]["ref"], tmp_path / "rescued")  # verifies every sha256
     orphan_objects, unreferenced_rows = _orphans(stack)
     assert orphan_objects == set() and unreferenced_rows == set()
+    # the retried job's output is exactly the transfer of its inputs
+    transfer(demo["finetune"], demo["base"], demo["base-v2"], tmp_path / "expected", 1.0, device="cpu")
+    got = load_file(tmp_path / "rescued" / "model.safetensors")
+    want = load_file(tmp_path / "expected" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_broker_outage_loses_no_event(bare_stack: Stack, demo: dict[str, Path], name: str) -> None:

@@ -413,54 +413,150 @@ def get_upload(ctx: RegistryContext, upload_id: str) -> dict[str, Any]:
         return _upload_view(_get_upload(s, upload_id))
 
 
+def _try_flock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the in-process lock is all there is
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def _part_lock(part: Path) -> AsyncIterator[None]:
+    """Hold an exclusive lock on an upload's .part file, across API processes: a chunk resent after
+    a broken connection may reach another process while the first one still writes the old try.
+    (No file: nothing to protect; closing the descriptor releases the lock.)"""
+    try:
+        fd = os.open(part, os.O_RDWR)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        while not _try_flock(fd):
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _part_lock_sync(part: Path) -> Iterator[None]:
+    import time
+
+    try:
+        fd = os.open(part, os.O_RDWR)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        while not _try_flock(fd):
+            time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _cut_back(ctx: RegistryContext, upload_id: str, part: Path, received: int) -> int:
+    """Make the .part file hold exactly the ``received`` bytes the database recorded (the truth).
+
+    A process killed while a chunk streamed in, or between writing a chunk and recording it, leaves
+    bytes past ``received``: they are cut off (and the cut made durable) before anything is appended.
+    A file shorter than ``received`` (bytes lost below the application) moves ``received`` back to what
+    is really there. Returns the bytes the upload now holds."""
+    try:
+        on_disk = part.stat().st_size
+    except FileNotFoundError:
+        part.touch()
+        on_disk = 0
+    if on_disk > received:
+        with open(part, "r+b") as f:
+            f.truncate(received)
+            f.flush()
+            os.fsync(f.fileno())
+        return received
+    if on_disk < received:
+        with ctx.db.write() as s:
+            u = _get_upload(s, upload_id)
+            u.received = on_disk
+            u.updated_at = utcnow()
+    return on_disk
+
+
 async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: AsyncIterator[bytes]) -> dict[str, Any]:
     """Append bytes at ``offset`` (which must equal the bytes received so far). An interrupted
     chunk is cut back to the last acknowledged offset, so the client simply resends it."""
     lock = _UPLOAD_LOCKS.setdefault(upload_id, asyncio.Lock())
     async with lock:
         view = await asyncio.to_thread(get_upload, ctx, upload_id)
-        if offset != view["received"]:
-            raise Conflict(f"upload {upload_id} has {view['received']} bytes; send the chunk at that offset",
-                           code="offset_mismatch", details={"received": view["received"], "offset": offset})
-        part = ctx.staging.upload_path(view["draft"], upload_id)
+        async with _part_lock(ctx.staging.upload_path(view["draft"], upload_id)):
+            return await _append_locked(ctx, upload_id, offset, body)
+
+
+async def _append_locked(ctx: RegistryContext, upload_id: str, offset: int,
+                         body: AsyncIterator[bytes]) -> dict[str, Any]:
+    view = await asyncio.to_thread(get_upload, ctx, upload_id)  # again: another process may have appended
+    if offset != view["received"]:
+        raise Conflict(f"upload {upload_id} has {view['received']} bytes; send the chunk at that offset",
+                       code="offset_mismatch", details={"received": view["received"], "offset": offset})
+    part = ctx.staging.upload_path(view["draft"], upload_id)
+    held = await asyncio.to_thread(_cut_back, ctx, upload_id, part, view["received"])
+    if held != offset:
+        raise Conflict(f"upload {upload_id} has {held} bytes; send the chunk at that offset",
+                       code="offset_mismatch", details={"received": held, "offset": offset})
+    with _HASHERS_LOCK:
+        state = _HASHERS.pop(upload_id, None)
+    # Chunks arrive in order at this process: keep hashing and checking as they stream.
+    hasher, check = (state[0], state[1]) if state is not None and state[2] == offset else (None, None)
+    limit = view["size"] if view["size"] is not None else ctx.settings.max_file_bytes
+    writer = HashingWriter(part, mode="ab")
+    writer.size = offset
+    try:
+        await _pump(body, writer, limit, view["path"], hasher=hasher, check=check,
+                    timeout=ctx.settings.body_timeout_seconds)
+        await asyncio.to_thread(writer.close)  # fsync: durable before ``received`` says so
+    except BaseException:
+        writer.abandon()
+        with open(part, "r+b") as f:
+            f.truncate(offset)
+        raise
+    received = writer.size
+
+    def record() -> None:
+        with ctx.db.write() as s:
+            u = _get_upload(s, upload_id)
+            u.received = received
+            u.updated_at = utcnow()
+
+    await asyncio.to_thread(record)
+    if hasher is not None:
         with _HASHERS_LOCK:
-            state = _HASHERS.pop(upload_id, None)
-        # Chunks arrive in order at this process: keep hashing and checking as they stream.
-        hasher, check = (state[0], state[1]) if state is not None and state[2] == offset else (None, None)
-        limit = view["size"] if view["size"] is not None else ctx.settings.max_file_bytes
-        writer = HashingWriter(part, mode="ab")
-        writer.size = offset
-        try:
-            await _pump(body, writer, limit, view["path"], hasher=hasher, check=check,
-                        timeout=ctx.settings.body_timeout_seconds)
-            await asyncio.to_thread(writer.close)
-        except BaseException:
-            writer.abandon()
-            with open(part, "r+b") as f:
-                f.truncate(offset)
-            raise
-        received = writer.size
-
-        def record() -> None:
-            with ctx.db.write() as s:
-                u = _get_upload(s, upload_id)
-                u.received = received
-                u.updated_at = utcnow()
-
-        await asyncio.to_thread(record)
-        if hasher is not None:
-            with _HASHERS_LOCK:
-                _HASHERS[upload_id] = (hasher, check, received)
-        return {**view, "received": received}
+            _HASHERS[upload_id] = (hasher, check, received)
+    return {**view, "received": received}
 
 
 def complete_upload(ctx: RegistryContext, upload_id: str, sha256: str) -> dict[str, Any]:
     """Finish an upload: the received bytes must hash to ``sha256`` (and match the declared size)."""
     expected = _check_sha_arg(sha256)
     with ctx.db.read() as s:
+        draft_id = _get_upload(s, upload_id).draft_id
+    with _part_lock_sync(ctx.staging.upload_path(draft_id, upload_id)):
+        return _complete_locked(ctx, upload_id, expected)
+
+
+def _complete_locked(ctx: RegistryContext, upload_id: str, expected: str | None) -> dict[str, Any]:
+    with ctx.db.read() as s:
         u = _get_upload(s, upload_id)
         draft_id, path, size, received = u.draft_id, u.path, u.size, u.received
     part = ctx.staging.upload_path(draft_id, upload_id)
+    if not part.exists() and received and ctx.staging.staged_path(draft_id, expected or "").exists():
+        # killed after the verified file was moved into the draft, before the session was closed
+        part = ctx.staging.staged_path(draft_id, expected or "")
+    else:
+        received = _cut_back(ctx, upload_id, part, received)
     if size is not None and received != size:
         raise Conflict(f"upload {upload_id} has {received} of {size} bytes", code="upload_incomplete",
                        details={"received": received, "size": size})

@@ -62,8 +62,11 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
             ctx.staging.remove_draft(draft_id)
             blobs.release(ctx, claimed)
     for d in ctx.staging.draft_ids():
-        path = ctx.staging.root / d
-        if d not in live_drafts and path.stat().st_mtime < time.time() - grace:
+        try:
+            mtime = (ctx.staging.root / d).stat().st_mtime
+        except FileNotFoundError:  # its commit or abort removed it meanwhile
+            continue
+        if d not in live_drafts and mtime < time.time() - grace:
             report.staging_dirs_removed += 1
             if not dry_run:
                 ctx.staging.remove_draft(d)
