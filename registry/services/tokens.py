@@ -18,6 +18,7 @@ from .context import RegistryContext
 SCOPES = ("read", "write", "admin")
 TOKEN_PREFIX = "rgt_"
 _LAST_USED_EVERY = timedelta(minutes=5)
+MAX_EXPIRES_DAYS = 36500  # a hundred years; beyond it no date can be stored
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ def create(ctx: RegistryContext, name: str, scope: str, expires_days: int | None
         raise InvalidInput(f"scope must be one of {', '.join(SCOPES)}", code="invalid_scope")
     if not name or len(name) > 128:
         raise InvalidInput("token name must be 1-128 characters", code="invalid_name")
-    if expires_days is not None and expires_days <= 0:
-        raise InvalidInput("expires_days must be positive", code="invalid_expiry")
+    if expires_days is not None and not 0 < expires_days <= MAX_EXPIRES_DAYS:
+        raise InvalidInput(f"expires_days must be between 1 and {MAX_EXPIRES_DAYS}", code="invalid_expiry")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, token_hash=_hash(secret), prefix=secret[:10], scopes=scope,
                      expires_at=utcnow() + timedelta(days=expires_days) if expires_days else None)

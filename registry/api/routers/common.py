@@ -19,11 +19,3 @@ def parse_tag_filters(values: list[str]) -> dict[str, str | None]:
 def version_ref(name: str, v: str) -> str:
     """``/models/{name}/versions/{v}`` -> ref (``v`` is a number, an alias or ``latest``)."""
     return f"{name}@{v}"
-
-
-def int_cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    if not cursor.isdigit():
-        raise InvalidInput(f"bad cursor {cursor!r}", code="invalid_cursor")
-    return int(cursor)

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from ...services import bases, jobs, merges, policies, pruning, transfers, verify
 from ..deps import Ctx, Reader, Writer
-from .common import int_cursor
+from ..params import Id, IdCursor
 
 router = APIRouter(tags=["jobs"])
 
@@ -77,14 +77,14 @@ class PolicyCreate(BaseModel):
 
 
 @router.get("/jobs", response_model=JobPage)
-def list_jobs(ctx: Ctx, _: Reader, state: str | None = None, type: str | None = None, limit: int = 50,
-              cursor: str | None = None) -> object:
-    items, nxt = jobs.list_jobs(ctx, state=state, type=type, limit=limit, cursor=int_cursor(cursor))
+def list_jobs(ctx: Ctx, _: Reader, cursor: IdCursor, state: str | None = None, type: str | None = None,
+              limit: int = 50) -> object:
+    items, nxt = jobs.list_jobs(ctx, state=state, type=type, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": str(nxt) if nxt is not None else None}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: int, ctx: Ctx, _: Reader) -> object:
+def get_job(job_id: Id, ctx: Ctx, _: Reader) -> object:
     return jobs.get(ctx, job_id)
 
 
@@ -102,7 +102,7 @@ def list_bases(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 
 
 
 @router.get("/bases/{basis_id}")
-def get_basis(basis_id: int, ctx: Ctx, _: Reader) -> dict[str, Any]:
+def get_basis(basis_id: Id, ctx: Ctx, _: Reader) -> dict[str, Any]:
     return bases.get_basis(ctx, basis_id)
 
 
@@ -112,7 +112,7 @@ class PruneBody(BaseModel):
 
 
 @router.post("/bases/{basis_id}/prune", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def prune_basis(basis_id: int, body: PruneBody, ctx: Ctx, who: Writer) -> object:
+def prune_basis(basis_id: Id, body: PruneBody, ctx: Ctx, who: Writer) -> object:
     """Queue pruning: members within the budget give up their blobs and are served from the basis."""
     return pruning.request_prune(ctx, basis_id, body.max_error, who.name)
 

@@ -10,6 +10,7 @@ from sqlalchemy import text
 from ... import __version__
 from ...services import events, tokens
 from ..deps import Admin, Ctx, Reader
+from ..params import AfterId, Id
 from ..schemas import TokenCreate, TokenOut
 
 router = APIRouter(tags=["system"])
@@ -34,11 +35,11 @@ def list_tokens(ctx: Ctx, _: Admin) -> object:
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenOut)
-def revoke_token(token_id: int, ctx: Ctx, _: Admin) -> object:
+def revoke_token(token_id: Id, ctx: Ctx, _: Admin) -> object:
     return tokens.revoke(ctx, token_id)
 
 
 @router.get("/events")
-def list_events(ctx: Ctx, _: Reader, after: int = 0, limit: int = 100) -> dict[str, Any]:
+def list_events(ctx: Ctx, _: Reader, after: AfterId = 0, limit: int = 100) -> dict[str, Any]:
     """The event log (oldest first, after the given id)."""
     return {"items": events.list_events(ctx, after, limit)}

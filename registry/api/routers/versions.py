@@ -12,8 +12,9 @@ from ...services import lineage, tags, versions
 from ...services.versions import VersionFilter
 from ...services.views import VersionView
 from ..deps import Ctx, Reader, Writer
+from ..params import IdCursor
 from ..schemas import FileOut, LineageOut, TagsSet, VersionOut, VersionPage
-from .common import int_cursor, parse_tag_filters, version_ref
+from .common import parse_tag_filters, version_ref
 
 router = APIRouter(tags=["versions"])
 
@@ -39,26 +40,25 @@ def _json(adapter: TypeAdapter[object], value: object) -> Response:
 
 
 def _search(ctx: Ctx, model: str | None, prefix: str | None, kind: str | None, tag: list[str], base: str | None,
-            status: str | None, archived: bool, limit: int, cursor: str | None) -> _Page:
+            status: str | None, archived: bool, limit: int, cursor: int | None) -> _Page:
     items, nxt = versions.search(ctx, VersionFilter(
         model=model, prefix=prefix, kind=kind, tags=parse_tag_filters(tag), base=base, status=status,
-        include_archived=archived, limit=limit, cursor=int_cursor(cursor)))
+        include_archived=archived, limit=limit, cursor=cursor))
     return _Page(items, str(nxt) if nxt is not None else None)
 
 
 @router.get("/versions", response_model=VersionPage)
-def search_versions(ctx: Ctx, _: Reader, model: str | None = None, prefix: str | None = None,
+def search_versions(ctx: Ctx, _: Reader, cursor: IdCursor, model: str | None = None, prefix: str | None = None,
                     kind: str | None = None, tag: list[str] = TagQuery, base: str | None = None,
-                    status: str | None = None, archived: bool = False, limit: int = 50,
-                    cursor: str | None = None) -> object:
+                    status: str | None = None, archived: bool = False, limit: int = 50) -> object:
     """Search versions across models; newest first; ``next_cursor`` pages on."""
     return _json(_PAGE_JSON, _search(ctx, model, prefix, kind, tag, base, status, archived, limit, cursor))
 
 
 @router.get("/models/{name}/versions", response_model=VersionPage)
-def list_versions(name: str, ctx: Ctx, _: Reader, kind: str | None = None, tag: list[str] = TagQuery,
-                  base: str | None = None, status: str | None = None, archived: bool = False, limit: int = 50,
-                  cursor: str | None = None) -> object:
+def list_versions(name: str, ctx: Ctx, _: Reader, cursor: IdCursor, kind: str | None = None,
+                  tag: list[str] = TagQuery, base: str | None = None, status: str | None = None,
+                  archived: bool = False, limit: int = 50) -> object:
     versions_ = _search(ctx, name, None, kind, tag, base, status, archived, limit, cursor)
     if not versions_.items and cursor is None:
         from ...services.catalog import get
