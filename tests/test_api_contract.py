@@ -3,12 +3,15 @@ OpenAPI schema promises (error statuses, the error body, the bearer scheme)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import Server
+from registry.demo import make_base
+
+from .conftest import Server, make_server
 
 BIG = 2**64  # beyond any integer column
 MAX_ID = 2**31 - 1  # ids are INTEGER columns: 32-bit on PostgreSQL
@@ -89,3 +92,111 @@ def test_oversized_integers_in_bodies_are_4xx(sqlite_server: Server) -> None:
     assert_error(httpx.post(api + f"/drafts/{draft['id']}/links",
                             json={"path": "a.bin", "sha256": "0" * 64, "size": BIG}), (404, 422))
     httpx.delete(api + f"/drafts/{draft['id']}")
+
+
+# --------------------------------------------------------------------------- drafts belong to their creator
+
+
+@pytest.fixture(scope="module")
+def auth_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                pg_databases: list[str]) -> Server:
+    return make_server(request, tmp_path_factory, pg_databases, "sqlite", REGISTRY_AUTH="required")
+
+
+@pytest.fixture(scope="module")
+def people(auth_server: Server) -> dict[str, str]:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "registry", "token", "create", "root", "--scope", "admin"],
+                       env=auth_server.env, capture_output=True, text=True, check=True)
+    admin = p.stdout.strip().splitlines()[-1]
+    out = {"admin": admin}
+    with auth_server.client(admin) as rc:
+        for who, scope in (("alice", "write"), ("bob", "write"), ("reader", "read")):
+            out[who] = rc.create_token(who, scope)["token"]
+    return out
+
+
+def _h(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_draft_is_bound_to_its_creator(auth_server: Server, people: dict[str, str],
+                                         tmp_path: Path) -> None:
+    api = auth_server.url + "/api/v1"
+    alice, bob, admin = _h(people["alice"]), _h(people["bob"]), _h(people["admin"])
+    folder = make_base(tmp_path / "b", seed=7)
+    data = (folder / "model.safetensors").read_bytes()
+    r = httpx.post(api + "/drafts", json={"model": "owned-base", "kind": "base"}, headers=alice)
+    assert r.status_code == 201, r.text
+    did = r.json()["id"]
+    up = httpx.post(api + f"/drafts/{did}/uploads", json={"path": "extra.safetensors", "size": len(data)},
+                    headers=alice)
+    assert up.status_code == 201, up.text
+    uid = up.json()["id"]
+
+    # bob: as if neither existed
+    assert_error(httpx.get(api + f"/drafts/{did}", headers=bob), 404, "draft_not_found")
+    assert_error(httpx.put(api + f"/drafts/{did}/files/model.safetensors", content=data, headers=bob),
+                 404, "draft_not_found")
+    assert_error(httpx.post(api + f"/drafts/{did}/links", json={"path": "x", "sha256": "0" * 64}, headers=bob),
+                 404, "draft_not_found")
+    assert_error(httpx.post(api + f"/drafts/{did}/uploads", json={"path": "y"}, headers=bob), 404, "draft_not_found")
+    assert_error(httpx.post(api + f"/drafts/{did}/commit", headers=bob), 404, "draft_not_found")
+    assert_error(httpx.delete(api + f"/drafts/{did}", headers=bob), 404, "draft_not_found")
+    assert_error(httpx.get(api + f"/uploads/{uid}", headers=bob), 404, "upload_not_found")
+    assert_error(httpx.patch(api + f"/uploads/{uid}", content=data, headers={**bob, "Upload-Offset": "0"}),
+                 404, "upload_not_found")
+    assert_error(httpx.post(api + f"/uploads/{uid}/commit", json={"sha256": "0" * 64}, headers=bob),
+                 404, "upload_not_found")
+    assert_error(httpx.delete(api + f"/uploads/{uid}", headers=bob), 404, "upload_not_found")
+
+    # the creator, and an admin, see them
+    assert httpx.get(api + f"/drafts/{did}", headers=alice).status_code == 200
+    assert httpx.get(api + f"/drafts/{did}", headers=admin).status_code == 200
+    assert httpx.get(api + f"/uploads/{uid}", headers=admin).json()["received"] == 0
+    assert httpx.delete(api + f"/uploads/{uid}", headers=alice).status_code == 204
+    r = httpx.put(api + f"/drafts/{did}/files/model.safetensors", content=data, headers=alice)
+    assert r.status_code == 201, r.text
+    r = httpx.post(api + f"/drafts/{did}/commit", headers=alice)
+    assert r.status_code == 201, r.text
+    assert r.json()["created_by"] == "alice"
+
+
+def test_admin_may_abort_anyones_draft(auth_server: Server, people: dict[str, str]) -> None:
+    api = auth_server.url + "/api/v1"
+    did = httpx.post(api + "/drafts", json={"model": "owned-2"}, headers=_h(people["bob"])).json()["id"]
+    assert httpx.delete(api + f"/drafts/{did}", headers=_h(people["admin"])).status_code == 204
+    assert_error(httpx.get(api + f"/drafts/{did}", headers=_h(people["bob"])), 404, "draft_not_found")
+
+
+def test_verify_needs_write(auth_server: Server, people: dict[str, str]) -> None:
+    api = auth_server.url + "/api/v1"
+    r = httpx.post(api + "/models/nope/versions/1/verify", headers=_h(people["reader"]))
+    assert_error(r, 403, "insufficient_scope")
+    r = httpx.post(api + "/models/nope/versions/1/verify", headers=_h(people["alice"]))
+    assert_error(r, 404)
+
+
+# --------------------------------------------------------------------------- the OpenAPI schema
+
+
+def test_openapi_declares_errors_and_bearer(sqlite_server: Server) -> None:
+    schema = httpx.get(sqlite_server.url + "/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert any(s == {"type": "http", "scheme": "bearer"} for s in schemes.values()), schemes
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error_ref = "#/components/schemas/ErrorResponse"
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            where = f"{method.upper()} {path}"
+            codes = op["responses"]
+            errors = {c for c in codes if c.startswith(("4", "5"))}
+            assert errors, f"{where} declares no error status"
+            for c in errors:
+                assert codes[c]["content"]["application/json"]["schema"] == {"$ref": error_ref}, (where, c)
+            if path.endswith("/health"):
+                continue
+            assert op.get("security"), f"{where} declares no security"
+            assert {"401", "403"} <= errors, where

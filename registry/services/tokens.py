@@ -30,6 +30,11 @@ class Principal:
     def allows(self, needed: str) -> bool:
         return SCOPES.index(self.scope) >= SCOPES.index(needed)
 
+    def owns(self, created_by: str | None) -> bool:
+        """Whether this principal may act on something another principal made and keeps to itself
+        (a draft): the one that made it (``created_by`` is its name), or an admin."""
+        return self.allows("admin") or (created_by is not None and created_by == self.name)
+
     def require(self, needed: str) -> None:
         if not self.allows(needed):
             raise Forbidden(f"this operation needs the {needed!r} scope; the token has {self.scope!r}",

@@ -118,7 +118,7 @@ def prune_basis(basis_id: Id, body: PruneBody, ctx: Ctx, who: Writer) -> object:
 
 
 @router.post("/models/{name}/versions/{v}/verify", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def verify_version(name: str, v: str, ctx: Ctx, who: Reader) -> object:
+def verify_version(name: str, v: str, ctx: Ctx, who: Writer) -> object:
     """Queue a check of every file's sha256 (stored files re-read, derived files regenerated)."""
     return verify.request_verify(ctx, f"{name}@{v}", who.name)
 
