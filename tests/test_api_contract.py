@@ -185,7 +185,7 @@ def test_verify_needs_write(auth_server: Server, people: dict[str, str]) -> None
 def test_openapi_declares_errors_and_bearer(sqlite_server: Server) -> None:
     schema = httpx.get(sqlite_server.url + "/openapi.json").json()
     schemes = schema["components"]["securitySchemes"]
-    assert any(s == {"type": "http", "scheme": "bearer"} for s in schemes.values()), schemes
+    assert any(s["type"] == "http" and s["scheme"] == "bearer" for s in schemes.values()), schemes
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     error_ref = "#/components/schemas/ErrorResponse"
     for path, item in schema["paths"].items():
@@ -200,3 +200,15 @@ def test_openapi_declares_errors_and_bearer(sqlite_server: Server) -> None:
                 continue
             assert op.get("security"), f"{where} declares no security"
             assert {"401", "403"} <= errors, where
+
+
+def test_range_not_satisfiable_is_an_error_body(sqlite_server: Server, tmp_path: Path) -> None:
+    folder = make_base(tmp_path / "b", seed=3)
+    with sqlite_server.client() as rc:
+        ref = rc.push(folder, "contract-range")["ref"]
+    size = (folder / "config.json").stat().st_size
+    name, v = ref.split("@")
+    r = httpx.get(f"{sqlite_server.url}/api/v1/models/{name}/versions/{v}/files/config.json",
+                  headers={"Range": f"bytes={size}-"})
+    assert_error(r, 416, "range_not_satisfiable")
+    assert r.headers["content-range"] == f"bytes */{size}"

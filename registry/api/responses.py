@@ -1,0 +1,36 @@
+"""The error statuses operations declare in the OpenAPI schema, each with the app's error body.
+
+Every error the API answers is ``{"error": {"code", "message", "details"}}`` (``ErrorResponse``):
+domain errors (``registry.errors``), request validation (422 ``invalid_request``, rewritten in
+``app.py``), authentication (401) and scope or the loopback guard (403). Routers declare
+``responses=errors(...)`` with the statuses each operation can really return; this module is the
+one place that says what each status means and which body it carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .schemas import ErrorResponse
+
+DESCRIPTIONS: dict[int, str] = {
+    400: "Malformed request: a bad checksum, sha256 or Content-Length.",
+    401: "No token, or an unknown, revoked or expired one (only with REGISTRY_AUTH=required).",
+    403: "The token lacks the scope (`insufficient_scope`), or a remote peer reached a server running "
+         "without auth (`auth_required`).",
+    404: "Not found (or not yours: drafts and uploads exist only for the token that created them).",
+    409: "Conflicts with the current state (already exists, has dependents, wrong offset, duplicate content…).",
+    413: "Larger than REGISTRY_MAX_FILE_BYTES.",
+    416: "The Range starts beyond the end of the file (`Content-Range: bytes */size`).",
+    422: "Invalid input: request validation (`invalid_request`, details.errors lists each problem) or "
+         "unacceptable content (names, refs, weights, shapes…).",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a router or an operation: each status with its meaning and ErrorResponse."""
+    return {s: {"model": ErrorResponse, "description": DESCRIPTIONS[s]} for s in statuses}
+
+
+AUTHENTICATED = errors(401, 403)
+"""Every operation that needs a token (router level)."""
