@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
+
 from .schemas import ErrorResponse
 
 DESCRIPTIONS: dict[int, str] = {
-    400: "Malformed request: a bad checksum, sha256 or Content-Length.",
+    400: "Malformed request: a body that cannot be decoded (`bad_request`), a bad checksum, sha256 or "
+         "Content-Length.",
     401: "No token, or an unknown, revoked or expired one (only with REGISTRY_AUTH=required).",
     403: "The token lacks the scope (`insufficient_scope`), or a remote peer reached a server running "
          "without auth (`auth_required`).",
@@ -34,3 +38,12 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 AUTHENTICATED = errors(401, 403)
 """Every operation that needs a token (router level)."""
+
+
+def declare_body_errors(router: APIRouter) -> None:
+    """FastAPI answers 400 ``bad_request`` for a request body it cannot decode (bytes that are not
+    UTF-8 JSON) before any handler runs: declare it on every operation of ``router`` that parses a
+    body (call before including the router)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.body_field is not None:
+            route.responses = {**errors(400), **route.responses}
