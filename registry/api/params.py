@@ -1,9 +1,9 @@
-"""Constrained types for integer path, query and body parameters: the one place that says which
+"""Constrained types for integer path and query parameters: the one place that says which
 integers the API accepts, so a value no column can hold is a 422, never a database error (500).
 
 Every table's id is an ``INTEGER`` column (32-bit on PostgreSQL), so an id, an ``after`` event id
 or a keyset cursor (the id the next page starts below) outside 1 … 2³¹−1 names nothing that can
-exist. Sizes are ``BIGINT`` columns.
+exist.
 """
 
 from __future__ import annotations
@@ -11,23 +11,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Path, Query
-from pydantic import Field
 
 from ..errors import InvalidInput
 
 MAX_ID = 2**31 - 1
-MAX_SIZE = 2**63 - 1
 
 Id = Annotated[int, Path(ge=1, le=MAX_ID, description="A numeric id (1 … 2³¹−1).")]
 """An id in the URL path (``/jobs/{job_id}``)."""
-
 
 
 def _id_cursor(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
                ) -> int | None:
     if cursor is None:
         return None
-    if not (cursor.isascii() and cursor.isdigit() and 1 <= int(cursor) <= MAX_ID):
+    if not (len(cursor) <= 10 and cursor.isascii() and cursor.isdigit() and 1 <= int(cursor) <= MAX_ID):
         raise InvalidInput(f"bad cursor {cursor[:40]!r}: pass the next_cursor of the previous page",
                            code="invalid_cursor")
     return int(cursor)
@@ -38,9 +35,3 @@ IdCursor = Annotated[int | None, Depends(_id_cursor)]
 
 AfterId = Annotated[int, Query(ge=0, le=MAX_ID, description="Only items with a larger id (0: from the start).")]
 """``?after=``: items with an id above this one, oldest first."""
-
-Size = Annotated[int, Field(ge=0, le=MAX_SIZE)]
-"""A byte count in a request body."""
-
-SmallInt = Annotated[int, Field(ge=0, le=MAX_ID)]
-"""A count in a request body stored in an INTEGER column (basis directions, a merge's rank)."""
