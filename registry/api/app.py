@@ -17,6 +17,7 @@ from ..config import Settings, get_settings, is_loopback
 from ..errors import RegistryError
 from ..services import names
 from ..services.context import RegistryContext
+from .responses import declare_body_errors
 from .routers import compat, drafts, files, jobs, models, system, versions, webhooks
 
 log = logging.getLogger("registry.api")
@@ -148,5 +149,6 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
 
     routers = (system, models, versions, files, drafts, jobs, compat, webhooks)
     for router in (r.router for r in routers):
+        declare_body_errors(router)
         app.include_router(router, prefix=API_PREFIX)
     return app

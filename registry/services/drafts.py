@@ -1,6 +1,8 @@
 """Pushing a version: draft -> files (streamed, hashed, validated on arrival) -> commit.
 
-A draft is invisible: its files sit in the staging area, not in the blob store, and no version
+A draft is invisible, and private to the principal that created it: another principal without
+the admin scope is told it does not exist (``who`` in the functions below; ``None`` is the server
+itself, e.g. a worker ingesting its output). Its files sit in the staging area, not in the blob store, and no version
 row exists. :func:`commit` validates the whole version, moves staged files into the blob store
 (content-addressed: identical files are stored once) and then, in ONE database transaction,
 allocates the next version number, records blobs, manifest, lineage, tags, aliases and an event.
@@ -56,6 +58,7 @@ from .context import RegistryContext
 from .events import emit
 from .refs import parse_ref, resolve
 from .sql import insert_ignore
+from .tokens import Principal
 from .views import VersionView, version_view
 
 BATCH_BYTES = 8 << 20  # hand received bytes to a worker thread in batches of this size
@@ -156,23 +159,23 @@ def resolve_base(s: Session, ref: str) -> ModelVersion:
     return v
 
 
-def _get_draft(s: Session, draft_id: str) -> Draft:
+def _get_draft(s: Session, draft_id: str, who: Principal | None = None) -> Draft:
     draft = s.get(Draft, draft_id)
-    if draft is None:
+    if draft is None or (who is not None and not who.owns(draft.created_by)):
         raise NotFound(f"draft {draft_id} not found (committed, aborted or expired)", code="draft_not_found",
                        details={"draft": draft_id})
     return draft
 
 
-def get_draft(ctx: RegistryContext, draft_id: str) -> dict[str, Any]:
+def get_draft(ctx: RegistryContext, draft_id: str, who: Principal | None = None) -> dict[str, Any]:
     with ctx.db.read() as s:
-        return _draft_view(_get_draft(s, draft_id))
+        return _draft_view(_get_draft(s, draft_id, who))
 
 
-def abort_draft(ctx: RegistryContext, draft_id: str) -> None:
+def abort_draft(ctx: RegistryContext, draft_id: str, who: Principal | None = None) -> None:
     """Discard a draft: its staged bytes, and the blob claims nothing else holds."""
     with ctx.db.write() as s:
-        draft = _get_draft(s, draft_id)
+        draft = _get_draft(s, draft_id, who)
         claimed = [f.sha256 for f in draft.files]
         s.delete(draft)
     ctx.staging.remove_draft(draft_id)
@@ -254,7 +257,8 @@ def _check_sha_arg(sha256: str | None) -> str | None:
 
 
 async def receive_file(ctx: RegistryContext, draft_id: str, path: str, body: AsyncIterator[bytes], *,
-                       expected_sha256: str | None = None, content_length: int | None = None) -> dict[str, Any]:
+                       expected_sha256: str | None = None, content_length: int | None = None,
+                       who: Principal | None = None) -> dict[str, Any]:
     """Stream one file into a draft: written to the staging area and hashed as it arrives, never
     held in memory whole. A wrong ``expected_sha256`` or an interrupted body leaves nothing."""
     path = clean_path(path)
@@ -263,7 +267,7 @@ async def receive_file(ctx: RegistryContext, draft_id: str, path: str, body: Asy
     if content_length is not None and content_length > limit:
         raise PayloadTooLarge(f"{path}: {content_length} bytes exceeds the limit of {limit}",
                               details={"limit": limit})
-    draft = await asyncio.to_thread(get_draft, ctx, draft_id)
+    draft = await asyncio.to_thread(get_draft, ctx, draft_id, who)
     check = _stream_check(ctx, path, draft.get("kind"))
     writer = HashingWriter(ctx.staging.new_file(draft_id))
     try:
@@ -354,12 +358,13 @@ async def _pump(body: AsyncIterator[bytes], writer: HashingWriter, limit: int, p
         raise failure
 
 
-def link_file(ctx: RegistryContext, draft_id: str, path: str, sha256: str, size: int | None) -> dict[str, Any]:
+def link_file(ctx: RegistryContext, draft_id: str, path: str, sha256: str, size: int | None,
+              who: Principal | None = None) -> dict[str, Any]:
     """Add a file whose bytes the registry already holds (deduplication: no upload)."""
     path = clean_path(path)
     sha = _check_sha_arg(sha256)
     with ctx.db.write() as s:
-        draft = _get_draft(s, draft_id)
+        draft = _get_draft(s, draft_id, who)
         held = blobs.claim_ready(s, sha)
         if held is None or (size is not None and held != size):
             raise NotFound(f"no blob {sha}; upload the file instead", code="blob_not_found",
@@ -384,13 +389,14 @@ def _upload_view(u: UploadSession) -> dict[str, Any]:
     return {"id": u.id, "draft": u.draft_id, "path": u.path, "size": u.size, "received": u.received}
 
 
-def create_upload(ctx: RegistryContext, draft_id: str, path: str, size: int | None) -> dict[str, Any]:
+def create_upload(ctx: RegistryContext, draft_id: str, path: str, size: int | None,
+                  who: Principal | None = None) -> dict[str, Any]:
     path = clean_path(path)
     if size is not None and (size < 0 or size > ctx.settings.max_file_bytes):
         raise PayloadTooLarge(f"{path}: {size} bytes exceeds the limit of {ctx.settings.max_file_bytes}")
     upload = UploadSession(id=str(uuid.uuid4()), path=path, size=size, received=0)
     with ctx.db.write() as s:
-        _get_draft(s, draft_id)
+        _get_draft(s, draft_id, who)
         upload.draft_id = draft_id
         s.add(upload)
     ctx.staging.upload_path(draft_id, upload.id).touch()
@@ -401,16 +407,20 @@ def create_upload(ctx: RegistryContext, draft_id: str, path: str, size: int | No
     return _upload_view(upload)
 
 
-def _get_upload(s: Session, upload_id: str) -> UploadSession:
+def _get_upload(s: Session, upload_id: str, who: Principal | None = None) -> UploadSession:
     u = s.get(UploadSession, upload_id)
+    if u is not None and who is not None and not who.allows("admin"):
+        draft = s.get(Draft, u.draft_id)
+        if draft is None or not who.owns(draft.created_by):  # an upload belongs to its draft's creator
+            u = None
     if u is None:
         raise NotFound(f"upload {upload_id} not found", code="upload_not_found", details={"upload": upload_id})
     return u
 
 
-def get_upload(ctx: RegistryContext, upload_id: str) -> dict[str, Any]:
+def get_upload(ctx: RegistryContext, upload_id: str, who: Principal | None = None) -> dict[str, Any]:
     with ctx.db.read() as s:
-        return _upload_view(_get_upload(s, upload_id))
+        return _upload_view(_get_upload(s, upload_id, who))
 
 
 def _try_flock(fd: int) -> bool:
@@ -486,12 +496,13 @@ def _cut_back(ctx: RegistryContext, upload_id: str, part: Path, received: int) -
     return on_disk
 
 
-async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: AsyncIterator[bytes]) -> dict[str, Any]:
+async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: AsyncIterator[bytes],
+                       who: Principal | None = None) -> dict[str, Any]:
     """Append bytes at ``offset`` (which must equal the bytes received so far). An interrupted
     chunk is cut back to the last acknowledged offset, so the client simply resends it."""
     lock = _UPLOAD_LOCKS.setdefault(upload_id, asyncio.Lock())
     async with lock:
-        view = await asyncio.to_thread(get_upload, ctx, upload_id)
+        view = await asyncio.to_thread(get_upload, ctx, upload_id, who)
         async with _part_lock(ctx.staging.upload_path(view["draft"], upload_id)):
             return await _append_locked(ctx, upload_id, offset, body)
 
@@ -538,11 +549,11 @@ async def _append_locked(ctx: RegistryContext, upload_id: str, offset: int,
     return {**view, "received": received}
 
 
-def complete_upload(ctx: RegistryContext, upload_id: str, sha256: str) -> dict[str, Any]:
+def complete_upload(ctx: RegistryContext, upload_id: str, sha256: str, who: Principal | None = None) -> dict[str, Any]:
     """Finish an upload: the received bytes must hash to ``sha256`` (and match the declared size)."""
     expected = _check_sha_arg(sha256)
     with ctx.db.read() as s:
-        draft_id = _get_upload(s, upload_id).draft_id
+        draft_id = _get_upload(s, upload_id, who).draft_id
     with _part_lock_sync(ctx.staging.upload_path(draft_id, upload_id)):
         return _complete_locked(ctx, upload_id, expected)
 
@@ -590,9 +601,9 @@ def _complete_locked(ctx: RegistryContext, upload_id: str, expected: str | None)
     return result
 
 
-def abort_upload(ctx: RegistryContext, upload_id: str) -> None:
+def abort_upload(ctx: RegistryContext, upload_id: str, who: Principal | None = None) -> None:
     with ctx.db.write() as s:
-        u = _get_upload(s, upload_id)
+        u = _get_upload(s, upload_id, who)
         draft_id = u.draft_id
         s.delete(u)
     ctx.staging.upload_path(draft_id, upload_id).unlink(missing_ok=True)
@@ -646,11 +657,11 @@ class CommitOptions:
 
 
 def commit(ctx: RegistryContext, draft_id: str, actor: str | None,
-           options: CommitOptions | None = None) -> VersionView:
+           options: CommitOptions | None = None, who: Principal | None = None) -> VersionView:
     settings = ctx.settings
     opts = options or CommitOptions()
     with ctx.db.read() as s:
-        draft = _get_draft(s, draft_id)
+        draft = _get_draft(s, draft_id, who)
         spec = dict(draft.spec)
         model_name = draft.model_name
         if not draft.files:

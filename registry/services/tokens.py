@@ -18,6 +18,7 @@ from .context import RegistryContext
 SCOPES = ("read", "write", "admin")
 TOKEN_PREFIX = "rgt_"
 _LAST_USED_EVERY = timedelta(minutes=5)
+MAX_EXPIRES_DAYS = 36500  # a hundred years; beyond it no date can be stored
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Principal:
 
     def allows(self, needed: str) -> bool:
         return SCOPES.index(self.scope) >= SCOPES.index(needed)
+
+    def owns(self, created_by: str | None) -> bool:
+        """Whether this principal may act on something another principal made and keeps to itself
+        (a draft): the one that made it (``created_by`` is its name), or an admin."""
+        return self.allows("admin") or (created_by is not None and created_by == self.name)
 
     def require(self, needed: str) -> None:
         if not self.allows(needed):
@@ -53,8 +59,8 @@ def create(ctx: RegistryContext, name: str, scope: str, expires_days: int | None
         raise InvalidInput(f"scope must be one of {', '.join(SCOPES)}", code="invalid_scope")
     if not name or len(name) > 128:
         raise InvalidInput("token name must be 1-128 characters", code="invalid_name")
-    if expires_days is not None and expires_days <= 0:
-        raise InvalidInput("expires_days must be positive", code="invalid_expiry")
+    if expires_days is not None and not 0 < expires_days <= MAX_EXPIRES_DAYS:
+        raise InvalidInput(f"expires_days must be between 1 and {MAX_EXPIRES_DAYS}", code="invalid_expiry")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, token_hash=_hash(secret), prefix=secret[:10], scopes=scope,
                      expires_at=utcnow() + timedelta(days=expires_days) if expires_days else None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ...errors import InvalidInput
-from ...services import names
 
 
 def parse_tag_filters(values: list[str]) -> dict[str, str | None]:
@@ -20,12 +19,3 @@ def parse_tag_filters(values: list[str]) -> dict[str, str | None]:
 def version_ref(name: str, v: str) -> str:
     """``/models/{name}/versions/{v}`` -> ref (``v`` is a number, an alias or ``latest``)."""
     return f"{name}@{v}"
-
-
-def int_cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    value = names.ascii_uint(cursor)
-    if value is None:
-        raise InvalidInput(f"bad cursor {cursor!r}", code="invalid_cursor")
-    return value

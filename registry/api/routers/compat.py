@@ -9,9 +9,10 @@ from pydantic import BaseModel, Field
 
 from ...services import compat
 from ..deps import Ctx, Reader, Writer
+from ..responses import AUTHENTICATED, errors
 from .common import version_ref
 
-router = APIRouter(tags=["compatibility"])
+router = APIRouter(tags=["compatibility"], responses=AUTHENTICATED)
 
 
 class PredictionsIn(BaseModel):
@@ -23,19 +24,20 @@ class PredictionsIn(BaseModel):
     replace: bool = False
 
 
-@router.post("/models/{name}/versions/{v}/predictions", status_code=status.HTTP_201_CREATED)
+@router.post("/models/{name}/versions/{v}/predictions", status_code=status.HTTP_201_CREATED,
+             responses=errors(404, 409, 422))
 def store_predictions(name: str, v: str, body: PredictionsIn, ctx: Ctx, _: Writer) -> dict[str, Any]:
     return compat.store_predictions(ctx, version_ref(name, v), body.dataset, body.kind,
                                     predictions=body.predictions, labels=body.labels, scores=body.scores,
                                     replace=body.replace)
 
 
-@router.get("/models/{name}/versions/{v}/predictions")
+@router.get("/models/{name}/versions/{v}/predictions", responses=errors(404, 422))
 def list_predictions(name: str, v: str, ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
     return compat.list_predictions(ctx, version_ref(name, v))
 
 
-@router.get("/compat")
+@router.get("/compat", responses=errors(404, 422))
 def compare(old: str, new: str, dataset: str, ctx: Ctx, _: Reader) -> dict[str, Any]:
     """MUSCLE metrics of the update old -> new: NFR, PFR, NFR_mc, accuracies, BTC (or D-based rates)."""
     return compat.compare(ctx, old, new, dataset)

@@ -5,19 +5,29 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ...errors import RangeNotSatisfiable
 from ...services import derived, integrity, names, versions
 from ..deps import Ctx, Reader
 from ..ranges import parse_range
+from ..responses import AUTHENTICATED, errors
 from .common import version_ref
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=AUTHENTICATED)
+
+_FILE = "/models/{name}/versions/{v}/files/{path:path}"
+_BYTES = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+_DOWNLOAD = {
+    200: {**_BYTES, "description": "The file."},
+    206: {**_BYTES, "description": "The requested byte range (`Content-Range`)."},
+    304: {"description": "`If-None-Match` matched the ETag."},
+    **errors(404, 416, 422),
+}
 
 
-@router.api_route("/models/{name}/versions/{v}/files/{path:path}", methods=["GET", "HEAD"],
-                  responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 304: {}, 416: {}})
+@router.head(_FILE, operation_id="head_file", responses=_DOWNLOAD)
+@router.get(_FILE, operation_id="download_file", responses=_DOWNLOAD)
 def download(name: str, v: str, path: str, request: Request, ctx: Ctx, _: Reader, format: str = "native") -> Response:
     """The bytes of one file of a version, stored or generated (derived versions, and the
     ``delta``/``merged`` formats of adapters). ``ETag`` and ``X-Checksum-Sha256`` carry its sha256;
@@ -43,8 +53,8 @@ def download(name: str, v: str, path: str, request: Request, ctx: Ctx, _: Reader
         rng_header = None
     try:
         rng = parse_range(rng_header, size)
-    except RangeNotSatisfiable:
-        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    except RangeNotSatisfiable as e:
+        return JSONResponse(e.to_dict(), status_code=e.status, headers={**headers, "Content-Range": f"bytes */{size}"})
     start, end = rng if rng is not None else (0, size)
     headers["Content-Length"] = str(end - start)
     status = 200

@@ -10,9 +10,10 @@ from starlette.responses import Response
 
 from ...services import bases, jobs, merges, policies, pruning, transfers, verify
 from ..deps import Ctx, Reader, Writer
-from .common import int_cursor
+from ..params import Id, IdCursor
+from ..responses import AUTHENTICATED, errors
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=AUTHENTICATED)
 
 
 class JobOut(BaseModel):
@@ -76,19 +77,19 @@ class PolicyCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-@router.get("/jobs", response_model=JobPage)
-def list_jobs(ctx: Ctx, _: Reader, state: str | None = None, type: str | None = None, limit: int = 50,
-              cursor: str | None = None) -> object:
-    items, nxt = jobs.list_jobs(ctx, state=state, type=type, limit=limit, cursor=int_cursor(cursor))
+@router.get("/jobs", response_model=JobPage, responses=errors(422))
+def list_jobs(ctx: Ctx, _: Reader, cursor: IdCursor, state: str | None = None, type: str | None = None,
+              limit: int = 50) -> object:
+    items, nxt = jobs.list_jobs(ctx, state=state, type=type, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": str(nxt) if nxt is not None else None}
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: int, ctx: Ctx, _: Reader) -> object:
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(404, 422))
+def get_job(job_id: Id, ctx: Ctx, _: Reader) -> object:
     return jobs.get(ctx, job_id)
 
 
-@router.post("/bases", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post("/bases", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, responses=errors(409, 422))
 def create_basis(body: BasisCreate, ctx: Ctx, who: Writer,
                  idempotency_key: str | None = Header(default=None)) -> object:
     """Queue an RMM basis over ``members``; the job's result names the basis and its version."""
@@ -96,13 +97,13 @@ def create_basis(body: BasisCreate, ctx: Ctx, who: Writer,
                                collection=body.collection, actor=who.name, idempotency_key=idempotency_key)
 
 
-@router.get("/bases")
+@router.get("/bases", responses=errors(422))
 def list_bases(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     return bases.list_bases(ctx, collection, limit)
 
 
-@router.get("/bases/{basis_id}")
-def get_basis(basis_id: int, ctx: Ctx, _: Reader) -> dict[str, Any]:
+@router.get("/bases/{basis_id}", responses=errors(404, 422))
+def get_basis(basis_id: Id, ctx: Ctx, _: Reader) -> dict[str, Any]:
     return bases.get_basis(ctx, basis_id)
 
 
@@ -111,19 +112,21 @@ class PruneBody(BaseModel):
                                     "(0: only members rebuilt exactly). Default: REGISTRY_PRUNE_BUDGET.")
 
 
-@router.post("/bases/{basis_id}/prune", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def prune_basis(basis_id: int, body: PruneBody, ctx: Ctx, who: Writer) -> object:
+@router.post("/bases/{basis_id}/prune", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=errors(404, 409, 422))
+def prune_basis(basis_id: Id, body: PruneBody, ctx: Ctx, who: Writer) -> object:
     """Queue pruning: members within the budget give up their blobs and are served from the basis."""
     return pruning.request_prune(ctx, basis_id, body.max_error, who.name)
 
 
-@router.post("/models/{name}/versions/{v}/verify", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def verify_version(name: str, v: str, ctx: Ctx, who: Reader) -> object:
+@router.post("/models/{name}/versions/{v}/verify", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=errors(404, 409, 422))
+def verify_version(name: str, v: str, ctx: Ctx, who: Writer) -> object:
     """Queue a check of every file's sha256 (stored files re-read, derived files regenerated)."""
     return verify.request_verify(ctx, f"{name}@{v}", who.name)
 
 
-@router.post("/transfers", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post("/transfers", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, responses=errors(409, 422))
 def create_transfer(body: TransferCreate, ctx: Ctx, who: Writer,
                     idempotency_key: str | None = Header(default=None)) -> object:
     """Queue a transfer of a fine-tune/adapter to a new base; the result is a candidate version."""
@@ -131,14 +134,14 @@ def create_transfer(body: TransferCreate, ctx: Ctx, who: Writer,
                                       actor=who.name, idempotency_key=idempotency_key)
 
 
-@router.post("/merges", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post("/merges", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, responses=errors(409, 422))
 def create_merge(body: MergeCreate, ctx: Ctx, who: Writer,
                  idempotency_key: str | None = Header(default=None)) -> object:
     return merges.request_merge(ctx, body.method, body.inputs, body.name, params=body.params, rank=body.rank,
                                 actor=who.name, idempotency_key=idempotency_key)
 
 
-@router.post("/policies", status_code=status.HTTP_201_CREATED)
+@router.post("/policies", status_code=status.HTTP_201_CREATED, responses=errors(409, 422))
 def create_policy(body: PolicyCreate, ctx: Ctx, who: Writer) -> dict[str, Any]:
     return policies.create_policy(ctx, body.name, body.type, body.base_model, body.params, who.name)
 
@@ -148,7 +151,7 @@ def list_policies(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
     return policies.list_policies(ctx)
 
 
-@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 422))
 def delete_policy(name: str, ctx: Ctx, _: Writer) -> Response:
     policies.delete_policy(ctx, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

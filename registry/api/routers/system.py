@@ -10,12 +10,14 @@ from sqlalchemy import text
 from ... import __version__
 from ...services import events, tokens
 from ..deps import Admin, Ctx, Reader
+from ..params import AfterId, Id
+from ..responses import AUTHENTICATED, errors
 from ..schemas import TokenCreate, TokenOut
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health")
+@router.get("/health", responses=errors(403))
 def health(ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as s:
         s.execute(text("select 1"))
@@ -23,22 +25,23 @@ def health(ctx: Ctx) -> dict[str, Any]:
             "storage": ctx.store.name, "auth": ctx.settings.auth}
 
 
-@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenOut)
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenOut,
+             responses=AUTHENTICATED | errors(422))
 def create_token(body: TokenCreate, ctx: Ctx, _: Admin) -> object:
     return tokens.create(ctx, body.name, body.scope, body.expires_days)
 
 
-@router.get("/tokens", response_model=list[TokenOut])
+@router.get("/tokens", response_model=list[TokenOut], responses=AUTHENTICATED)
 def list_tokens(ctx: Ctx, _: Admin) -> object:
     return tokens.list_tokens(ctx)
 
 
-@router.delete("/tokens/{token_id}", response_model=TokenOut)
-def revoke_token(token_id: int, ctx: Ctx, _: Admin) -> object:
+@router.delete("/tokens/{token_id}", response_model=TokenOut, responses=AUTHENTICATED | errors(404, 422))
+def revoke_token(token_id: Id, ctx: Ctx, _: Admin) -> object:
     return tokens.revoke(ctx, token_id)
 
 
-@router.get("/events")
-def list_events(ctx: Ctx, _: Reader, after: int = 0, limit: int = 100) -> dict[str, Any]:
+@router.get("/events", responses=AUTHENTICATED | errors(422))
+def list_events(ctx: Ctx, _: Reader, after: AfterId = 0, limit: int = 100) -> dict[str, Any]:
     """The event log (oldest first, after the given id)."""
     return {"items": events.list_events(ctx, after, limit)}

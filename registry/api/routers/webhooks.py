@@ -10,9 +10,10 @@ from starlette.responses import Response
 
 from ...services import webhooks
 from ..deps import Admin, Ctx
-from .common import int_cursor
+from ..params import Id, IdCursor
+from ..responses import AUTHENTICATED, errors
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], responses=AUTHENTICATED)
 
 
 class WebhookCreate(BaseModel):
@@ -66,7 +67,7 @@ class DeliveryPage(BaseModel):
     next_cursor: str | None
 
 
-@router.post("/webhooks", status_code=status.HTTP_201_CREATED, response_model=WebhookCreated)
+@router.post("/webhooks", status_code=status.HTTP_201_CREATED, response_model=WebhookCreated, responses=errors(422))
 def create_webhook(body: WebhookCreate, ctx: Ctx, who: Admin) -> object:
     """Subscribe a URL to events. The response carries the signing secret, shown only once."""
     return webhooks.create_webhook(ctx, body.url, body.events, secret=body.secret, description=body.description,
@@ -78,36 +79,37 @@ def list_webhooks(ctx: Ctx, _: Admin) -> object:
     return webhooks.list_webhooks(ctx)
 
 
-@router.get("/webhooks/{webhook_id}", response_model=WebhookOut)
-def get_webhook(webhook_id: int, ctx: Ctx, _: Admin) -> object:
+@router.get("/webhooks/{webhook_id}", response_model=WebhookOut, responses=errors(404, 422))
+def get_webhook(webhook_id: Id, ctx: Ctx, _: Admin) -> object:
     return webhooks.get_webhook(ctx, webhook_id)
 
 
-@router.patch("/webhooks/{webhook_id}", response_model=WebhookOut)
-def update_webhook(webhook_id: int, body: WebhookUpdate, ctx: Ctx, _: Admin) -> object:
+@router.patch("/webhooks/{webhook_id}", response_model=WebhookOut, responses=errors(404, 422))
+def update_webhook(webhook_id: Id, body: WebhookUpdate, ctx: Ctx, _: Admin) -> object:
     return webhooks.update_webhook(ctx, webhook_id, url=body.url, events=body.events, active=body.active,
                                    description=body.description)
 
 
-@router.delete("/webhooks/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_webhook(webhook_id: int, ctx: Ctx, _: Admin) -> Response:
+@router.delete("/webhooks/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 422))
+def delete_webhook(webhook_id: Id, ctx: Ctx, _: Admin) -> Response:
     webhooks.delete_webhook(ctx, webhook_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage)
-def list_deliveries(webhook_id: int, ctx: Ctx, _: Admin, status: str | None = None, limit: int = 50,
-                    cursor: str | None = None) -> object:
-    items, nxt = webhooks.list_deliveries(ctx, webhook_id, status=status, limit=limit, cursor=int_cursor(cursor))
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage, responses=errors(404, 422))
+def list_deliveries(webhook_id: Id, ctx: Ctx, _: Admin, cursor: IdCursor, status: str | None = None,
+                    limit: int = 50) -> object:
+    items, nxt = webhooks.list_deliveries(ctx, webhook_id, status=status, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": str(nxt) if nxt is not None else None}
 
 
-@router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
-def get_delivery(delivery_id: int, ctx: Ctx, _: Admin) -> object:
+@router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail, responses=errors(404, 422))
+def get_delivery(delivery_id: Id, ctx: Ctx, _: Admin) -> object:
     return webhooks.get_delivery(ctx, delivery_id)
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", status_code=status.HTTP_202_ACCEPTED)
-def redeliver(delivery_id: int, ctx: Ctx, who: Admin) -> dict[str, Any]:
+@router.post("/deliveries/{delivery_id}/redeliver", status_code=status.HTTP_202_ACCEPTED,
+             responses=errors(404, 409, 422))
+def redeliver(delivery_id: Id, ctx: Ctx, who: Admin) -> dict[str, Any]:
     """Send the delivery again (same delivery id, new job); returns ``{"delivery", "job"}``."""
     return webhooks.redeliver(ctx, delivery_id, actor=who.name)
