@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import Settings
@@ -77,6 +78,18 @@ _CLIENTS: dict[str, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
+def _sqlite_lock_path(uri: str, settings: Settings) -> Path:
+    """The lock file that serialises set-up of the SQLite store at ``uri``: beside the database
+    file, so every process using that file takes the same lock whatever its ``REGISTRY_HOME``
+    (workers with their own homes sharing one MLflow file migrated it at once and left it broken)."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return settings.home / "mlflow.lock"
+    return Path(database).resolve().with_name(Path(database).name + ".lock")
+
+
 def _mlflow_client(settings: Settings) -> Any:
     """This process's MLflow client for ``settings``' tracking URI, made once (jobs of a worker
     share it; building one per job repeated the store set-up and, for SQLite, the lock)."""
@@ -96,7 +109,7 @@ def _mlflow_client(settings: Settings) -> Any:
             # half-migrated file). So one process at a time, under a file lock, from construction on.
             import fcntl
 
-            lock_path = settings.home / "mlflow.lock"
+            lock_path = _sqlite_lock_path(uri, settings)
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             with open(lock_path, "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
