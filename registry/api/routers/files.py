@@ -22,7 +22,7 @@ _DOWNLOAD = {
     200: {**_BYTES, "description": "The file."},
     206: {**_BYTES, "description": "The requested byte range (`Content-Range`)."},
     304: {"description": "`If-None-Match` matched the ETag."},
-    **errors(404, 416, 422),
+    **errors(404, 416, 422, 500),
 }
 
 
