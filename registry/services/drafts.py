@@ -500,11 +500,10 @@ async def append_chunk(ctx: RegistryContext, upload_id: str, offset: int, body: 
                        who: Principal | None = None) -> dict[str, Any]:
     """Append bytes at ``offset`` (which must equal the bytes received so far). An interrupted
     chunk is cut back to the last acknowledged offset, so the client simply resends it."""
-    lock = _UPLOAD_LOCKS.setdefault(upload_id, asyncio.Lock())
-    async with lock:
-        view = await asyncio.to_thread(get_upload, ctx, upload_id, who)
-        async with _part_lock(ctx.staging.upload_path(view["draft"], upload_id)):
-            return await _append_locked(ctx, upload_id, offset, body)
+    view = await asyncio.to_thread(get_upload, ctx, upload_id, who)  # 404 before any lock is made for an id
+    async with (_UPLOAD_LOCKS.setdefault(upload_id, asyncio.Lock()),
+                _part_lock(ctx.staging.upload_path(view["draft"], upload_id))):
+        return await _append_locked(ctx, upload_id, offset, body)
 
 
 async def _append_locked(ctx: RegistryContext, upload_id: str, offset: int,
