@@ -36,6 +36,7 @@ from urllib.parse import quote
 import httpx
 
 from .config import get_settings
+from .formats.inspect import content_hash
 
 CHUNK = 4 << 20
 RESUMABLE_THRESHOLD = 64 << 20  # files larger than this go through resumable upload sessions
@@ -124,15 +125,6 @@ class _Retry:
         self.notify(f"registry: {self.what}: {_describe(error)}; retrying in {delay:.1f}s "
                     f"(gives up in {left:.0f}s)")
         time.sleep(delay)
-
-
-def content_hash(manifest: dict[str, str]) -> str:
-    """A version's content sha256 from its ``path -> sha256`` manifest (as the server computes it,
-    registry.formats.inspect.content_hash)."""
-    h = hashlib.sha256()
-    for path, sha in sorted(manifest.items()):
-        h.update(f"{path}\0{sha}\n".encode())
-    return h.hexdigest()
 
 
 def _q(segment: str) -> str:
