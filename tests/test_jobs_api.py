@@ -59,11 +59,13 @@ def _post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{server.url}/api/v1{path}", json=body, timeout=60)
 
 
-def test_merge_method_names_match_the_library() -> None:
+def test_merge_requests_are_checked_by_the_librarys_own_method_table() -> None:
+    """One table of merge methods and their parameters (torch-free), used by the request check and
+    by the merge itself."""
     from registry.services.merges import METHODS
     from registry.weights.merge import METHODS as LIBRARY
 
-    assert set(METHODS) == set(LIBRARY)
+    assert METHODS is LIBRARY
 
 
 def _jobs(server: Server) -> int:
@@ -121,6 +123,11 @@ def test_bad_transfer_requests(server: Server, family: dict[str, str], body: dic
     ({"method": "ties", "inputs": ["a", "b"], "name": "bad name"}, "invalid_name"),
     ({"method": "ties", "inputs": ["a", "b"], "name": "m1", "rank": 0}, "invalid_parameter"),
     ({"method": "ties", "inputs": ["rp", "rp2"], "name": "m1"}, "rank_required"),
+    # the method's declared parameters, checked before a job exists
+    ({"method": "dare_linear", "inputs": ["a", "b"], "name": "m1"}, "invalid_parameter"),  # density required
+    ({"method": "ties", "inputs": ["a", "b"], "name": "m1", "params": {"density": 1.5}}, "invalid_parameter"),
+    ({"method": "task_arithmetic", "inputs": ["a", "b"], "name": "m1", "params": {"density": 0.5}},
+     "invalid_parameter"),
 ])
 def test_bad_merge_requests(server: Server, family: dict[str, str], body: dict[str, Any], code: str) -> None:
     body = {**body, "inputs": [family.get(i, i) for i in body["inputs"]]}

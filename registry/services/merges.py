@@ -16,10 +16,11 @@ from typing import Any
 
 from ..errors import InvalidInput
 from ..models import ModelVersion
+from ..weights.errors import MergeParamsError
+from ..weights.merge_methods import METHODS, get_method
 from . import jobs, names
 from .context import RegistryContext
 from .derive import (
-    check_number,
     input_version,
     job_run,
     lineage_doc,
@@ -33,10 +34,6 @@ from .names import FULL_MODEL_KINDS
 from .runner import JobRun, handler
 
 MAX_INPUTS = 64
-# The names in registry.weights.merge.METHODS (kept here so validating a request does not import
-# torch in the API process; tests/test_jobs_api.py checks they agree).
-METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-PARAM_KEYS = {"weights", "lam", "density", "seed", "majority_sign"}
 
 
 def _validate(s: Any, method: str, inputs: list[str], params: dict[str, Any]) -> tuple[list[ModelVersion], int]:
@@ -45,10 +42,10 @@ def _validate(s: Any, method: str, inputs: list[str], params: dict[str, Any]) ->
                            code="invalid_method", details={"methods": sorted(METHODS)})
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise InvalidInput(f"a merge needs 1 to {MAX_INPUTS} inputs", code="invalid_inputs")
-    unknown = set(params) - PARAM_KEYS
-    if unknown:
-        raise InvalidInput(f"unknown merge parameters {sorted(unknown)}; allowed {sorted(PARAM_KEYS)}",
-                           code="invalid_parameter")
+    try:  # the method's own declared parameters, checked exactly as the worker will
+        get_method(method).resolve(params, len(inputs))
+    except MergeParamsError as e:
+        raise InvalidInput(str(e), code="invalid_parameter", details={"method": method}) from None
     versions = [input_version(s, r, kinds=("adapter", *FULL_MODEL_KINDS[1:]), what="input") for r in inputs]
     kinds = {"adapter" if v.kind == "adapter" else "full" for v in versions}
     if len(kinds) != 1:
@@ -69,8 +66,6 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
     params = dict(params or {})
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InvalidInput("rank must be a positive integer", code="invalid_parameter")
-    for key in ("lam", "density"):
-        check_number(key, params.get(key))
 
     def build(s: Any) -> dict[str, Any]:
         versions, _ = _validate(s, method, inputs, params)
@@ -79,8 +74,6 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
         if per_module and rank is None:
             raise InvalidInput("inputs have per-module ranks (rank_pattern): pass rank (CLI: --rank R) for the "
                                "merged adapter", code="rank_required", details={"ranks": per_module})
-        if "weights" in params and (not isinstance(params["weights"], list) or len(params["weights"]) != len(inputs)):
-            raise InvalidInput("weights must be a list with one number per input", code="invalid_parameter")
         return {"method": method, "inputs": [v.ref for v in versions], "name": name, "params": params,
                 "rank": rank}
 
@@ -90,7 +83,7 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
 @handler("merge")
 def compute_merge(run: JobRun) -> dict[str, Any]:
     from ..weights.adapters import load_peft_adapter, save_peft_adapter
-    from ..weights.merge import get_method, merge_adapters, merge_checkpoints, refactorise
+    from ..weights.merge import merge_adapters, merge_checkpoints, refactorise
 
     ctx, prm = run.ctx, run.params
     method, name, mparams = prm["method"], prm["name"], dict(prm.get("params") or {})
