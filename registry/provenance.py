@@ -59,6 +59,18 @@ class RunHandle:
         self.client.set_terminated(self.run_id, "FINISHED")
         self.finished = True
 
+    def fail(self, error: BaseException) -> None:
+        """Mark the run FAILED with the error's text (tags ``registry.status`` and ``registry.error``),
+        so the MLflow UI says why a job failed, not only that it did."""
+        from mlflow.entities import RunTag
+
+        text = f"{type(error).__name__}: {getattr(error, 'message', None) or error}"[:5000]
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag("registry.status", "failed"),
+                                                     RunTag("registry.error", text)])
+        finally:
+            self.client.set_terminated(self.run_id, "FAILED")
+
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
@@ -164,8 +176,8 @@ class Provenance:
         handle = RunHandle(self.client, run.info.run_id)
         try:
             yield handle
-        except BaseException:
-            self.client.set_terminated(handle.run_id, "FAILED")
+        except BaseException as e:
+            handle.fail(e)
             raise
         handle.finish()
 

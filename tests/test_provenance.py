@@ -48,3 +48,20 @@ def test_concurrent_first_use_of_the_sqlite_store(tmp_path: Path, homes: str) ->
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("registry/m").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+
+
+def test_a_failed_job_run_says_why(tmp_path: Path) -> None:
+    """A job that fails in the worker leaves its MLflow run FAILED with the error's text."""
+    import pytest
+
+    from registry.config import Settings
+    from registry.errors import InvalidInput
+    from registry.provenance import Provenance
+
+    prov = Provenance(Settings(home=tmp_path, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    with pytest.raises(InvalidInput), prov.run("m", "merge (job 7)", {"method": "ties"}) as handle:
+        raise InvalidInput("module q_proj: shapes differ", code="invalid_weights")
+    run = prov.client.get_run(handle.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["registry.status"] == "failed"
+    assert run.data.tags["registry.error"] == "InvalidInput: module q_proj: shapes differ"
