@@ -118,3 +118,19 @@ def test_no_module_imports_another_modules_private_names() -> None:
     # algorithm in two modules); everything else goes through public names
     bad = [b for b in bad if (b[0], b[1]) != ("registry.weights.transfer_stream", "registry.weights.transfer")]
     assert bad == []
+
+
+def test_settings_are_read_only_in_config() -> None:
+    """No module but ``registry/config.py`` reads an environment variable (a child process may be
+    handed the environment as a whole, as ``registry up`` does)."""
+    readers = []
+    for m, path in MODULES.items():
+        if m == "registry.config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            call = node.func if isinstance(node, ast.Call) else None
+            name = ast.unparse(call) if call is not None else ""
+            sub = ast.unparse(node.value) if isinstance(node, ast.Subscript) else ""
+            if name in ("os.getenv", "os.environ.get", "getenv") or sub == "os.environ":
+                readers.append((m, node.lineno))
+    assert readers == []
