@@ -6,15 +6,14 @@ from collections import defaultdict
 
 from sqlalchemy import func, select
 
-from ..errors import Conflict, InvalidInput
+from ..errors import Conflict
 from ..models import Alias, Model, ModelTag, ModelVersion, VersionStatus
 from . import names
 from .context import RegistryContext
 from .events import emit
 from .refs import get_model
+from .sql import check_limit
 from .views import ModelView
-
-MAX_PAGE = 1000
 
 
 def _views(s, models: list[Model]) -> list[ModelView]:  # type: ignore[no-untyped-def]
@@ -81,8 +80,7 @@ def list_models(ctx: RegistryContext, *, prefix: str | None = None, kind: str | 
                 tag: dict[str, str | None] | None = None, limit: int = 50,
                 cursor: str | None = None) -> tuple[list[ModelView], str | None]:
     """Models by name (keyset-paginated on the unique name)."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", code="invalid_limit")
+    check_limit(limit)
     with ctx.db.read() as s:
         q = select(Model)
         if prefix:

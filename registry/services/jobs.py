@@ -20,6 +20,7 @@ from ..errors import InvalidInput, NotFound
 from ..models import Job, JobState, utcnow
 from .context import RegistryContext
 from .events import emit
+from .sql import newest_first
 
 log = logging.getLogger("registry.jobs")
 
@@ -181,17 +182,11 @@ def get(ctx: RegistryContext, job_id: int) -> dict[str, Any]:
 
 def list_jobs(ctx: RegistryContext, *, state: str | None = None, type: str | None = None, limit: int = 50,
               cursor: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
-    if not 1 <= limit <= 1000:
-        raise InvalidInput("limit must be between 1 and 1000", code="invalid_limit")
     with ctx.db.read() as s:
         q = select(Job)
         if state:
             q = q.where(Job.state == state)
         if type:
             q = q.where(Job.type == type)
-        if cursor is not None:
-            q = q.where(Job.id < cursor)
-        rows = list(s.scalars(q.order_by(Job.id.desc()).limit(limit + 1)))
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, more = newest_first(s, q, Job.id, limit, cursor)
         return [job_view(j) for j in rows], (rows[-1].id if more else None)

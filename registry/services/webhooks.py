@@ -61,6 +61,7 @@ from . import jobs
 from .context import RegistryContext
 from .dispatcher import subscriber
 from .runner import JobRun, handler
+from .sql import check_limit, newest_first
 
 MAX_URL_LENGTH = 2048
 MAX_PATTERNS = 50
@@ -306,8 +307,7 @@ def delivery_view(d: WebhookDelivery, event_type: str | None, with_log: bool = F
 def list_deliveries(ctx: RegistryContext, webhook_id: int, status: str | None = None, limit: int = 50,
                     cursor: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
     """A webhook's deliveries, newest first (keyset pagination on the id)."""
-    if not 1 <= limit <= 1000:
-        raise InvalidInput("limit must be between 1 and 1000", code="invalid_limit")
+    check_limit(limit)
     if status is not None and status not in DELIVERY_STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(DELIVERY_STATUSES)}", code="invalid_parameter")
     with ctx.db.read() as s:
@@ -316,11 +316,7 @@ def list_deliveries(ctx: RegistryContext, webhook_id: int, status: str | None = 
              .where(WebhookDelivery.webhook_id == webhook_id))
         if status:
             q = q.where(WebhookDelivery.status == status)
-        if cursor is not None:
-            q = q.where(WebhookDelivery.id < cursor)
-        rows = list(s.execute(q.order_by(WebhookDelivery.id.desc()).limit(limit + 1)))
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, more = newest_first(s, q, WebhookDelivery.id, limit, cursor, entities=False)
         return [delivery_view(d, t) for d, t in rows], (rows[-1][0].id if more else None)
 
 
