@@ -153,7 +153,7 @@ def test_fingerprint_and_content_hash_are_order_free() -> None:
 
 
 def test_peft_embedding_and_fan_in_fan_out_shapes() -> None:
-    from registry.formats.safetensors import TensorInfo
+    from registry.weights.safetensors_header import HeaderEntry as TensorInfo
 
     def t(name: str, shape: tuple[int, ...]) -> TensorInfo:
         return TensorInfo(name, "F32", shape, 0, 0)
@@ -202,3 +202,35 @@ def test_push_and_math_agree_on_adapter_configs(tmp_path: Path, change: dict[str
     except WeightsError:
         loaded = False
     assert pushed == loaded, (change, pushed, loaded)
+
+
+@pytest.mark.parametrize("header,data", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8),
+    ({"a": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, 2),
+    ({"a": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}, 0),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1],
+                                                                          "data_offsets": [4, 8]}}, 8),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12),
+    ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8),
+])
+def test_push_and_math_read_headers_with_one_parser(tmp_path: Path, header: dict[str, object], data: int) -> None:
+    """The push and the weight library agree on every header (one parser): a file the push refuses
+    the library refuses; one the push accepts the library reads, or refuses only for a dtype torch
+    cannot hold, saying so (an F4 tensor used to pass the push and fail the library's own parser)."""
+    from registry.weights.checkpoint import read_header
+    from registry.weights.errors import CheckpointFormatError
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    try:
+        read_header_from_file(path, file="m", max_header_bytes=1 << 20)
+        pushed = True
+    except InvalidInput:
+        pushed = False
+    try:
+        read_header(path)
+        loaded, why = True, ""
+    except CheckpointFormatError as e:
+        loaded, why = False, str(e)
+    assert pushed == loaded or (pushed and "unsupported safetensors dtype" in why), (pushed, loaded, why)

@@ -190,7 +190,7 @@ def test_adapter_config_rules(change: dict[str, object], code: str) -> None:
 
 
 def _factors(r: int, module: str = "q_proj") -> dict[str, object]:
-    from registry.formats.safetensors import TensorInfo
+    from registry.weights.safetensors_header import HeaderEntry as TensorInfo
 
     p = f"base_model.model.model.layers.0.self_attn.{module}"
     return {f"{p}.lora_A.weight": TensorInfo("a", "F32", (r, 16), 0, 0),

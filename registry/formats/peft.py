@@ -14,8 +14,8 @@ from typing import Any
 from ..errors import InvalidInput
 from ..weights import peft_config
 from ..weights.errors import AdapterFormatError, UnsupportedAdapterError
+from ..weights.safetensors_header import HeaderEntry
 from . import jsonfile
-from .safetensors import TensorInfo
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -109,9 +109,9 @@ def _check_module_config(config: dict[str, Any], module: str, r: int, file: str)
                        module=module, target_modules=targets[:50])
 
 
-def parse_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo], file: str) -> AdapterSpec:
+def parse_adapter(config: dict[str, Any], tensors: dict[str, HeaderEntry], file: str) -> AdapterSpec:
     """Group the adapter's tensors into LoRA modules and check each module's A/B shapes."""
-    parts: dict[str, dict[str, TensorInfo]] = {}
+    parts: dict[str, dict[str, HeaderEntry]] = {}
     layers: dict[str, str] = {}
     for name, info in tensors.items():
         if "lora_magnitude_vector" in name:

@@ -49,6 +49,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import jsonfile
 from .device import resolve_device
 from .errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError, WeightsError
 from .peft_config import check_config as _check_config
@@ -265,8 +266,8 @@ def load_peft_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
             )
         raise AdapterFormatError(f"{folder}: missing {WEIGHTS_NAME}")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = jsonfile.parse(cfg_path.read_bytes())
+    except jsonfile.JsonError as exc:
         raise AdapterFormatError(f"{cfg_path}: invalid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{cfg_path}: expected a JSON object")

@@ -38,12 +38,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from . import jsonfile
 from .errors import CheckpointFormatError, ShapeMismatchError, WeightsError
+from .safetensors_header import HeaderError, parse_header
 
 __all__ = [
     "INDEX_NAME",
@@ -542,65 +543,29 @@ class ShardedWriter:
 # --------------------------------------------------------------------------------------- reading
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointFormatError(f"duplicate JSON key {k!r}")
-        out[k] = v
-    return out
-
-
 def read_header(path: Path) -> tuple[dict[str, str] | None, list[TensorInfo]]:
-    """Parse and validate one safetensors header (no tensor bytes are read).
+    """Parse and validate one safetensors header (no tensor bytes are read) with the one header
+    parser (:mod:`registry.weights.safetensors_header`, the same the push validates uploads with).
 
-    Returns the ``__metadata__`` mapping (or ``None``) and the tensors in data order. Checks: the
-    length prefix, JSON, known dtypes, offsets contiguous from 0 with ``end - begin`` equal to
-    ``numel * itemsize``, and that the data ends exactly at the end of the file.
-    """
+    Returns the ``__metadata__`` mapping (or ``None``) and the tensors in data order. A dtype
+    torch cannot hold (``F4``, ``F6_*``) is refused here by name: the file is valid, the math
+    cannot read it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointFormatError(f"{path}: too short for a safetensors file")
-            n = int.from_bytes(prefix, "little")
-            if n > _MAX_HEADER or n + 8 > size:
-                raise CheckpointFormatError(f"{path}: invalid header length {n}")
-            raw = f.read(n)
+
+            def read_at(offset: int, length: int) -> bytes:
+                f.seek(offset)
+                return f.read(length)
+
+            header = parse_header(read_at, size, max_header_bytes=_MAX_HEADER)
+    except HeaderError as e:
+        raise CheckpointFormatError(f"{path}: {e.reason}") from None
     except OSError as e:
         raise CheckpointFormatError(f"cannot read {path}: {e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings")
-    data_start = 8 + n
-    infos: list[tuple[int, TensorInfo]] = []
-    for name, entry in header.items():
-        try:
-            dtype = dtype_from_safetensors(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{path}: malformed entry for tensor {name!r}") from e
-        info = TensorInfo(name, dtype, shape, file=path, start=data_start + begin)
-        if any(d < 0 for d in shape) or end - begin != info.nbytes:
-            raise CheckpointFormatError(f"{path}: tensor {name!r} offsets do not match its shape")
-        infos.append((begin, info))
-    infos.sort(key=lambda x: x[0])
-    pos = 0
-    for begin, info in infos:
-        if begin != pos:
-            raise CheckpointFormatError(f"{path}: tensor {info.name!r} data is not contiguous")
-        pos += info.nbytes
-    if data_start + pos != size:
-        raise CheckpointFormatError(f"{path}: file size {size} != header end {data_start + pos}")
-    return meta, [i for _, i in infos]
+    infos = [TensorInfo(t.name, dtype_from_safetensors(t.dtype), t.shape, file=path,
+                        start=header.data_start + t.begin) for t in header.in_data_order()]
+    return header.metadata, infos
 
 
 class Checkpoint:
@@ -650,8 +615,8 @@ class Checkpoint:
 
     def _open_index(self, index: Path) -> None:
         try:
-            doc = json.loads(index.read_text("utf-8"), object_pairs_hook=_no_duplicates)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            doc = jsonfile.parse(index.read_bytes(), object_pairs_hook=jsonfile.no_duplicate_keys)
+        except (OSError, jsonfile.JsonError) as e:
             raise CheckpointFormatError(f"{index}: not a valid index JSON ({e})") from e
         wm = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
