@@ -134,3 +134,12 @@ def test_settings_are_read_only_in_config() -> None:
             if name in ("os.getenv", "os.environ.get", "getenv") or sub == "os.environ":
                 readers.append((m, node.lineno))
     assert readers == []
+
+
+def test_code_and_docs_stand_on_their_own() -> None:
+    """Nothing cites a document outside the repository (design notes kept elsewhere)."""
+    cited = []
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "bench").rglob("*.py"), ROOT / "README.md"]:
+        text = path.read_text()
+        cited += [f"{path.relative_to(ROOT)}: {w}" for w in ("SPECS", "DESIGN.md", "../shared") if w in text]
+    assert cited == []

@@ -12,7 +12,7 @@ mean relative delta error ‖Δ̂ − Δ‖_F / ‖Δ‖_F against each task's o
 * ``rmm p=k``: a basis job per p = 0 … min(r, n − 1) (API) / ``fit_basis`` (direct); every member
   reconstructed with ``RmmBasis.reconstruct``. ``rmm ε=e``: the error-budget mode (``max_error``).
 * ``trunc k``: each adapter's delta truncated to rank k (``truncate_adapter``), k/r of the collection:
-  the per-adapter baseline at equal storage (SPECS §1). Direct call (the API has no such job).
+  the per-adapter baseline at equal storage. Direct call (the API has no such job).
 * ``rmm_delta k``: the gauge-invariant delta-space variant (``fit_delta_basis``), direct call; k is
   chosen as the largest whose storage does not exceed the matching RMM row's.
 * merges (one adapter for every task): the plain average (task arithmetic with λ = 1/n), task

@@ -209,7 +209,7 @@ def render(runs: list[SeedRun], tasks: list[data.Task], backend: DirectBackend, 
     w("### Merges: delta space (re-factorised to rank r by the API, or kept dense) vs the separate-factor baseline "
       "(retained accuracy)\n")
     w(report.merges_table(main_run.collections, [m.label for m in recipe.merges]) + "\n")
-    w("Merge parameters (no validation data, so defaults from SPECS §3 / the papers, not tuned): "
+    w("Merge parameters (no validation data, so defaults from the papers, not tuned): "
       + "; ".join(f"{m.label}: {m.method} " + ", ".join(f"{k}={v:g}" for k, v in m.params.items())
                   for m in recipe.merges) + ".\n")
 

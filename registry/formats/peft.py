@@ -1,7 +1,7 @@
 """Header-level checks of PEFT LoRA adapters (no tensor data read).
 
 Used at ingest to decide, from ``adapter_config.json`` and the safetensors header alone, whether
-an adapter is a LoRA the registry can represent exactly (SPECS §0) and which base tensors it
+an adapter is a LoRA the registry can represent exactly and which base tensors it
 touches, so that its shapes can be checked against the pinned base version's fingerprint.
 The weight math itself (loading factors, scales) lives in :mod:`registry.weights.adapters`.
 """

@@ -1,4 +1,4 @@
-"""RMM bases: n adapters of one base compressed into one basis (SPECS §1), computed by a job.
+"""RMM bases: n adapters of one base compressed into one basis, computed by a job.
 
 The basis file (``basis.safetensors``: μ, U_p, C per module and factor, metadata naming members
 and parameters) becomes a version of kind ``merge`` in the basis model (``<base model>-rmm`` by

@@ -1,4 +1,4 @@
-"""Update compatibility (MUSCLE, SPECS §4): prediction sets per version and the flip metrics
+"""Update compatibility (MUSCLE): prediction sets per version and the flip metrics
 between two versions evaluated on the same instances.
 
 A prediction set is either ``classification`` (``predictions`` and ``labels``, one per instance)

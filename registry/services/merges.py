@@ -1,4 +1,4 @@
-"""Merges (SPECS §3): task arithmetic, TIES, DARE (linear / TIES) over adapters or full models.
+"""Merges: task arithmetic, TIES, DARE (linear / TIES) over adapters or full models.
 
 - adapters of one base: merged in **delta space** (ΔW_i = B_i A_i) and re-factorised to a LoRA of
   rank ``rank`` (default: the largest input rank) by truncated SVD; the result is an adapter

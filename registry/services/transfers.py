@@ -1,4 +1,4 @@
-"""Fine-tuning transfer (SPECS §2): a fine-tune or adapter of base s becomes a **candidate**
+"""Fine-tuning transfer: a fine-tune or adapter of base s becomes a **candidate**
 version pinned to base t, computed by a job.
 
 - fine-tune: ``m_t + α (m'_s − m_s)`` streamed tensor by tensor (:func:`registry.weights.transfer.transfer`),

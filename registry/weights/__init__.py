@@ -2,5 +2,5 @@
 update-compatibility metrics. Imports torch and safetensors only (no DB, HTTP or Celery).
 
 Submodules: ``adapters``, ``rmm``, ``transfer``, ``merge``, ``compat``, ``checkpoint``,
-``device``, ``errors``. See ../SPECS.md for the formulas each function computes.
+``device``, ``errors``. Each function's docstring states the formula it computes.
 """

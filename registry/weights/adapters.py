@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters in the registry's canonical form (SPECS §0).
+"""PEFT LoRA adapters in the registry's canonical form.
 
 A PEFT LoRA adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``
 holding, per target module, ``base_model.model.<module>.lora_A.weight`` (r × in_features) and

@@ -1,4 +1,4 @@
-"""Update compatibility between two model versions (SPECS §4; MUSCLE, Echterhoff et al., Findings of
+"""Update compatibility between two model versions (MUSCLE, Echterhoff et al., Findings of
 EMNLP 2024).
 
 An old version v1 and a new version v2 are evaluated on the same N instances.

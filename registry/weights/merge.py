@@ -1,4 +1,4 @@
-"""Classic merges (SPECS §3): task arithmetic, TIES, DARE -- per tensor, streamed, and for LoRA.
+"""Classic merges: task arithmetic, TIES, DARE -- per tensor, streamed, and for LoRA.
 
 Task vectors ``τ_i = θ_i − θ_base`` (for LoRA adapters ``τ_i = ΔW_i = B_i A_i``). Every method is
 one :class:`MergeMethod`: a name, the parameters it declares (validated in one place,

@@ -1,4 +1,4 @@
-"""Reversible Model Merging (RMM) bases for LoRA adapters (SPECS §1, arXiv 2510.14163).
+"""Reversible Model Merging (RMM) bases for LoRA adapters (arXiv 2510.14163).
 
 n adapters of one base, same modules, same rank r. Per module, a **position** is one row of the
 paper's A (m × r) = one row of PEFT ``lora_B``, or one column of the paper's B (r × d) = one column

@@ -1,4 +1,4 @@
-"""Fine-tuning transfer (SPECS §2; Lin et al., EMNLP 2025, arXiv 2503.20110).
+"""Fine-tuning transfer (Lin et al., EMNLP 2025, arXiv 2503.20110).
 
 A fine-tune ``m'_s`` of a source base ``m_s`` has the diff vector ``Δ_s = m'_s − m_s`` (every
 tensor, embeddings and lm_head included). Transferring it to a target base ``m_t`` gives
@@ -39,7 +39,7 @@ set and exceeded), built in a temporary sibling and renamed into place at the en
 leaves nothing behind; or a path ending in ``.safetensors`` for a single bare file. A directory
 output also receives the target base's config files (``TARGET_FILES``) and the fine-tune's
 tokenizer / chat-template files (``TOKENIZER_FILES``) when the inputs are directories holding
-them (SPECS §2). A diff directory keeps the fine-tune's tokenizer files so that
+them. A diff directory keeps the fine-tune's tokenizer files so that
 :func:`apply_diff` can pass them on.
 
 Diagnostics (paper: transfer works when source and target are close): with sums accumulated in

@@ -1,4 +1,4 @@
-"""RMM bases (SPECS §1): exactness, monotonicity, storage, factored errors, files, budget mode,
+"""RMM bases: exactness, monotonicity, storage, factored errors, files, budget mode,
 the shared-init behaviour, add_member, the delta-space variant and the truncation baseline."""
 
 from __future__ import annotations
