@@ -35,11 +35,17 @@ def basis_view(s: Any, b: MergeBasis) -> dict[str, Any]:
     }
 
 
-def _check_request(p: int | None, max_error: float | None) -> None:
+MAX_P = 65_535  # directions per position; p ≤ min(r, n − 1) anyway
+
+
+def check_p_or_budget(p: int | None, max_error: float | None) -> None:
+    """A basis takes exactly one of p (a non-negative int) or max_error (a finite number ≥ 0): the
+    rule for requests and for refresh_basis policies alike (what members allow is checked later,
+    when they are known)."""
     if (p is None) == (max_error is None):
         raise InvalidInput("give exactly one of p or max_error", code="invalid_parameter")
-    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
-        raise InvalidInput("p must be a non-negative integer", code="invalid_parameter")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= MAX_P):
+        raise InvalidInput(f"p must be an integer in 0..{MAX_P}", code="invalid_parameter")
     check_number("max_error", max_error, low=0.0)
 
 
@@ -47,7 +53,7 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
                   name: str | None = None, collection: str | None = None, actor: str | None = None,
                   idempotency_key: str | None = None) -> dict[str, Any]:
     """Validate a basis request and queue its job."""
-    _check_request(p, max_error)
+    check_p_or_budget(p, max_error)
     if name is not None:
         names.model_name(name)
     if not 2 <= len(members) <= MAX_MEMBERS:

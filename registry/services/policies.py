@@ -25,6 +25,7 @@ from ..config import Settings
 from ..errors import Conflict, InvalidInput, NotFound
 from ..models import Event, Job, JobState, Model, ModelVersion, Policy
 from . import jobs, names
+from .bases import check_p_or_budget
 from .context import RegistryContext
 from .derive import check_number
 from .dispatcher import subscriber
@@ -48,11 +49,7 @@ def _check_params(type_: str, params: dict[str, Any]) -> dict[str, Any]:
             raise InvalidInput("kinds must be a non-empty list of finetune/adapter", code="invalid_parameter")
         return {"alpha": float(alpha), "kinds": sorted(kinds)}
     p, max_error = params.get("p"), params.get("max_error")
-    if (p is None) == (max_error is None):
-        raise InvalidInput("refresh_basis needs exactly one of p or max_error", code="invalid_parameter")
-    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
-        raise InvalidInput("p must be a non-negative integer", code="invalid_parameter")
-    check_number("max_error", max_error, low=0.0)
+    check_p_or_budget(p, max_error)
     tags = params.get("tags") or {}
     if not isinstance(tags, dict):
         raise InvalidInput("tags must be an object", code="invalid_parameter")
