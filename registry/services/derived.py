@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from sqlalchemy import select
 from ..errors import InvalidInput, NotFound
 from ..formats.paths import clean_path
 from ..models import DerivedFile, ModelVersion, VersionFile
+from ..storage.cache import GeneratedCache
 from .context import RegistryContext
 from .materialize import link_blobs, write_checked
 from .sql import insert_ignore
@@ -379,109 +378,8 @@ def generator(ctx: RegistryContext, v: ModelVersion, fmt: str, work: Path) -> Ge
 # ----------------------------------------------------------------------------- cache
 
 
-class DerivedCache:
-    """Generated files on disk, by sha256, up to ``max_bytes`` (least recently used evicted)."""
-
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        self.root = root
-        self.max_bytes = max_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def path(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
-
-    def get(self, sha: str) -> Path | None:
-        p = self.path(sha)
-        if p.is_file():
-            os.utime(p)
-            return p
-        return None
-
-    def tee(self, sha: str, size: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """Yield ``chunks`` and keep a copy; the copy joins the cache only if complete and its
-        hash is ``sha`` (a mismatch is logged: generation was not deterministic)."""
-        if self.max_bytes <= 0 or size > self.max_bytes:
-            yield from chunks
-            return
-        self.path(sha).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
-        h = hashlib.sha256()
-        n = 0
-        ok = False
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for c in chunks:
-                    f.write(c)
-                    h.update(c)
-                    n += len(c)
-                    yield c
-            if n == size and h.hexdigest() == sha:
-                os.replace(tmp, self.path(sha))
-                ok = True
-                self.evict()
-            elif n == size:
-                log.error("generated file hashed to %s, expected %s: not cached", h.hexdigest(), sha)
-        finally:
-            if not ok:
-                Path(tmp).unlink(missing_ok=True)
-
-    def tee_new(self, size: int, chunks: Iterator[bytes], h: Any) -> Iterator[bytes]:
-        """Yield ``chunks`` while updating ``h`` (a sha256) and keeping a copy, filed under the
-        hash once complete (for files whose sha256 is not known yet)."""
-        if self.max_bytes <= 0 or size > self.max_bytes:
-            for c in chunks:
-                h.update(c)
-                yield c
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for c in chunks:
-                    h.update(c)
-                    f.write(c)
-                    yield c
-            dest = self.path(h.hexdigest())
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
-            self.evict()
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-    def put_bytes(self, sha: str, data: bytes) -> None:
-        if self.max_bytes <= 0 or len(data) > self.max_bytes:
-            return
-        dest = self.path(sha)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-
-    def put_file(self, sha: str, src: Path) -> None:
-        if self.max_bytes <= 0 or src.stat().st_size > self.max_bytes:
-            return
-        dest = self.path(sha)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.root)
-        os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-        self.evict()
-
-    def evict(self) -> None:
-        with self._lock:
-            files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.glob("*/*") if p.is_file()]
-            total = sum(f[1] for f in files)
-            for _, size, p in sorted(files):
-                if total <= self.max_bytes:
-                    break
-                p.unlink(missing_ok=True)
-                total -= size
-
-
-def cache(ctx: RegistryContext) -> DerivedCache:
-    return DerivedCache(ctx.settings.resolved_cache_dir, ctx.settings.derived_cache_bytes)
+def cache(ctx: RegistryContext) -> GeneratedCache:
+    return GeneratedCache(ctx.settings.resolved_cache_dir, ctx.settings.derived_cache_bytes)
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -510,21 +408,12 @@ def define(ctx: RegistryContext, version_id: int, fmt: str) -> list[ServedFile]:
             c = cache(ctx)
             for path, size in sorted(g.sizes().items()):
                 h = hashlib.sha256()
-                fd, tmp = tempfile.mkstemp(prefix=".def-", dir=c.root)
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in g.read_range(path, 0, size):
-                        h.update(chunk)
-                        f.write(chunk)
-                sha = h.hexdigest()
-                if c.max_bytes > 0 and size <= c.max_bytes:
-                    c.path(sha).parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp, c.path(sha))
-                else:
-                    Path(tmp).unlink(missing_ok=True)
-                rows.append({"version_id": version_id, "format": fmt, "path": path, "sha256": sha, "size": size})
+                for _ in c.keep(size, g.read_range(path, 0, size), h):
+                    pass
+                rows.append({"version_id": version_id, "format": fmt, "path": path, "sha256": h.hexdigest(),
+                             "size": size})
         finally:
             g.close()
-        c.evict()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with ctx.db.write() as s:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from ..errors import InvalidInput, NotFound
+from ..formats.safetensors import iter_file
 from ..models import DerivedFile, LineageEdge, MergeBasis, ModelVersion, VersionFile, utcnow
 from . import jobs
 from .context import RegistryContext
@@ -117,7 +118,7 @@ def prune(run: JobRun) -> dict[str, Any]:
                      error=err)
             c = cache(ctx)
             for _, sha, _, p in files:
-                c.put_file(sha, p)
+                c.put(sha, p.stat().st_size, iter_file(p))
             pruned.append({"ref": ref, "error": err, "exact": position in exact})
         mr.log_metrics({"pruned": len(pruned), "refused": len(refused),
                         "max_pruned_error": max((p["error"] for p in pruned), default=0.0)})

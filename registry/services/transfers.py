@@ -154,7 +154,7 @@ def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: 
         done = 0
         for name, size in sorted(sizes.items()):
             h = hashlib.sha256()
-            for chunk in c.tee_new(size, plan.iter_file(name), h):
+            for chunk in c.keep(size, plan.iter_file(name), h):
                 done += len(chunk)
                 if done % (256 << 20) < len(chunk):
                     run.progress(0.1 + 0.75 * done / total, f"hashing {name}")
@@ -166,7 +166,7 @@ def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: 
                 if side.data is not None:
                     sha = hashlib.sha256(side.data).hexdigest()
                     generated[side.name] = (sha, len(side.data))
-                    c.put_bytes(sha, side.data)
+                    c.put(sha, len(side.data), [side.data])
                     continue
                 owner = ids[0] if side.role == "finetune" else ids[2]
                 vf = s.get(VersionFile, (owner, side.name))
