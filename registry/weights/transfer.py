@@ -193,8 +193,12 @@ def _pair_shapes(plus: tuple[int, ...], base: tuple[int, ...]) -> tuple[str, str
 
 
 def _plan_transfer(
-    f: Checkpoint, s: Checkpoint, t: Checkpoint
+    plus: Checkpoint, minus: Checkpoint | None, t: Checkpoint, plus_role: str = "finetune"
 ) -> tuple[list[_Job], list[SkippedTensor], list[SkippedTensor], list[PaddedTensor]]:
+    """One plan for both forms: ``t + α (plus − minus)`` (a transfer: plus = fine-tune, minus =
+    source base) and ``t + α plus`` (applying a stored diff: ``minus`` None). Per target tensor: a
+    job computing it, or a copy of the target's tensor with the reason (non-float, no counterpart,
+    shapes that do not pair); vocabulary growth pads with zero rows."""
     jobs: list[_Job] = []
     skipped: list[SkippedTensor] = []
     copied: list[SkippedTensor] = []
@@ -207,35 +211,35 @@ def _plan_transfer(
             copied.append(SkippedTensor(name, "non_float", str(ti.dtype)))
             jobs.append(copy)
             continue
-        if name not in f:
-            copied.append(SkippedTensor(name, "missing_in_finetune"))
+        if name not in plus:
+            copied.append(SkippedTensor(name, f"missing_in_{plus_role}"))
             jobs.append(copy)
             continue
-        if name not in s:
-            skipped.append(SkippedTensor(name, "missing_in_source_base"))
-            jobs.append(copy)
-            continue
-        fi, si = f.info(name), s.info(name)
-        if not (_is_float(fi.dtype) and _is_float(si.dtype)):
-            skipped.append(SkippedTensor(name, "non_float_input", f"fine-tune {fi.dtype}, source {si.dtype}"))
-            jobs.append(copy)
-            continue
-        if si.shape != ti.shape:
-            skipped.append(SkippedTensor(name, "shape_mismatch", _shape_note(source=si.shape, target=ti.shape)))
-            jobs.append(copy)
-            continue
-        cmp = _pair_shapes(fi.shape, si.shape)
+        pi = plus.info(name)
+        cmp: tuple[str, str] | None | int
+        if minus is None:
+            ref_shape = ti.shape
+            cmp = _pair_shapes(pi.shape, ref_shape) if _is_float(pi.dtype) else ("non_float_input", str(pi.dtype))
+        elif name not in minus:
+            cmp = ("missing_in_source_base", "")
+        else:
+            mi = minus.info(name)
+            ref_shape = mi.shape
+            if not (_is_float(pi.dtype) and _is_float(mi.dtype)):
+                cmp = ("non_float_input", f"fine-tune {pi.dtype}, source {mi.dtype}")
+            elif mi.shape != ti.shape:
+                cmp = ("shape_mismatch", _shape_note(source=mi.shape, target=ti.shape))
+            else:
+                cmp = _pair_shapes(pi.shape, mi.shape)
         if isinstance(cmp, tuple):
             skipped.append(SkippedTensor(name, cmp[0], cmp[1]))
             jobs.append(copy)
             continue
         if isinstance(cmp, int):
-            padded.append(PaddedTensor(name, si.shape[0], cmp))
-            spec = TensorSpec(name, ti.dtype, fi.shape)
-        jobs.append(_Job(spec, name, name, name, ti.numel))
-    for name in f.names:
-        if name not in t:
-            skipped.append(SkippedTensor(name, "not_in_target"))
+            padded.append(PaddedTensor(name, ref_shape[0], cmp))
+            spec = TensorSpec(name, ti.dtype, pi.shape)
+        jobs.append(_Job(spec, name, None if minus is None else name, name, ti.numel))
+    skipped += [SkippedTensor(n, "not_in_target") for n in plus.names if n not in t]
     return jobs, skipped, copied, padded
 
 
@@ -627,33 +631,7 @@ def apply_diff(
     """
     _check_args(alpha, on_mismatch)
     t, d = open_checkpoint(target_base), open_checkpoint(diff)
-    jobs: list[_Job] = []
-    skipped: list[SkippedTensor] = []
-    copied: list[SkippedTensor] = []
-    padded: list[PaddedTensor] = []
-    for name in t.names:
-        ti = t.info(name)
-        spec = TensorSpec(name, ti.dtype, ti.shape)
-        copy = _Job(spec, None, None, name, ti.numel)
-        if not _is_float(ti.dtype):
-            copied.append(SkippedTensor(name, "non_float", str(ti.dtype)))
-            jobs.append(copy)
-            continue
-        if name not in d:
-            copied.append(SkippedTensor(name, "missing_in_diff"))
-            jobs.append(copy)
-            continue
-        di = d.info(name)
-        cmp = _pair_shapes(di.shape, ti.shape) if _is_float(di.dtype) else ("non_float_input", str(di.dtype))
-        if isinstance(cmp, tuple):
-            skipped.append(SkippedTensor(name, cmp[0], cmp[1]))
-            jobs.append(copy)
-            continue
-        if isinstance(cmp, int):
-            padded.append(PaddedTensor(name, ti.shape[0], cmp))
-            spec = TensorSpec(name, ti.dtype, di.shape)
-        jobs.append(_Job(spec, name, None, name, ti.numel))
-    skipped += [SkippedTensor(n, "not_in_target") for n in d.names if n not in t]
+    jobs, skipped, copied, padded = _plan_transfer(d, None, t, plus_role="diff")
     _refuse(skipped, on_mismatch)
     report = TransferReport("apply", float(alpha), skipped=skipped, copied=copied, padded=padded)
     return _execute(report, jobs, out, max_shard_bytes, d, None, t, device, alpha, t.directory, d.directory, "diff")
