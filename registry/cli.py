@@ -139,7 +139,8 @@ def up(
     upgrade(settings.resolved_database_url)
     n_workers = settings.embedded_workers if workers is None else workers
     ui = settings.mlflow_ui if mlflow_ui is None else mlflow_ui
-    sup = Supervisor(settings)
+    # the workers publish URLs (MLflow sources, webhooks): they must know where the API really listens
+    sup = Supervisor(settings, env=settings.env_for("host", "port"))
     for i in range(n_workers):
         sup.add(f"worker-{i + 1}", [sys.executable, "-m", "registry", "worker", "--hostname", f"embedded-{i + 1}@%h"])
     if n_workers and settings.embedded_dispatcher:

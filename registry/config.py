@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     def resolved_staging_dir(self) -> Path:
         return (self.staging_dir or self.home / "staging").resolve()
 
+    def env_for(self, *fields: str) -> dict[str, str]:
+        """``REGISTRY_*`` variables carrying these settings' current values to a child process (what
+        ``registry up --port 8282`` hands its workers, so the URLs they publish are the real ones)."""
+        return {f"REGISTRY_{f.upper()}": str(getattr(self, f)) for f in fields}
+
     @property
     def client_url(self) -> str:
         return self.url or f"http://{self.host}:{self.port}"

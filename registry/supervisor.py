@@ -39,6 +39,7 @@ class Child:
 @dataclass
 class Supervisor:
     settings: Settings
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment of every child
     children: list[Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -51,8 +52,8 @@ class Supervisor:
         logdir.mkdir(parents=True, exist_ok=True)
         with open(logdir / f"{child.name}.log", "ab") as out:
             child.proc = subprocess.Popen(child.argv, stdout=out, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-                                          preexec_fn=_die_with_parent)
+                                          env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+                                          start_new_session=True, preexec_fn=_die_with_parent)
         child.started_at = time.monotonic()
 
     def start(self) -> None:
