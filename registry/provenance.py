@@ -16,6 +16,7 @@ production: ``REGISTRY_MLFLOW_TRACKING_URI=http://mlflow:5000``.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -197,14 +198,31 @@ class Provenance:
             "registry.parents": json.dumps([f"{p['relation']}:{p['ref']}" for p in view["parents"]]),
             "registry.base": view.get("base") or "",
         }
+        tags.update({k: str(v) for k, v in (view.get("tags") or {}).items() if not k.startswith("registry.")})
         existing = client.search_model_versions(f"name='{name}' and tags.`registry.ref` = '{ref}'")
         if existing:
             mv = existing[0]
             for k, v in tags.items():
                 if mv.tags.get(k) != v:
                     client.set_model_version_tag(name, mv.version, k, v)
-            return name, str(mv.version)
-        source = f"{self.settings.resolved_public_url}/api/v1/models/{name}/versions/{view['version']}/files"
-        mv = client.create_model_version(name, source=source, run_id=view.get("mlflow_run_id"), tags=tags,
-                                         description=view.get("description") or None)
+            for k in set(mv.tags) - set(tags):  # a user tag deleted in the registry
+                if not k.startswith("registry.") and not k.startswith("mlflow."):
+                    client.delete_model_version_tag(name, mv.version, k)
+        else:
+            source = f"{self.settings.resolved_public_url}/api/v1/models/{name}/versions/{view['version']}/files"
+            mv = client.create_model_version(name, source=source, run_id=view.get("mlflow_run_id"), tags=tags,
+                                             description=view.get("description") or None)
+        self._mirror_aliases(name, str(mv.version), view.get("aliases") or [])
         return name, str(mv.version)
+
+    def _mirror_aliases(self, name: str, mlflow_version: str, aliases: list[str]) -> None:
+        """The registry's aliases of this version as MLflow aliases of its MLflow version (MLflow moves
+        an alias set elsewhere by itself; one the registry removed is removed). Names MLflow refuses
+        (it allows letters, digits, ``_`` and ``-`` only) are skipped."""
+        client = self.client
+        current = {a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == mlflow_version}
+        for alias in aliases:
+            if alias not in current and re.fullmatch(r"[\w-]+", alias) and not re.fullmatch(r"v\d+", alias):
+                client.set_registered_model_alias(name, alias, mlflow_version)
+        for alias in current - set(aliases):
+            client.delete_registered_model_alias(name, alias)

@@ -65,3 +65,28 @@ def test_a_failed_job_run_says_why(tmp_path: Path) -> None:
     assert run.info.status == "FAILED"
     assert run.data.tags["registry.status"] == "failed"
     assert run.data.tags["registry.error"] == "InvalidInput: module q_proj: shapes differ"
+
+
+def test_the_mlflow_mirror_follows_tags_aliases_and_storage_mode(tmp_path: Path) -> None:
+    """Registry aliases become MLflow aliases, user tags are mirrored, and a refresh (after a
+    prune, an alias moved away, a tag deleted) updates the same MLflow version."""
+    from registry.config import Settings
+    from registry.provenance import Provenance
+
+    prov = Provenance(Settings(home=tmp_path, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    view = {"model": "sql-lora", "ref": "sql-lora@1", "version": 1, "kind": "adapter", "status": "ready",
+            "storage_mode": "stored", "parents": [], "base": "b@1", "content_sha256": "0" * 64,
+            "tags": {"eval.sql": "0.83"}, "aliases": ["production", "bad.name"], "description": ""}
+    name, number = prov.register_version(view)
+    mv = prov.client.get_model_version(name, number)
+    assert mv.tags["eval.sql"] == "0.83" and mv.tags["registry.storage_mode"] == "stored"
+    aliases = {a: str(v) for a, v in prov.client.get_registered_model(name).aliases.items()}
+    assert aliases == {"production": number}  # bad.name: MLflow refuses such names
+
+    pruned = {**view, "storage_mode": "derived:basis", "tags": {}, "aliases": [],
+              "parents": [{"relation": "basis_member_of", "ref": "b-rmm@1"}]}
+    assert prov.register_version(pruned) == (name, number)
+    mv = prov.client.get_model_version(name, number)
+    assert mv.tags["registry.storage_mode"] == "derived:basis" and "eval.sql" not in mv.tags
+    assert "basis_member_of:b-rmm@1" in mv.tags["registry.parents"]
+    assert prov.client.get_registered_model(name).aliases == {}

@@ -1,6 +1,7 @@
-"""Provenance in MLflow for every version: the dispatcher turns ``version.created`` /
-``version.promoted`` / ``version.archived`` events into ``mlflow_sync`` jobs, which register (or
-refresh) the version in the MLflow Model Registry. See :mod:`registry.provenance`."""
+"""Provenance in MLflow for every version: the dispatcher turns the events of :data:`SYNC_EVENTS`
+(created, promoted, archived, pruned, tags and aliases changed) into ``mlflow_sync`` jobs, which
+register or refresh the version in the MLflow Model Registry: status, storage mode, parents, tags
+and aliases. See :mod:`registry.provenance`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from .dispatcher import subscriber
 from .runner import JobRun, handler
 from .views import version_view
 
-SYNC_EVENTS = ("version.created", "version.promoted", "version.archived")
+# Everything the MLflow mirror shows of a version: its existence, status, storage mode and parents
+# (prune), tags and aliases.
+SYNC_EVENTS = ("version.created", "version.promoted", "version.archived", "version.pruned", "version.tags_set",
+               "version.tag_deleted", "alias.set", "alias.deleted")
 
 
 @subscriber
