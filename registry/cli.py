@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -28,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
-from .client import RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
+from .client import JobFailed, RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
 from .config import get_settings, is_loopback
 
 app = typer.Typer(help="Model registry for base models, LoRA adapters, fine-tunes and merges.",
@@ -76,6 +77,11 @@ def _client() -> RegistryClient:
 def _errors() -> Iterator[None]:
     try:
         yield
+    except JobFailed as e:  # no HTTP status to show: the job's own error
+        err.print("[red]error[/red]: " + escape(f"{e.message} ({e.code})"), highlight=False)
+        if e.details:
+            err.print_json(data=e.details)
+        raise typer.Exit(1) from None
     except RegistryAPIError as e:
         err.print(f"[red]error[/red] ({e.status} {e.code}): {e.message}")
         if e.details:

@@ -70,6 +70,11 @@ class RegistryAPIError(Exception):
         self.details = details or {}
 
 
+class JobFailed(RegistryAPIError):
+    """A job ended ``failed`` or ``cancelled`` (``status`` 0: no HTTP error; ``code`` is the job's
+    error code, ``message`` says which job and why)."""
+
+
 class RegistryConnectionError(Exception):
     pass
 
@@ -328,7 +333,7 @@ class RegistryClient:
 
     def wait_job(self, job_id: int, timeout: float = 3600, poll: float = 0.5,
                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll a job until it succeeds or fails (raises RegistryAPIError on failure)."""
+        """Poll a job until it succeeds or fails (raises :class:`JobFailed` on failure)."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.get_job(job_id)
@@ -338,8 +343,8 @@ class RegistryClient:
                 return job
             if job["state"] in ("failed", "cancelled"):
                 err = job.get("error") or {}
-                raise RegistryAPIError(0, err.get("code", "job_failed"), f"job {job_id} {job['state']}: "
-                                       f"{err.get('message', '')}", err.get("details"))
+                raise JobFailed(0, err.get("code", "job_failed"), f"job {job_id} {job['state']}: "
+                                f"{err.get('message', '')}", err.get("details"))
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
             time.sleep(poll)

@@ -106,6 +106,7 @@ def test_bad_basis_requests(server: Server, family: dict[str, str], body: dict[s
     ({"finetune": "ft", "target_base": "a"}, "invalid_target_base"),
     ({"finetune": "ft", "target_base": "other", "alpha": 1e9}, "invalid_parameter"),
     ({"finetune": "ft", "target_base": "missing@3"}, "unknown_target_base"),
+    ({"finetune": "a", "target_base": "other", "alpha": 0.5}, "invalid_parameter"),  # an adapter is re-pinned
 ])
 def test_bad_transfer_requests(server: Server, family: dict[str, str], body: dict[str, Any], code: str) -> None:
     body = {k: family.get(v, v) if isinstance(v, str) else v for k, v in body.items()}

@@ -38,13 +38,17 @@ from .names import FULL_MODEL_KINDS
 from .runner import JobRun, handler
 
 
-def _validate(s: Any, finetune: str, target_base: str) -> tuple[ModelVersion, ModelVersion]:
+def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[ModelVersion, ModelVersion]:
     ft = input_version(s, finetune, kinds=("finetune", "adapter"), what="finetune")
     if ft.base_version_id is None:
         raise InvalidInput(f"{ft.ref} is not pinned to a base", code="invalid_finetune")
     target = input_version(s, target_base, kinds=FULL_MODEL_KINDS, what="target_base")
     if target.id == ft.base_version_id:
         raise InvalidInput(f"{ft.ref} is already pinned to {target.ref}", code="same_base")
+    if ft.kind == "adapter" and alpha != 1.0:
+        raise InvalidInput(f"{ft.ref} is an adapter: it is transferred by re-pinning it (the adapter is the diff), "
+                           "so alpha must be 1; merge it with a weight to scale it", code="invalid_parameter",
+                           details={"alpha": alpha})
     return ft, target
 
 
@@ -59,7 +63,7 @@ def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alph
         raise InvalidInput(f"storage must be one of {', '.join(STORAGE)}", code="invalid_parameter")
 
     def build(s: Any) -> dict[str, Any]:
-        ft, target = _validate(s, finetune, target_base)
+        ft, target = _validate(s, finetune, target_base, float(alpha))
         return {"finetune": ft.ref, "target_base": target.ref, "alpha": float(alpha), "storage": storage}
 
     return jobs.submit(ctx, "transfer", build, actor=actor, idempotency_key=idempotency_key)
@@ -72,7 +76,7 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
     ctx, prm = run.ctx, run.params
     alpha = float(prm.get("alpha", 1.0))
     with ctx.db.read() as s:
-        ft, target = _validate(s, prm["finetune"], prm["target_base"])
+        ft, target = _validate(s, prm["finetune"], prm["target_base"], alpha)
         source = s.get(ModelVersion, ft.base_version_id)
         assert source is not None
         model_name, kind = ft.model.name, ft.kind
@@ -98,9 +102,6 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
         recipe = {"type": "transfer", "finetune": ft_ref, "source_base": src_ref, "target_base": tgt_ref,
                   "alpha": alpha, "job_id": run.job_id}
         if kind == "adapter":
-            if alpha != 1.0:
-                raise InvalidInput("an adapter is transferred by re-pinning it; alpha must be 1",
-                                   code="invalid_parameter")
             report = {"method": "repin", "note": "the adapter is the diff; re-pinned after a shape check"}
             result["diagnostics"] = report
             # a stored adapter's blobs are linked as they are; a derived one is rebuilt and stored
