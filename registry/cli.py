@@ -727,6 +727,52 @@ def verify(ref: str) -> None:
 
 
 @app.command()
+def pack(
+    ref: str,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the pack job to finish.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Pack a version losslessly: tensors kept once, coded against its base or previous version.
+    Pulls return the same bytes (same sha256) before, during and after."""
+    with _errors(), _client() as rc:
+        job = rc.pack(ref)
+        if wait:
+            job = rc.wait_job(job["id"])
+    if as_json:
+        _print_json(job)
+        return
+    if not wait:
+        out.print(f"job {job['id']} queued: pack {ref}")
+        return
+    r = job["result"]
+    if "skipped" in r:
+        out.print(f"{ref}: {r['skipped']}")
+        return
+    out.print(f"{r['ref']}: {r['files_packed']} files packed ({r['files_already_packed']} already); "
+              f"{_size(r['logical_bytes'])} logical, {_size(r['stored_bytes'])} stored ({r['ratio']:.3f}); "
+              f"{r['chunks_new']} new chunks, {r['chunks_reused']} reused")
+
+
+@app.command()
+def storage(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Logical vs physical bytes per model and in total."""
+    with _errors(), _client() as rc:
+        r = rc.storage()
+    if as_json:
+        _print_json(r)
+        return
+    table = Table("model", "versions", "logical", "stored", "ratio")
+    for m in r["models"]:
+        table.add_row(m["model"], str(m["versions"]), _size(m["logical_bytes"]), _size(m["stored_bytes"]),
+                      f"{m['ratio']:.3f}")
+    t = r["total"]
+    table.add_row("[bold]total[/bold]", "", _size(t["logical_bytes"]), _size(t["stored_bytes"]), f"{t['ratio']:.3f}")
+    out.print(table)
+    out.print(f"store: {t['objects']} objects, {_size(t['object_bytes'])}; {t['packed_files']} packed files "
+              f"in {t['chunks']} chunks; packing {r['pack']}")
+
+
+@app.command()
 def promote(ref: str, alias: Annotated[str | None, typer.Option(help="Point this alias at it.")] = None) -> None:
     """Promote a candidate version to ready (optionally setting an alias)."""
     with _errors(), _client() as rc:

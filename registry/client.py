@@ -375,6 +375,14 @@ class RegistryClient:
         """Queue a checksum verification of every file of a version (a job)."""
         return self._json("POST", _version_path(ref) + "/verify")  # type: ignore[no-any-return]
 
+    def pack(self, ref: str) -> dict[str, Any]:
+        """Queue packing a version losslessly (a job)."""
+        return self._json("POST", _version_path(ref) + "/pack")  # type: ignore[no-any-return]
+
+    def storage(self) -> dict[str, Any]:
+        """Logical vs physical bytes per model and in total."""
+        return self._json("GET", "/storage")  # type: ignore[no-any-return]
+
     def merge(self, method: str, inputs: list[str], name: str, params: dict[str, Any] | None = None,
               rank: int | None = None) -> dict[str, Any]:
         return self._json("POST", "/merges", json={"method": method, "inputs": inputs, "name": name,

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         0.0, description="Seconds a worker waits after claiming a job (fault injection for crash drills)."
     )
 
+    # Packed storage
+    pack: Literal["auto", "off"] = Field(
+        "auto", description="auto: a worker packs every new version losslessly (tensor-level deduplication, "
+        "delta against its base or previous version, zstd) and releases the raw bytes once the packed form "
+        "reads back byte-exact; off: files stay as uploaded (`registry pack` still packs on request).")
+
     # Derived versions and format views
     cache_dir: Path | None = Field(None, description="Cache of generated files; default $REGISTRY_HOME/cache")
     derived_cache_bytes: int = Field(20 << 30, description="Size limit of the generated-file cache (0: no cache).")

@@ -148,6 +148,9 @@ class ModelVersion(Base):
     verified_at: Mapped[datetime | None] = mapped_column()
     # Set when a read or a verify found its stored bytes missing or wrong; cleared by a verify that passes.
     corrupt_at: Mapped[datetime | None] = mapped_column()
+    # Physical bytes this version added to the store: objects shared with other versions count
+    # once, at the version that first stored them (updated when the version is packed).
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
     model: Mapped[Model] = relationship(back_populates="versions", lazy="joined", innerjoin=True)
     base_version: Mapped[ModelVersion | None] = relationship(remote_side=[id], lazy="raise_on_sql")
@@ -180,6 +183,11 @@ class BlobState(enum.StrEnum):
     deleting = "deleting"  # gc owns it: nobody may claim it until gc removes the object and the row
 
 
+class BlobForm(enum.StrEnum):
+    raw = "raw"
+    packed = "packed"
+
+
 class Blob(Base):
     """A content-addressed file in the blob store, and the claim that keeps its bytes alive.
 
@@ -196,8 +204,55 @@ class Blob(Base):
     state: Mapped[str] = mapped_column(String(16), default=BlobState.ready.value)
     # Last time a draft, a commit or a link claimed the row; gc leaves younger rows alone.
     touched_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # How the bytes are kept: ``raw`` (the object under this sha256 is the file) or ``packed``
+    # (the file is the concatenation of its :class:`BlobSegment` chunks; see
+    # :mod:`registry.services.packing`).
+    form: Mapped[str] = mapped_column(String(8), default=BlobForm.raw.value)
+    packed_at: Mapped[datetime | None] = mapped_column()
+    # Bytes the store holds under this sha256 right now (0 once a packed file's raw object is released).
+    stored_size: Mapped[int] = mapped_column(BigInteger, default=0)
 
-    __table_args__ = (CheckConstraint("state in ('pending','ready','deleting')", name="state"),)
+    __table_args__ = (
+        CheckConstraint("state in ('pending','ready','deleting')", name="state"),
+        CheckConstraint("form in ('raw','packed')", name="form"),
+    )
+
+
+class Chunk(Base):
+    """A run of bytes (a tensor, a frame of a large tensor, a header) kept once, whatever file,
+    shard or version it appears in: addressed by the sha256 of its raw bytes, held in the store as
+    a coded payload (its own blob row), possibly as its XOR with a reference chunk that must then
+    stay alive (the foreign key refuses to remove it while this row exists)."""
+
+    __tablename__ = "chunks"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    object_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256", ondelete="RESTRICT"))
+    ref_sha256: Mapped[str | None] = mapped_column(ForeignKey("chunks.sha256", ondelete="RESTRICT"))
+    depth: Mapped[int] = mapped_column(Integer, default=0)  # length of the reference chain below it
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("ix_chunks_object", "object_sha256"),
+        Index("ix_chunks_ref", "ref_sha256"),
+    )
+
+
+class BlobSegment(Base):
+    """Bytes ``[offset, offset + length)`` of a packed file are chunk ``chunk_sha256``. ``key``
+    names a tensor frame (name, dtype, shape, frame) so a later version can code its own
+    tensor of the same key against this chunk."""
+
+    __tablename__ = "blob_segments"
+
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256", ondelete="CASCADE"), primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    length: Mapped[int] = mapped_column(BigInteger)
+    chunk_sha256: Mapped[str] = mapped_column(ForeignKey("chunks.sha256", ondelete="RESTRICT"))
+    key: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_blob_segments_chunk", "chunk_sha256"),)
 
 
 class VersionFile(Base):

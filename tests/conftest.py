@@ -132,7 +132,9 @@ class Server:
 def server_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
     env.update({"REGISTRY_HOME": str(home), "REGISTRY_DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1",
-                "REGISTRY_GC_GRACE_SECONDS": "3600", "REGISTRY_EMBEDDED_WORKERS": "0", "REGISTRY_MLFLOW_UI": "false"})
+                "REGISTRY_GC_GRACE_SECONDS": "3600", "REGISTRY_EMBEDDED_WORKERS": "0", "REGISTRY_MLFLOW_UI": "false",
+                # Packing has its own tests (test_packing.py); elsewhere files stay as uploaded.
+                "REGISTRY_PACK": "off"})
     env.update(extra)
     return env
 

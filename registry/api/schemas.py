@@ -58,6 +58,8 @@ class VersionOut(ORM):
     archived: bool
     archived_at: datetime | None
     corrupt: bool = False
+    stored_bytes: int = Field(0, description="Physical bytes this version added to the store: objects shared "
+                              "with other versions count once, at the version that first stored them.")
     files: list[FileOut] | None = None
 
 

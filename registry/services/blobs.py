@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import Conflict, Unavailable
-from ..models import Blob, BlobState, DraftFile, VersionFile, utcnow
+from ..models import Blob, BlobState, Chunk, DraftFile, VersionFile, utcnow
 from .context import RegistryContext
 from .sql import insert_ignore
 
@@ -92,10 +92,11 @@ def mark_ready(s: Session, blobs: dict[str, int]) -> None:
         return
     now = utcnow()
     insert_ignore(s, BLOBS, [{"sha256": sha, "size": size, "created_at": now, "touched_at": now,
-                              "state": BlobState.ready.value} for sha, size in sorted(blobs.items())])
+                              "state": BlobState.ready.value, "stored_size": size}
+                             for sha, size in sorted(blobs.items())])
     done = set(s.scalars(
         update(BLOBS).where(BLOBS.c.sha256.in_(sorted(blobs)), BLOBS.c.state != BlobState.deleting.value)
-        .values(state=BlobState.ready.value, touched_at=now).returning(BLOBS.c.sha256)))
+        .values(state=BlobState.ready.value, touched_at=now, stored_size=BLOBS.c.size).returning(BLOBS.c.sha256)))
     if set(blobs) - done:  # impossible while a draft file references them; refuse rather than lose
         raise Conflict("stored bytes of this version were claimed by gc meanwhile; push again", code="blob_missing",
                        details={"sha256": sorted(set(blobs) - done)})
@@ -131,7 +132,8 @@ def retrying(fn: Callable[[], T], patience: float = CLAIM_PATIENCE_SECONDS) -> T
 # ----------------------------------------------------------------------------- removal (gc's side)
 
 UNREFERENCED = (~exists().where(VersionFile.blob_sha256 == BLOBS.c.sha256),
-                ~exists().where(DraftFile.sha256 == BLOBS.c.sha256))
+                ~exists().where(DraftFile.sha256 == BLOBS.c.sha256),
+                ~exists().where(Chunk.object_sha256 == BLOBS.c.sha256))
 
 
 def take(ctx: RegistryContext, sha256: str, cutoff: datetime, *, pending_only: bool = False) -> bool:

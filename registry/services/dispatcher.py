@@ -65,7 +65,7 @@ class PassStats:
 def _load_subscribers() -> None:
     import importlib
 
-    for mod in ("policies", "webhooks", "provenance", "verify"):
+    for mod in ("policies", "webhooks", "provenance", "verify", "packing"):
         try:
             importlib.import_module(f"registry.services.{mod}")
         except ModuleNotFoundError as e:

@@ -52,7 +52,7 @@ from ..models import (
 from ..storage import HashingWriter
 from ..storage.base import SHA256_RE
 from ..storage.staging import sha256_file
-from . import blobs, names
+from . import blobs, content, names
 from .aliases import set_row
 from .context import RegistryContext
 from .events import emit
@@ -623,15 +623,15 @@ def _sources(ctx: RegistryContext, s: Session, draft: Draft) -> dict[str, fmt.Fi
             src = _local_source(f.path, staged, f.sha256, f.size)
             src.needs_scan = False  # scanned on arrival
         else:
-            if not ctx.store.exists(f.sha256):
+            if not content.exists(ctx, f.sha256):
                 raise Conflict(f"{f.path}: its bytes are no longer available; upload it again",
                                code="blob_missing", details={"path": f.path})
 
             def read_at(offset: int, length: int, sha: str = f.sha256) -> bytes:
-                return ctx.store.read_bytes(sha, offset, offset + length)
+                return content.read_bytes(ctx, sha, offset, offset + length)
 
             def iter_bytes(sha: str = f.sha256) -> Iterator[bytes]:
-                return ctx.store.iter_range(sha)
+                return content.iter_range(ctx, sha)
 
             src = fmt.FileSource(path=f.path, sha256=f.sha256, size=f.size, read_at=read_at, iter_bytes=iter_bytes)
             if fmt.is_weights(f.path):
@@ -698,7 +698,7 @@ def commit(ctx: RegistryContext, draft_id: str, actor: str | None,
         path = ctx.staging.staged_path(draft_id, sha)
         if path.exists():
             ctx.store.put(sha, path)
-        elif not ctx.store.exists(sha):
+        elif not content.exists(ctx, sha):
             raise Conflict(f"staged bytes for {sha} are gone; upload the file again", code="blob_missing")
 
     with ctx.db.write() as s:
@@ -748,6 +748,8 @@ def record_version(
         content_sha256=content_sha256, total_size=sum(all_sizes), file_count=len(all_sizes),
         description=spec.get("description") or "", summary=summary, tensor_index=tensor_index,
         recipe=options.recipe, mlflow_run_id=options.mlflow_run_id, created_by=actor,
+        # what this commit added to the store (bytes it reuses were counted where first stored)
+        stored_bytes=sum({sha: size for sha, size in files.values() if sha in new_blobs}.values()),
     )
     s.add(v)
     s.flush()

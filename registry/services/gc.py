@@ -7,7 +7,11 @@
    conditional UPDATE to ``deleting`` — the database arbitrates against a concurrent claim, see
    :mod:`registry.services.blobs` — then its object is deleted, then the row. Rows left
    ``deleting`` by a gc that died are finished the same way.
-3. Store objects with no row at all, last written before the grace period (bytes from before
+3. Chunks of packed files that no file and no other chunk needs any more (a chunk another chunk
+   is coded against stays: the foreign key refuses its removal); their payloads then become
+   unreferenced blob rows, removed as in 2 (on the next pass). Raw objects of packed files that
+   a pack job did not release (it died after packing) are released.
+4. Store objects with no row at all, last written before the grace period (bytes from before
    blob claims existed, or written by hand): taken by inserting a ``deleting`` row, then deleted.
 """
 
@@ -18,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 
-from ..models import Blob, BlobState, Draft, DraftFile, utcnow
-from . import blobs
+from ..models import Blob, BlobSegment, BlobState, Chunk, Draft, DraftFile, utcnow
+from . import blobs, content
 from .context import RegistryContext
 
 
@@ -35,6 +40,8 @@ class GcReport:
     objects_removed: int = 0
     bytes_freed: int = 0
     kept_in_use: int = 0
+    chunks_removed: int = 0
+    raw_released: int = 0
     removed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,7 +93,16 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
         report.bytes_freed += size
         report.removed.append(sha)
 
-    # 3. store objects no row claims
+    # 3. chunks nothing needs; raw bytes of packed files left behind
+    report.chunks_removed = _remove_chunks(ctx, dry_run)
+    with ctx.db.read() as s:
+        leftover = content.unreleased(s, cutoff)
+    report.raw_released = len(leftover)
+    if not dry_run:
+        for sha in leftover:
+            content.release_raw(ctx, sha)
+
+    # 4. store objects no row claims
     for obj in ctx.store.list_objects():
         if obj.mtime >= cutoff.timestamp():
             continue
@@ -110,3 +126,25 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
         blobs.remove(ctx, obj.sha256)
     return report
 
+
+
+def _remove_chunks(ctx: RegistryContext, dry_run: bool) -> int:
+    """Delete chunk rows no segment and no other chunk references, repeatedly (a chain frees
+    from the top). A concurrent pack that starts referencing one makes the delete fail its
+    foreign key: then the chunk stays."""
+    coded = aliased(Chunk)
+    orphan = (~exists().where(BlobSegment.chunk_sha256 == Chunk.sha256),
+              ~exists().where(coded.ref_sha256 == Chunk.sha256))
+    if dry_run:
+        with ctx.db.read() as s:
+            return int(s.scalar(select(func.count()).select_from(Chunk).where(*orphan)) or 0)
+    removed = 0
+    while True:
+        try:
+            with ctx.db.write() as s:
+                n = s.execute(delete(Chunk).where(*orphan)).rowcount
+        except IntegrityError:
+            return removed
+        if not n:
+            return removed
+        removed += n

@@ -18,6 +18,7 @@ from sqlalchemy import update
 
 from ..errors import DataCorrupt
 from ..models import ModelVersion, utcnow
+from . import content
 from .context import RegistryContext
 from .derived import ServedFile
 from .events import emit
@@ -50,7 +51,7 @@ def _fail(ctx: RegistryContext, version_id: int, f: ServedFile, reason: str) -> 
 def read_stored(ctx: RegistryContext, version_id: int, f: ServedFile, start: int, end: int) -> Iterator[bytes]:
     """Bytes ``[start, end)`` of a stored file, checked as described above. The presence check
     runs now, so a missing object fails before any response starts."""
-    on_disk = ctx.store.size(f.sha256)
+    on_disk = content.size(ctx, f.sha256)
     if on_disk != f.size:
         raise _fail(ctx, version_id, f, "missing" if on_disk is None else f"{on_disk} bytes, not {f.size}")
     return _stream(ctx, version_id, f, start, end)
@@ -62,7 +63,7 @@ def _stream(ctx: RegistryContext, version_id: int, f: ServedFile, start: int, en
     sent = 0
     held: bytes | None = None
     try:
-        for chunk in ctx.store.iter_range(f.sha256, start, end):
+        for chunk in content.iter_range(ctx, f.sha256, start, end):
             if held is not None:
                 yield held
             if h is not None:

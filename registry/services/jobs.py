@@ -24,7 +24,7 @@ from .sql import newest_first
 
 log = logging.getLogger("registry.jobs")
 
-JOB_TYPES = ("basis", "transfer", "merge", "webhook", "mlflow_sync", "prune", "verify")
+JOB_TYPES = ("basis", "transfer", "merge", "webhook", "mlflow_sync", "prune", "verify", "pack")
 
 
 class JobSuperseded(Exception):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..formats.paths import clean_path
 from ..storage import HashingWriter
+from . import content
 from .context import RegistryContext
 
 
@@ -25,15 +26,28 @@ def link_blobs(ctx: RegistryContext, files: Iterable[tuple[str, str]], dest: Pat
     for path, sha in files:
         target = dest / clean_path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        local = ctx.store.local_path(sha)
-        if local is not None:
-            try:
-                os.link(local, target)
-            except OSError:
-                shutil.copyfile(local, target)
+        local = content.local_path(ctx, sha)
+        if local is not None and _link_or_copy(local, target):
             continue
-        write_checked(target, sha, ctx.store.iter_range(sha))
+        write_checked(target, sha, content.iter_range(ctx, sha))
     return dest
+
+
+def _link_or_copy(local: Path, target: Path) -> bool:
+    """False when the raw object went away meanwhile (released after packing)."""
+    try:
+        os.link(local, target)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        shutil.copyfile(local, target)
+        return True
+    except FileNotFoundError:
+        target.unlink(missing_ok=True)
+        return False
 
 
 def write_checked(target: Path, sha: str, chunks: Iterable[bytes]) -> None:

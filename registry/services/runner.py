@@ -169,7 +169,7 @@ def _load_handlers(ctx: RegistryContext) -> None:
 
     set_cpu_threads(ctx.settings.torch_threads)
 
-    for mod in ("bases", "transfers", "merges", "webhooks", "provenance", "pruning", "verify"):
+    for mod in ("bases", "transfers", "merges", "webhooks", "provenance", "pruning", "verify", "packing"):
         try:
             importlib.import_module(f"registry.services.{mod}")
         except ModuleNotFoundError as e:

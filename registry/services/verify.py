@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from ..formats.safetensors import iter_file
 from ..models import ModelVersion, utcnow
-from . import jobs
+from . import content, jobs
 from .context import RegistryContext
 from .derived import cache, generator, served_files
 from .dispatcher import periodic
@@ -56,8 +56,12 @@ def verify(run: JobRun) -> dict[str, Any]:
         for i, f in enumerate(files):
             run.progress(i / max(1, len(files)), f"checking {f.path}")
             if f.blob:
-                actual = _sha(ctx.store.iter_range(f.sha256)) if ctx.store.exists(f.sha256) else None
-                source = "blob"
+                source = content.describe(ctx, f.sha256)
+                try:
+                    actual = _sha(content.iter_range(ctx, f.sha256))
+                except OSError as e:  # missing object, damaged payload
+                    actual = None
+                    source += f" ({e})"
             else:
                 if gen is None:
                     gen = generator(ctx, v, "native", run.work_dir)

@@ -54,6 +54,7 @@ class VersionView:
     archived: bool
     archived_at: datetime | None
     corrupt: bool = False  # a read or a verify found its stored bytes missing or wrong
+    stored_bytes: int = 0  # physical bytes it added to the store (shared objects count at their first version)
     files: list[FileView] | None = None
 
 
@@ -131,6 +132,7 @@ def version_views(session: Session, versions: Sequence[ModelVersion], *, with_fi
             tags=tags.get(v.id, {}), aliases=aliases.get(v.id, []), parents=parents.get(v.id, []),
             mlflow_run_id=v.mlflow_run_id, created_at=v.created_at, created_by=v.created_by,
             archived=v.archived_at is not None, archived_at=v.archived_at, corrupt=v.corrupt_at is not None,
+            stored_bytes=v.stored_bytes,
             files=files.get(v.id, []) if with_files else None,
         )
         for v in versions

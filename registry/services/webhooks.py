@@ -73,7 +73,8 @@ _PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,64}")
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
 # The event types the registry emits today (documentation; patterns are not checked against it).
 EVENT_TYPES = ("model.created", "model.updated", "model.tag_set", "model.tag_deleted", "version.created",
-               "version.promoted", "version.archived", "version.tags_set", "version.tag_deleted", "alias.set",
+               "version.promoted", "version.archived", "version.tags_set", "version.tag_deleted", "version.pruned",
+               "version.packed", "version.verified", "version.corrupt", "alias.set",
                "alias.deleted", "job.succeeded", "job.failed")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

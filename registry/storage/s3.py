@@ -69,8 +69,15 @@ class S3BlobStore(BlobStore):
     def iter_range(self, sha256: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         if end is not None and end <= start:
             return
+        from botocore.exceptions import ClientError
+
         rng = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
-        obj = self.client.get_object(Bucket=self.bucket, Key=self.key(sha256), Range=rng)
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(sha256), Range=rng)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(self.key(sha256)) from e
+            raise
         body = obj["Body"]
         try:
             yield from body.iter_chunks(CHUNK)

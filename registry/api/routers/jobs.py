@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, status
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from ...services import bases, jobs, merges, policies, pruning, transfers, verify
+from ...services import bases, jobs, merges, packing, policies, pruning, transfers, verify
 from ..deps import Ctx, Reader, Writer
 from ..params import Id, IdCursor
 from ..responses import AUTHENTICATED, errors
@@ -124,6 +124,14 @@ def prune_basis(basis_id: Id, body: PruneBody, ctx: Ctx, who: Writer) -> object:
 def verify_version(name: str, v: str, ctx: Ctx, who: Writer) -> object:
     """Queue a check of every file's sha256 (stored files re-read, derived files regenerated)."""
     return verify.request_verify(ctx, f"{name}@{v}", who.name)
+
+
+@router.post("/models/{name}/versions/{v}/pack", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=errors(404, 409, 422))
+def pack_version(name: str, v: str, ctx: Ctx, who: Writer) -> object:
+    """Queue packing a version losslessly (tensors deduplicated and coded against its base or
+    previous version); downloads return the same bytes before, during and after."""
+    return packing.request_pack(ctx, f"{name}@{v}", who.name)
 
 
 @router.post("/transfers", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, responses=errors(409, 422))

@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from ... import __version__
 from ...services import events, tokens
+from ...services.packing import storage_report
 from ..deps import Admin, Ctx, Reader
 from ..params import AfterId, Id
 from ..responses import AUTHENTICATED, errors
@@ -39,6 +40,13 @@ def list_tokens(ctx: Ctx, _: Admin) -> object:
 @router.delete("/tokens/{token_id}", response_model=TokenOut, responses=AUTHENTICATED | errors(404, 422))
 def revoke_token(token_id: Id, ctx: Ctx, _: Admin) -> object:
     return tokens.revoke(ctx, token_id)
+
+
+@router.get("/storage", responses=AUTHENTICATED)
+def storage(ctx: Ctx, _: Reader) -> dict[str, Any]:
+    """Logical bytes (what the versions' files add up to) against physical bytes (what the store
+    holds for them), per model and in total."""
+    return storage_report(ctx)
 
 
 @router.get("/events", responses=AUTHENTICATED | errors(422))

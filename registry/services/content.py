@@ -1,0 +1,226 @@
+"""A stored file's bytes, whatever form they are kept in: the one read path for blobs.
+
+A blob row's ``form`` says how its bytes live in the store:
+
+- ``raw``: the object under the file's sha256 is the file (as uploaded);
+- ``packed``: the file is the concatenation of its segments (:class:`~registry.models.BlobSegment`),
+  each a content-addressed chunk whose coded payload is an object of its own, possibly XOR-coded
+  against a reference chunk (see :mod:`registry.weights.packing` for the codec and
+  :mod:`registry.services.packing` for how files get packed).
+
+Every reader — downloads, job inputs, verify, a commit re-reading a linked blob — goes through
+here. A decoded chunk is checked against its sha256 before a byte of it leaves this module, so a
+damaged payload is never served as data: it raises :class:`ContentError` (an ``OSError``, which
+the download path turns into a cut connection and a ``corrupt`` mark).
+
+A reader that looked a file up while it was raw and then finds the raw object released (the
+pack job released it after packing) starts again from the packed form; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ..models import Blob, BlobForm, BlobSegment, Chunk
+from ..storage.base import CHUNK
+from ..weights import packing
+from .context import RegistryContext
+
+
+class ContentError(OSError):
+    """Stored bytes that cannot be read back as the file they claim to be."""
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    sha256: str
+    size: int
+    object_sha256: str
+    ref_sha256: str | None
+    depth: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[offset, offset + length)`` of a packed file are the chunk ``chunk_sha256``."""
+
+    offset: int
+    length: int
+    chunk_sha256: str
+
+
+def _row(ctx: RegistryContext, sha256: str) -> tuple[int, str] | None:
+    with ctx.db.read() as s:
+        row = s.execute(select(Blob.size, Blob.form).where(Blob.sha256 == sha256)).one_or_none()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def size(ctx: RegistryContext, sha256: str) -> int | None:
+    """The file's size when the registry can read it back, else None (no row, or a raw file
+    whose object is missing or of another size)."""
+    row = _row(ctx, sha256)
+    if row is None:
+        return ctx.store.size(sha256)  # an object from before blob rows existed
+    n, form = row
+    if form == BlobForm.packed.value:
+        return n
+    on_disk = ctx.store.size(sha256)
+    if on_disk is None and (_row(ctx, sha256) or (0, ""))[1] == BlobForm.packed.value:
+        return n  # packed (and its raw object released) since the first look
+    return on_disk
+
+
+def describe(ctx: RegistryContext, sha256: str) -> str:
+    """How a file is kept, in words: ``blob`` (raw) or ``packed blob``."""
+    row = _row(ctx, sha256)
+    return "packed blob" if row is not None and row[1] == BlobForm.packed.value else "blob"
+
+
+def exists(ctx: RegistryContext, sha256: str) -> bool:
+    return size(ctx, sha256) is not None
+
+
+def local_path(ctx: RegistryContext, sha256: str) -> Path | None:
+    """A local file holding the raw bytes (fast paths: links, mmap), when there is one."""
+    return ctx.store.local_path(sha256)
+
+
+def read_bytes(ctx: RegistryContext, sha256: str, start: int = 0, end: int | None = None) -> bytes:
+    return b"".join(iter_range(ctx, sha256, start, end))
+
+
+def iter_range(ctx: RegistryContext, sha256: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of the file (``end`` None: to its end). Raises FileNotFoundError
+    (missing) or :class:`ContentError` (damaged) while iterating."""
+    row = _row(ctx, sha256)
+    if row is not None and row[1] == BlobForm.packed.value:
+        return _packed(ctx, sha256, start, row[0] if end is None else end)
+    return _raw(ctx, sha256, start, end)
+
+
+def _raw(ctx: RegistryContext, sha256: str, start: int, end: int | None) -> Iterator[bytes]:
+    sent = False
+    try:
+        for data in ctx.store.iter_range(sha256, start, end):
+            sent = True
+            yield data
+    except FileNotFoundError:
+        row = _row(ctx, sha256)
+        if sent or row is None or row[1] != BlobForm.packed.value:
+            raise
+        yield from _packed(ctx, sha256, start, row[0] if end is None else end)
+
+
+def pieces(s: Session, sha256: str, start: int = 0, end: int | None = None) -> list[Piece]:
+    """The segments of a packed file that overlap ``[start, end)``, in order."""
+    q = select(BlobSegment.offset, BlobSegment.length, BlobSegment.chunk_sha256).where(
+        BlobSegment.blob_sha256 == sha256, BlobSegment.offset + BlobSegment.length > start)
+    if end is not None:
+        q = q.where(BlobSegment.offset < end)
+    return [Piece(int(o), int(n), c) for o, n, c in s.execute(q.order_by(BlobSegment.offset))]
+
+
+def _packed(ctx: RegistryContext, sha256: str, start: int, end: int) -> Iterator[bytes]:
+    with ctx.db.read() as s:
+        found = pieces(s, sha256, start, end)
+    yield from stream_pieces(ChunkReader(ctx), found, start, end)
+
+
+def stream_pieces(reader: ChunkReader, found: list[Piece], start: int, end: int) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of the file made of ``found`` (which must cover that range)."""
+    pos = start
+    for p in found:
+        if p.offset > pos:
+            raise ContentError(f"packed file has a hole at byte {pos}")
+        data = memoryview(reader.get(p.chunk_sha256))
+        if len(data) != p.length:
+            raise ContentError(f"chunk {p.chunk_sha256} holds {len(data)} bytes, its segment {p.length}")
+        lo, hi = max(start, p.offset) - p.offset, min(end, p.offset + p.length) - p.offset
+        for i in range(lo, hi, CHUNK):
+            yield bytes(data[i:min(hi, i + CHUNK)])
+        pos = p.offset + hi
+        if pos >= end:
+            return
+    if pos < end:
+        raise ContentError(f"packed file ends at byte {pos}, not {end}")
+
+
+class ChunkReader:
+    """Decodes chunks (and the reference chunks they are coded against), each checked against
+    its sha256, keeping the last few decoded ones (a reference is often needed again).
+
+    ``pending`` holds chunks not yet in the database (a pack job checking its output before it
+    commits)."""
+
+    def __init__(self, ctx: RegistryContext, pending: dict[str, ChunkInfo] | None = None, keep: int = 4) -> None:
+        self.ctx = ctx
+        self.pending = pending or {}
+        self.keep = keep
+        self.decoded: OrderedDict[str, bytes] = OrderedDict()
+        self.infos: dict[str, ChunkInfo] = {}
+
+    def info(self, sha256: str) -> ChunkInfo:
+        if sha256 in self.pending:
+            return self.pending[sha256]
+        if sha256 not in self.infos:
+            with self.ctx.db.read() as s:
+                self.infos.update(chunk_infos(s, [sha256]))
+        if sha256 not in self.infos:
+            raise ContentError(f"chunk {sha256} is not in the registry")
+        return self.infos[sha256]
+
+    def get(self, sha256: str) -> bytes:
+        hit = self.decoded.get(sha256)
+        if hit is not None:
+            self.decoded.move_to_end(sha256)
+            return hit
+        info = self.info(sha256)
+        reference = self.get(info.ref_sha256) if info.ref_sha256 is not None else None
+        try:
+            payload = self.ctx.store.read_bytes(info.object_sha256)
+        except FileNotFoundError as e:
+            raise ContentError(f"the payload of chunk {sha256} is missing") from e
+        try:
+            data = packing.decode(payload, reference)
+        except packing.PackError as e:
+            raise ContentError(f"the payload of chunk {sha256} is damaged: {e}") from e
+        if len(data) != info.size or hashlib.sha256(data).hexdigest() != sha256:
+            raise ContentError(f"chunk {sha256} decodes to other bytes")
+        self.decoded[sha256] = data
+        while len(self.decoded) > self.keep:
+            self.decoded.popitem(last=False)
+        return data
+
+
+def chunk_infos(s: Session, shas: list[str]) -> dict[str, ChunkInfo]:
+    """The rows of ``shas`` and of every chunk below them on their reference chains."""
+    found: dict[str, ChunkInfo] = {}
+    todo = set(shas)
+    while todo:
+        rows = s.execute(select(Chunk.sha256, Chunk.size, Chunk.object_sha256, Chunk.ref_sha256, Chunk.depth)
+                         .where(Chunk.sha256.in_(sorted(todo)))).all()
+        for sha, n, obj, ref, depth in rows:
+            found[sha] = ChunkInfo(sha, int(n), obj, ref, int(depth))
+        todo = {r[3] for r in rows if r[3] is not None and r[3] not in found}
+    return found
+
+
+def release_raw(ctx: RegistryContext, sha: str) -> None:
+    """Delete the raw object of a packed file (its packed form was read back before the flip)."""
+    ctx.store.delete(sha)
+    with ctx.db.write() as s:
+        s.execute(update(Blob).where(Blob.sha256 == sha, Blob.form == BlobForm.packed.value).values(stored_size=0))
+
+
+def unreleased(s: Session, before: datetime) -> list[str]:
+    """Packed files whose raw object is still held (a worker died between flip and release)."""
+    return list(s.scalars(select(Blob.sha256).where(Blob.form == BlobForm.packed.value, Blob.stored_size > 0,
+                                                    Blob.packed_at < before)))
