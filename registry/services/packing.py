@@ -158,25 +158,26 @@ def pack_version(ctx: RegistryContext, version_id: int, *, progress: Callable[[f
         if v is None:
             raise NotFound("version not found", code="version_not_found")
         report = PackReport(ref=v.ref)
-        files = list(s.execute(select(VersionFile.blob_sha256, VersionFile.size, Blob.form)
-                               .join(Blob, Blob.sha256 == VersionFile.blob_sha256)
-                               .where(VersionFile.version_id == version_id).order_by(VersionFile.path)))
         refs = references(s, v)
         report.references = [r[1] for r in refs]
-    report.logical_bytes = sum(int(n) for _, n, _ in files)
-    raw = sorted({sha: int(n) for sha, n, form in files if form == BlobForm.raw.value}.items())
-    report.files_already_packed = len({sha for sha, _, _ in files}) - len(raw)
-
     for ref_id, ref_name in refs:  # references first, so this version can be coded against them
         if ref_id not in seen and _hops < MAX_REFERENCE_HOPS and _has_raw(ctx, ref_id):
             pack_version(ctx, ref_id, work_dir=work_dir, _hops=_hops + 1, _seen=seen)
             report.also_packed.append(ref_name)
     with ctx.db.read() as s:
         keyed = reference_chunks(s, [r[0] for r in refs])
+        files = list(s.execute(select(VersionFile.blob_sha256, VersionFile.size, Blob.form)
+                               .join(Blob, Blob.sha256 == VersionFile.blob_sha256)
+                               .where(VersionFile.version_id == version_id).order_by(VersionFile.path)))
+    report.logical_bytes = sum(int(n) for _, n, _ in files)
+    raw = sorted({sha: int(n) for sha, n, form in files if form == BlobForm.raw.value}.items())
+    report.files_already_packed = len({sha for sha, _, _ in files}) - len(raw)
 
     total = sum(n for _, n in raw) or 1
     done = 0
-    work = Path(tempfile.mkdtemp(prefix="pack-", dir=work_dir or ctx.settings.resolved_work_dir))
+    scratch = work_dir or ctx.settings.resolved_work_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="pack-", dir=scratch))
     try:
         for sha, size in raw:
             def step(n: int, what: str = sha[:12], before: int = done) -> None:
@@ -256,6 +257,16 @@ def _reader(ctx: RegistryContext, sha: str) -> tuple[Callable[[int, int], bytes]
 def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], work: Path,
                report: PackReport, step: Callable[[int], None]) -> bool:
     """Pack one raw file; False when somebody else packed it meanwhile."""
+    try:
+        return _pack_raw_file(ctx, sha, size, keyed, work, report, step)
+    except FileNotFoundError:
+        if content.describe(ctx, sha) == "packed blob":  # another pack released the raw bytes meanwhile
+            return False
+        raise
+
+
+def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], work: Path,
+                   report: PackReport, step: Callable[[int], None]) -> bool:
     read_at, close = _reader(ctx, sha)
     try:
         segs = packing.segments(read_at, size)
