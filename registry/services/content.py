@@ -20,8 +20,10 @@ pack job released it after packing) starts again from the packed form; nothing e
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -128,29 +130,51 @@ def pieces(s: Session, sha256: str, start: int = 0, end: int | None = None) -> l
     return [Piece(int(o), int(n), c) for o, n, c in s.execute(q.order_by(BlobSegment.offset))]
 
 
+def is_packed(ctx: RegistryContext, sha256: str) -> bool:
+    row = _row(ctx, sha256)
+    return row is not None and row[1] == BlobForm.packed.value
+
+
 def _packed(ctx: RegistryContext, sha256: str, start: int, end: int) -> Iterator[bytes]:
     with ctx.db.read() as s:
         found = pieces(s, sha256, start, end)
-    yield from stream_pieces(ChunkReader(ctx), found, start, end)
+        reader = ChunkReader(ctx)
+        reader.infos.update(chunk_infos(s, sorted({p.chunk_sha256 for p in found})))
+    yield from stream_pieces(reader, found, start, end)
+
+
+# Frames decoded ahead of the one being sent (zstd, numpy and hashlib release the GIL, so decoding
+# overlaps sending); memory stays at a few frames.
+READ_AHEAD = 1
+_DECODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unpack")
 
 
 def stream_pieces(reader: ChunkReader, found: list[Piece], start: int, end: int) -> Iterator[bytes]:
     """Bytes ``[start, end)`` of the file made of ``found`` (which must cover that range)."""
+    ahead: deque[Future[bytes]] = deque()
+    queued = 0
     pos = start
-    for p in found:
-        if p.offset > pos:
-            raise ContentError(f"packed file has a hole at byte {pos}")
-        data = memoryview(reader.get(p.chunk_sha256))
-        if len(data) != p.length:
-            raise ContentError(f"chunk {p.chunk_sha256} holds {len(data)} bytes, its segment {p.length}")
-        lo, hi = max(start, p.offset) - p.offset, min(end, p.offset + p.length) - p.offset
-        for i in range(lo, hi, CHUNK):
-            yield bytes(data[i:min(hi, i + CHUNK)])
-        pos = p.offset + hi
-        if pos >= end:
-            return
-    if pos < end:
-        raise ContentError(f"packed file ends at byte {pos}, not {end}")
+    try:
+        for p in found:
+            while queued < len(found) and len(ahead) <= READ_AHEAD:
+                ahead.append(_DECODERS.submit(reader.get, found[queued].chunk_sha256))
+                queued += 1
+            if p.offset > pos:
+                raise ContentError(f"packed file has a hole at byte {pos}")
+            data = memoryview(ahead.popleft().result())
+            if len(data) != p.length:
+                raise ContentError(f"chunk {p.chunk_sha256} holds {len(data)} bytes, its segment {p.length}")
+            lo, hi = max(start, p.offset) - p.offset, min(end, p.offset + p.length) - p.offset
+            for i in range(lo, hi, CHUNK):
+                yield bytes(data[i:min(hi, i + CHUNK)])
+            pos = p.offset + hi
+            if pos >= end:
+                return
+        if pos < end:
+            raise ContentError(f"packed file ends at byte {pos}, not {end}")
+    finally:
+        for f in ahead:
+            f.cancel()
 
 
 class ChunkReader:
@@ -164,26 +188,36 @@ class ChunkReader:
         self.ctx = ctx
         self.pending = pending or {}
         self.keep = keep
-        self.decoded: OrderedDict[str, bytes] = OrderedDict()
+        self.decoded: OrderedDict[str, tuple[bytes, bool]] = OrderedDict()  # sha -> (bytes, checked)
         self.infos: dict[str, ChunkInfo] = {}
+        self.lock = threading.Lock()
 
     def info(self, sha256: str) -> ChunkInfo:
         if sha256 in self.pending:
             return self.pending[sha256]
-        if sha256 not in self.infos:
+        found = self.infos.get(sha256)
+        if found is None:
             with self.ctx.db.read() as s:
-                self.infos.update(chunk_infos(s, [sha256]))
-        if sha256 not in self.infos:
+                more = chunk_infos(s, [sha256])
+            with self.lock:
+                self.infos.update(more)
+            found = more.get(sha256)
+        if found is None:
             raise ContentError(f"chunk {sha256} is not in the registry")
-        return self.infos[sha256]
+        return found
 
-    def get(self, sha256: str) -> bytes:
-        hit = self.decoded.get(sha256)
-        if hit is not None:
-            self.decoded.move_to_end(sha256)
-            return hit
+    def get(self, sha256: str, *, check: bool = True) -> bytes:
+        """The chunk's bytes. ``check``: verify them against the sha256 (a reference is only
+        checked through the chunk coded against it: a wrong reference makes that one wrong).
+        Safe to call from several threads."""
+        with self.lock:
+            hit = self.decoded.get(sha256)
+            if hit is not None:
+                self.decoded.move_to_end(sha256)
+        if hit is not None and (hit[1] or not check):
+            return hit[0]
         info = self.info(sha256)
-        reference = self.get(info.ref_sha256) if info.ref_sha256 is not None else None
+        reference = self.get(info.ref_sha256, check=False) if info.ref_sha256 is not None else None
         try:
             payload = self.ctx.store.read_bytes(info.object_sha256)
         except FileNotFoundError as e:
@@ -192,11 +226,12 @@ class ChunkReader:
             data = packing.decode(payload, reference)
         except packing.PackError as e:
             raise ContentError(f"the payload of chunk {sha256} is damaged: {e}") from e
-        if len(data) != info.size or hashlib.sha256(data).hexdigest() != sha256:
+        if len(data) != info.size or (check and hashlib.sha256(data).hexdigest() != sha256):
             raise ContentError(f"chunk {sha256} decodes to other bytes")
-        self.decoded[sha256] = data
-        while len(self.decoded) > self.keep:
-            self.decoded.popitem(last=False)
+        with self.lock:
+            self.decoded[sha256] = (data, check)
+            while len(self.decoded) > self.keep:
+                self.decoded.popitem(last=False)
         return data
 
 
