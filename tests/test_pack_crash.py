@@ -123,3 +123,18 @@ def test_packing_twice_changes_nothing(srv: Server, ctx: RegistryContext, name: 
     assert first.files_packed == 1 and again.files_packed == 0 and again.files_already_packed == 1
     assert again.stored_bytes == first.stored_bytes
     assert _download(srv, name) == data
+
+
+def test_cli_pack_and_storage(srv: Server, name: str, tmp_path: Path) -> None:
+    """`registry pack REF` and `registry storage` as a user sees them (this server runs no
+    worker: the job is queued, and the CLI says so; `--wait` is exercised in test_pack_storage)."""
+    import json
+
+    v, data = _push(srv, name, tmp_path, 5)
+    assert "queued" in srv.cli("pack", str(v["ref"])).stdout
+    report = json.loads(srv.cli("storage", "--json").stdout)
+    row = {m["model"]: m for m in report["models"]}[name]
+    assert row["logical_bytes"] == row["stored_bytes"] == len(data)  # not packed yet: raw bytes count
+    assert report["pack"] == "off"
+    table = srv.cli("storage").stdout
+    assert name in table and "total" in table

@@ -99,6 +99,8 @@ def test_pull_is_byte_exact_and_finetunes_cost_their_delta(packed: Stack, models
         report = rc.storage()
     row = {m["model"]: m for m in report["models"]}[f"{name}-ft"]
     assert row["stored_bytes"] == ft["stored_bytes"] and row["logical_bytes"] == ft["size"]
+    out = packed.server.cli("pack", ft["ref"], "--wait").stdout  # already packed: nothing to do
+    assert f"{ft['ref']}: 0 files packed" in out and "stored" in out
     # the raw objects were released once the packed form read back
     sha = next(f["sha256"] for f in ft["files"] if f["path"] == "model.safetensors")
     assert sha not in packed.server.blob_files()
