@@ -136,6 +136,12 @@ def _mlflow_client(settings: Settings) -> Any:
         return client
 
 
+# The MLflow UI (3.x) decides from this experiment tag whether an experiment shows training runs
+# (model development) or GenAI traces and evaluations.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 class Provenance:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -146,15 +152,20 @@ class Provenance:
         return _mlflow_client(self.settings)
 
     def experiment_id(self, model_name: str) -> str:
+        """The experiment ``registry/<model>``, created on first use and marked as model
+        development, so the MLflow UI lists its runs as training runs (not GenAI evaluations)."""
         name = f"registry/{model_name}"
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older registry
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return str(exp.experiment_id)
         location = None
         if not self.uri.startswith(("http://", "https://", "databricks")):
             location = f"{self.settings.mlflow_artifact_root}/{model_name}"
         try:
-            return str(self.client.create_experiment(name, artifact_location=location))
+            return str(self.client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
         except Exception:  # created concurrently by another worker
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

@@ -90,3 +90,22 @@ def test_the_mlflow_mirror_follows_tags_aliases_and_storage_mode(tmp_path: Path)
     assert mv.tags["registry.storage_mode"] == "derived:basis" and "eval.sql" not in mv.tags
     assert "basis_member_of:b-rmm@1" in mv.tags["registry.parents"]
     assert prov.client.get_registered_model(name).aliases == {}
+
+
+def test_experiments_are_model_development(tmp_path: Path) -> None:
+    """Runs land where a model-training user looks: the experiment is marked model development
+    (an older experiment without the mark gets it on next use)."""
+    from mlflow import MlflowClient
+
+    from registry.config import Settings
+    from registry.provenance import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Provenance
+
+    settings = Settings(home=tmp_path)
+    prov = Provenance(settings)
+    client = MlflowClient(tracking_uri=settings.resolved_mlflow_uri)
+    exp = client.get_experiment(prov.experiment_id("fresh"))
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    old = client.create_experiment("registry/older")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert prov.experiment_id("older") == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
