@@ -545,6 +545,9 @@ def _wait(rc: RegistryClient, job: dict[str, Any], wait: bool) -> dict[str, Any]
     result = done.get("result") or {}
     if isinstance(result.get("error"), int | float):  # a lossy step says what it cost
         err.print(f"lossy: relative delta error {result['error']:.4g} against the exact result")
+    if result.get("deduplicated"):  # the registry already held this output: say so, not a silent old ref
+        err.print(result.get("message") or f"{result['ref']} already holds exactly this output", markup=False,
+                  highlight=False)
     if result.get("ref"):
         out.print(result["ref"], markup=False, highlight=False)
     else:

@@ -1,7 +1,8 @@
 """Every job that works on versions (basis, transfer, merge, prune, verify) is an MLflow run and the job
 records its id: also a verify, a job with nothing to do, one that fails while loading its inputs (the run
 is FAILED with the error) and one whose output the registry already held. The prune run has a
-``lineage.json``."""
+``lineage.json``. A transfer asked ``--derived`` when the registry already stores that very transfer is
+refused before a job exists (409 ``transfer_exists``) instead of answered with the stored version."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from registry.client import JobFailed
+from registry.client import JobFailed, RegistryAPIError
 from registry.demo import make_adapter
 
 from .conftest import Stack, make_stack
@@ -121,17 +122,41 @@ def test_the_prune_run_has_lineage(pstack: Stack, demo: dict[str, Path], name: s
     assert member["files"] == {f["path"]: f["sha256"] for f in after["files"]}
 
 
-
-def test_a_deduplicated_transfer_has_a_run(pstack: Stack, demo: dict[str, Path], name: str) -> None:
+def test_transfers_of_inputs_already_transferred(pstack: Stack, demo: dict[str, Path], name: str) -> None:
     with pstack.client() as rc:
         b1 = rc.push(demo["base"], f"{name}-base")
         ft = rc.push(demo["finetune"], f"{name}-ft", base=b1["ref"])
         b2 = rc.push(demo["base-v2"], f"{name}-base")
         first = pstack.wait_job(rc.transfer(ft["ref"], b2["ref"])["id"])
         assert first["result"]["ref"] == f"{name}-ft@2"
+        jobs_before = len(rc.list_jobs(type="transfer", limit=500))
+
+        # --derived of a transfer the registry stores: refused before a job exists, saying which and why
+        with pytest.raises(RegistryAPIError) as e:
+            rc.transfer(ft["ref"], b2["ref"], 1.0, "derived")
+        assert e.value.status == 409 and e.value.code == "transfer_exists"
+        assert e.value.details["existing"] == f"{name}-ft@2" and e.value.details["storage_mode"] == "stored"
+        assert f"{name}-ft@2" in e.value.message and "archive" in e.value.message
+        assert len(rc.list_jobs(type="transfer", limit=500)) == jobs_before
+
+        # the same transfer again: the existing version, said so, and the job still has its run
         again = pstack.wait_job(rc.transfer(ft["ref"], b2["ref"])["id"])
-    assert again["result"]["ref"] == f"{name}-ft@2" and again["result"]["deduplicated"] is True
-    assert "no new version" in again["result"]["message"]
+        assert again["result"]["ref"] == f"{name}-ft@2" and again["result"]["deduplicated"] is True
+        assert "no new version" in again["result"]["message"]
+        assert [v["ref"] for v in rc.iter_versions(model=f"{name}-ft", status="candidate")] == [f"{name}-ft@2"]
     run = _run(pstack, again)
     assert run.info.status == "FINISHED" and run.data.tags["registry.deduplicated"] == f"{name}-ft@2"
     assert "lineage.json" in _artifacts(pstack, run)
+
+    # the CLI says both plainly
+    derived = pstack.server.cli("transfer", ft["ref"], "--to", b2["ref"], "--derived", "--wait", check=False)
+    assert derived.returncode != 0 and "transfer_exists" in derived.stderr and f"{name}-ft@2" in derived.stderr
+    stored = pstack.server.cli("transfer", ft["ref"], "--to", b2["ref"], "--wait")
+    assert stored.stdout.strip().splitlines()[-1] == f"{name}-ft@2"
+    assert "already holds exactly this output" in " ".join(stored.stderr.split())
+
+    # another alpha is another transfer: --derived makes a derived version
+    with pstack.client() as rc:
+        half = pstack.wait_job(rc.transfer(ft["ref"], b2["ref"], 0.5, "derived")["id"])
+        v = rc.get_version(half["result"]["ref"])
+    assert v["ref"] == f"{name}-ft@3" and v["storage_mode"] == "derived:diff"

@@ -57,6 +57,35 @@ def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[Mo
 STORAGE = ("stored", "derived")
 
 
+def existing_transfer(s: Any, ft: ModelVersion, target: ModelVersion, alpha: float) -> ModelVersion | None:
+    """A live version of the fine-tune's model that already is its transfer to ``target`` with ``alpha``."""
+    rows = s.scalars(select(ModelVersion).where(
+        ModelVersion.model_id == ft.model_id, ModelVersion.base_version_id == target.id,
+        ModelVersion.archived_at.is_(None), ModelVersion.status.in_(("ready", "candidate")))
+        .order_by(ModelVersion.version))
+    for v in rows:
+        r = v.recipe or {}
+        if r.get("type") == "transfer" and r.get("finetune") == ft.ref and float(r.get("alpha", 1.0)) == alpha:
+            return v  # type: ignore[no-any-return]
+    return None
+
+
+def _refuse_other_storage(s: Any, ft: ModelVersion, target: ModelVersion, alpha: float, storage: str) -> None:
+    """A transfer asked ``--derived`` when the registry already stores that very transfer (or stored
+    when it keeps it derived) cannot be made: both would hold the same weights, and a model keeps one
+    version per content. Say so before a job exists, rather than hand back the other one silently.
+    (Asked again with the same storage, the job returns the existing version, saying so.)"""
+    ex = existing_transfer(s, ft, target, alpha)
+    if ex is None or (ex.storage_mode == "stored") == (storage == "stored"):
+        return
+    have = "stored" if ex.storage_mode == "stored" else f"{ex.storage_mode} (no weights stored)"
+    raise Conflict(f"{ex.ref} already is this transfer ({ft.ref} to {target.ref}, alpha={alpha:g}), {have}; a "
+                   f"{storage} copy would hold the same weights, and a model keeps one version per content. Use "
+                   f"{ex.ref}, or archive it (registry archive {ex.ref}) and transfer again",
+                   code="transfer_exists", details={"existing": ex.ref, "storage_mode": ex.storage_mode,
+                                                    "requested": storage})
+
+
 def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alpha: float = 1.0, *,
                      storage: str = "stored", actor: str | None = None,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -66,6 +95,8 @@ def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alph
 
     def build(s: Any) -> dict[str, Any]:
         ft, target = _validate(s, finetune, target_base, float(alpha))
+        if ft.kind != "adapter":  # an adapter is re-pinned, whatever the storage asked
+            _refuse_other_storage(s, ft, target, float(alpha), storage)
         return {"finetune": ft.ref, "target_base": target.ref, "alpha": float(alpha), "storage": storage}
 
     return jobs.submit(ctx, "transfer", build, actor=actor, idempotency_key=idempotency_key)
