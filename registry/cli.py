@@ -159,8 +159,14 @@ def up(
               f"{settings.resolved_database_url.split('@')[-1]}, storage {settings.storage}")
     err.print(f"registry: API on http://{settings.host}:{settings.port}/api/v1 (docs at /docs); "
               f"{n_workers} worker(s) on {settings.resolved_broker_url.split('@')[-1]}"
-              + (f"; MLflow UI on http://127.0.0.1:{settings.mlflow_ui_port}" if ui else ""))
+              + ("; MLflow UI starting (its address is printed here once it answers)" if ui else ""))
     sup.start()
+    if ui:
+        ui_url = f"http://127.0.0.1:{settings.mlflow_ui_port}"
+        ui_log = settings.home.resolve() / "logs" / "mlflow-ui.log"
+        sup.when_answering(ui_url, lambda ok: err.print(
+            f"registry: MLflow UI on {ui_url}" if ok else
+            f"registry: the MLflow UI is not answering on {ui_url} yet; see {ui_log}", highlight=False, soft_wrap=True))
     serve(settings, workers=settings.api_workers if api_workers is None else api_workers, on_exit=sup.stop)
 
 
