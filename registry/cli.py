@@ -434,10 +434,13 @@ def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> 
         return
     out.print(f"[bold]{v['ref']}[/bold]  {v['kind']}  {v['status']}  {v['storage_mode']}"
               + ("  [yellow]archived[/yellow]" if v["archived"] else ""))
+    content = v["content_sha256"]
+    if v["storage_mode"] == "derived:basis":  # pruned: the version's identity stays that of its pushed files
+        content += " (of the files as pushed; the files below are rebuilt from the basis, with their own sha256s)"
     for label, value in (("base", v["base"]), ("aliases", ", ".join(v["aliases"])),
                          ("tags", ", ".join(f"{k}={x}" for k, x in v["tags"].items())),
                          ("size", f"{_size(v['size'])} in {v['file_count']} files"),
-                         ("fingerprint", v["fingerprint"]), ("content sha256", v["content_sha256"]),
+                         ("fingerprint", v["fingerprint"]), ("content sha256", content),
                          ("created", f"{v['created_at']} by {v['created_by']}"), ("description", v["description"])):
         if value:
             out.print(f"  {label:15s} {value}")

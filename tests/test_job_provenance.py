@@ -120,6 +120,12 @@ def test_the_prune_run_has_lineage(pstack: Stack, demo: dict[str, Path], name: s
     assert member["content_sha256"] == refs[0]["content_sha256"] == after["content_sha256"]
     assert member["original_files"] == {f["path"]: f["sha256"] for f in refs[0]["files"]}
     assert member["files"] == {f["path"]: f["sha256"] for f in after["files"]}
+    # `registry show` says which sha256 is which: the content sha256 names the version as pushed, the
+    # file sha256s are those of the rebuilt files it serves now
+    shown = " ".join(pstack.server.cli("show", refs[0]["ref"]).stdout.split())
+    assert f"content sha256 {after['content_sha256']} (of the files as pushed;" in shown
+    weights = next(f["sha256"] for f in after["files"] if f["path"] == "adapter_model.safetensors")
+    assert weights[:24] in shown and weights not in {f["sha256"] for f in refs[0]["files"]}
 
 
 def test_transfers_of_inputs_already_transferred(pstack: Stack, demo: dict[str, Path], name: str) -> None:
