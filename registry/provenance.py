@@ -1,9 +1,10 @@
 """MLflow provenance.
 
-- Every job that makes an artifact is an MLflow **run** in the experiment ``registry/<model>``,
-  with params (operation, method, p, α, member refs with their content sha256), metrics (errors,
-  storage ratio, duration) and a ``lineage.json`` artifact; the version it creates stores the
-  run id.
+- Every job that works on versions (basis, transfer, merge, prune, verify) is an MLflow **run** in
+  the experiment ``registry/<model>``, with params (operation, method, p, α, member refs with their
+  content sha256), metrics (errors, storage ratio, duration) and artifacts (``lineage.json``); the
+  job and the version it creates store the run id. The run is opened before the job loads its
+  inputs, so a failure there leaves a FAILED run with the error.
 - Every registry version is also registered in the **MLflow Model Registry** (registered model
   = registry model name) with tags ``registry.ref``, ``registry.sha256``, ``registry.kind``,
   ``registry.parents``, ``registry.status``; its ``source`` is the registry URL of its files, so
