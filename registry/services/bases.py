@@ -144,8 +144,9 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
             assert base is not None
             base_ref = base.ref
         refs = [m[1]["ref"] for m in members]
-        params = {**head, "members": [m[1] for m in members], "base": base_ref}
-        mr.log_params({"members": params["members"], "base": base_ref})
+        entries: list[dict[str, Any]] = [m[1] for m in members]
+        params = {**head, "members": entries, "base": base_ref}
+        mr.log_params({"members": entries, "base": base_ref})
         run.progress(0.05, f"loading {len(members)} adapters")
         adapters = [load_peft_adapter(local_copy(run, vid, f"member-{i}")) for i, (vid, _) in enumerate(members)]
         run.progress(0.2, "fitting the basis")
@@ -158,7 +159,7 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
                    "error_max": max(e.overall for e in errors), "p_min": ps[0], "p_max": ps[-1]}
         metrics.update({f"error_member_{i}": e.overall for i, e in enumerate(errors)})
         mr.log_metrics(metrics)
-        mr.log_dict(lineage_doc(model_name, "rmm_basis", params["members"], params), "lineage.json")
+        mr.log_dict(lineage_doc(model_name, "rmm_basis", entries, params), "lineage.json")
         run.progress(0.8, "writing the basis")
         out = run.work_dir / "basis"
         out.mkdir()

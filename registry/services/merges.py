@@ -100,9 +100,10 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
             base_ref = ref_of(s, base_id)
         is_adapter = entries[0][2] == "adapter"
         weights = mparams.get("weights") or [1.0] * len(entries)
-        mr.log_params({"inputs": [e[1] for e in entries], "base": base_ref})
-        params = {**head, "inputs": [e[1] for e in entries], "base": base_ref}
-        mr.log_dict(lineage_doc(name, "merge", params["inputs"], params), "lineage.json")
+        inputs: list[dict[str, Any]] = [e[1] for e in entries]
+        mr.log_params({"inputs": inputs, "base": base_ref})
+        params = {**head, "inputs": inputs, "base": base_ref}
+        mr.log_dict(lineage_doc(name, "merge", inputs, params), "lineage.json")
         run.progress(0.05, "materialising inputs")
         if is_adapter:
             adapters = [load_peft_adapter(local_copy(run, vid, f"in-{i}")) for i, (vid, _, _) in enumerate(entries)]
