@@ -159,8 +159,14 @@ def up(
               f"{settings.resolved_database_url.split('@')[-1]}, storage {settings.storage}")
     err.print(f"registry: API on http://{settings.host}:{settings.port}/api/v1 (docs at /docs); "
               f"{n_workers} worker(s) on {settings.resolved_broker_url.split('@')[-1]}"
-              + (f"; MLflow UI on http://127.0.0.1:{settings.mlflow_ui_port}" if ui else ""))
+              + ("; MLflow UI starting (its address is printed here once it answers)" if ui else ""))
     sup.start()
+    if ui:
+        ui_url = f"http://127.0.0.1:{settings.mlflow_ui_port}"
+        ui_log = settings.home.resolve() / "logs" / "mlflow-ui.log"
+        sup.when_answering(ui_url, lambda ok: err.print(
+            f"registry: MLflow UI on {ui_url}" if ok else
+            f"registry: the MLflow UI is not answering on {ui_url} yet; see {ui_log}", highlight=False, soft_wrap=True))
     serve(settings, workers=settings.api_workers if api_workers is None else api_workers, on_exit=sup.stop)
 
 
@@ -428,10 +434,13 @@ def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> 
         return
     out.print(f"[bold]{v['ref']}[/bold]  {v['kind']}  {v['status']}  {v['storage_mode']}"
               + ("  [yellow]archived[/yellow]" if v["archived"] else ""))
+    content = v["content_sha256"]
+    if v["storage_mode"] == "derived:basis":  # pruned: the version's identity stays that of its pushed files
+        content += " (of the files as pushed; the files below are rebuilt from the basis, with their own sha256s)"
     for label, value in (("base", v["base"]), ("aliases", ", ".join(v["aliases"])),
                          ("tags", ", ".join(f"{k}={x}" for k, x in v["tags"].items())),
                          ("size", f"{_size(v['size'])} in {v['file_count']} files"),
-                         ("fingerprint", v["fingerprint"]), ("content sha256", v["content_sha256"]),
+                         ("fingerprint", v["fingerprint"]), ("content sha256", content),
                          ("created", f"{v['created_at']} by {v['created_by']}"), ("description", v["description"])):
         if value:
             out.print(f"  {label:15s} {value}")
@@ -545,6 +554,9 @@ def _wait(rc: RegistryClient, job: dict[str, Any], wait: bool) -> dict[str, Any]
     result = done.get("result") or {}
     if isinstance(result.get("error"), int | float):  # a lossy step says what it cost
         err.print(f"lossy: relative delta error {result['error']:.4g} against the exact result")
+    if result.get("deduplicated"):  # the registry already held this output: say so, not a silent old ref
+        err.print(result.get("message") or f"{result['ref']} already holds exactly this output", markup=False,
+                  highlight=False)
     if result.get("ref"):
         out.print(result["ref"], markup=False, highlight=False)
     else:

@@ -1,9 +1,10 @@
 """MLflow provenance.
 
-- Every job that makes an artifact is an MLflow **run** in the experiment ``registry/<model>``,
-  with params (operation, method, p, α, member refs with their content sha256), metrics (errors,
-  storage ratio, duration) and a ``lineage.json`` artifact; the version it creates stores the
-  run id.
+- Every job that works on versions (basis, transfer, merge, prune, verify) is an MLflow **run** in
+  the experiment ``registry/<model>``, with params (operation, method, p, α, member refs with their
+  content sha256), metrics (errors, storage ratio, duration) and artifacts (``lineage.json``); the
+  job and the version it creates store the run id. The run is opened before the job loads its
+  inputs, so a failure there leaves a FAILED run with the error.
 - Every registry version is also registered in the **MLflow Model Registry** (registered model
   = registry model name) with tags ``registry.ref``, ``registry.sha256``, ``registry.kind``,
   ``registry.parents``, ``registry.status``; its ``source`` is the registry URL of its files, so
@@ -79,6 +80,17 @@ class RunHandle:
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), 900):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params (nested dicts flattened to ``a.b`` keys, lists as JSON). A job logs what its
+        request says when it opens its run, and what it resolved (inputs with their sha256) later."""
+        from mlflow.entities import Param
+
+        flat: dict[str, str] = {}
+        _flat("", params, flat)
+        items = [Param(k[:250], v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(self.run_id, params=items[i:i + 90])
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
@@ -176,17 +188,11 @@ class Provenance:
     def run(self, model_name: str, run_name: str, params: dict[str, Any],
             tags: dict[str, str] | None = None) -> Iterator[RunHandle]:
         """An MLflow run for one job; FINISHED on success, FAILED on an exception."""
-        from mlflow.entities import Param
-
         exp = self.experiment_id(model_name)
         run = self.client.create_run(exp, run_name=run_name, tags={"registry.model": model_name, **(tags or {})})
-        flat: dict[str, str] = {}
-        _flat("", params, flat)
-        items = [Param(k[:250], v) for k, v in sorted(flat.items())]
-        for i in range(0, len(items), 90):
-            self.client.log_batch(run.info.run_id, params=items[i:i + 90])
         handle = RunHandle(self.client, run.info.run_id)
         try:
+            handle.log_params(params)
             yield handle
         except BaseException as e:
             handle.fail(e)

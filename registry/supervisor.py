@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
@@ -72,6 +73,30 @@ class Supervisor:
                     if self._stop.wait(delay):
                         return
                     self._spawn(c)
+
+    def when_answering(self, url: str, callback: Callable[[bool], None], timeout: float = 900.0) -> None:
+        """Call ``callback(True)`` once ``url`` answers HTTP (any status), or ``callback(False)`` after
+        ``timeout`` seconds; from a daemon thread, checking every second, until the supervisor stops.
+        (`registry up` announces the MLflow UI this way: it takes a while to answer, ~100 s on a busy
+        2-core machine, and an address printed before that only leads to "connection refused".)"""
+
+        def poll() -> None:
+            import httpx
+
+            deadline = time.monotonic() + timeout
+            while not self._stop.is_set():
+                try:
+                    httpx.get(url, timeout=2.0)
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        callback(False)
+                        return
+                    self._stop.wait(1.0)
+                    continue
+                callback(True)
+                return
+
+        threading.Thread(target=poll, name=f"ready:{url}", daemon=True).start()
 
     def stop(self) -> None:
         if self._stop.is_set():

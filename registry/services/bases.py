@@ -13,10 +13,22 @@ from typing import Any
 from sqlalchemy import select
 
 from ..errors import InvalidInput, NotFound
-from ..models import BasisMember, LineageEdge, MergeBasis, Model, ModelVersion, VersionTag
+from ..models import BasisMember, LineageEdge, MergeBasis, ModelVersion, VersionTag
 from . import jobs, names
 from .context import RegistryContext
-from .derive import check_number, input_version, job_run, lineage_doc, local_copy, provenance_entry, record, ref_of
+from .derive import (
+    check_number,
+    deduplicated,
+    input_version,
+    job_run,
+    lineage_doc,
+    local_copy,
+    model_of,
+    provenance_entry,
+    record,
+    ref_of,
+    skipped,
+)
 from .drafts import CommitOptions, DraftSpec
 from .runner import JobRun, handler
 
@@ -116,23 +128,27 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
 
     ctx, prm = run.ctx, run.params
     with ctx.db.read() as s:
-        if prm.get("query"):
-            versions = query_members(s, prm["query"]["base"], prm["query"].get("tags") or {})
-            if len(versions) < 2:
-                return {"skipped": f"collection has {len(versions)} adapter(s); a basis needs 2"}
-        else:
-            versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm["members"]]
-        members = [(v.id, provenance_entry(v)) for v in versions]
-        base = s.get(ModelVersion, versions[0].base_version_id)
-        assert base is not None
-        base_ref, base_model = base.ref, s.scalar(select(Model.name).where(Model.id == base.model_id))
-    refs = [m[1]["ref"] for m in members]
-    run.progress(0.05, f"loading {len(members)} adapters")
-    adapters = [load_peft_adapter(local_copy(run, vid, f"member-{i}")) for i, (vid, _) in enumerate(members)]
-    model_name = prm.get("name") or f"{base_model}-rmm"
-    params = {"operation": "rmm_basis", "method": "rmm", "p": prm.get("p"), "max_error": prm.get("max_error"),
-              "members": [m[1] for m in members], "base": base_ref, "job_id": run.job_id}
-    with job_run(run, model_name, "rmm basis", params) as mr:
+        model_name = prm.get("name") or f"{_base_model(s, prm)}-rmm"
+    head = {"operation": "rmm_basis", "method": "rmm", "p": prm.get("p"), "max_error": prm.get("max_error"),
+            "job_id": run.job_id}
+    with job_run(run, model_name, "rmm basis", head) as mr:
+        with ctx.db.read() as s:
+            if prm.get("query"):
+                versions = query_members(s, prm["query"]["base"], prm["query"].get("tags") or {})
+                if len(versions) < 2:
+                    return skipped(mr, f"collection has {len(versions)} adapter(s); a basis needs 2")
+            else:
+                versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm["members"]]
+            members = [(v.id, provenance_entry(v)) for v in versions]
+            base = s.get(ModelVersion, versions[0].base_version_id)
+            assert base is not None
+            base_ref = base.ref
+        refs = [m[1]["ref"] for m in members]
+        entries: list[dict[str, Any]] = [m[1] for m in members]
+        params = {**head, "members": entries, "base": base_ref}
+        mr.log_params({"members": entries, "base": base_ref})
+        run.progress(0.05, f"loading {len(members)} adapters")
+        adapters = [load_peft_adapter(local_copy(run, vid, f"member-{i}")) for i, (vid, _) in enumerate(members)]
         run.progress(0.2, "fitting the basis")
         basis = fit_basis(adapters, p=prm.get("p"), max_error=prm.get("max_error"), device=ctx.settings.device,
                           names=refs)
@@ -143,7 +159,7 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
                    "error_max": max(e.overall for e in errors), "p_min": ps[0], "p_max": ps[-1]}
         metrics.update({f"error_member_{i}": e.overall for i, e in enumerate(errors)})
         mr.log_metrics(metrics)
-        mr.log_dict(lineage_doc(model_name, "rmm_basis", params["members"], params), "lineage.json")
+        mr.log_dict(lineage_doc(model_name, "rmm_basis", entries, params), "lineage.json")
         run.progress(0.8, "writing the basis")
         out = run.work_dir / "basis"
         out.mkdir()
@@ -176,8 +192,19 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
                                      "max_error": prm.get("max_error"), "job_id": run.job_id})
         out_view = record(run, out, spec, opts, mlflow_run=mr)
     if isinstance(out_view, str):  # this exact basis exists already
-        return {"ref": out_view, "deduplicated": True}
+        return deduplicated(out_view)
     return result
+
+
+def _base_model(s: Any, prm: dict[str, Any]) -> str:
+    """The model of the members' base (a basis goes to ``<it>-rmm`` unless named), from the request."""
+    from .refs import resolve
+
+    if prm.get("query"):
+        return model_of(prm["query"]["base"])
+    first = resolve(s, prm["members"][0])
+    base = s.get(ModelVersion, first.base_version_id) if first.base_version_id is not None else None
+    return str(base.model.name) if base is not None else model_of(first.ref)
 
 
 def get_basis(ctx: RegistryContext, basis_id: int) -> dict[str, Any]:

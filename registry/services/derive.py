@@ -4,7 +4,8 @@ loading them for the weight math, and recording the output as a version with its
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ def local_copy(run: JobRun, version_id: int, label: str) -> Path:
 def record(run: JobRun, folder: Path | None, spec: DraftSpec, options: CommitOptions,
            links: dict[str, str] | None = None, mlflow_run: RunHandle | None = None) -> VersionView | str:
     """Commit the job's output as a version (completing the job in the same transaction). If
-    the registry already holds exactly this output, return the existing ref instead.
+    the registry already holds exactly this output, return the existing ref instead (see
+    :func:`deduplicated`).
 
     ``mlflow_run`` is marked FINISHED first, so that whoever sees the new version sees a finished
     run; should the commit fail, the run's context turns it FAILED."""
@@ -69,13 +71,40 @@ def record(run: JobRun, folder: Path | None, spec: DraftSpec, options: CommitOpt
     except Conflict as e:
         if e.code != "duplicate_content":
             raise
-        return str(e.details["existing"])
+        existing = str(e.details["existing"])
+        if mlflow_run is not None:
+            mlflow_run.set_tag("registry.deduplicated", existing)
+        return existing
 
 
-def job_run(run: JobRun, model: str, title: str, params: dict[str, Any]) -> Any:
-    """The MLflow run of a job (experiment ``registry/<model>``), with a ``lineage.json`` artifact."""
-    return Provenance(run.ctx.settings).run(model, f"{title} (job {run.job_id})", params,
-                                            {"registry.job": str(run.job_id), "registry.job_type": run.type})
+def deduplicated(existing: str) -> dict[str, Any]:
+    """The result of a job whose output the registry already held as ``existing``: no new version;
+    the job (and its MLflow run, tagged ``registry.deduplicated``) points at the existing one."""
+    return {"ref": existing, "deduplicated": True,
+            "message": f"{existing} already holds exactly this output: it is returned, no new version was made"}
+
+
+@contextmanager
+def job_run(run: JobRun, model: str, title: str, params: dict[str, Any]) -> Iterator[RunHandle]:
+    """The MLflow run of a job (experiment ``registry/<model>``; the job records its id). Jobs open it
+    first, with what their request says, so that a job that fails on its inputs still leaves a run
+    (FAILED, with the error) and one that finds nothing to do says so (tag ``registry.skipped``)."""
+    with Provenance(run.ctx.settings).run(model, f"{title} (job {run.job_id})", params,
+                                          {"registry.job": str(run.job_id), "registry.job_type": run.type}) as mr:
+        run.mlflow_run_id = mr.run_id
+        yield mr
+
+
+def skipped(mr: RunHandle, reason: str) -> dict[str, Any]:
+    """A job with nothing to do: its run says why (tag ``registry.skipped``), and so does its result."""
+    mr.set_tag("registry.skipped", reason)
+    return {"skipped": reason}
+
+
+def model_of(ref: str) -> str:
+    """The model name of a ref (``name@N``, ``name@alias`` or ``name``): the experiment of a job's run,
+    known from its request before anything is resolved."""
+    return ref.partition("@")[0]
 
 
 def lineage_doc(output_model: str, operation: str, inputs: list[dict[str, Any]],

@@ -21,6 +21,7 @@ from ..weights.merge_methods import METHODS, get_method
 from . import jobs, names
 from .context import RegistryContext
 from .derive import (
+    deduplicated,
     input_version,
     job_run,
     lineage_doc,
@@ -87,19 +88,22 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
 
     ctx, prm = run.ctx, run.params
     method, name, mparams = prm["method"], prm["name"], dict(prm.get("params") or {})
-    with ctx.db.read() as s:
-        versions, base_id = _validate(s, method, prm["inputs"], mparams)
-        entries = [(v.id, provenance_entry(v), v.kind) for v in versions]
-        base_ref = ref_of(s, base_id)
-    is_adapter = entries[0][2] == "adapter"
     m = get_method(method)
-    weights = mparams.get("weights") or [1.0] * len(entries)
-    params = {"operation": "merge", "method": m.name, "variant": m.variant, "params": mparams,
-              "inputs": [e[1] for e in entries], "base": base_ref, "rank": prm.get("rank"), "job_id": run.job_id}
+    head = {"operation": "merge", "method": m.name, "variant": m.variant, "params": mparams, "rank": prm.get("rank"),
+            "job_id": run.job_id}
     out = run.work_dir / "out"
     result: dict[str, Any] = {}
-    with job_run(run, name, f"{m.name} merge", params) as mr:
-        mr.log_dict(lineage_doc(name, "merge", params["inputs"], params), "lineage.json")
+    with job_run(run, name, f"{m.name} merge", head) as mr:
+        with ctx.db.read() as s:
+            versions, base_id = _validate(s, method, prm["inputs"], mparams)
+            entries = [(v.id, provenance_entry(v), v.kind) for v in versions]
+            base_ref = ref_of(s, base_id)
+        is_adapter = entries[0][2] == "adapter"
+        weights = mparams.get("weights") or [1.0] * len(entries)
+        inputs: list[dict[str, Any]] = [e[1] for e in entries]
+        mr.log_params({"inputs": inputs, "base": base_ref})
+        params = {**head, "inputs": inputs, "base": base_ref}
+        mr.log_dict(lineage_doc(name, "merge", inputs, params), "lineage.json")
         run.progress(0.05, "materialising inputs")
         if is_adapter:
             adapters = [load_peft_adapter(local_copy(run, vid, f"in-{i}")) for i, (vid, _, _) in enumerate(entries)]
@@ -139,5 +143,5 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
                                                            if "error" in result else {})}},
                                                     hook=hook), mlflow_run=mr)
     if isinstance(view, str):
-        return {"ref": view, "deduplicated": True}
+        return deduplicated(view)
     return result

@@ -21,7 +21,7 @@ from ..formats.safetensors import iter_file
 from ..models import DerivedFile, LineageEdge, MergeBasis, ModelVersion, VersionFile, utcnow
 from . import jobs
 from .context import RegistryContext
-from .derive import check_number, job_run, local_copy, ref_of
+from .derive import check_number, job_run, lineage_doc, local_copy, provenance_entry
 from .derived import cache
 from .events import emit
 from .runner import JobRun, handler
@@ -62,16 +62,18 @@ def prune(run: JobRun) -> dict[str, Any]:
         b = s.get(MergeBasis, prm["basis_id"])
         if b is None or b.version_id is None:
             raise NotFound("basis not found", code="basis_not_found")
-        basis_version_id, basis_ref = b.version_id, ref_of(s, b.version_id)
+        basis_version = s.get(ModelVersion, b.version_id)
+        assert basis_version is not None
+        basis_version_id, basis_ref, model = basis_version.id, basis_version.ref, basis_version.model.name
+        inputs = [provenance_entry(basis_version)]
         members = [(m.position, m.version_id, m.error) for m in b.members]
-    folder = local_copy(run, basis_version_id, "basis")
-    basis = load_basis(next(folder.rglob("*.safetensors")))
-    exact = _exact_positions(basis)
     pruned, refused, skipped = [], [], []
-    params = {"operation": "prune", "basis": basis_ref, "max_error": budget, "job_id": run.job_id}
-    with ctx.db.read() as s:
-        model = s.get(ModelVersion, basis_version_id).model.name  # type: ignore[union-attr]
+    params = {"operation": "prune", "basis": inputs[0], "max_error": budget, "job_id": run.job_id}
+    lineage: list[dict[str, Any]] = []  # each pruned member: what it was and what it is now
     with job_run(run, model, f"prune members of {basis_ref}", params) as mr:
+        folder = local_copy(run, basis_version_id, "basis")
+        basis = load_basis(next(folder.rglob("*.safetensors")))
+        exact = _exact_positions(basis)
         for position, version_id, error in members:
             with ctx.db.read() as s:
                 v = s.get(ModelVersion, version_id)
@@ -120,9 +122,13 @@ def prune(run: JobRun) -> dict[str, Any]:
             for _, sha, _, p in files:
                 c.put(sha, p.stat().st_size, iter_file(p))
             pruned.append({"ref": ref, "error": err, "exact": position in exact})
+            lineage.append({"ref": ref, "content_sha256": content, "position": position, "error": err,
+                            "exact": position in exact, "original_files": original,
+                            "files": {path: sha for path, sha, _, _ in files}})
         mr.log_metrics({"pruned": len(pruned), "refused": len(refused),
                         "max_pruned_error": max((p["error"] for p in pruned), default=0.0)})
         mr.log_dict({"pruned": pruned, "refused": refused, "skipped": skipped}, "prune.json")
+        mr.log_dict({**lineage_doc(model, "prune", inputs, params), "pruned": lineage}, "lineage.json")
         mr.finish()
         result = {"basis": basis_ref, "max_error": budget, "pruned": pruned, "refused": refused, "skipped": skipped}
         with ctx.db.write() as s:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ..errors import RegistryError
@@ -54,6 +55,7 @@ class JobRun:
     work_dir: Path
     completed: bool = False
     lost: threading.Event = field(default_factory=threading.Event)
+    mlflow_run_id: str | None = None  # the job's MLflow run, once it has opened one (services.derive.job_run)
     _progress: float = 0.0
     _message: str = ""
 
@@ -64,8 +66,8 @@ class JobRun:
             self.lost.set()
 
     def complete(self, s: Session, result: dict[str, Any], mlflow_run_id: str | None = None) -> None:
-        """Mark the job succeeded inside the caller's transaction."""
-        jobs.complete(s, self.job_id, self.attempt, result, mlflow_run_id)
+        """Mark the job succeeded inside the caller's transaction (with its MLflow run, when it opened one)."""
+        jobs.complete(s, self.job_id, self.attempt, result, mlflow_run_id or self.mlflow_run_id)
         self.completed = True
 
 
@@ -147,11 +149,21 @@ def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
         if not final:
             log.exception("job %s (%s) attempt %s crashed", job_id, jtype, attempt)
         state = jobs.fail(ctx, job_id, attempt, _error(e), None if final else backoff(attempt))
+        if jr.mlflow_run_id is not None:  # the failed attempt's run (FAILED, with the error) is the job's
+            _record_run(ctx, job_id, attempt, jr.mlflow_run_id)
         if not isinstance(e, Exception):
             raise
         return state
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _record_run(ctx: RegistryContext, job_id: int, attempt: int, mlflow_run_id: str) -> None:
+    try:
+        with ctx.db.write() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.attempts == attempt).values(mlflow_run_id=mlflow_run_id))
+    except Exception:  # the failure itself is recorded; the link to its run is a convenience
+        log.warning("could not record MLflow run %s on job %s", mlflow_run_id, job_id, exc_info=True)
 
 
 _loaded = False

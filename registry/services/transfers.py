@@ -25,10 +25,12 @@ from . import jobs
 from .context import RegistryContext
 from .derive import (
     check_number,
+    deduplicated,
     input_version,
     job_run,
     lineage_doc,
     local_copy,
+    model_of,
     provenance_entry,
     record,
 )
@@ -55,6 +57,35 @@ def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[Mo
 STORAGE = ("stored", "derived")
 
 
+def existing_transfer(s: Any, ft: ModelVersion, target: ModelVersion, alpha: float) -> ModelVersion | None:
+    """A live version of the fine-tune's model that already is its transfer to ``target`` with ``alpha``."""
+    rows = s.scalars(select(ModelVersion).where(
+        ModelVersion.model_id == ft.model_id, ModelVersion.base_version_id == target.id,
+        ModelVersion.archived_at.is_(None), ModelVersion.status.in_(("ready", "candidate")))
+        .order_by(ModelVersion.version))
+    for v in rows:
+        r = v.recipe or {}
+        if r.get("type") == "transfer" and r.get("finetune") == ft.ref and float(r.get("alpha", 1.0)) == alpha:
+            return v  # type: ignore[no-any-return]
+    return None
+
+
+def _refuse_other_storage(s: Any, ft: ModelVersion, target: ModelVersion, alpha: float, storage: str) -> None:
+    """A transfer asked ``--derived`` when the registry already stores that very transfer (or stored
+    when it keeps it derived) cannot be made: both would hold the same weights, and a model keeps one
+    version per content. Say so before a job exists, rather than hand back the other one silently.
+    (Asked again with the same storage, the job returns the existing version, saying so.)"""
+    ex = existing_transfer(s, ft, target, alpha)
+    if ex is None or (ex.storage_mode == "stored") == (storage == "stored"):
+        return
+    have = "stored" if ex.storage_mode == "stored" else f"{ex.storage_mode} (no weights stored)"
+    raise Conflict(f"{ex.ref} already is this transfer ({ft.ref} to {target.ref}, alpha={alpha:g}), {have}; a "
+                   f"{storage} copy would hold the same weights, and a model keeps one version per content. Use "
+                   f"{ex.ref}, or archive it (registry archive {ex.ref}) and transfer again",
+                   code="transfer_exists", details={"existing": ex.ref, "storage_mode": ex.storage_mode,
+                                                    "requested": storage})
+
+
 def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alpha: float = 1.0, *,
                      storage: str = "stored", actor: str | None = None,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -64,6 +95,8 @@ def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alph
 
     def build(s: Any) -> dict[str, Any]:
         ft, target = _validate(s, finetune, target_base, float(alpha))
+        if ft.kind != "adapter":  # an adapter is re-pinned, whatever the storage asked
+            _refuse_other_storage(s, ft, target, float(alpha), storage)
         return {"finetune": ft.ref, "target_base": target.ref, "alpha": float(alpha), "storage": storage}
 
     return jobs.submit(ctx, "transfer", build, actor=actor, idempotency_key=idempotency_key)
@@ -75,24 +108,28 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
 
     ctx, prm = run.ctx, run.params
     alpha = float(prm.get("alpha", 1.0))
-    with ctx.db.read() as s:
-        ft, target = _validate(s, prm["finetune"], prm["target_base"], alpha)
-        source = s.get(ModelVersion, ft.base_version_id)
-        assert source is not None
-        model_name, kind = ft.model.name, ft.kind
-        inputs = [provenance_entry(ft), provenance_entry(source), provenance_entry(target)]
-        ft_id, src_id, tgt_id = ft.id, source.id, target.id
-        ft_ref, src_ref, tgt_ref = ft.ref, source.ref, target.ref
-        ft_stored = ft.storage_mode == "stored"
-        files = {f.path: f.blob_sha256 for f in s.scalars(select(VersionFile).where(VersionFile.version_id == ft.id))}
-    params = {"operation": "transfer", "method": "repin" if kind == "adapter" else "diff", "alpha": alpha,
-              "finetune": inputs[0], "source_base": inputs[1], "target_base": inputs[2], "job_id": run.job_id}
-    spec = DraftSpec(model=model_name, kind=kind, base=tgt_ref, tags={"registry.transfer_from": ft_ref}, aliases=[],
-                     description=f"{ft_ref} transferred from {src_ref} to {tgt_ref} (alpha={alpha:g})",
-                     parents=[{"ref": ft_ref, "relation": "transfer_of",
-                               "params": {"alpha": alpha, "source_base": src_ref, "target_base": tgt_ref}}])
+    head = {"operation": "transfer", "alpha": alpha, "storage": prm.get("storage", "stored"), "job_id": run.job_id}
     result: dict[str, Any] = {}
-    with job_run(run, model_name, f"transfer {ft_ref} -> {tgt_ref}", params) as mr:
+    with job_run(run, model_of(prm["finetune"]), f"transfer {prm['finetune']} -> {prm['target_base']}", head) as mr:
+        with ctx.db.read() as s:
+            ft, target = _validate(s, prm["finetune"], prm["target_base"], alpha)
+            source = s.get(ModelVersion, ft.base_version_id)
+            assert source is not None
+            model_name, kind = ft.model.name, ft.kind
+            inputs = [provenance_entry(ft), provenance_entry(source), provenance_entry(target)]
+            ft_id, src_id, tgt_id = ft.id, source.id, target.id
+            ft_ref, src_ref, tgt_ref = ft.ref, source.ref, target.ref
+            ft_stored = ft.storage_mode == "stored"
+            files = {f.path: f.blob_sha256
+                     for f in s.scalars(select(VersionFile).where(VersionFile.version_id == ft.id))}
+        resolved = {"method": "repin" if kind == "adapter" else "diff", "finetune": inputs[0],
+                    "source_base": inputs[1], "target_base": inputs[2]}
+        mr.log_params(resolved)
+        params = {**head, **resolved}
+        spec = DraftSpec(model=model_name, kind=kind, base=tgt_ref, tags={"registry.transfer_from": ft_ref},
+                         aliases=[], description=f"{ft_ref} transferred from {src_ref} to {tgt_ref} (alpha={alpha:g})",
+                         parents=[{"ref": ft_ref, "relation": "transfer_of",
+                                   "params": {"alpha": alpha, "source_base": src_ref, "target_base": tgt_ref}}])
         mr.log_dict(lineage_doc(model_name, "transfer", inputs, params), "lineage.json")
 
         def hook(s: Any, v: ModelVersion) -> None:
@@ -124,7 +161,7 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
                                                         extra_summary={"transfer": result["diagnostics"]},
                                                         hook=hook), mlflow_run=mr)
     if isinstance(view, str):
-        return {"ref": view, "deduplicated": True}
+        return deduplicated(view)
     return result
 
 
@@ -207,4 +244,5 @@ def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: 
     except Conflict as e:
         if e.code != "duplicate_content":
             raise
+        mr.set_tag("registry.deduplicated", str(e.details["existing"]))
         return str(e.details["existing"])

@@ -18,6 +18,7 @@ from ..formats.safetensors import iter_file
 from ..models import ModelVersion, utcnow
 from . import content, jobs
 from .context import RegistryContext
+from .derive import job_run, model_of, skipped
 from .derived import cache, generator, served_files
 from .dispatcher import periodic
 from .events import emit
@@ -43,12 +44,35 @@ def _sha(chunks: Any) -> str:
 
 @handler("verify")
 def verify(run: JobRun) -> dict[str, Any]:
+    ctx, prm = run.ctx, run.params
+    with job_run(run, model_of(prm["ref"]), f"verify {prm['ref']}", {"operation": "verify", "ref": prm["ref"],
+                                                                      "job_id": run.job_id}) as mr:
+        with ctx.db.read() as s:
+            v = s.get(ModelVersion, prm["version_id"])
+            if v is None:
+                return skipped(mr, "version no longer exists")
+            s.expunge(v)
+        mr.log_params({"sha256": v.content_sha256, "storage_mode": v.storage_mode})
+        result = _check(run, v)
+        bad = [c["path"] for c in result["files"] if not c["ok"]]
+        mr.log_metrics({"files": len(result["files"]), "mismatches": len(bad), "ok": float(result["ok"])})
+        mr.log_dict(result, "verify.json")
+        mr.set_tag("registry.verified", "true" if result["ok"] else "false")
+        mr.finish()
+        with ctx.db.write() as s:
+            row = s.get(ModelVersion, v.id)
+            if row is not None:
+                row.verified_at = utcnow()
+                row.corrupt_at = None if result["ok"] else (row.corrupt_at or row.verified_at)
+                emit(s, "version.verified" if result["ok"] else "version.corrupt", model_name=row.model.name,
+                     version_id=row.id, ref=row.ref, bad=bad)
+            run.complete(s, result)
+    return result
+
+
+def _check(run: JobRun, v: ModelVersion) -> dict[str, Any]:
+    """Every file of ``v``, re-read (stored) or regenerated (derived), against its recorded sha256."""
     ctx = run.ctx
-    with ctx.db.read() as s:
-        v = s.get(ModelVersion, run.params["version_id"])
-        if v is None:
-            return {"skipped": "version no longer exists"}
-        s.expunge(v)
     checks = []
     files = served_files(ctx, v.id, "native")
     gen = None
@@ -76,17 +100,7 @@ def verify(run: JobRun) -> dict[str, Any]:
     finally:
         if gen is not None:
             gen.close()
-    ok = all(c["ok"] for c in checks)
-    result = {"ref": v.ref, "ok": ok, "files": checks}
-    with ctx.db.write() as s:
-        row = s.get(ModelVersion, v.id)
-        if row is not None:
-            row.verified_at = utcnow()
-            row.corrupt_at = None if ok else (row.corrupt_at or row.verified_at)
-            emit(s, "version.verified" if ok else "version.corrupt", model_name=row.model.name, version_id=row.id,
-                 ref=row.ref, bad=[c["path"] for c in checks if not c["ok"]])
-        run.complete(s, result)
-    return result
+    return {"ref": v.ref, "ok": all(c["ok"] for c in checks), "files": checks}
 
 
 @periodic
