@@ -17,7 +17,8 @@ from ..models import BasisMember, LineageEdge, MergeBasis, Model, ModelVersion, 
 from . import jobs, names
 from .context import RegistryContext
 from .derive import check_number, input_version, job_run, lineage_doc, local_copy, provenance_entry, record, ref_of
-from .drafts import CommitOptions, DraftSpec
+from .drafts import DraftSpec
+from .recording import CommitOptions
 from .runner import JobRun, handler
 
 MAX_MEMBERS = 256

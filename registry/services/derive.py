@@ -15,7 +15,8 @@ from ..errors import Conflict, InvalidInput
 from ..models import Model, ModelVersion
 from ..provenance import Provenance, RunHandle
 from .derived import materialize
-from .drafts import CommitOptions, DraftSpec, ingest_folder, resolve_body_ref
+from .drafts import DraftSpec, resolve_body_ref
+from .recording import CommitOptions, ingest_folder
 from .runner import JobRun
 from .views import VersionView
 

@@ -29,8 +29,9 @@ from .derive import (
     record,
     ref_of,
 )
-from .drafts import CommitOptions, DraftSpec
+from .drafts import DraftSpec
 from .names import FULL_MODEL_KINDS
+from .recording import CommitOptions
 from .runner import JobRun, handler
 
 MAX_INPUTS = 64

@@ -33,8 +33,9 @@ from .derive import (
     record,
 )
 from .derived import cache, plan_transfer_files
-from .drafts import CommitOptions, DraftSpec, check_duplicate, record_version, resolve_base
+from .drafts import DraftSpec, resolve_base
 from .names import FULL_MODEL_KINDS
+from .recording import CommitOptions, check_duplicate, record_version
 from .runner import JobRun, handler
 
 
