@@ -18,8 +18,9 @@ from . import jobs, names
 from .context import RegistryContext
 from .derive import check_number, input_version, job_run, lineage_doc, local_copy, provenance_entry, record, ref_of
 from .drafts import DraftSpec
+from .jobtypes import BasisParams
 from .recording import CommitOptions
-from .runner import JobRun, handler
+from .runner import JobRun
 
 MAX_MEMBERS = 256
 
@@ -60,7 +61,7 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
     if not 2 <= len(members) <= MAX_MEMBERS:
         raise InvalidInput(f"a basis needs 2 to {MAX_MEMBERS} member adapters", code="invalid_members")
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Any) -> BasisParams:
         versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in members]
         if len({v.id for v in versions}) != len(versions):
             raise InvalidInput("members must be distinct versions", code="invalid_members")
@@ -69,10 +70,10 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
             raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
                                details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
         _check_fit(versions, p)
-        return {"members": [v.ref for v in versions], "p": p, "max_error": max_error, "name": name,
-                "collection": collection}
+        return BasisParams(members=[v.ref for v in versions], p=p, max_error=max_error, name=name,
+                           collection=collection)
 
-    return jobs.submit(ctx, "basis", build, actor=actor, idempotency_key=idempotency_key)
+    return jobs.submit(ctx, build, actor=actor, idempotency_key=idempotency_key)
 
 
 def _check_fit(versions: list[ModelVersion], p: int | None) -> None:
@@ -110,19 +111,19 @@ def query_members(s: Any, base_ref: str, tags: dict[str, str | None]) -> list[Mo
     return list(s.scalars(q.order_by(ModelVersion.id)))
 
 
-@handler("basis")
-def compute_basis(run: JobRun) -> dict[str, Any]:
+def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
+    """The ``basis`` job."""
     from ..weights.adapters import load_peft_adapter
     from ..weights.rmm import fit_basis, save_basis
 
     ctx, prm = run.ctx, run.params
     with ctx.db.read() as s:
-        if prm.get("query"):
-            versions = query_members(s, prm["query"]["base"], prm["query"].get("tags") or {})
+        if prm.query is not None:
+            versions = query_members(s, prm.query.base, prm.query.tags)
             if len(versions) < 2:
                 return {"skipped": f"collection has {len(versions)} adapter(s); a basis needs 2"}
         else:
-            versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm["members"]]
+            versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm.members or []]
         members = [(v.id, provenance_entry(v)) for v in versions]
         base = s.get(ModelVersion, versions[0].base_version_id)
         assert base is not None
@@ -130,12 +131,12 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
     refs = [m[1]["ref"] for m in members]
     run.progress(0.05, f"loading {len(members)} adapters")
     adapters = [load_peft_adapter(local_copy(run, vid, f"member-{i}")) for i, (vid, _) in enumerate(members)]
-    model_name = prm.get("name") or f"{base_model}-rmm"
-    params = {"operation": "rmm_basis", "method": "rmm", "p": prm.get("p"), "max_error": prm.get("max_error"),
+    model_name = prm.name or f"{base_model}-rmm"
+    params = {"operation": "rmm_basis", "method": "rmm", "p": prm.p, "max_error": prm.max_error,
               "members": [m[1] for m in members], "base": base_ref, "job_id": run.job_id}
     with job_run(run, model_name, "rmm basis", params) as mr:
         run.progress(0.2, "fitting the basis")
-        basis = fit_basis(adapters, p=prm.get("p"), max_error=prm.get("max_error"), device=ctx.settings.device,
+        basis = fit_basis(adapters, p=prm.p, max_error=prm.max_error, device=ctx.settings.device,
                           names=refs)
         errors = basis.member_errors()
         ratio = basis.storage_ratio()
@@ -154,8 +155,8 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
         result: dict[str, Any] = {}
 
         def hook(s: Any, v: ModelVersion) -> None:
-            b = MergeBasis(collection=prm.get("collection"), method="rmm", status="ready",
-                           base_version_id=base.id, version_id=v.id, p=prm.get("p"), max_error=prm.get("max_error"),
+            b = MergeBasis(collection=prm.collection, method="rmm", status="ready",
+                           base_version_id=base.id, version_id=v.id, p=prm.p, max_error=prm.max_error,
                            storage_ratio=ratio, job_id=run.job_id, mlflow_run_id=mr.run_id, created_by=run.created_by,
                            summary={"p_per_module": {n: mb.p for n, mb in basis.modules.items()},
                                     "error_mean": metrics["error_mean"], "error_max": metrics["error_max"]})
@@ -173,8 +174,8 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
         spec = DraftSpec(model=model_name, kind="merge", base=base_ref, tags={"registry.method": "rmm"}, aliases=[],
                          description=f"RMM basis of {len(members)} adapters of {base_ref}", parents=[])
         opts = CommitOptions(status="ready", mlflow_run_id=mr.run_id, extra_summary=summary, hook=hook,
-                             recipe={"type": "rmm_basis", "members": refs, "p": prm.get("p"),
-                                     "max_error": prm.get("max_error"), "job_id": run.job_id})
+                             recipe={"type": "rmm_basis", "members": refs, "p": prm.p,
+                                     "max_error": prm.max_error, "job_id": run.job_id})
         out_view = record(run, out, spec, opts, mlflow_run=mr)
     if isinstance(out_view, str):  # this exact basis exists already
         return {"ref": out_view, "deduplicated": True}

@@ -52,11 +52,11 @@ def provenance_entry(v: ModelVersion) -> dict[str, str]:
     return {"ref": v.ref, "sha256": v.content_sha256}
 
 
-def local_copy(run: JobRun, version_id: int, label: str) -> Path:
+def local_copy(run: JobRun[Any], version_id: int, label: str) -> Path:
     return materialize(run.ctx, version_id, run.work_dir / label)
 
 
-def record(run: JobRun, folder: Path | None, spec: DraftSpec, options: CommitOptions,
+def record(run: JobRun[Any], folder: Path | None, spec: DraftSpec, options: CommitOptions,
            links: dict[str, str] | None = None, mlflow_run: RunHandle | None = None) -> VersionView | str:
     """Commit the job's output as a version (completing the job in the same transaction). If
     the registry already holds exactly this output, return the existing ref instead.
@@ -73,7 +73,7 @@ def record(run: JobRun, folder: Path | None, spec: DraftSpec, options: CommitOpt
         return str(e.details["existing"])
 
 
-def job_run(run: JobRun, model: str, title: str, params: dict[str, Any]) -> Any:
+def job_run(run: JobRun[Any], model: str, title: str, params: dict[str, Any]) -> Any:
     """The MLflow run of a job (experiment ``registry/<model>``), with a ``lineage.json`` artifact."""
     return Provenance(run.ctx.settings).run(model, f"{title} (job {run.job_id})", params,
                                             {"registry.job": str(run.job_id), "registry.job_type": run.type})

@@ -34,9 +34,10 @@ from .derive import (
 )
 from .derived import cache, plan_transfer_files
 from .drafts import DraftSpec, resolve_base
+from .jobtypes import TransferParams
 from .names import FULL_MODEL_KINDS
 from .recording import CommitOptions, check_duplicate, record_version
-from .runner import JobRun, handler
+from .runner import JobRun
 
 
 def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[ModelVersion, ModelVersion]:
@@ -63,21 +64,22 @@ def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alph
     if storage not in STORAGE:
         raise InvalidInput(f"storage must be one of {', '.join(STORAGE)}", code="invalid_parameter")
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Any) -> TransferParams:
         ft, target = _validate(s, finetune, target_base, float(alpha))
-        return {"finetune": ft.ref, "target_base": target.ref, "alpha": float(alpha), "storage": storage}
+        return TransferParams(finetune=ft.ref, target_base=target.ref, alpha=float(alpha),
+                              storage=storage)  # type: ignore[arg-type]  # checked against STORAGE above
 
-    return jobs.submit(ctx, "transfer", build, actor=actor, idempotency_key=idempotency_key)
+    return jobs.submit(ctx, build, actor=actor, idempotency_key=idempotency_key)
 
 
-@handler("transfer")
-def compute_transfer(run: JobRun) -> dict[str, Any]:
+def compute_transfer(run: JobRun[TransferParams]) -> dict[str, Any]:
+    """The ``transfer`` job."""
     from ..weights.transfer import transfer
 
     ctx, prm = run.ctx, run.params
-    alpha = float(prm.get("alpha", 1.0))
+    alpha = prm.alpha
     with ctx.db.read() as s:
-        ft, target = _validate(s, prm["finetune"], prm["target_base"], alpha)
+        ft, target = _validate(s, prm.finetune, prm.target_base, alpha)
         source = s.get(ModelVersion, ft.base_version_id)
         assert source is not None
         model_name, kind = ft.model.name, ft.kind
@@ -110,7 +112,7 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
             view = record(run, folder, spec, CommitOptions(status="candidate", recipe=recipe, mlflow_run_id=mr.run_id,
                                                            extra_summary={"transfer": report}, hook=hook),
                           links=files if ft_stored else None, mlflow_run=mr)
-        elif prm.get("storage") == "derived":
+        elif prm.storage == "derived":
             view = _record_derived(run, spec, recipe, hook, mr, (ft_id, src_id, tgt_id), alpha, result)
         else:
             run.progress(0.05, "materialising the three checkpoints")
@@ -138,7 +140,7 @@ def _diagnostics(rep: Any, mr: Any) -> dict[str, Any]:
     return {**diag, "skipped": report.get("skipped", [])[:50], "padded": report.get("padded", [])[:50]}
 
 
-def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: Any, mr: Any,
+def _record_derived(run: JobRun[Any], spec: DraftSpec, recipe: dict[str, Any], hook: Any, mr: Any,
                     ids: tuple[int, int, int], alpha: float, result: dict[str, Any]) -> Any:
     """A ``derived:diff`` candidate: no weights stored, only the recipe. Its files are generated
     once here to learn their sha256 (and diagnostics), teed into the cache; side files that are

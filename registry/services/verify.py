@@ -21,17 +21,18 @@ from .context import RegistryContext
 from .derived import cache, generator, served_files
 from .dispatcher import periodic
 from .events import emit
+from .jobtypes import VerifyParams
 from .refs import resolve
-from .runner import JobRun, handler
+from .runner import JobRun
 
 
 def request_verify(ctx: RegistryContext, ref: str, actor: str | None = None) -> dict[str, Any]:
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Any) -> VerifyParams:
         v = resolve(s, ref)
-        return {"version_id": v.id, "ref": v.ref}
+        return VerifyParams(version_id=v.id, ref=v.ref)
 
-    return jobs.submit(ctx, "verify", build, actor=actor, math=False)
+    return jobs.submit(ctx, build, actor=actor)
 
 
 def _sha(chunks: Any) -> str:
@@ -41,11 +42,11 @@ def _sha(chunks: Any) -> str:
     return h.hexdigest()
 
 
-@handler("verify")
-def verify(run: JobRun) -> dict[str, Any]:
+def verify(run: JobRun[VerifyParams]) -> dict[str, Any]:
+    """The ``verify`` job."""
     ctx = run.ctx
     with ctx.db.read() as s:
-        v = s.get(ModelVersion, run.params["version_id"])
+        v = s.get(ModelVersion, run.params.version_id)
         if v is None:
             return {"skipped": "version no longer exists"}
         s.expunge(v)
@@ -97,6 +98,6 @@ def schedule_scrub(ctx: RegistryContext) -> list[int]:
                      .limit(1))
         if v is None:
             return []
-        job, created = jobs.create(s, type="verify", queue="cpu", created_by="scrub",
-                                   idempotency_key=f"scrub:{bucket}", params={"version_id": v.id, "ref": v.ref})
+        job, created = jobs.create(s, VerifyParams(version_id=v.id, ref=v.ref), settings=ctx.settings,
+                                   created_by="scrub", idempotency_key=f"scrub:{bucket}")
         return [job.id] if created else []
