@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, ShardedLayout, TensorSpec, open_checkpoint, sharded_layout
+from .checkpoint import PIECE, Checkpoint, ShardedLayout, TensorSpec, open_checkpoint, safetensors_range, sharded_layout
 from .device import resolve_device
 from .errors import WeightsError
 from .transfer import (
@@ -123,24 +123,14 @@ class TransferPlan:
             for lo in range(a, b, _CHUNK):
                 yield _Chunk(job, lo, min(_CHUNK, b - lo), lo < job.limit, cdtype)
 
-    def iter_file(self, name: str, start: int = 0, end: int | None = None, piece: int = 8 << 20) -> Iterator[bytes]:
+    def iter_file(self, name: str, start: int = 0, end: int | None = None, piece: int = PIECE) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of output file ``name`` (a weight file or the index)."""
         if name == "model.safetensors.index.json" and self.layout.index is not None:
             yield self.layout.index[start:end]
             return
         lay = self.layout.files[name]
         end = lay.total_size if end is None else end
-        header = lay.header
-        if start < len(header):
-            yield header[start:min(end, len(header))]
-        for tname in lay.order:
-            b, e = lay.offsets[tname]
-            fb, fe = len(header) + b, len(header) + e
-            if fe <= start or fb >= end or fe == fb:
-                continue
-            lo, hi = max(start, fb) - fb, min(end, fe) - fb
-            for p in range(lo, hi, piece):
-                yield self.read(tname, p, min(hi, p + piece))
+        yield from safetensors_range(lay, start, end, self.read, piece)
 
     def close(self) -> None:
         for ck in (self._f, self._s, self._t):
