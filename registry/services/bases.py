@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..errors import InvalidInput, NotFound
 from ..models import BasisMember, LineageEdge, MergeBasis, Model, ModelVersion, VersionTag
@@ -25,7 +26,7 @@ from .runner import JobRun
 MAX_MEMBERS = 256
 
 
-def basis_view(s: Any, b: MergeBasis) -> dict[str, Any]:
+def basis_view(s: Session, b: MergeBasis) -> dict[str, Any]:
     return {
         "id": b.id, "collection": b.collection, "method": b.method, "status": b.status, "p": b.p,
         "max_error": b.max_error, "storage_ratio": b.storage_ratio, "summary": b.summary, "job_id": b.job_id,
@@ -61,7 +62,7 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
     if not 2 <= len(members) <= MAX_MEMBERS:
         raise InvalidInput(f"a basis needs 2 to {MAX_MEMBERS} member adapters", code="invalid_members")
 
-    def build(s: Any) -> BasisParams:
+    def build(s: Session) -> BasisParams:
         versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in members]
         if len({v.id for v in versions}) != len(versions):
             raise InvalidInput("members must be distinct versions", code="invalid_members")
@@ -96,7 +97,7 @@ def _check_fit(versions: list[ModelVersion], p: int | None) -> None:
                                code="invalid_p", details={"p": p, "max": pmax})
 
 
-def query_members(s: Any, base_ref: str, tags: dict[str, str | None]) -> list[ModelVersion]:
+def query_members(s: Session, base_ref: str, tags: dict[str, str | None]) -> list[ModelVersion]:
     """Live, ready adapters pinned to ``base_ref`` carrying ``tags`` (a policy's collection)."""
     from .refs import resolve
 
@@ -154,7 +155,7 @@ def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
                            "error_mean": metrics["error_mean"], "error_max": metrics["error_max"]}}
         result: dict[str, Any] = {}
 
-        def hook(s: Any, v: ModelVersion) -> None:
+        def hook(s: Session, v: ModelVersion) -> None:
             b = MergeBasis(collection=prm.collection, method="rmm", status="ready",
                            base_version_id=base.id, version_id=v.id, p=prm.p, max_error=prm.max_error,
                            storage_ratio=ratio, job_id=run.job_id, mlflow_run_id=mr.run_id, created_by=run.created_by,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from ..errors import InvalidInput
 from ..models import ModelVersion
 from ..weights.errors import MergeParamsError
@@ -38,7 +40,7 @@ from .runner import JobRun
 MAX_INPUTS = 64
 
 
-def _validate(s: Any, method: str, inputs: list[str], params: dict[str, Any]) -> tuple[list[ModelVersion], int]:
+def _validate(s: Session, method: str, inputs: list[str], params: dict[str, Any]) -> tuple[list[ModelVersion], int]:
     if method not in METHODS:
         raise InvalidInput(f"unknown merge method {method!r}; one of {', '.join(sorted(METHODS))}",
                            code="invalid_method", details={"methods": sorted(METHODS)})
@@ -69,7 +71,7 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InvalidInput("rank must be a positive integer", code="invalid_parameter")
 
-    def build(s: Any) -> MergeParams:
+    def build(s: Session) -> MergeParams:
         versions, _ = _validate(s, method, inputs, params)
         per_module = {v.ref: r for v in versions if v.kind == "adapter" and isinstance(r := (v.summary or {}).get("r"),
                                                                                        list)}
@@ -122,7 +124,7 @@ def compute_merge(run: JobRun[MergeParams]) -> dict[str, Any]:
         mr.log_metrics({k: float(v) for k, v in metrics.items()})
         run.progress(0.85, "recording the merge")
 
-        def hook(s: Any, v: ModelVersion) -> None:
+        def hook(s: Session, v: ModelVersion) -> None:
             result["ref"] = f"{name}@{v.version}"
             run.complete(s, dict(result), mr.run_id)
 

@@ -15,6 +15,7 @@ import hashlib
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from ..errors import InvalidInput, NotFound
 from ..formats.safetensors import iter_file
@@ -35,7 +36,7 @@ def request_prune(ctx: RegistryContext, basis_id: int, budget: float | None,
         raise InvalidInput("give an error budget (max_error); nothing is pruned by default", code="invalid_parameter")
     check_number("max_error", budget, low=0.0)
 
-    def build(s: Any) -> PruneParams:
+    def build(s: Session) -> PruneParams:
         b = s.get(MergeBasis, basis_id)
         if b is None or b.status != "ready":
             raise NotFound(f"basis {basis_id} not found or not ready", code="basis_not_found")

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..errors import Conflict, InvalidInput
 from ..formats import inspect as fmt
@@ -40,7 +41,7 @@ from .recording import CommitOptions, check_duplicate, record_version
 from .runner import JobRun
 
 
-def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[ModelVersion, ModelVersion]:
+def _validate(s: Session, finetune: str, target_base: str, alpha: float) -> tuple[ModelVersion, ModelVersion]:
     ft = input_version(s, finetune, kinds=("finetune", "adapter"), what="finetune")
     if ft.base_version_id is None:
         raise InvalidInput(f"{ft.ref} is not pinned to a base", code="invalid_finetune")
@@ -64,7 +65,7 @@ def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alph
     if storage not in STORAGE:
         raise InvalidInput(f"storage must be one of {', '.join(STORAGE)}", code="invalid_parameter")
 
-    def build(s: Any) -> TransferParams:
+    def build(s: Session) -> TransferParams:
         ft, target = _validate(s, finetune, target_base, float(alpha))
         return TransferParams(finetune=ft.ref, target_base=target.ref, alpha=float(alpha),
                               storage=storage)  # type: ignore[arg-type]  # checked against STORAGE above
@@ -98,7 +99,7 @@ def compute_transfer(run: JobRun[TransferParams]) -> dict[str, Any]:
     with job_run(run, model_name, f"transfer {ft_ref} -> {tgt_ref}", params) as mr:
         mr.log_dict(lineage_doc(model_name, "transfer", inputs, params), "lineage.json")
 
-        def hook(s: Any, v: ModelVersion) -> None:
+        def hook(s: Session, v: ModelVersion) -> None:
             result["ref"] = f"{model_name}@{v.version}"
             run.complete(s, {**result, "status": "candidate"}, mr.run_id)
 

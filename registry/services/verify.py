@@ -13,6 +13,7 @@ import hashlib
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..formats.safetensors import iter_file
 from ..models import ModelVersion, utcnow
@@ -28,7 +29,7 @@ from .runner import JobRun
 
 def request_verify(ctx: RegistryContext, ref: str, actor: str | None = None) -> dict[str, Any]:
 
-    def build(s: Any) -> VerifyParams:
+    def build(s: Session) -> VerifyParams:
         v = resolve(s, ref)
         return VerifyParams(version_id=v.id, ref=v.ref)
 
