@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from registry.weights import rmm
 from registry.weights.adapters import LoraAdapter, load_peft_adapter, save_peft_adapter
+from registry.weights.rmm_baselines import adapter_error, fit_delta_basis, truncate_adapter
 
 HIDDEN, INTER = 4096, 11008
 PROJ = {  # name: (in_features, out_features)
@@ -329,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         e = [x.overall for x in b.member_errors()]
         ratio = b.storage_ratio()
         k = min(r, int(math.floor(ratio * r + 1e-9)))  # truncated SVD at rank k costs k/r ≤ ratio
-        te = [rmm.adapter_error(a, rmm.truncate_adapter(a, k, device=device)).overall for a in small]
+        te = [adapter_error(a, truncate_adapter(a, k, device=device)).overall for a in small]
         # delta-space variant: largest k_d whose storage does not exceed the RMM ratio
         kd = 0
         while kd < n * r:
@@ -338,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if trial / sum(n * r * (a.in_features + a.out_features) for a in small[0].modules.values()) > ratio:
                 break
             kd += 1
-        db = rmm.fit_delta_basis(small, k=kd, device=device)
+        db = fit_delta_basis(small, k=kd, device=device)
         de = [x.overall for x in db.member_errors()]
         rows.append((p, ratio, statistics.mean(e), max(e), k, statistics.mean(te), max(te),
                      kd, db.storage_ratio(), statistics.mean(de), max(de), f"{t:.2f}"))

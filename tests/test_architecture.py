@@ -1,12 +1,15 @@
 """The shape of the house, checked: no import cycles between the package's modules (function-level
 imports included: a lazy import is still a cycle), the weight math imports only torch,
-safetensors and the standard library, and no module imports another module's private names."""
+safetensors and the standard library, no module imports (or reads off an imported module) another
+module's private names, settings are read only in config.py, and services type their sessions."""
 
 from __future__ import annotations
 
 import ast
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "registry"
@@ -109,16 +112,71 @@ def test_weights_import_only_torch_safetensors_and_the_standard_library() -> Non
     assert bad == []
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_reaches(module: str) -> list[tuple[str, str, str]]:
+    """(module, other module, name) for every private name of another package module that
+    ``module`` imports (``from x import _y``) or reads off a module it imported (``x._y``)."""
+    path = MODULES[module]
+    found = [(module, t, n) for t, names in _imports(module) if t in MODULES and t != module
+             for n in names if _private(n)]
+    bound: dict[str, str] = {}  # local name -> the package module it stands for
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in MODULES and a.asname:
+                    bound[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                if f"{target}.{a.name}" in MODULES:
+                    bound[a.asname or a.name] = f"{target}.{a.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            chain = ast.unparse(node.value)
+            target = bound.get(chain, chain if chain in MODULES else "")
+            if target and target != module:
+                found.append((module, target, node.attr))
+    return found
+
+
 def test_no_module_imports_another_modules_private_names() -> None:
-    bad = []
-    for m in MODULES:
-        for target, names in _imports(m):
-            if target in MODULES and target != m:
-                bad += [(m, target, n) for n in names if n.startswith("_") and not n.startswith("__")]
-    # inside the weight math the streaming transfer shares the batch transfer's engine (one
-    # algorithm in two modules); everything else goes through public names
-    bad = [b for b in bad if (b[0], b[1]) != ("registry.weights.transfer_stream", "registry.weights.transfer")]
+    bad = [r for m in MODULES for r in _private_reaches(m)]
     assert bad == []
+
+
+def test_the_private_name_check_sees_imports_and_attributes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("from .transfer import _Engine, TransferReport\n"
+                     "from . import checkpoint\n"
+                     "import registry.weights.rmm as r\n"
+                     "x = checkpoint._json_str, r._eigh, checkpoint.safetensors_layout\n")
+    monkeypatch.setitem(MODULES, "registry.weights.probe", probe)
+    assert sorted(_private_reaches("registry.weights.probe")) == [
+        ("registry.weights.probe", "registry.weights.checkpoint", "_json_str"),
+        ("registry.weights.probe", "registry.weights.rmm", "_eigh"),
+        ("registry.weights.probe", "registry.weights.transfer", "_Engine"),
+    ]
+
+
+def test_services_type_their_sessions() -> None:
+    """A service function that takes a database session (``s`` or ``session``) says so: ``Session``."""
+    untyped = []
+    for m, path in MODULES.items():
+        if not m.startswith(("registry.services", "registry.api")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                untyped += [f"{m}:{node.lineno} {node.name}({a.arg})" for a in args
+                            if a.arg in ("s", "session") and (a.annotation is None or
+                                                              ast.unparse(a.annotation) != "Session")]
+    assert untyped == []
 
 
 def test_settings_are_read_only_in_config() -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from registry.config import Settings
 from registry.models import Blob
-from registry.services import drafts, gc
+from registry.services import drafts, gc, recording
 from registry.services.context import RegistryContext
 
 from .conftest import new_pg_database
@@ -76,7 +76,7 @@ def test_gc_concurrent_with_commits_loses_nothing(tmp_path: Path, backend: str, 
         def commit_all(names: list[str]) -> None:
             for name in names:
                 try:
-                    drafts.commit(ctx, staged[name], actor=None)
+                    recording.commit(ctx, staged[name], actor=None)
                 except BaseException as e:  # pragma: no cover - reported below
                     errors.append(e)
 
@@ -131,7 +131,7 @@ def test_claim_waits_for_gc_and_gc_finishes_what_a_dead_gc_left(tmp_path: Path, 
         draft = _stage(ctx, "after-gc", data)  # waits until the timer's gc removed object and row
         assert time.monotonic() - t0 >= 0.4
         timer.join()
-        drafts.commit(ctx, draft, actor=None)
+        recording.commit(ctx, draft, actor=None)
         assert ctx.store.read_bytes(sha) == data
         with ctx.db.read() as s:
             assert s.get(Blob, sha).state == BlobState.ready.value

@@ -42,7 +42,7 @@ import torch
 
 from registry.weights.adapters import LoraAdapter, save_peft_adapter
 from registry.weights.merge import merge_adapter_factors_separately, merge_adapters
-from registry.weights.rmm import adapter_error, fit_delta_basis, truncate_adapter
+from registry.weights.rmm_baselines import adapter_error, fit_delta_basis, truncate_adapter
 
 from . import models
 from .backend import ApiBackend, BasisRequest, DirectBackend, MergeRequest, Pushed, as_int_list

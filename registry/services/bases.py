@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..errors import InvalidInput, NotFound
 from ..models import BasisMember, LineageEdge, MergeBasis, ModelVersion, VersionTag
@@ -29,13 +30,15 @@ from .derive import (
     ref_of,
     skipped,
 )
-from .drafts import CommitOptions, DraftSpec
-from .runner import JobRun, handler
+from .drafts import DraftSpec
+from .jobtypes import BasisParams
+from .recording import CommitOptions
+from .runner import JobRun
 
 MAX_MEMBERS = 256
 
 
-def basis_view(s: Any, b: MergeBasis) -> dict[str, Any]:
+def basis_view(s: Session, b: MergeBasis) -> dict[str, Any]:
     return {
         "id": b.id, "collection": b.collection, "method": b.method, "status": b.status, "p": b.p,
         "max_error": b.max_error, "storage_ratio": b.storage_ratio, "summary": b.summary, "job_id": b.job_id,
@@ -71,7 +74,7 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
     if not 2 <= len(members) <= MAX_MEMBERS:
         raise InvalidInput(f"a basis needs 2 to {MAX_MEMBERS} member adapters", code="invalid_members")
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Session) -> BasisParams:
         versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in members]
         if len({v.id for v in versions}) != len(versions):
             raise InvalidInput("members must be distinct versions", code="invalid_members")
@@ -80,10 +83,10 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
             raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
                                details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
         _check_fit(versions, p)
-        return {"members": [v.ref for v in versions], "p": p, "max_error": max_error, "name": name,
-                "collection": collection}
+        return BasisParams(members=[v.ref for v in versions], p=p, max_error=max_error, name=name,
+                           collection=collection)
 
-    return jobs.submit(ctx, "basis", build, actor=actor, idempotency_key=idempotency_key)
+    return jobs.submit(ctx, build, actor=actor, idempotency_key=idempotency_key)
 
 
 def _check_fit(versions: list[ModelVersion], p: int | None) -> None:
@@ -106,7 +109,7 @@ def _check_fit(versions: list[ModelVersion], p: int | None) -> None:
                                code="invalid_p", details={"p": p, "max": pmax})
 
 
-def query_members(s: Any, base_ref: str, tags: dict[str, str | None]) -> list[ModelVersion]:
+def query_members(s: Session, base_ref: str, tags: dict[str, str | None]) -> list[ModelVersion]:
     """Live, ready adapters pinned to ``base_ref`` carrying ``tags`` (a policy's collection)."""
     from .refs import resolve
 
@@ -121,24 +124,24 @@ def query_members(s: Any, base_ref: str, tags: dict[str, str | None]) -> list[Mo
     return list(s.scalars(q.order_by(ModelVersion.id)))
 
 
-@handler("basis")
-def compute_basis(run: JobRun) -> dict[str, Any]:
+def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
+    """The ``basis`` job."""
     from ..weights.adapters import load_peft_adapter
     from ..weights.rmm import fit_basis, save_basis
 
     ctx, prm = run.ctx, run.params
     with ctx.db.read() as s:
-        model_name = prm.get("name") or f"{_base_model(s, prm)}-rmm"
-    head = {"operation": "rmm_basis", "method": "rmm", "p": prm.get("p"), "max_error": prm.get("max_error"),
+        model_name = prm.name or f"{_base_model(s, prm)}-rmm"
+    head = {"operation": "rmm_basis", "method": "rmm", "p": prm.p, "max_error": prm.max_error,
             "job_id": run.job_id}
     with job_run(run, model_name, "rmm basis", head) as mr:
         with ctx.db.read() as s:
-            if prm.get("query"):
-                versions = query_members(s, prm["query"]["base"], prm["query"].get("tags") or {})
+            if prm.query is not None:
+                versions = query_members(s, prm.query.base, prm.query.tags)
                 if len(versions) < 2:
                     return skipped(mr, f"collection has {len(versions)} adapter(s); a basis needs 2")
             else:
-                versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm["members"]]
+                versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in prm.members or []]
             members = [(v.id, provenance_entry(v)) for v in versions]
             base = s.get(ModelVersion, versions[0].base_version_id)
             assert base is not None
@@ -150,7 +153,7 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
         run.progress(0.05, f"loading {len(members)} adapters")
         adapters = [load_peft_adapter(local_copy(run, vid, f"member-{i}")) for i, (vid, _) in enumerate(members)]
         run.progress(0.2, "fitting the basis")
-        basis = fit_basis(adapters, p=prm.get("p"), max_error=prm.get("max_error"), device=ctx.settings.device,
+        basis = fit_basis(adapters, p=prm.p, max_error=prm.max_error, device=ctx.settings.device,
                           names=refs)
         errors = basis.member_errors()
         ratio = basis.storage_ratio()
@@ -168,9 +171,9 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
                            "error_mean": metrics["error_mean"], "error_max": metrics["error_max"]}}
         result: dict[str, Any] = {}
 
-        def hook(s: Any, v: ModelVersion) -> None:
-            b = MergeBasis(collection=prm.get("collection"), method="rmm", status="ready",
-                           base_version_id=base.id, version_id=v.id, p=prm.get("p"), max_error=prm.get("max_error"),
+        def hook(s: Session, v: ModelVersion) -> None:
+            b = MergeBasis(collection=prm.collection, method="rmm", status="ready",
+                           base_version_id=base.id, version_id=v.id, p=prm.p, max_error=prm.max_error,
                            storage_ratio=ratio, job_id=run.job_id, mlflow_run_id=mr.run_id, created_by=run.created_by,
                            summary={"p_per_module": {n: mb.p for n, mb in basis.modules.items()},
                                     "error_mean": metrics["error_mean"], "error_max": metrics["error_max"]})
@@ -188,21 +191,21 @@ def compute_basis(run: JobRun) -> dict[str, Any]:
         spec = DraftSpec(model=model_name, kind="merge", base=base_ref, tags={"registry.method": "rmm"}, aliases=[],
                          description=f"RMM basis of {len(members)} adapters of {base_ref}", parents=[])
         opts = CommitOptions(status="ready", mlflow_run_id=mr.run_id, extra_summary=summary, hook=hook,
-                             recipe={"type": "rmm_basis", "members": refs, "p": prm.get("p"),
-                                     "max_error": prm.get("max_error"), "job_id": run.job_id})
+                             recipe={"type": "rmm_basis", "members": refs, "p": prm.p,
+                                     "max_error": prm.max_error, "job_id": run.job_id})
         out_view = record(run, out, spec, opts, mlflow_run=mr)
     if isinstance(out_view, str):  # this exact basis exists already
         return deduplicated(out_view)
     return result
 
 
-def _base_model(s: Any, prm: dict[str, Any]) -> str:
+def _base_model(s: Session, prm: BasisParams) -> str:
     """The model of the members' base (a basis goes to ``<it>-rmm`` unless named), from the request."""
     from .refs import resolve
 
-    if prm.get("query"):
-        return model_of(prm["query"]["base"])
-    first = resolve(s, prm["members"][0])
+    if prm.query is not None:
+        return model_of(prm.query.base)
+    first = resolve(s, (prm.members or [""])[0])
     base = s.get(ModelVersion, first.base_version_id) if first.base_version_id is not None else None
     return str(base.model.name) if base is not None else model_of(first.ref)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from ..errors import Conflict
 from ..models import Alias, Model, ModelTag, ModelVersion, VersionStatus
@@ -16,7 +17,7 @@ from .sql import check_limit
 from .views import ModelView
 
 
-def _views(s, models: list[Model]) -> list[ModelView]:  # type: ignore[no-untyped-def]
+def _views(s: Session, models: list[Model]) -> list[ModelView]:
     if not models:
         return []
     ids = [m.id for m in models]

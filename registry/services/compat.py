@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..errors import Conflict, InvalidInput, NotFound
 from ..models import PredictionSet
@@ -86,7 +87,7 @@ def list_predictions(ctx: RegistryContext, ref: str) -> list[dict[str, Any]]:
         return [{"ref": v.ref, "dataset": d, "kind": k, "count": c, "created_at": t} for d, k, c, t in rows]
 
 
-def _load(s: Any, ref: str, dataset: str) -> tuple[str, PredictionSet]:
+def _load(s: Session, ref: str, dataset: str) -> tuple[str, PredictionSet]:
     v = resolve(s, ref)
     p = s.scalar(select(PredictionSet).where(PredictionSet.version_id == v.id, PredictionSet.dataset == dataset))
     if p is None:

@@ -16,7 +16,8 @@ from ..errors import Conflict, InvalidInput
 from ..models import Model, ModelVersion
 from ..provenance import Provenance, RunHandle
 from .derived import materialize
-from .drafts import CommitOptions, DraftSpec, ingest_folder, resolve_body_ref
+from .drafts import DraftSpec, resolve_body_ref
+from .recording import CommitOptions, ingest_folder
 from .runner import JobRun
 from .views import VersionView
 
@@ -52,11 +53,11 @@ def provenance_entry(v: ModelVersion) -> dict[str, str]:
     return {"ref": v.ref, "sha256": v.content_sha256}
 
 
-def local_copy(run: JobRun, version_id: int, label: str) -> Path:
+def local_copy(run: JobRun[Any], version_id: int, label: str) -> Path:
     return materialize(run.ctx, version_id, run.work_dir / label)
 
 
-def record(run: JobRun, folder: Path | None, spec: DraftSpec, options: CommitOptions,
+def record(run: JobRun[Any], folder: Path | None, spec: DraftSpec, options: CommitOptions,
            links: dict[str, str] | None = None, mlflow_run: RunHandle | None = None) -> VersionView | str:
     """Commit the job's output as a version (completing the job in the same transaction). If
     the registry already holds exactly this output, return the existing ref instead (see
@@ -85,7 +86,7 @@ def deduplicated(existing: str) -> dict[str, Any]:
 
 
 @contextmanager
-def job_run(run: JobRun, model: str, title: str, params: dict[str, Any]) -> Iterator[RunHandle]:
+def job_run(run: JobRun[Any], model: str, title: str, params: dict[str, Any]) -> Iterator[RunHandle]:
     """The MLflow run of a job (experiment ``registry/<model>``; the job records its id). Jobs open it
     first, with what their request says, so that a job that fails on its inputs still leaves a run
     (FAILED, with the error) and one that finds nothing to do says so (tag ``registry.skipped``)."""

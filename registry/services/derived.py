@@ -54,23 +54,6 @@ RawRead = Callable[[str, int, int], bytes]  # (tensor name, byte lo, byte hi) ->
 # ----------------------------------------------------------------------------- streaming helpers
 
 
-def layout_range(layout: Any, start: int, end: int, read: RawRead) -> Iterator[bytes]:
-    """Bytes ``[start, end)`` of the safetensors file ``layout`` describes; tensor bytes come from
-    ``read``, in pieces of at most :data:`PIECE`, only for tensors the range overlaps."""
-    header = layout.header
-    if start < len(header):
-        yield header[start:min(end, len(header))]
-    ds = len(header)
-    for name in layout.order:
-        b, e = layout.offsets[name]
-        fb, fe = ds + b, ds + e
-        if fe <= start or fb >= end or fe == fb:
-            continue
-        lo, hi = max(start, fb) - fb, min(end, fe) - fb
-        for p in range(lo, hi, PIECE):
-            yield read(name, p, min(hi, p + PIECE))
-
-
 def _tensor_bytes(t: Any) -> bytes:
     import torch
 
@@ -179,10 +162,12 @@ class SafetensorsFiles(Generator):
         return out
 
     def read_range(self, path: str, start: int, end: int) -> Iterator[bytes]:
+        from ..weights.checkpoint import safetensors_range
+
         if path in self.extra:
             yield self.extra[path][start:end]
             return
-        yield from layout_range(self.layouts[path], start, end, self.read)
+        yield from safetensors_range(self.layouts[path], start, end, self.read, PIECE)
 
 
 class TensorSource:

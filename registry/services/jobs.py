@@ -16,16 +16,15 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from ..errors import InvalidInput, NotFound
+from ..config import Settings
+from ..errors import NotFound
 from ..models import Job, JobState, utcnow
 from .context import RegistryContext
 from .events import emit
+from .jobtypes import JobParams, job_type, parse_params, type_of
 from .sql import newest_first
 
 log = logging.getLogger("registry.jobs")
-
-JOB_TYPES = ("basis", "transfer", "merge", "webhook", "mlflow_sync", "prune", "verify", "pack")
-
 
 class JobSuperseded(Exception):
     """This attempt no longer owns the job (another attempt claimed or finished it)."""
@@ -50,34 +49,43 @@ def job_view(j: Job) -> dict[str, Any]:
     }
 
 
-def create(s: Session, *, type: str, params: dict[str, Any], queue: str = "cpu", idempotency_key: str | None = None,
+def queue_for(type: str, settings: Settings) -> str:
+    """The queue a job of ``type`` goes to: math jobs to the math queue (``gpu`` when GPU workers
+    are configured), the rest to ``cpu``."""
+    return settings.math_queue if job_type(type).math else "cpu"
+
+
+def create(s: Session, params: JobParams, *, settings: Settings, idempotency_key: str | None = None,
            created_by: str | None = None, event_id: int | None = None, policy_id: int | None = None,
            max_attempts: int = 3) -> tuple[Job, bool]:
-    """Insert a job in the caller's transaction; returns (job, created). An existing job with the
+    """Insert a job in the caller's transaction; returns (job, created). Its type is the one whose
+    parameters ``params`` are (:data:`registry.services.jobtypes.JOB_TYPES`), and the parameters are
+    checked to read back as that type's, as the worker will read them. An existing job with the
     same idempotency key is returned instead of a new one."""
-    if type not in JOB_TYPES:
-        raise InvalidInput(f"unknown job type {type!r}", code="invalid_job_type")
+    type = type_of(params)
+    row = params.to_row()
+    parse_params(type, row)
     if idempotency_key is not None:
         existing = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
         if existing is not None:
             return existing, False
-    job = Job(type=type, params=params, queue=queue, idempotency_key=idempotency_key, created_by=created_by,
-              event_id=event_id, policy_id=policy_id, max_attempts=max_attempts, state=JobState.queued.value)
+    job = Job(type=type, params=row, queue=queue_for(type, settings), idempotency_key=idempotency_key,
+              created_by=created_by, event_id=event_id, policy_id=policy_id, max_attempts=max_attempts,
+              state=JobState.queued.value)
     s.add(job)
     s.flush()
     return job, True
 
 
-def submit(ctx: RegistryContext, type: str, build: Callable[[Session], dict[str, Any]], *, actor: str | None,
-           idempotency_key: str | None = None, math: bool = True) -> dict[str, Any]:
+def submit(ctx: RegistryContext, build: Callable[[Session], JobParams], *, actor: str | None,
+           idempotency_key: str | None = None) -> dict[str, Any]:
     """Queue a job for an API request: ``build(session)`` validates the request inside the write
     transaction (raising a 4xx on bad input: then no job exists) and returns the job's params; the
-    job is sent to the broker once the transaction has committed. ``math`` jobs go to the math
-    queue (``gpu`` when GPU workers are configured)."""
+    job is sent to the broker once the transaction has committed."""
     with ctx.db.write() as s:
         params = build(s)
-        job, _ = create(s, type=type, params=params, queue=ctx.settings.math_queue if math else "cpu",
-                        created_by=actor, idempotency_key=idempotency_key, max_attempts=ctx.settings.job_max_attempts)
+        job, _ = create(s, params, settings=ctx.settings, created_by=actor, idempotency_key=idempotency_key,
+                        max_attempts=ctx.settings.job_max_attempts)
         view = job_view(job)
     send(ctx, [view["id"]])
     return view

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from ..errors import InvalidInput
 from ..models import ModelVersion
 from ..weights.errors import MergeParamsError
@@ -30,14 +32,16 @@ from .derive import (
     record,
     ref_of,
 )
-from .drafts import CommitOptions, DraftSpec
+from .drafts import DraftSpec
+from .jobtypes import MergeParams
 from .names import FULL_MODEL_KINDS
-from .runner import JobRun, handler
+from .recording import CommitOptions
+from .runner import JobRun
 
 MAX_INPUTS = 64
 
 
-def _validate(s: Any, method: str, inputs: list[str], params: dict[str, Any]) -> tuple[list[ModelVersion], int]:
+def _validate(s: Session, method: str, inputs: list[str], params: dict[str, Any]) -> tuple[list[ModelVersion], int]:
     if method not in METHODS:
         raise InvalidInput(f"unknown merge method {method!r}; one of {', '.join(sorted(METHODS))}",
                            code="invalid_method", details={"methods": sorted(METHODS)})
@@ -68,34 +72,33 @@ def request_merge(ctx: RegistryContext, method: str, inputs: list[str], name: st
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InvalidInput("rank must be a positive integer", code="invalid_parameter")
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Session) -> MergeParams:
         versions, _ = _validate(s, method, inputs, params)
         per_module = {v.ref: r for v in versions if v.kind == "adapter" and isinstance(r := (v.summary or {}).get("r"),
                                                                                        list)}
         if per_module and rank is None:
             raise InvalidInput("inputs have per-module ranks (rank_pattern): pass rank (CLI: --rank R) for the "
                                "merged adapter", code="rank_required", details={"ranks": per_module})
-        return {"method": method, "inputs": [v.ref for v in versions], "name": name, "params": params,
-                "rank": rank}
+        return MergeParams(method=method, inputs=[v.ref for v in versions], name=name, params=params, rank=rank)
 
-    return jobs.submit(ctx, "merge", build, actor=actor, idempotency_key=idempotency_key)
+    return jobs.submit(ctx, build, actor=actor, idempotency_key=idempotency_key)
 
 
-@handler("merge")
-def compute_merge(run: JobRun) -> dict[str, Any]:
+def compute_merge(run: JobRun[MergeParams]) -> dict[str, Any]:
+    """The ``merge`` job."""
     from ..weights.adapters import load_peft_adapter, save_peft_adapter
     from ..weights.merge import merge_adapters, merge_checkpoints, refactorise
 
     ctx, prm = run.ctx, run.params
-    method, name, mparams = prm["method"], prm["name"], dict(prm.get("params") or {})
+    method, name, mparams = prm.method, prm.name, dict(prm.params)
     m = get_method(method)
-    head = {"operation": "merge", "method": m.name, "variant": m.variant, "params": mparams, "rank": prm.get("rank"),
+    head = {"operation": "merge", "method": m.name, "variant": m.variant, "params": mparams, "rank": prm.rank,
             "job_id": run.job_id}
     out = run.work_dir / "out"
     result: dict[str, Any] = {}
     with job_run(run, name, f"{m.name} merge", head) as mr:
         with ctx.db.read() as s:
-            versions, base_id = _validate(s, method, prm["inputs"], mparams)
+            versions, base_id = _validate(s, method, prm.inputs, mparams)
             entries = [(v.id, provenance_entry(v), v.kind) for v in versions]
             base_ref = ref_of(s, base_id)
         is_adapter = entries[0][2] == "adapter"
@@ -107,7 +110,7 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
         run.progress(0.05, "materialising inputs")
         if is_adapter:
             adapters = [load_peft_adapter(local_copy(run, vid, f"in-{i}")) for i, (vid, _, _) in enumerate(entries)]
-            rank = prm.get("rank") or max(a.rank for a in adapters)
+            rank = prm.rank or max(a.rank for a in adapters)
             run.progress(0.3, f"merging {len(adapters)} adapters in delta space")
             dense = merge_adapters(m, adapters, mparams, rank=None, device=ctx.settings.device)
             stored = refactorise(dense, rank, adapters[0])  # type: ignore[arg-type]
@@ -125,7 +128,7 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
         mr.log_metrics({k: float(v) for k, v in metrics.items()})
         run.progress(0.85, "recording the merge")
 
-        def hook(s: Any, v: ModelVersion) -> None:
+        def hook(s: Session, v: ModelVersion) -> None:
             result["ref"] = f"{name}@{v.version}"
             run.complete(s, dict(result), mr.run_id)
 
@@ -134,7 +137,7 @@ def compute_merge(run: JobRun) -> dict[str, Any]:
                          parents=[{"ref": e[1]["ref"], "relation": "merge_of",
                                    "params": {"weight": weights[i], "method": m.name}} for i, e in enumerate(entries)])
         recipe = {"type": "merge", "method": m.name, "variant": m.variant, "params": mparams,
-                  "inputs": [e[1]["ref"] for e in entries], "base": base_ref, "rank": prm.get("rank"),
+                  "inputs": [e[1]["ref"] for e in entries], "base": base_ref, "rank": prm.rank,
                   "job_id": run.job_id}
         view = record(run, out, spec, CommitOptions(status="ready", recipe=recipe, mlflow_run_id=mr.run_id,
                                                     extra_summary={"merge": {

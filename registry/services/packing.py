@@ -63,9 +63,10 @@ from .content import ChunkInfo, ChunkReader, Piece
 from .context import RegistryContext
 from .dispatcher import subscriber
 from .events import emit
+from .jobtypes import PackParams
 from .names import FULL_MODEL_KINDS
 from .refs import resolve
-from .runner import JobRun, handler
+from .runner import JobRun
 from .sql import insert_ignore
 
 MAX_CHAIN = 3  # longest reference chain below a chunk: decoding reads at most MAX_CHAIN + 1 payloads
@@ -78,11 +79,11 @@ MAX_REFERENCE_HOPS = 16  # how far packing walks back to pack unpacked reference
 def request_pack(ctx: RegistryContext, ref: str, actor: str | None) -> dict[str, Any]:
     """Queue packing a version (a no-op for files already packed)."""
 
-    def build(s: Session) -> dict[str, Any]:
+    def build(s: Session) -> PackParams:
         v = resolve(s, ref)
-        return {"version_id": v.id, "ref": v.ref}
+        return PackParams(version_id=v.id, ref=v.ref)
 
-    return jobs.submit(ctx, "pack", build, actor=actor, math=False)
+    return jobs.submit(ctx, build, actor=actor)
 
 
 @subscriber
@@ -93,22 +94,21 @@ def on_created(s: Session, ev: Event, settings: Settings) -> list[Job]:
     has_files = s.scalar(select(func.count()).select_from(VersionFile).where(VersionFile.version_id == ev.version_id))
     if not has_files:
         return []
-    job, created = jobs.create(s, type="pack", queue="cpu", created_by="pack-policy", event_id=ev.id,
-                               idempotency_key=f"pack:event:{ev.id}",
-                               params={"version_id": ev.version_id, "ref": ev.payload.get("ref")})
+    job, created = jobs.create(s, PackParams(version_id=ev.version_id, ref=ev.payload.get("ref")), settings=settings,
+                               created_by="pack-policy", event_id=ev.id, idempotency_key=f"pack:event:{ev.id}")
     return [job] if created else []
 
 
 # ----------------------------------------------------------------------------- the job
 
 
-@handler("pack")
-def pack_job(run: JobRun) -> dict[str, Any]:
+def pack_job(run: JobRun[PackParams]) -> dict[str, Any]:
+    """The ``pack`` job."""
     from .derive import job_run
 
     ctx = run.ctx
     with ctx.db.read() as s:
-        v = s.get(ModelVersion, run.params["version_id"])
+        v = s.get(ModelVersion, run.params.version_id)
         if v is None:
             result: dict[str, Any] = {"skipped": "version no longer exists"}
             with ctx.db.write() as w:
@@ -117,7 +117,7 @@ def pack_job(run: JobRun) -> dict[str, Any]:
         ref, model = v.ref, v.model.name
     params = {"operation": "pack", "version": ref, "job_id": run.job_id}
     with job_run(run, model, f"pack {ref}", params) as mr:
-        report = pack_version(ctx, run.params["version_id"], progress=run.progress, work_dir=run.work_dir)
+        report = pack_version(ctx, run.params.version_id, progress=run.progress, work_dir=run.work_dir)
         result = report.as_dict()
         mr.log_metrics({k: float(result[k]) for k in ("logical_bytes", "stored_bytes", "files_packed",
                                                       "chunks_new", "chunks_reused")})

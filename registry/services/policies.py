@@ -29,6 +29,7 @@ from .bases import check_p_or_budget
 from .context import RegistryContext
 from .derive import check_number
 from .dispatcher import subscriber
+from .jobtypes import BasisParams, BasisQuery, TransferParams
 from .names import FULL_MODEL_KINDS
 
 TYPES = ("transfer_on_base_update", "refresh_basis")
@@ -125,10 +126,10 @@ def _transfers_for_new_base(s: Session, ev: Event, new: ModelVersion, settings: 
             if dep.kind not in p.params.get("kinds", ["finetune", "adapter"]):
                 continue
             job, created = jobs.create(
-                s, type="transfer", queue=settings.math_queue, created_by=f"policy:{p.name}",
+                s, TransferParams(finetune=dep.ref, target_base=new.ref, alpha=p.params.get("alpha", 1.0)),
+                settings=settings, created_by=f"policy:{p.name}",
                 idempotency_key=f"policy:{p.id}:event:{ev.id}:version:{dep.id}", event_id=ev.id, policy_id=p.id,
-                max_attempts=settings.job_max_attempts,
-                params={"finetune": dep.ref, "target_base": new.ref, "alpha": p.params.get("alpha", 1.0)})
+                max_attempts=settings.job_max_attempts)
             if created:
                 out.append(job)
     return out
@@ -155,12 +156,11 @@ def _refresh_bases(s: Session, ev: Event, adapter: ModelVersion, settings: Setti
         if waiting is not None:
             continue  # the queued refresh will see this adapter too
         job, created = jobs.create(
-            s, type="basis", queue=settings.math_queue, created_by=f"policy:{p.name}",
-            idempotency_key=f"policy:{p.id}:event:{ev.id}", event_id=ev.id, policy_id=p.id,
-            max_attempts=settings.job_max_attempts,
-            params={"query": {"base": base.ref, "tags": tags}, "p": p.params.get("p"),
-                    "max_error": p.params.get("max_error"), "collection": p.params.get("collection") or p.name,
-                    "name": p.params.get("name")})
+            s, BasisParams(query=BasisQuery(base=base.ref, tags=tags), p=p.params.get("p"),
+                           max_error=p.params.get("max_error"), collection=p.params.get("collection") or p.name,
+                           name=p.params.get("name")),
+            settings=settings, created_by=f"policy:{p.name}", idempotency_key=f"policy:{p.id}:event:{ev.id}",
+            event_id=ev.id, policy_id=p.id, max_attempts=settings.job_max_attempts)
         if created:
             out.append(job)
     return out

@@ -14,7 +14,8 @@ from ..config import Settings
 from ..models import Event, Job, ModelVersion
 from . import jobs
 from .dispatcher import subscriber
-from .runner import JobRun, handler
+from .jobtypes import MlflowSyncParams
+from .runner import JobRun
 from .views import version_view
 
 # Everything the MLflow mirror shows of a version: its existence, status, storage mode and parents
@@ -27,17 +28,17 @@ SYNC_EVENTS = ("version.created", "version.promoted", "version.archived", "versi
 def on_event(s: Session, ev: Event, settings: Settings) -> list[Job]:
     if ev.type not in SYNC_EVENTS or ev.version_id is None:
         return []
-    job, created = jobs.create(s, type="mlflow_sync", params={"version_id": ev.version_id}, queue="cpu",
+    job, created = jobs.create(s, MlflowSyncParams(version_id=ev.version_id), settings=settings,
                                idempotency_key=f"mlflow_sync:event:{ev.id}", event_id=ev.id, max_attempts=10)
     return [job] if created else []
 
 
-@handler("mlflow_sync")
-def sync_version(run: JobRun) -> dict[str, Any]:
+def sync_version(run: JobRun[MlflowSyncParams]) -> dict[str, Any]:
+    """The ``mlflow_sync`` job."""
     from ..provenance import Provenance
 
     with run.ctx.db.read() as s:
-        v = s.get(ModelVersion, run.params["version_id"])
+        v = s.get(ModelVersion, run.params.version_id)
         if v is None:
             return {"skipped": "version no longer exists"}
         view = asdict(version_view(s, v, with_files=False))

@@ -15,6 +15,7 @@ import hashlib
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from ..errors import InvalidInput, NotFound
 from ..formats.safetensors import iter_file
@@ -24,7 +25,8 @@ from .context import RegistryContext
 from .derive import check_number, job_run, lineage_doc, local_copy, provenance_entry
 from .derived import cache
 from .events import emit
-from .runner import JobRun, handler
+from .jobtypes import PruneParams
+from .runner import JobRun
 
 
 def request_prune(ctx: RegistryContext, basis_id: int, budget: float | None,
@@ -34,13 +36,13 @@ def request_prune(ctx: RegistryContext, basis_id: int, budget: float | None,
         raise InvalidInput("give an error budget (max_error); nothing is pruned by default", code="invalid_parameter")
     check_number("max_error", budget, low=0.0)
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Session) -> PruneParams:
         b = s.get(MergeBasis, basis_id)
         if b is None or b.status != "ready":
             raise NotFound(f"basis {basis_id} not found or not ready", code="basis_not_found")
-        return {"basis_id": basis_id, "max_error": float(budget)}
+        return PruneParams(basis_id=basis_id, max_error=float(budget))
 
-    return jobs.submit(ctx, "prune", build, actor=actor)
+    return jobs.submit(ctx, build, actor=actor)
 
 
 def _exact_positions(basis: Any) -> set[int]:
@@ -51,15 +53,15 @@ def _exact_positions(basis: Any) -> set[int]:
     return set(range(n_fit)) if exact else set()
 
 
-@handler("prune")
-def prune(run: JobRun) -> dict[str, Any]:
+def prune(run: JobRun[PruneParams]) -> dict[str, Any]:
+    """The ``prune`` job."""
     from ..weights.adapters import save_peft_adapter
     from ..weights.rmm import load_basis
 
     ctx, prm = run.ctx, run.params
-    budget = float(prm["max_error"])
+    budget = prm.max_error
     with ctx.db.read() as s:
-        b = s.get(MergeBasis, prm["basis_id"])
+        b = s.get(MergeBasis, prm.basis_id)
         if b is None or b.version_id is None:
             raise NotFound("basis not found", code="basis_not_found")
         basis_version = s.get(ModelVersion, b.version_id)
@@ -106,7 +108,7 @@ def prune(run: JobRun) -> dict[str, Any]:
                 v.storage_mode = "derived:basis"
                 v.total_size = sum(f[2] for f in files)
                 v.file_count = len(files)
-                v.recipe = {"type": "basis_member", "basis_id": prm["basis_id"], "basis_version_id": basis_version_id,
+                v.recipe = {"type": "basis_member", "basis_id": prm.basis_id, "basis_version_id": basis_version_id,
                             "basis": basis_ref, "position": position, "error": err, "exact": position in exact,
                             "pruned_at": utcnow().isoformat(), "original": {"content_sha256": content,
                                                                            "files": original}}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, contains_eager
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, contains_eager, lazyload
 
 from ..errors import InvalidInput, NotFound
 from ..models import Alias, Model, ModelVersion, VersionStatus
@@ -50,6 +50,11 @@ def parse_ref(text: str) -> Ref:
     if not names.is_alias(sel):
         raise bad("bad alias (a version number is ASCII digits)")
     return Ref(name, alias=sel)
+
+
+def model_named(name: str) -> Select[tuple[Model]]:
+    """The model called ``name``, without its tags (nothing here reads them: one query fewer)."""
+    return select(Model).where(Model.name == name).options(lazyload(Model.tags))
 
 
 def get_model(session: Session, name: str) -> Model:

@@ -1,9 +1,11 @@
 """Running one job: claim it, keep a heartbeat, call its handler, record the outcome.
 
-Handlers are registered per job type with :func:`handler`. A handler gets a :class:`JobRun`
-and returns the job's result; when it creates things (versions, bases) it records them and
-calls :meth:`JobRun.complete` inside the same transaction, so the result and the job's success
-commit together or not at all (a second attempt then cannot add a duplicate).
+Each job type's handler is named in :data:`registry.services.jobtypes.JOB_TYPES`. A handler gets
+a :class:`JobRun` whose ``params`` are the job row's parameters parsed with the type's params model
+(parameters that do not fit fail the job at once) and returns the job's result; when it creates
+things (versions, bases) it records them and calls :meth:`JobRun.complete` inside the same
+transaction, so the result and the job's success commit together or not at all (a second attempt
+then cannot add a duplicate).
 
 Errors: bad input (:class:`RegistryError`, :class:`WeightsError`) fails the job at once, with
 the error's code and message; :class:`RetryLater` and unexpected exceptions are retried with
@@ -20,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -29,28 +31,22 @@ from ..errors import RegistryError
 from ..models import Job
 from . import jobs
 from .context import RegistryContext
+from .jobtypes import JOB_TYPES, JobParams, parse_params
 
 log = logging.getLogger("registry.jobs")
 
-Handler = Callable[["JobRun"], dict[str, Any]]
-HANDLERS: dict[str, Handler] = {}
-
-
-def handler(job_type: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        HANDLERS[job_type] = fn
-        return fn
-
-    return register
+P = TypeVar("P", bound=JobParams)
+Handler = Callable[["JobRun[Any]"], dict[str, Any]]
+HANDLERS: dict[str, Handler] = {}  # job type -> its handler, once loaded
 
 
 @dataclass
-class JobRun:
+class JobRun(Generic[P]):
     ctx: RegistryContext
     job_id: int
     attempt: int
     type: str
-    params: dict[str, Any]
+    params: P
     created_by: str | None
     work_dir: Path
     completed: bool = False
@@ -72,7 +68,7 @@ class JobRun:
 
 
 class _Heartbeat:
-    def __init__(self, run: JobRun, interval: float) -> None:
+    def __init__(self, run: JobRun[Any], interval: float) -> None:
         self.run = run
         self.interval = interval
         self.stop = threading.Event()
@@ -119,14 +115,14 @@ def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
     with ctx.db.read() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        jtype, params, created_by = job.type, dict(job.params), job.created_by
+        jtype, row, created_by = job.type, dict(job.params), job.created_by
     work = ctx.settings.resolved_work_dir / f"job-{job_id}-{attempt}"
-    jr = JobRun(ctx, job_id, attempt, jtype, params, created_by, work)
     fn = HANDLERS.get(jtype)
     started = time.monotonic()
     try:
         if fn is None:
             raise RegistryError(f"no handler for job type {jtype!r}", code="unknown_job_type")
+        jr: JobRun[Any] = JobRun(ctx, job_id, attempt, jtype, parse_params(jtype, row), created_by, work)
         work.mkdir(parents=True, exist_ok=True)
         with _Heartbeat(jr, max(0.5, ctx.settings.job_stale_seconds / 4)):
             if ctx.settings.job_start_delay:
@@ -169,22 +165,24 @@ def _record_run(ctx: RegistryContext, job_id: int, attempt: int, mlflow_run_id: 
 _loaded = False
 
 
+def load_handler(job_type: str) -> Handler:
+    """The handler :data:`registry.services.jobtypes.JOB_TYPES` names for ``job_type``."""
+    import importlib
+
+    module, _, name = JOB_TYPES[job_type].handler.partition(":")
+    fn: Handler = getattr(importlib.import_module(module), name)
+    return fn
+
+
 def _load_handlers(ctx: RegistryContext) -> None:
-    """Import the modules that register handlers (kept lazy: they import torch, mlflow...) and
+    """Import every job type's handler (kept lazy: their modules import torch, mlflow...) and
     size torch's CPU thread pool (``REGISTRY_TORCH_THREADS``)."""
     global _loaded
     if _loaded:
         return
-    import importlib
-
     from ..weights.device import set_cpu_threads
 
     set_cpu_threads(ctx.settings.torch_threads)
-
-    for mod in ("bases", "transfers", "merges", "webhooks", "provenance", "pruning", "verify", "packing"):
-        try:
-            importlib.import_module(f"registry.services.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"registry.services.{mod}":
-                raise
+    for job_type in JOB_TYPES:
+        HANDLERS[job_type] = load_handler(job_type)
     _loaded = True

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..errors import Conflict, InvalidInput
 from ..formats import inspect as fmt
@@ -35,12 +36,14 @@ from .derive import (
     record,
 )
 from .derived import cache, plan_transfer_files
-from .drafts import CommitOptions, DraftSpec, check_duplicate, record_version, resolve_base
+from .drafts import DraftSpec, resolve_base
+from .jobtypes import TransferParams
 from .names import FULL_MODEL_KINDS
-from .runner import JobRun, handler
+from .recording import CommitOptions, check_duplicate, record_version
+from .runner import JobRun
 
 
-def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[ModelVersion, ModelVersion]:
+def _validate(s: Session, finetune: str, target_base: str, alpha: float) -> tuple[ModelVersion, ModelVersion]:
     ft = input_version(s, finetune, kinds=("finetune", "adapter"), what="finetune")
     if ft.base_version_id is None:
         raise InvalidInput(f"{ft.ref} is not pinned to a base", code="invalid_finetune")
@@ -57,7 +60,7 @@ def _validate(s: Any, finetune: str, target_base: str, alpha: float) -> tuple[Mo
 STORAGE = ("stored", "derived")
 
 
-def existing_transfer(s: Any, ft: ModelVersion, target: ModelVersion, alpha: float) -> ModelVersion | None:
+def existing_transfer(s: Session, ft: ModelVersion, target: ModelVersion, alpha: float) -> ModelVersion | None:
     """A live version of the fine-tune's model that already is its transfer to ``target`` with ``alpha``."""
     rows = s.scalars(select(ModelVersion).where(
         ModelVersion.model_id == ft.model_id, ModelVersion.base_version_id == target.id,
@@ -70,7 +73,7 @@ def existing_transfer(s: Any, ft: ModelVersion, target: ModelVersion, alpha: flo
     return None
 
 
-def _refuse_other_storage(s: Any, ft: ModelVersion, target: ModelVersion, alpha: float, storage: str) -> None:
+def _refuse_other_storage(s: Session, ft: ModelVersion, target: ModelVersion, alpha: float, storage: str) -> None:
     """A transfer asked ``--derived`` when the registry already stores that very transfer (or stored
     when it keeps it derived) cannot be made: both would hold the same weights, and a model keeps one
     version per content. Say so before a job exists, rather than hand back the other one silently.
@@ -93,26 +96,27 @@ def request_transfer(ctx: RegistryContext, finetune: str, target_base: str, alph
     if storage not in STORAGE:
         raise InvalidInput(f"storage must be one of {', '.join(STORAGE)}", code="invalid_parameter")
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Session) -> TransferParams:
         ft, target = _validate(s, finetune, target_base, float(alpha))
         if ft.kind != "adapter":  # an adapter is re-pinned, whatever the storage asked
             _refuse_other_storage(s, ft, target, float(alpha), storage)
-        return {"finetune": ft.ref, "target_base": target.ref, "alpha": float(alpha), "storage": storage}
+        return TransferParams(finetune=ft.ref, target_base=target.ref, alpha=float(alpha),
+                              storage=storage)  # type: ignore[arg-type]  # checked against STORAGE above
 
-    return jobs.submit(ctx, "transfer", build, actor=actor, idempotency_key=idempotency_key)
+    return jobs.submit(ctx, build, actor=actor, idempotency_key=idempotency_key)
 
 
-@handler("transfer")
-def compute_transfer(run: JobRun) -> dict[str, Any]:
+def compute_transfer(run: JobRun[TransferParams]) -> dict[str, Any]:
+    """The ``transfer`` job."""
     from ..weights.transfer import transfer
 
     ctx, prm = run.ctx, run.params
-    alpha = float(prm.get("alpha", 1.0))
-    head = {"operation": "transfer", "alpha": alpha, "storage": prm.get("storage", "stored"), "job_id": run.job_id}
+    alpha = prm.alpha
+    head = {"operation": "transfer", "alpha": alpha, "storage": prm.storage, "job_id": run.job_id}
     result: dict[str, Any] = {}
-    with job_run(run, model_of(prm["finetune"]), f"transfer {prm['finetune']} -> {prm['target_base']}", head) as mr:
+    with job_run(run, model_of(prm.finetune), f"transfer {prm.finetune} -> {prm.target_base}", head) as mr:
         with ctx.db.read() as s:
-            ft, target = _validate(s, prm["finetune"], prm["target_base"], alpha)
+            ft, target = _validate(s, prm.finetune, prm.target_base, alpha)
             source = s.get(ModelVersion, ft.base_version_id)
             assert source is not None
             model_name, kind = ft.model.name, ft.kind
@@ -132,7 +136,7 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
                                    "params": {"alpha": alpha, "source_base": src_ref, "target_base": tgt_ref}}])
         mr.log_dict(lineage_doc(model_name, "transfer", inputs, params), "lineage.json")
 
-        def hook(s: Any, v: ModelVersion) -> None:
+        def hook(s: Session, v: ModelVersion) -> None:
             result["ref"] = f"{model_name}@{v.version}"
             run.complete(s, {**result, "status": "candidate"}, mr.run_id)
 
@@ -146,7 +150,7 @@ def compute_transfer(run: JobRun) -> dict[str, Any]:
             view = record(run, folder, spec, CommitOptions(status="candidate", recipe=recipe, mlflow_run_id=mr.run_id,
                                                            extra_summary={"transfer": report}, hook=hook),
                           links=files if ft_stored else None, mlflow_run=mr)
-        elif prm.get("storage") == "derived":
+        elif prm.storage == "derived":
             view = _record_derived(run, spec, recipe, hook, mr, (ft_id, src_id, tgt_id), alpha, result)
         else:
             run.progress(0.05, "materialising the three checkpoints")
@@ -174,7 +178,7 @@ def _diagnostics(rep: Any, mr: Any) -> dict[str, Any]:
     return {**diag, "skipped": report.get("skipped", [])[:50], "padded": report.get("padded", [])[:50]}
 
 
-def _record_derived(run: JobRun, spec: DraftSpec, recipe: dict[str, Any], hook: Any, mr: Any,
+def _record_derived(run: JobRun[Any], spec: DraftSpec, recipe: dict[str, Any], hook: Any, mr: Any,
                     ids: tuple[int, int, int], alpha: float, result: dict[str, Any]) -> Any:
     """A ``derived:diff`` candidate: no weights stored, only the recipe. Its files are generated
     once here to learn their sha256 (and diagnostics), teed into the cache; side files that are

@@ -13,6 +13,7 @@ import hashlib
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..formats.safetensors import iter_file
 from ..models import ModelVersion, utcnow
@@ -22,17 +23,18 @@ from .derive import job_run, model_of, skipped
 from .derived import cache, generator, served_files
 from .dispatcher import periodic
 from .events import emit
+from .jobtypes import VerifyParams
 from .refs import resolve
-from .runner import JobRun, handler
+from .runner import JobRun
 
 
 def request_verify(ctx: RegistryContext, ref: str, actor: str | None = None) -> dict[str, Any]:
 
-    def build(s: Any) -> dict[str, Any]:
+    def build(s: Session) -> VerifyParams:
         v = resolve(s, ref)
-        return {"version_id": v.id, "ref": v.ref}
+        return VerifyParams(version_id=v.id, ref=v.ref)
 
-    return jobs.submit(ctx, "verify", build, actor=actor, math=False)
+    return jobs.submit(ctx, build, actor=actor)
 
 
 def _sha(chunks: Any) -> str:
@@ -42,13 +44,13 @@ def _sha(chunks: Any) -> str:
     return h.hexdigest()
 
 
-@handler("verify")
-def verify(run: JobRun) -> dict[str, Any]:
+def verify(run: JobRun[VerifyParams]) -> dict[str, Any]:
+    """The ``verify`` job."""
     ctx, prm = run.ctx, run.params
-    with job_run(run, model_of(prm["ref"]), f"verify {prm['ref']}", {"operation": "verify", "ref": prm["ref"],
+    with job_run(run, model_of(prm.ref or ""), f"verify {prm.ref}", {"operation": "verify", "ref": prm.ref,
                                                                       "job_id": run.job_id}) as mr:
         with ctx.db.read() as s:
-            v = s.get(ModelVersion, prm["version_id"])
+            v = s.get(ModelVersion, prm.version_id)
             if v is None:
                 return skipped(mr, "version no longer exists")
             s.expunge(v)
@@ -70,7 +72,7 @@ def verify(run: JobRun) -> dict[str, Any]:
     return result
 
 
-def _check(run: JobRun, v: ModelVersion) -> dict[str, Any]:
+def _check(run: JobRun[VerifyParams], v: ModelVersion) -> dict[str, Any]:
     """Every file of ``v``, re-read (stored) or regenerated (derived), against its recorded sha256."""
     ctx = run.ctx
     checks = []
@@ -115,6 +117,6 @@ def schedule_scrub(ctx: RegistryContext) -> list[int]:
                      .limit(1))
         if v is None:
             return []
-        job, created = jobs.create(s, type="verify", queue="cpu", created_by="scrub",
-                                   idempotency_key=f"scrub:{bucket}", params={"version_id": v.id, "ref": v.ref})
+        job, created = jobs.create(s, VerifyParams(version_id=v.id, ref=v.ref), settings=ctx.settings,
+                                   created_by="scrub", idempotency_key=f"scrub:{bucket}")
         return [job.id] if created else []

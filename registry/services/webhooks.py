@@ -60,7 +60,8 @@ from ..models import Event, Job, JobState, Webhook, WebhookDelivery, utcnow
 from . import jobs
 from .context import RegistryContext
 from .dispatcher import subscriber
-from .runner import JobRun, handler
+from .jobtypes import WebhookParams
+from .runner import JobRun
 from .sql import check_limit, newest_first
 
 MAX_URL_LENGTH = 2048
@@ -339,8 +340,8 @@ def _redeliver_prefix(d: WebhookDelivery) -> str:
     return f"webhook-redeliver:{d.webhook_id}:event:{d.event_id}:"
 
 
-def _job_params(d: WebhookDelivery) -> dict[str, Any]:
-    return {"delivery_id": d.id, "webhook_id": d.webhook_id, "event_id": d.event_id}
+def _job_params(d: WebhookDelivery) -> WebhookParams:
+    return WebhookParams(delivery_id=d.id, webhook_id=d.webhook_id, event_id=d.event_id)
 
 
 def redeliver(ctx: RegistryContext, delivery_id: int, actor: str | None = None) -> dict[str, Any]:
@@ -363,7 +364,7 @@ def redeliver(ctx: RegistryContext, delivery_id: int, actor: str | None = None) 
                            code="delivery_in_progress", details={"job_id": busy})
         n = 1 + (s.scalar(select(func.count()).select_from(Job).where(
             Job.idempotency_key.startswith(prefix, autoescape=True))) or 0)
-        job, _ = jobs.create(s, type="webhook", params=_job_params(d), idempotency_key=f"{prefix}{n}",
+        job, _ = jobs.create(s, _job_params(d), settings=ctx.settings, idempotency_key=f"{prefix}{n}",
                              created_by=actor, event_id=d.event_id, max_attempts=ctx.settings.webhook_max_attempts)
         d.status = "pending"
         d.next_attempt_at = None
@@ -396,7 +397,7 @@ def on_event(s: Session, ev: Event, settings: Settings) -> list[Job]:
         d = WebhookDelivery(webhook_id=w.id, event_id=ev.id, status="pending", attempts=0, log=[])
         s.add(d)
         s.flush()
-        job, created = jobs.create(s, type="webhook", params=_job_params(d), idempotency_key=key,
+        job, created = jobs.create(s, _job_params(d), settings=settings, idempotency_key=key,
                                    event_id=ev.id, max_attempts=settings.webhook_max_attempts)
         if created:
             out.append(job)
@@ -436,14 +437,14 @@ def _post(url: str, body: bytes, headers: dict[str, str], settings: Settings) ->
         return r.status_code, head[:4 * RESPONSE_EXCERPT].decode("utf-8", "replace")[:RESPONSE_EXCERPT]
 
 
-@handler("webhook")
-def deliver(run: JobRun) -> dict[str, Any]:
-    ctx, settings = run.ctx, run.ctx.settings
-    delivery_id = int(run.params["delivery_id"])
+def deliver(run: JobRun[WebhookParams]) -> dict[str, Any]:
+    """The ``webhook`` job."""
+    ctx, settings, prm = run.ctx, run.ctx.settings, run.params
+    delivery_id = prm.delivery_id
     with ctx.db.read() as s:
         d = s.get(WebhookDelivery, delivery_id)
-        if d is None or (d.webhook_id, d.event_id) != (run.params.get("webhook_id", d.webhook_id),
-                                                       run.params.get("event_id", d.event_id)):
+        if d is None or (d.webhook_id, d.event_id) != (d.webhook_id if prm.webhook_id is None else prm.webhook_id,
+                                                       d.event_id if prm.event_id is None else prm.event_id):
             # deleted with its webhook (the id may since have been reused by another delivery)
             return {"delivery_id": delivery_id, "skipped": "delivery no longer exists"}
         w = s.get(Webhook, d.webhook_id)

@@ -19,11 +19,14 @@ The only difference from ``save_file``: with two or more metadata keys ``save_fi
 in Rust ``HashMap`` order, which changes from run to run; here they are sorted, so the output is
 deterministic. With zero or one metadata key the bytes are identical (tested).
 
-Because the header depends only on (name, dtype, shape, metadata), :func:`safetensors_layout`
-gives the exact header bytes and total file length before any tensor exists (a server can send
-``Content-Length`` first), and :class:`SafetensorsWriter` accepts tensors one at a time, in any
-order, written at their precomputed offsets. :class:`ShardedWriter` does the same for a
-``model-0000i-of-0000n.safetensors`` set plus ``model.safetensors.index.json``.
+Because the header depends only on (name, dtype, shape, metadata), :func:`safetensors_layout` gives
+the exact header bytes and total file length before any tensor exists (a server can send
+``Content-Length`` first), :func:`safetensors_range` streams any byte range of such a file from a
+reader of tensor bytes (the one streamer of generated safetensors files), and
+:class:`SafetensorsWriter` accepts tensors one at a time, in any order, written at their
+precomputed offsets.
+:class:`ShardedWriter` does the same for a ``model-0000i-of-0000n.safetensors`` set plus
+``model.safetensors.index.json``.
 """
 
 from __future__ import annotations
@@ -63,11 +66,13 @@ __all__ = [
     "open_checkpoint",
     "read_header",
     "safetensors_layout",
+    "safetensors_range",
     "sharded_layout",
 ]
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+PIECE = 8 << 20  # at most this many tensor bytes per read of a streamed range
 _MAX_HEADER = 100_000_000  # same limit as the safetensors reader
 
 if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian on disk
@@ -255,14 +260,43 @@ def _raw_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")
 
 
+def safetensors_range(
+    layout: SafetensorsLayout, start: int, end: int, read: Callable[[str, int, int], bytes], piece: int = PIECE
+) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of the file ``layout`` describes. Tensor bytes come from ``read(name,
+    lo, hi)`` (bytes ``[lo, hi)`` of tensor ``name`` as stored), in pieces of at most ``piece``
+    bytes, and only for the tensors the range overlaps: a range computes nothing it does not cover."""
+    header = layout.header
+    if start < len(header):
+        yield header[start:min(end, len(header))]
+    ds = len(header)
+    for name in layout.order:
+        b, e = layout.offsets[name]
+        fb, fe = ds + b, ds + e
+        if fe <= start or fb >= end or fe == fb:
+            continue
+        lo, hi = max(start, fb) - fb, min(end, fe) - fb
+        for p in range(lo, hi, piece):
+            yield read(name, p, min(hi, p + piece))
+
+
 def iter_safetensors_bytes(layout: SafetensorsLayout, get: Callable[[str], torch.Tensor]) -> Iterator[bytes]:
     """Yield the file's bytes for streaming (e.g. an HTTP body of length ``layout.total_size``):
-    the header, then ``get(name)`` for each name in ``layout.order``, validated against its spec.
-    Only one tensor is held at a time."""
-    yield layout.header
-    for name in layout.order:
-        t = _as_bytes_tensor(get(name), layout.specs[name])
-        yield bytes(_raw_view(t))
+    the header, then ``get(name)`` for each name in ``layout.order``, validated against its spec
+    (one piece per tensor, through :func:`safetensors_range`). Only one tensor is held at a time."""
+    for name in layout.order:  # tensors without bytes are never read below: check them here
+        if layout.specs[name].nbytes == 0:
+            _as_bytes_tensor(get(name), layout.specs[name])
+    held: dict[str, torch.Tensor] = {}
+
+    def read(name: str, lo: int, hi: int) -> bytes:
+        if name not in held:
+            held.clear()
+            held[name] = _as_bytes_tensor(get(name), layout.specs[name])
+        return bytes(_raw_view(held[name])[lo:hi])
+
+    whole = max((spec.nbytes for spec in layout.specs.values()), default=0)
+    yield from safetensors_range(layout, 0, layout.total_size, read, piece=max(1, whole))
 
 
 # --------------------------------------------------------------------------------------- writers

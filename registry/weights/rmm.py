@@ -25,11 +25,12 @@ Errors are computed at fit time from the stored (rounded) tensors and kept in th
 Known weakness (measured, not hidden): LoRA factors are defined only up to an invertible r × r
 mixing (BA = (BR)(R⁻¹A)), so positions of independently initialised adapters are not aligned and
 need a large p; adapters trained from a shared initialisation align much better. The gauge-invariant
-alternative :func:`fit_delta_basis` (method ``rmm_delta``) works on the deltas instead.
+alternative ``fit_delta_basis`` (method ``rmm_delta``) works on the deltas instead.
 
-Also here: :func:`truncate_adapter` (the per-adapter baseline at equal storage: truncated SVD of each
-delta to rank k, k/r of one adapter), :func:`add_member` (project a new adapter on an existing basis)
-and :func:`adapter_error` (factored delta error between any two adapters).
+Also here: :func:`add_member` (project a new adapter on an existing basis). The baselines the basis
+is measured against (``truncate_adapter``: the per-adapter truncated SVD at equal storage;
+``fit_delta_basis``; ``adapter_error``: the factored delta error between any two adapters) are in
+:mod:`registry.weights.rmm_baselines`.
 
 Files (:func:`save_basis`/:func:`load_basis`): one safetensors file with six tensors per module,
 laid out in each factor's PEFT orientation (see :class:`ModuleBasis`): ``<module>.lora_A.mu``
@@ -68,29 +69,23 @@ from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteE
 
 __all__ = [
     "FORMAT_VERSION",
-    "DeltaBasis",
-    "DeltaModuleBasis",
     "MemberError",
     "ModuleBasis",
     "RmmBasis",
     "add_member",
-    "adapter_error",
     "fit_basis",
-    "fit_delta_basis",
     "load_basis",
     "save_basis",
     "storage_ratio",
-    "truncate_adapter",
 ]
 
 METHOD = "rmm"
-DELTA_METHOD = "rmm_delta"
 FORMAT = "registry.rmm"
 FORMAT_VERSION = "1"
 _F32, _F64 = torch.float32, torch.float64
 # A direction whose eigenvalue is below this fraction of the position's largest one carries no
 # energy above round-off: its column of U is stored as zeros (and so is its row of C).
-_EIG_RTOL = 1e-14
+EIG_RTOL = 1e-14
 
 
 def storage_ratio(p: int, r: int, n: int) -> float:
@@ -127,7 +122,7 @@ def _ratio(num2: float, den2: float) -> float:
     return 0.0 if num2 == 0.0 else math.inf
 
 
-def _member_error(name: str, num2: Mapping[str, float], den2: Mapping[str, float]) -> MemberError:
+def member_error(name: str, num2: Mapping[str, float], den2: Mapping[str, float]) -> MemberError:
     mods = {m: _ratio(num2[m], den2[m]) for m in sorted(num2)}
     return MemberError(name=name, modules=mods, overall=_ratio(sum(num2.values()), sum(den2.values())))
 
@@ -292,7 +287,7 @@ class RmmBasis:
 # Validation
 
 
-def _check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[list[str], dict[str, int]]:
+def check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[list[str], dict[str, int]]:
     if len(adapters) < minimum:
         raise IncompatibleAdaptersError(f"need at least {minimum} adapters, got {len(adapters)}")
     ref = adapters[0]
@@ -326,7 +321,7 @@ def _check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[
     return names, ranks
 
 
-def _check_finite(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
+def check_finite(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
     """Raise :class:`NonFiniteError` naming the first adapter/module/factor holding NaN or Inf."""
     for idx, ad in enumerate(adapters):
         for n in names:
@@ -357,7 +352,7 @@ def _check_against(basis: RmmBasis, adapter: LoraAdapter) -> None:
                 raise NonFiniteError(f"adapter: {name}.{which} holds NaN or Inf values")
 
 
-def _member_names(names: Sequence[str] | None, n: int) -> list[str]:
+def member_names(names: Sequence[str] | None, n: int) -> list[str]:
     out = [f"m{i}" for i in range(n)] if names is None else [str(x) for x in names]
     if len(out) != n or len(set(out)) != n:
         raise WeightsError(f"names must be {n} distinct strings, got {list(out)}")
@@ -428,7 +423,7 @@ def _principal_directions(X: torch.Tensor, mu: torch.Tensor, k: int) -> tuple[to
         Y = (X.reshape(-1, n) @ Q.to(X.dtype)).view(P, r, n - 1).to(_F64)  # round-off ~ eps·‖x‖
         evals, V = _eigh(Y.mT @ Y)
         Vk = V[..., -k:].flip(-1)  # [P, n − 1, k], descending σ
-        keep = evals[..., -k:].flip(-1) > _EIG_RTOL * evals[..., -1:]
+        keep = evals[..., -k:].flip(-1) > EIG_RTOL * evals[..., -1:]
         W = Y @ Vk  # U Σ
         sigma = torch.where(keep, (W * W).sum(dim=1).sqrt(), 0.0)  # σ = ‖Y v‖, so U C = Y V_k V_kᵀ Qᵀ
         U = W * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(_F64).tiny), 0.0).unsqueeze(1)
@@ -569,9 +564,9 @@ def fit_basis(
     """
     if (p is None) == (max_error is None):
         raise WeightsError("give exactly one of p or max_error")
-    module_names, ranks = _check_adapters(adapters)
+    module_names, ranks = check_adapters(adapters)
     n = len(adapters)
-    members = _member_names(names, n)
+    members = member_names(names, n)
     kmax = {m: min(rk, n - 1) for m, rk in ranks.items()}
     pmax = min(kmax.values())
     if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= pmax):
@@ -592,7 +587,7 @@ def fit_basis(
         try:
             full = _fit_module(A, B, kmax[name] if p is None else p, storage_dtype)
         except NonFiniteError:
-            _check_finite(adapters, [name])  # names the adapter and factor
+            check_finite(adapters, [name])  # names the adapter and factor
             raise
         if max_error is None:
             mb, num = full, _module_errors(fx, *_all_factors(full))
@@ -612,7 +607,7 @@ def fit_basis(
         r=max(ranks.values()),
         dtypes=[ad.dtype for ad in adapters],
         configs=[copy.deepcopy(ad.config) for ad in adapters],
-        errors=[_member_error(members[i], num2[i], den2[i]) for i in range(n)],
+        errors=[member_error(members[i], num2[i], den2[i]) for i in range(n)],
         fan_in_fan_out=adapters[0].fan_in_fan_out,
         n_fit=n,
         storage_dtype=storage_dtype,
@@ -663,7 +658,7 @@ def add_member(
         r=basis.r,
         dtypes=[*basis.dtypes, adapter.dtype],
         configs=[*copy.deepcopy(basis.configs), copy.deepcopy(adapter.config)],
-        errors=[*basis.errors, _member_error(label, num2, den2)],
+        errors=[*basis.errors, member_error(label, num2, den2)],
         fan_in_fan_out=basis.fan_in_fan_out,
         n_fit=basis.n_fit,
         method=basis.method,
@@ -674,229 +669,6 @@ def add_member(
 
 def _to(mb: ModuleBasis, dev: torch.device) -> ModuleBasis:
     return ModuleBasis(**{f: t.to(dev) for f, t in vars(mb).items()})
-
-
-# ---------------------------------------------------------------------------------------------
-# Baselines and the generic error
-
-
-def _gram_error(
-    A: torch.Tensor, B: torch.Tensor, Ah: torch.Tensor, Bh: torch.Tensor
-) -> tuple[float, float]:
-    """(‖B̂Â − BA‖², ‖BA‖²) for factors of any ranks, in float64:
-    ‖B̂Â‖² − 2⟨B̂Â, BA⟩ + ‖BA‖² = tr(B̂ᵀB̂ ÂÂᵀ) − 2 tr(B̂ᵀB AÂᵀ) + tr(BᵀB AAᵀ)."""
-    A, B, Ah, Bh = (t.to(_F64) for t in (A, B, Ah, Bh))
-    den2 = float(((B.T @ B) * (A @ A.T)).sum())
-    hh = float(((Bh.T @ Bh) * (Ah @ Ah.T)).sum())
-    cross = float(((Bh.T @ B) * (Ah @ A.T)).sum())
-    return hh - 2.0 * cross + den2, den2
-
-
-def adapter_error(
-    reference: LoraAdapter,
-    approx: LoraAdapter,
-    name: str = "",
-    device: str | torch.device | None = None,
-) -> MemberError:
-    """Relative delta error of ``approx`` against ``reference`` per module and overall, from
-    factors only (float64 Grams, see :func:`_gram_error`); ranks may differ."""
-    if set(reference.modules) != set(approx.modules):
-        raise IncompatibleAdaptersError("reference and approximation have different modules")
-    dev = resolve_device(device)
-    num2: dict[str, float] = {}
-    den2: dict[str, float] = {}
-    for m, ref in reference.modules.items():
-        app = approx.modules[m]
-        if (ref.in_features, ref.out_features) != (app.in_features, app.out_features):
-            raise IncompatibleAdaptersError(f"module {m}: shapes differ")
-        num2[m], den2[m] = _gram_error(ref.A.to(dev), ref.B.to(dev), app.A.to(dev), app.B.to(dev))
-    return _member_error(name, num2, den2)
-
-
-def truncate_adapter(adapter: LoraAdapter, k: int, device: str | torch.device | None = None) -> LoraAdapter:
-    """Per-adapter baseline: each module's delta BA truncated to its best rank-k approximation
-    (Eckart-Young), computed from the factors: B = Q_B R_B, Aᵀ = Q_A R_A (thin QR), SVD of the
-    r × r core R_B R_Aᵀ = W S Zᵀ, then B_k = Q_B W_k S_k^½ and A_k = S_k^½ Z_kᵀ Q_Aᵀ (no out × in
-    matrix). Costs k/r of one adapter; k ≥ rank keeps the module as it is (min(k, r) is used)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise WeightsError(f"k must be a non-negative integer, got {k!r}")
-    dev = resolve_device(device)
-    out: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, mod in adapter.modules.items():
-        if k >= mod.rank:
-            out[name] = (mod.A, mod.B)
-            continue
-        qb, rb = torch.linalg.qr(mod.B.to(dev, _F64))
-        qa, ra = torch.linalg.qr(mod.A.to(dev, _F64).T)
-        w, s, zt = torch.linalg.svd(rb @ ra.T)
-        root = s[:k].sqrt()
-        cdt = mod.A.dtype  # float32 (float64 for float64 sources)
-        out[name] = (((root[:, None] * zt[:k]) @ qa.T).to(cdt), (qb @ (w[:, :k] * root)).to(cdt))
-    return LoraAdapter.from_factors(
-        out, config=copy.deepcopy(adapter.config), dtype=adapter.dtype, fan_in_fan_out=adapter.fan_in_fan_out
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Delta-space variant (beyond the paper): gauge-invariant
-
-
-@dataclass
-class DeltaModuleBasis:
-    """Shared subspaces of one module: U [out, k] (column space of all deltas), V [in, k] (row
-    space), per-member cores S [n, k, k]; member i's delta is U S_i Vᵀ."""
-
-    U: torch.Tensor
-    V: torch.Tensor
-    S: torch.Tensor
-
-    @property
-    def k(self) -> int:
-        return int(self.U.shape[1])
-
-
-@dataclass
-class DeltaBasis:
-    """A delta-space basis (method ``rmm_delta``), see :func:`fit_delta_basis`."""
-
-    modules: dict[str, DeltaModuleBasis]
-    members: list[str]
-    ranks: dict[str, int]
-    dtypes: list[torch.dtype]
-    configs: list[dict[str, Any]]
-    errors: list[MemberError]
-    fan_in_fan_out: bool = False
-    method: str = DELTA_METHOD
-
-    @property
-    def n(self) -> int:
-        return len(self.members)
-
-    @property
-    def k(self) -> dict[str, int]:
-        return {name: mb.k for name, mb in self.modules.items()}
-
-    def reconstruct(self, member: int | str, device: str | torch.device | None = None) -> LoraAdapter:
-        """Δ̂_i = U S_i Vᵀ, refactored to rank ≤ r: S_i = W Σ Zᵀ, B̂ = U W_r Σ_r^½, Â = Σ_r^½ Z_rᵀ Vᵀ
-        (exact, since rank S_i ≤ rank Δ_i ≤ r)."""
-        if isinstance(member, str) and member not in self.members:
-            raise WeightsError(f"basis has no member {member!r}")
-        i = self.members.index(member) if isinstance(member, str) else member
-        if not 0 <= i < self.n:
-            raise WeightsError(f"member index {i} out of range 0..{self.n - 1}")
-        dev = resolve_device(device)
-        out: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, mb in self.modules.items():
-            w, s, zt = torch.linalg.svd(mb.S[i].to(dev, _F64))
-            r = self.ranks[name]
-            q = min(r, mb.k)
-            root = s[:q].sqrt()
-            b = mb.U.to(dev, _F64) @ (w[:, :q] * root)
-            a = (root[:, None] * zt[:q]) @ mb.V.to(dev, _F64).T
-            if q < r:  # pad with zero directions so every module keeps its rank r
-                b = torch.cat([b, b.new_zeros(b.shape[0], r - q)], dim=1)
-                a = torch.cat([a, a.new_zeros(r - q, a.shape[1])], dim=0)
-            out[name] = (a.to(_F32), b.to(_F32))
-        return LoraAdapter.from_factors(
-            out,
-            config=copy.deepcopy(self.configs[i]),
-            dtype=self.dtypes[i],
-            fan_in_fan_out=self.fan_in_fan_out,
-        )
-
-    def storage_ratio(self) -> float:
-        """Σ_m (k_m(in_m + out_m) + n k_m²) / Σ_m n r (in_m + out_m)."""
-        n = self.n
-        num = sum(mb.k * (mb.U.shape[0] + mb.V.shape[0]) + n * mb.k**2 for mb in self.modules.values())
-        den = sum(n * self.ranks[m] * (mb.U.shape[0] + mb.V.shape[0]) for m, mb in self.modules.items())
-        return num / den
-
-    def member_errors(self) -> list[MemberError]:
-        return list(self.errors)
-
-
-def _range_basis(Y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k left singular vectors of Y [L, q] (float64) via eigh of the q × q Gram, and all
-    eigenvalues (descending)."""
-    evals, Z = torch.linalg.eigh(Y.T @ Y)
-    evals, Z = evals.flip(0), Z.flip(1)
-    W = Y @ Z[:, :k]
-    norms = torch.linalg.vector_norm(W, dim=0, keepdim=True)
-    keep = evals[:k] > _EIG_RTOL * evals[0].clamp_min(0)
-    return torch.where(keep, W / norms.clamp_min(torch.finfo(_F64).tiny), 0.0), evals
-
-
-def fit_delta_basis(
-    adapters: Sequence[LoraAdapter],
-    k: int | None = None,
-    max_error: float | None = None,
-    device: str | torch.device | None = None,
-    names: Sequence[str] | None = None,
-) -> DeltaBasis:
-    """Delta-space variant ``rmm_delta`` (beyond the paper), invariant to the factor gauge.
-
-    Per module, with Δ_i = B_i A_i: U_k = top-k left singular vectors of [Δ_1 … Δ_n] and V_k = top-k
-    right singular vectors of [Δ_1; …; Δ_n], both from factors (B_i and A_iᵀ are made orthogonal
-    on the other side by thin QR, so Σ_i Δ_iΔ_iᵀ = Y Yᵀ with Y = [B_1 R_1ᵀ … B_n R_nᵀ], out × nr,
-    and the eigh of its nr × nr Gram gives U); cores S_i = (U_kᵀ B_i)(A_i V_k) ∈ R^{k×k}; Δ̂_i =
-    U_k S_i V_kᵀ = P_U Δ_i P_V, so ‖Δ_i − Δ̂_i‖² = ‖Δ_i‖² − ‖S_i‖² (computed in float64).
-    Exactly one of ``k`` (0 ≤ k ≤ n r) or ``max_error`` (smallest k per module meeting it; the
-    error is monotone in k here). Storage: (k(in + out) + n k²) / (n r (in + out)) per module.
-    """
-    if (k is None) == (max_error is None):
-        raise WeightsError("give exactly one of k or max_error")
-    module_names, ranks = _check_adapters(adapters)
-    _check_finite(adapters, module_names)
-    n = len(adapters)
-    members = _member_names(names, n)
-    kcap = n * min(ranks.values())
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= kcap):
-        raise WeightsError(f"k must be an integer in 0..n*r = 0..{kcap}, got {k!r}")
-    if max_error is not None and not (math.isfinite(max_error) and max_error >= 0):
-        raise WeightsError(f"max_error must be a finite number >= 0, got {max_error!r}")
-    dev = resolve_device(device)
-    modules: dict[str, DeltaModuleBasis] = {}
-    num2: list[dict[str, float]] = [{} for _ in range(n)]
-    den2: list[dict[str, float]] = [{} for _ in range(n)]
-    for name in module_names:
-        kmax = n * ranks[name]
-        As = [ad.modules[name].A.to(dev, _F64) for ad in adapters]
-        Bs = [ad.modules[name].B.to(dev, _F64) for ad in adapters]
-        ra = [torch.linalg.qr(a.T)[1] for a in As]  # A_iᵀ = Q R → Δ_i Δ_iᵀ = (B_i Rᵀ)(B_i Rᵀ)ᵀ
-        rb = [torch.linalg.qr(b)[1] for b in Bs]  # B_i = Q R → Δ_iᵀ Δ_i = (A_iᵀ Rᵀ)(A_iᵀ Rᵀ)ᵀ
-        U, _ = _range_basis(torch.cat([b @ q.T for b, q in zip(Bs, ra, strict=True)], dim=1), kmax)
-        V, _ = _range_basis(torch.cat([a.T @ q.T for a, q in zip(As, rb, strict=True)], dim=1), kmax)
-        ub = torch.stack([U.T @ b for b in Bs])  # [n, K, r]
-        av = torch.stack([a @ V for a in As])  # [n, r, K]
-        den = torch.stack([((b.T @ b) * (a @ a.T)).sum() for a, b in zip(As, Bs, strict=True)])
-        chosen = k
-        if max_error is not None:
-            chosen = kmax
-            for kk in range(kmax + 1):
-                s2 = (ub[:, :kk] @ av[:, :, :kk]).square().sum(dim=(1, 2))
-                rel = ((den - s2).clamp_min(0) / den.clamp_min(torch.finfo(_F64).tiny)).sqrt()
-                if bool((rel <= max_error).all()):
-                    chosen = kk
-                    break
-        assert chosen is not None
-        S = ub[:, :chosen] @ av[:, :, :chosen]
-        s2 = S.square().sum(dim=(1, 2))
-        modules[name] = DeltaModuleBasis(
-            U=U[:, :chosen].to("cpu", _F32).contiguous(),
-            V=V[:, :chosen].to("cpu", _F32).contiguous(),
-            S=S.to("cpu", _F32).contiguous(),
-        )
-        for i in range(n):
-            num2[i][name], den2[i][name] = float(den[i] - s2[i]), float(den[i])
-    return DeltaBasis(
-        modules=modules,
-        members=members,
-        ranks=ranks,
-        dtypes=[ad.dtype for ad in adapters],
-        configs=[copy.deepcopy(ad.config) for ad in adapters],
-        errors=[_member_error(members[i], num2[i], den2[i]) for i in range(n)],
-        fan_in_fan_out=adapters[0].fan_in_fan_out,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

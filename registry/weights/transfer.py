@@ -45,6 +45,10 @@ them. A diff directory keeps the fine-tune's tokenizer files so that
 Diagnostics (paper: transfer works when source and target are close): with sums accumulated in
 float64 over all tensors where Δ is applied (per-chunk partial sums in the compute dtype),
 ``relative_base_shift = ‖m_t − m_s‖ / ‖m_s‖`` and ``cosine = ⟨m_t − m_s, Δ_s⟩ / (‖m_t − m_s‖ ‖Δ_s‖)``.
+
+The planning (:func:`plan_tensors`) and the chunked arithmetic (:class:`Engine` and its
+:class:`Chunk`, :class:`Slot` buffers) are public beyond ``__all__`` for one more user:
+:mod:`registry.weights.transfer_stream` produces the same output files range by range with them.
 """
 
 from __future__ import annotations
@@ -101,8 +105,8 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_CHUNK = 1 << 18  # elements per chunk: buffers stay cache-sized; results do not depend on it
-_FORMAT_META = {"format": "pt"}
+CHUNK = 1 << 18  # elements per chunk: buffers stay cache-sized; results do not depend on it
+FORMAT_META = {"format": "pt"}
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class TransferReport:
 
 
 @dataclass(frozen=True)
-class _Job:
+class TensorJob:
     """One output tensor: ``out = base + scale·(plus − minus)``; absent terms are zero; ``minus``
     and ``base`` hold only the first ``limit`` elements (the rest is zero padding)."""
 
@@ -192,21 +196,21 @@ def _pair_shapes(plus: tuple[int, ...], base: tuple[int, ...]) -> tuple[str, str
     return ("shape_mismatch", f"{list(plus)} vs {list(base)}")
 
 
-def _plan_transfer(
+def plan_tensors(
     plus: Checkpoint, minus: Checkpoint | None, t: Checkpoint, plus_role: str = "finetune"
-) -> tuple[list[_Job], list[SkippedTensor], list[SkippedTensor], list[PaddedTensor]]:
+) -> tuple[list[TensorJob], list[SkippedTensor], list[SkippedTensor], list[PaddedTensor]]:
     """One plan for both forms: ``t + α (plus − minus)`` (a transfer: plus = fine-tune, minus =
     source base) and ``t + α plus`` (applying a stored diff: ``minus`` None). Per target tensor: a
     job computing it, or a copy of the target's tensor with the reason (non-float, no counterpart,
     shapes that do not pair); vocabulary growth pads with zero rows."""
-    jobs: list[_Job] = []
+    jobs: list[TensorJob] = []
     skipped: list[SkippedTensor] = []
     copied: list[SkippedTensor] = []
     padded: list[PaddedTensor] = []
     for name in t.names:
         ti = t.info(name)
         spec = TensorSpec(name, ti.dtype, ti.shape)
-        copy = _Job(spec, None, None, name, ti.numel)
+        copy = TensorJob(spec, None, None, name, ti.numel)
         if not _is_float(ti.dtype):
             copied.append(SkippedTensor(name, "non_float", str(ti.dtype)))
             jobs.append(copy)
@@ -238,7 +242,7 @@ def _plan_transfer(
         if isinstance(cmp, int):
             padded.append(PaddedTensor(name, ref_shape[0], cmp))
             spec = TensorSpec(name, ti.dtype, pi.shape)
-        jobs.append(_Job(spec, name, None if minus is None else name, name, ti.numel))
+        jobs.append(TensorJob(spec, name, None if minus is None else name, name, ti.numel))
     skipped += [SkippedTensor(n, "not_in_target") for n in plus.names if n not in t]
     return jobs, skipped, copied, padded
 
@@ -246,7 +250,7 @@ def _plan_transfer(
 # ------------------------------------------------------------------------------------- engine
 
 
-class _Sums:
+class Sums:
     """float64 accumulators of the diagnostics."""
 
     def __init__(self) -> None:
@@ -259,18 +263,18 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class Chunk:
     """Flat elements ``[lo, lo + n)`` of one computed output tensor; ``inside`` is False in the
     zero-padded rows (beyond ``job.limit``)."""
 
-    job: _Job
+    job: TensorJob
     lo: int
     n: int
     inside: bool
     cdtype: torch.dtype
 
 
-class _Slot:
+class Slot:
     """Chunk buffers, allocated once and reused: raw input bytes (CPU, source dtypes), compute
     buffers (compute dtype, on the device) and the rounded output (CPU)."""
 
@@ -281,19 +285,19 @@ class _Slot:
         key = (role, dtype, device)
         b = self._bufs.get(key)
         if b is None:
-            b = self._bufs[key] = torch.empty(_CHUNK, dtype=dtype, device=device)
+            b = self._bufs[key] = torch.empty(CHUNK, dtype=dtype, device=device)
         return b[:n]
 
 
-class _ResultNotFinite(Exception):
-    def __init__(self, chunk: _Chunk) -> None:
+class ResultNotFinite(Exception):
+    def __init__(self, chunk: Chunk) -> None:
         self.chunk = chunk
 
 
 _CPU = torch.device("cpu")
 
 
-class _Engine:
+class Engine:
     """Chunked evaluation of ``out = base + scale·(plus − minus)`` for a list of jobs.
 
     Per chunk: ``pread`` the inputs' raw bytes, convert, compute, round, ``pwrite`` at the output
@@ -313,41 +317,47 @@ class _Engine:
     ) -> None:
         self.device, self.scale, self.writer = device, scale, writer
         self.roles: dict[str, Checkpoint | None] = {"plus": plus, "minus": minus, "base": base}
-        self.sums = _Sums()
+        self.sums = Sums()
 
-    def _name(self, job: _Job, role: str) -> str | None:
+    def name_in(self, job: TensorJob, role: str) -> str | None:
         return job.plus if role == "plus" else job.minus if role == "minus" else job.base
 
-    def _chunks(self, jobs: Sequence[_Job]) -> Iterator[_Job | _Chunk]:
+    def chunks(self, job: TensorJob, e0: int = 0, e1: int | None = None) -> Iterator[Chunk]:
+        """The chunks covering flat elements ``[e0, e1)`` (default: all) of a computed tensor; no
+        chunk straddles the padding boundary ``job.limit``."""
+        e1 = job.out.numel if e1 is None else e1
+        dtypes = [job.out.dtype]
+        for role, ck in self.roles.items():
+            name = self.name_in(job, role)
+            if ck is not None and name is not None:
+                dtypes.append(ck.info(name).dtype)
+        cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        bounds = sorted({e0, e1, *(b for b in (job.limit,) if e0 < b < e1)})
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            for lo in range(a, b, CHUNK):
+                yield Chunk(job, lo, min(CHUNK, b - lo), lo < job.limit, cdtype)
+
+    def _chunks(self, jobs: Sequence[TensorJob]) -> Iterator[TensorJob | Chunk]:
         for job in jobs:
             if job.plus is None:
                 yield job
                 continue
-            dtypes = [job.out.dtype]
-            for role, ck in self.roles.items():
-                name = self._name(job, role)
-                if ck is not None and name is not None:
-                    dtypes.append(ck.info(name).dtype)
-            cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
-            bounds = sorted({0, job.limit, job.out.numel})
-            for a, b in zip(bounds, bounds[1:], strict=False):
-                for lo in range(a, b, _CHUNK):
-                    yield _Chunk(job, lo, min(_CHUNK, b - lo), lo < job.limit, cdtype)
+            yield from self.chunks(job)
 
-    def _copy(self, job: _Job) -> None:
+    def _copy(self, job: TensorJob) -> None:
         base = self.roles["base"]
         assert base is not None and job.base is not None
         info = base.info(job.base)
         self.writer.copy_from(job.out.name, info.file, info.start)
 
-    def _read(self, c: _Chunk, slot: _Slot) -> None:
+    def read_chunk(self, c: Chunk, slot: Slot) -> None:
         for role, ck in self.roles.items():
-            name = self._name(c.job, role)
+            name = self.name_in(c.job, role)
             if ck is not None and name is not None and (c.inside or role == "plus"):
                 ck.read_into(name, slot.buf(role + ":raw", ck.info(name).dtype, _CPU, c.n), c.lo)
 
-    def _operand(self, c: _Chunk, slot: _Slot, role: str) -> torch.Tensor | None:
-        ck, name = self.roles[role], self._name(c.job, role)
+    def _operand(self, c: Chunk, slot: Slot, role: str) -> torch.Tensor | None:
+        ck, name = self.roles[role], self.name_in(c.job, role)
         if ck is None or name is None:
             return None
         if not (c.inside or role == "plus"):
@@ -357,7 +367,7 @@ class _Engine:
             return raw
         return slot.buf(role, c.cdtype, self.device, c.n).copy_(raw)
 
-    def _compute(self, c: _Chunk, slot: _Slot) -> torch.Tensor:
+    def compute(self, c: Chunk, slot: Slot) -> torch.Tensor:
         scale, sums, spec = self.scale, self.sums, c.job.out
         d = self._operand(c, slot, "plus")
         s = self._operand(c, slot, "minus")
@@ -388,7 +398,7 @@ class _Engine:
         bound = math.sqrt(c_tt) + abs(scale) * math.sqrt(c_dd)
         certain = math.isfinite(c_ss) and bound < 0.99 * torch.finfo(spec.dtype).max
         if not certain and not bool(torch.isfinite(res).all()):
-            raise _ResultNotFinite(c)
+            raise ResultNotFinite(c)
         sums.has_s |= s is not None
         sums.has_t |= t is not None
         sums.ss += c_ss
@@ -396,22 +406,22 @@ class _Engine:
         sums.dd += c_dd
         return res
 
-    def run(self, jobs: Sequence[_Job]) -> None:
-        slot = _Slot()
+    def run(self, jobs: Sequence[TensorJob]) -> None:
+        slot = Slot()
         try:
             for item in self._chunks(jobs):
-                if isinstance(item, _Job):
+                if isinstance(item, TensorJob):
                     self._copy(item)
                     continue
-                self._read(item, slot)
-                self.writer.write_range(item.job.out.name, item.lo, self._compute(item, slot))
-        except _ResultNotFinite as e:
-            self._raise_nonfinite(e.chunk)
+                self.read_chunk(item, slot)
+                self.writer.write_range(item.job.out.name, item.lo, self.compute(item, slot))
+        except ResultNotFinite as e:
+            self.raise_nonfinite(e.chunk)
 
-    def _raise_nonfinite(self, c: _Chunk) -> None:
-        slot = _Slot()
+    def raise_nonfinite(self, c: Chunk) -> None:
+        slot = Slot()
         for role, ck in self.roles.items():
-            name = self._name(c.job, role)
+            name = self.name_in(c.job, role)
             if ck is None or name is None or not (c.inside or role == "plus"):
                 continue
             raw = slot.buf("check", ck.info(name).dtype, _CPU, c.n)
@@ -440,7 +450,7 @@ def _side_files(
                 continue
             data = None
             if fname == "config.json" and report.padded:
-                data = _patched_config(src, report)
+                data = patched_config(src, report)
             output.add_file(src, fname, data)
             report.side_files[fname] = "target"
     if tokenizer_dir is not None:
@@ -451,7 +461,7 @@ def _side_files(
                 report.side_files[fname] = tokenizer_role
 
 
-def _patched_config(src: Path, report: TransferReport) -> bytes | None:
+def patched_config(src: Path, report: TransferReport) -> bytes | None:
     """``config.json`` with ``vocab_size`` raised to the padded row count, when it held the
     target's old row count and all padded tensors agree on the new one."""
     rows = {(p.rows_from, p.rows_to) for p in report.padded}
@@ -469,7 +479,7 @@ def _patched_config(src: Path, report: TransferReport) -> bytes | None:
     return (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
 
 
-def _finish_report(report: TransferReport, sums: _Sums, alpha: float) -> None:
+def finish_report(report: TransferReport, sums: Sums, alpha: float) -> None:
     def root(x: float) -> float:
         return math.sqrt(x)
 
@@ -489,14 +499,14 @@ def _finish_report(report: TransferReport, sums: _Sums, alpha: float) -> None:
         report.cosine = ratio(sums.wd, root(sums.ww) * root(sums.dd))
 
 
-def _check_args(alpha: float, on_mismatch: str) -> None:
+def check_args(alpha: float, on_mismatch: str) -> None:
     if on_mismatch not in ("skip", "refuse"):
         raise WeightsError(f"on_mismatch must be 'skip' or 'refuse', got {on_mismatch!r}")
     if not math.isfinite(alpha):
         raise WeightsError(f"alpha must be finite, got {alpha!r}")
 
 
-def _refuse(skipped: list[SkippedTensor], on_mismatch: str) -> None:
+def refuse(skipped: list[SkippedTensor], on_mismatch: str) -> None:
     if on_mismatch == "refuse" and skipped:
         lines = "; ".join(f"{s.name}: {s.reason}" + (f" ({s.detail})" if s.detail else "") for s in skipped[:20])
         more = f" (+{len(skipped) - 20} more)" if len(skipped) > 20 else ""
@@ -505,7 +515,7 @@ def _refuse(skipped: list[SkippedTensor], on_mismatch: str) -> None:
 
 def _execute(
     report: TransferReport,
-    jobs: list[_Job],
+    jobs: list[TensorJob],
     out: str | os.PathLike[str],
     max_shard_bytes: int | None,
     plus: Checkpoint,
@@ -517,8 +527,8 @@ def _execute(
     tokenizer_dir: Path | None,
     tokenizer_role: str,
 ) -> TransferReport:
-    output = CheckpointOutput(out, [j.out for j in jobs], max_shard_bytes, _FORMAT_META)
-    engine = _Engine(resolve_device(device), scale, plus, minus, base, output.writer)
+    output = CheckpointOutput(out, [j.out for j in jobs], max_shard_bytes, FORMAT_META)
+    engine = Engine(resolve_device(device), scale, plus, minus, base, output.writer)
     try:
         engine.run(jobs)
         report.tensors = len(jobs)
@@ -533,7 +543,7 @@ def _execute(
         for ck in (plus, minus, base):
             if ck is not None:
                 ck.close()
-    _finish_report(report, engine.sums, scale)
+    finish_report(report, engine.sums, scale)
     return report
 
 
@@ -558,10 +568,10 @@ def transfer(
     ``t + α·(f − s)``, rounded once to the target tensor's dtype. Matching, padding, skip/refuse,
     side files and diagnostics: see the module docstring.
     """
-    _check_args(alpha, on_mismatch)
+    check_args(alpha, on_mismatch)
     f, s, t = open_checkpoint(finetune), open_checkpoint(source_base), open_checkpoint(target_base)
-    jobs, skipped, copied, padded = _plan_transfer(f, s, t)
-    _refuse(skipped, on_mismatch)
+    jobs, skipped, copied, padded = plan_tensors(f, s, t)
+    refuse(skipped, on_mismatch)
     report = TransferReport("transfer", float(alpha), skipped=skipped, copied=copied, padded=padded)
     return _execute(report, jobs, out, max_shard_bytes, f, s, t, device, alpha, t.directory, f.directory, "finetune")
 
@@ -584,9 +594,9 @@ def compute_diff(
     mismatched tensors are listed in ``skipped`` (or refused). The fine-tune's tokenizer files are
     kept beside a directory diff.
     """
-    _check_args(1.0, on_mismatch)
+    check_args(1.0, on_mismatch)
     f, s = open_checkpoint(finetune), open_checkpoint(base)
-    jobs: list[_Job] = []
+    jobs: list[TensorJob] = []
     skipped: list[SkippedTensor] = []
     padded: list[PaddedTensor] = []
     for name in f.names:
@@ -605,9 +615,9 @@ def compute_diff(
         if isinstance(cmp, int):
             padded.append(PaddedTensor(name, si.shape[0], cmp))
         dtype = torch.float64 if torch.float64 in (fi.dtype, si.dtype) else torch.float32
-        jobs.append(_Job(TensorSpec(name, dtype, fi.shape), name, name, None, si.numel))
+        jobs.append(TensorJob(TensorSpec(name, dtype, fi.shape), name, name, None, si.numel))
     skipped += [SkippedTensor(n, "missing_in_finetune") for n in s.names if n not in f]
-    _refuse(skipped, on_mismatch)
+    refuse(skipped, on_mismatch)
     report = TransferReport("diff", 1.0, skipped=skipped, padded=padded)
     return _execute(report, jobs, out, max_shard_bytes, f, s, None, device, 1.0, None, f.directory, "finetune")
 
@@ -629,9 +639,9 @@ def apply_diff(
     Δ (or non-float) are copied unchanged; Δ-only and mismatched tensors are skipped (or refused).
     Config files come from the target's directory, tokenizer files from the diff's directory.
     """
-    _check_args(alpha, on_mismatch)
+    check_args(alpha, on_mismatch)
     t, d = open_checkpoint(target_base), open_checkpoint(diff)
-    jobs, skipped, copied, padded = _plan_transfer(d, None, t, plus_role="diff")
-    _refuse(skipped, on_mismatch)
+    jobs, skipped, copied, padded = plan_tensors(d, None, t, plus_role="diff")
+    refuse(skipped, on_mismatch)
     report = TransferReport("apply", float(alpha), skipped=skipped, copied=copied, padded=padded)
     return _execute(report, jobs, out, max_shard_bytes, d, None, t, device, alpha, t.directory, d.directory, "diff")

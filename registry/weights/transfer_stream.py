@@ -19,26 +19,24 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, ShardedLayout, TensorSpec, open_checkpoint, sharded_layout
+from .checkpoint import PIECE, Checkpoint, ShardedLayout, TensorSpec, open_checkpoint, safetensors_range, sharded_layout
 from .device import resolve_device
 from .errors import WeightsError
 from .transfer import (
-    _CHUNK,
-    _FORMAT_META,
+    FORMAT_META,
     TARGET_FILES,
     TOKENIZER_FILES,
+    Engine,
     OnMismatch,
+    ResultNotFinite,
+    Slot,
+    TensorJob,
     TransferReport,
-    _check_args,
-    _Chunk,
-    _Engine,
-    _finish_report,
-    _Job,
-    _patched_config,
-    _plan_transfer,
-    _refuse,
-    _ResultNotFinite,
-    _Slot,
+    check_args,
+    finish_report,
+    patched_config,
+    plan_tensors,
+    refuse,
 )
 
 __all__ = ["SideFile", "TransferPlan", "plan_transfer"]
@@ -70,16 +68,16 @@ class TransferPlan:
     layout: ShardedLayout
     report: TransferReport
     side_files: list[SideFile]
-    jobs: dict[str, _Job]
+    jobs: dict[str, TensorJob]
     _f: Checkpoint
     _s: Checkpoint
     _t: Checkpoint
-    _engine: _Engine
-    _slot: _Slot = field(default_factory=_Slot)
+    _engine: Engine
+    _slot: Slot = field(default_factory=Slot)
 
     def finish_report(self) -> TransferReport:
         """Complete :attr:`report` (norms, ratios, cosine) once every output tensor was streamed."""
-        _finish_report(self.report, self._engine.sums, self.report.alpha)
+        finish_report(self.report, self._engine.sums, self.report.alpha)
         return self.report
 
     def file_sizes(self) -> dict[str, int]:
@@ -101,46 +99,24 @@ class TransferPlan:
         isz = job.out.dtype.itemsize
         e0, e1 = lo // isz, -(-hi // isz)
         out = bytearray()
-        for c in self._chunks(job, e0, e1):
-            self._engine._read(c, self._slot)
+        for c in self._engine.chunks(job, e0, e1):
+            self._engine.read_chunk(c, self._slot)
             try:
-                res = self._engine._compute(c, self._slot)
-            except _ResultNotFinite as e:
-                self._engine._raise_nonfinite(e.chunk)
+                res = self._engine.compute(c, self._slot)
+            except ResultNotFinite as e:
+                self._engine.raise_nonfinite(e.chunk)
             out += res.contiguous().view(torch.uint8).numpy().tobytes()
         skip = lo - e0 * isz
         return bytes(out[skip:skip + (hi - lo)])
 
-    def _chunks(self, job: _Job, e0: int, e1: int) -> Iterator[_Chunk]:
-        dtypes = [job.out.dtype]
-        for role, ck in self._engine.roles.items():
-            n = self._engine._name(job, role)
-            if ck is not None and n is not None:
-                dtypes.append(ck.info(n).dtype)
-        cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
-        bounds = sorted({e0, e1, *(b for b in (job.limit,) if e0 < b < e1)})
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            for lo in range(a, b, _CHUNK):
-                yield _Chunk(job, lo, min(_CHUNK, b - lo), lo < job.limit, cdtype)
-
-    def iter_file(self, name: str, start: int = 0, end: int | None = None, piece: int = 8 << 20) -> Iterator[bytes]:
+    def iter_file(self, name: str, start: int = 0, end: int | None = None, piece: int = PIECE) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of output file ``name`` (a weight file or the index)."""
         if name == "model.safetensors.index.json" and self.layout.index is not None:
             yield self.layout.index[start:end]
             return
         lay = self.layout.files[name]
         end = lay.total_size if end is None else end
-        header = lay.header
-        if start < len(header):
-            yield header[start:min(end, len(header))]
-        for tname in lay.order:
-            b, e = lay.offsets[tname]
-            fb, fe = len(header) + b, len(header) + e
-            if fe <= start or fb >= end or fe == fb:
-                continue
-            lo, hi = max(start, fb) - fb, min(end, fe) - fb
-            for p in range(lo, hi, piece):
-                yield self.read(tname, p, min(hi, p + piece))
+        yield from safetensors_range(lay, start, end, self.read, piece)
 
     def close(self) -> None:
         for ck in (self._f, self._s, self._t):
@@ -160,13 +136,13 @@ def plan_transfer(
     """Plan ``transfer(finetune, source_base, target_base, out_dir, alpha, max_shard_bytes=...)``
     without writing anything (directory inputs and output). Diagnostics are not computed (they
     need a full pass): ``report`` lists skipped, copied and padded tensors."""
-    _check_args(alpha, on_mismatch)
+    check_args(alpha, on_mismatch)
     f, s, t = open_checkpoint(finetune), open_checkpoint(source_base), open_checkpoint(target_base)
     try:
-        jobs, skipped, copied, padded = _plan_transfer(f, s, t)
-        _refuse(skipped, on_mismatch)
+        jobs, skipped, copied, padded = plan_tensors(f, s, t)
+        refuse(skipped, on_mismatch)
         report = TransferReport("transfer", float(alpha), skipped=skipped, copied=copied, padded=padded)
-        layout = sharded_layout([j.out for j in jobs], max_shard_bytes, _FORMAT_META)
+        layout = sharded_layout([j.out for j in jobs], max_shard_bytes, FORMAT_META)
         report.tensors = len(jobs)
         report.applied = sum(1 for j in jobs if j.plus is not None)
         report.bytes_written = layout.total_size
@@ -179,7 +155,7 @@ def plan_transfer(
         for fname in TARGET_FILES:
             src = t.directory / fname
             if src.is_file():
-                data = _patched_config(src, report) if fname == "config.json" and report.padded else None
+                data = patched_config(src, report) if fname == "config.json" and report.padded else None
                 side.append(SideFile(fname, "target", src, data))
                 report.side_files[fname] = "target"
     if f.directory is not None:
@@ -194,7 +170,7 @@ def plan_transfer(
     if any(sf.name in names for sf in side):
         raise WeightsError("a side file collides with a weight file name")
     report.files = sorted(names) + sorted(sf.name for sf in side)
-    engine = _Engine(resolve_device(device), float(alpha), f, s, t, _NoWriter())  # type: ignore[arg-type]
+    engine = Engine(resolve_device(device), float(alpha), f, s, t, _NoWriter())  # type: ignore[arg-type]
     return TransferPlan(layout, report, side, {j.out.name: j for j in jobs}, f, s, t, engine)
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from registry.demo import Shape, make_adapter, make_base, make_finetune, random_weights, save_checkpoint
 from registry.models import Job, JobState
-from registry.services import dispatcher, drafts, jobs, runner
+from registry.services import dispatcher, drafts, jobs, recording, runner, uploads
 from registry.services.context import RegistryContext
 from registry.services.views import VersionView
 
@@ -137,22 +137,22 @@ class InProcess:
 
     def start_upload(self, draft_id: str, path: str, size: int | None) -> str:
         """A resumable upload session for one file of the draft; returns its id."""
-        return str(drafts.create_upload(self.ctx, draft_id, path, size)["id"])
+        return str(uploads.create_upload(self.ctx, draft_id, path, size)["id"])
 
     def append(self, upload_id: str, offset: int, data: bytes) -> int:
         """Send one chunk at ``offset``; returns the bytes received so far."""
-        return int(asyncio.run(drafts.append_chunk(self.ctx, upload_id, offset, _chunks(data)))["received"])
+        return int(asyncio.run(uploads.append_chunk(self.ctx, upload_id, offset, _chunks(data)))["received"])
 
     def finish_upload(self, upload_id: str, sha256: str) -> dict[str, Any]:
-        return drafts.complete_upload(self.ctx, upload_id, sha256)
+        return uploads.complete_upload(self.ctx, upload_id, sha256)
 
     def link(self, draft_id: str, path: str, sha256: str, size: int | None = None) -> dict[str, Any]:
         return drafts.link_file(self.ctx, draft_id, path, sha256, size)
 
     def commit(self, draft_id: str, status: str = "ready") -> VersionView:
         """Commit a draft; ``status="candidate"`` records it as a machine-made version would be."""
-        options = None if status == "ready" else drafts.CommitOptions(status=status)
-        return drafts.commit(self.ctx, draft_id, actor="tester", options=options)
+        options = None if status == "ready" else recording.CommitOptions(status=status)
+        return recording.commit(self.ctx, draft_id, actor="tester", options=options)
 
     def push_files(self, model: str, files: Mapping[str, bytes], status: str = "ready", **spec: Any) -> VersionView:
         draft_id = self.draft(model, **spec)
@@ -165,7 +165,7 @@ class InProcess:
         return self.push_files(model, {"model.safetensors": weights_bytes(seed)}, **spec)
 
     def push_folder(self, model: str, folder: Path, **spec: Any) -> VersionView:
-        return drafts.ingest_folder(self.ctx, folder, self.spec(model, **spec), actor="tester")
+        return recording.ingest_folder(self.ctx, folder, self.spec(model, **spec), actor="tester")
 
     # ----------------------------------------------------------------- small models built in code
 

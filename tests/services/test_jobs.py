@@ -18,6 +18,7 @@ import registry.services.verify  # noqa: F401  (registers the handler the runner
 from registry.errors import InvalidInput, NotFound
 from registry.models import Event, Job, utcnow
 from registry.services import dispatcher, jobs, runner
+from registry.services.jobtypes import JobParams, PruneParams, VerifyParams
 from registry.services.verify import request_verify
 
 from .inproc import WORKER, InProcess
@@ -25,9 +26,14 @@ from .inproc import WORKER, InProcess
 pytestmark = pytest.mark.services
 
 
+def _params(type: str, n: int = 1) -> JobParams:
+    return VerifyParams(version_id=n) if type == "verify" else PruneParams(basis_id=n, max_error=0.0)
+
+
 def _new_job(reg: InProcess, key: str | None = None, max_attempts: int = 3, type: str = "verify") -> int:
     with reg.ctx.db.write() as s:
-        job, created = jobs.create(s, type=type, params={"n": 1}, idempotency_key=key, max_attempts=max_attempts)
+        job, created = jobs.create(s, _params(type), settings=reg.ctx.settings, idempotency_key=key,
+                                   max_attempts=max_attempts)
         assert created
         return job.id
 
@@ -44,13 +50,17 @@ def _seconds_until(when: Any) -> float:
 def test_idempotency_key_returns_the_existing_job(reg: InProcess) -> None:
     first = _new_job(reg, key="k-1")
     with reg.ctx.db.write() as s:
-        again, created = jobs.create(s, type="verify", params={"n": 2}, idempotency_key="k-1")
-        assert (again.id, created, again.params) == (first, False, {"n": 1})
+        again, created = jobs.create(s, _params("verify", 2), settings=reg.ctx.settings, idempotency_key="k-1")
+        assert (again.id, created, again.params) == (first, False, {"version_id": 1})
     with reg.ctx.db.write() as s:
-        other, created = jobs.create(s, type="verify", params={}, idempotency_key="k-2")
+        other, created = jobs.create(s, _params("verify", 3), settings=reg.ctx.settings, idempotency_key="k-2")
         assert created and other.id != first
+
+    class BakeCake(JobParams):
+        n: int = 1
+
     with pytest.raises(InvalidInput) as e, reg.ctx.db.write() as s:
-        jobs.create(s, type="bake_cake", params={})
+        jobs.create(s, BakeCake(), settings=reg.ctx.settings)
     assert e.value.code == "invalid_job_type"
 
 
@@ -132,7 +142,7 @@ def test_runner_outcomes(reg: InProcess, monkeypatch: pytest.MonkeyPatch) -> Non
         run.progress(0.5, "working")
         what = behaviour["do"]
         if what == "ok":
-            return {"params": run.params, "attempt": run.attempt}
+            return {"params": run.params.to_row(), "attempt": run.attempt}
         if what == "invalid":
             raise InvalidInput("no good", code="bad_params")
         if what == "crash":
@@ -144,7 +154,7 @@ def test_runner_outcomes(reg: InProcess, monkeypatch: pytest.MonkeyPatch) -> Non
     behaviour["do"] = "ok"
     ok = _new_job(reg)
     assert reg.run(ok) == "succeeded"
-    assert reg.job(ok)["result"] == {"params": {"n": 1}, "attempt": 1}
+    assert reg.job(ok)["result"] == {"params": {"version_id": 1}, "attempt": 1}
     assert reg.job(ok)["worker"] == WORKER
     assert reg.run(ok) == "skipped"  # a second delivery of the same id
 

@@ -22,6 +22,7 @@ from registry.weights.checkpoint import (
     iter_safetensors_bytes,
     open_checkpoint,
     safetensors_layout,
+    safetensors_range,
     sharded_layout,
 )
 from registry.weights.errors import CheckpointFormatError, ShapeMismatchError, WeightsError
@@ -100,6 +101,29 @@ def test_layout_known_before_tensors_exist(tmp_path: Path) -> None:
     assert streamed == data
     order = sorted(layout.order, key=lambda n: layout.offsets[n][0])
     assert list(layout.order) == order
+
+
+def test_any_range_streams_the_files_bytes_reading_only_what_it_covers(tmp_path: Path) -> None:
+    tensors = mixed_tensors()
+    layout = safetensors_layout([TensorSpec.of(n, t) for n, t in tensors.items()], {"format": "pt"})
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    data = (tmp_path / "ref.safetensors").read_bytes()
+    asked: list[str] = []
+
+    def read(name: str, lo: int, hi: int) -> bytes:
+        asked.append(name)
+        return bytes(tensors[name].reshape(-1).contiguous().view(torch.uint8)[lo:hi].tolist())
+
+    size = layout.total_size
+    rng = random.Random(0)
+    cuts = [(0, size), (0, 1), (size - 1, size), (len(layout.header) - 3, len(layout.header) + 5)]
+    cuts += [tuple(sorted(rng.sample(range(size + 1), 2))) for _ in range(40)]
+    for start, end in cuts:
+        asked.clear()
+        assert b"".join(safetensors_range(layout, start, end, read, piece=5)) == data[start:end]
+        for name in set(asked):
+            b, e = layout.offsets[name]
+            assert len(layout.header) + b < end and len(layout.header) + e > start  # overlapped
 
 
 def test_readers_read_what_we_write(tmp_path: Path) -> None:

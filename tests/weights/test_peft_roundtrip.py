@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from peft.utils.other import get_pattern_key as peft_get_pattern_key  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from registry.weights import rmm  # noqa: E402
+from registry.weights import rmm, rmm_baselines  # noqa: E402
 from registry.weights.adapters import get_pattern_key, load_peft_adapter, save_peft_adapter  # noqa: E402
 
 D = 16
@@ -169,7 +169,7 @@ def test_basis_member_round_trips_through_peft(trained, tmp_path, case):
 def test_truncated_adapter_with_new_ranks_loads_in_peft(trained, tmp_path):
     base, _, folders = trained["patterns"]
     adapter = load_peft_adapter(folders[0])
-    cut = rmm.truncate_adapter(adapter, 3)  # modules of rank 2 keep rank 2, others drop to 3
+    cut = rmm_baselines.truncate_adapter(adapter, 3)  # modules of rank 2 keep rank 2, others drop to 3
     save_peft_adapter(cut, tmp_path / "cut")
     config = json.loads((tmp_path / "cut" / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["lora_alpha"] == 3

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from registry.weights import rmm
+from registry.weights import rmm, rmm_baselines
 from registry.weights.adapters import LoraAdapter
 from registry.weights.errors import (
     CheckpointFormatError,
@@ -330,13 +330,13 @@ def _regauge(ad: LoraAdapter, seed: int) -> LoraAdapter:
 
 def test_delta_basis_is_gauge_invariant_and_exact_at_full_k(lora_adapters):
     ads = lora_adapters(4, 3, SMALL)
-    full = rmm.fit_delta_basis(ads, k=12)
+    full = rmm_baselines.fit_delta_basis(ads, k=12)
     assert max(e.overall for e in full.member_errors()) < 1e-6
-    assert max_factor_diff(rmm.truncate_adapter(ads[0], 3), ads[0]) == 0.0
+    assert max_factor_diff(rmm_baselines.truncate_adapter(ads[0], 3), ads[0]) == 0.0
     for i, ad in enumerate(ads):
-        assert rmm.adapter_error(ad, full.reconstruct(i)).overall < 1e-5
+        assert rmm_baselines.adapter_error(ad, full.reconstruct(i)).overall < 1e-5
     regauged = [_regauge(a, s) for s, a in enumerate(ads)]
-    d1, d2 = rmm.fit_delta_basis(ads, k=5), rmm.fit_delta_basis(regauged, k=5)
+    d1, d2 = rmm_baselines.fit_delta_basis(ads, k=5), rmm_baselines.fit_delta_basis(regauged, k=5)
     for e1, e2 in zip(d1.member_errors(), d2.member_errors(), strict=True):
         assert e1.overall == pytest.approx(e2.overall, rel=1e-4)
     r1, r2 = rmm.fit_basis(ads, p=1), rmm.fit_basis(regauged, p=1)
@@ -347,22 +347,22 @@ def test_delta_basis_is_gauge_invariant_and_exact_at_full_k(lora_adapters):
     assert d1.storage_ratio() == pytest.approx(
         sum(5 * (d + m) + 4 * 25 for d, m in SMALL.values()) / sum(4 * 3 * (d + m) for d, m in SMALL.values())
     )
-    budget = rmm.fit_delta_basis(ads, max_error=0.2)
+    budget = rmm_baselines.fit_delta_basis(ads, max_error=0.2)
     for name, k in budget.k.items():
         assert max(e.modules[name] for e in budget.member_errors()) <= 0.2
         if k:
-            assert max(e.modules[name] for e in rmm.fit_delta_basis(ads, k=k - 1).member_errors()) > 0.2
+            assert max(e.modules[name] for e in rmm_baselines.fit_delta_basis(ads, k=k - 1).member_errors()) > 0.2
 
 
 def test_truncate_adapter_is_the_best_rank_k_approximation(lora_adapters):
     ad = lora_adapters(1, 5, SMALL, dtype=torch.float16)[0]
     for k in (0, 2, 4):
-        cut = rmm.truncate_adapter(ad, k)
+        cut = rmm_baselines.truncate_adapter(ad, k)
         assert cut.dtype == torch.float16 and all(m.rank == k for m in cut.modules.values())
-        err = rmm.adapter_error(ad, cut)
+        err = rmm_baselines.adapter_error(ad, cut)
         for name in SMALL:
             s = torch.linalg.svdvals(ad.delta(name, dtype=torch.float64))
             assert err.modules[name] == pytest.approx(float(s[k:].norm() / s.norm()), rel=1e-5, abs=1e-7)
-    assert rmm.truncate_adapter(ad, 9).modules["l0.q"].rank == 5
+    assert rmm_baselines.truncate_adapter(ad, 9).modules["l0.q"].rank == 5
     with pytest.raises(WeightsError, match="non-negative"):
-        rmm.truncate_adapter(ad, -1)
+        rmm_baselines.truncate_adapter(ad, -1)

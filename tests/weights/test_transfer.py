@@ -355,7 +355,7 @@ def test_chunking_never_changes_a_bit(tmp_path: Path, write_ckpt: WriteCkpt, mon
     f["lm_head.weight"] = torch.cat([f["lm_head.weight"], torch.ones(3, H, dtype=torch.bfloat16)])  # padding
     paths = save3(write_ckpt, tmp_path, f, s, t)
     whole = transfer(*paths, tmp_path / "whole.safetensors", alpha=0.3)
-    monkeypatch.setattr(transfer_module, "_CHUNK", 7)  # chunks straddle rows and the padding boundary
+    monkeypatch.setattr(transfer_module, "CHUNK", 7)  # chunks straddle rows and the padding boundary
     small = transfer(*paths, tmp_path / "small.safetensors", alpha=0.3)
     assert (tmp_path / "small.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
     assert small.cosine == pytest.approx(whole.cosine, rel=1e-5)

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ...errors import BadRequest
-from ...services import drafts, names
+from ...services import drafts, names, recording, uploads
 from ...services.drafts import DraftSpec
 from ..deps import Ctx, Writer, streamed_body
 from ..responses import AUTHENTICATED, errors
@@ -78,13 +78,13 @@ def link_file(draft_id: str, body: LinkFile, ctx: Ctx, who: Writer) -> object:
              responses=errors(404, 413, 422))
 def create_upload(draft_id: str, body: UploadCreate, ctx: Ctx, who: Writer) -> object:
     """Open a resumable upload for a large file: PATCH chunks with ``Upload-Offset``, then commit."""
-    return drafts.create_upload(ctx, draft_id, body.path, body.size, who)
+    return uploads.create_upload(ctx, draft_id, body.path, body.size, who)
 
 
 @router.get("/uploads/{upload_id}", response_model=UploadOut, responses=errors(404, 422))
 def get_upload(upload_id: str, ctx: Ctx, who: Writer) -> object:
     """How many bytes arrived (resume from ``received``)."""
-    return drafts.get_upload(ctx, upload_id, who)
+    return uploads.get_upload(ctx, upload_id, who)
 
 
 @router.patch("/uploads/{upload_id}", response_model=UploadOut, responses=errors(400, 404, 408, 409, 413, 422),
@@ -98,18 +98,18 @@ async def append_chunk(
     if offset is None:
         raise BadRequest(f"bad Upload-Offset {upload_offset!r}: expected ASCII digits", code="invalid_offset",
                          details={"offset": upload_offset})
-    return await drafts.append_chunk(ctx, upload_id, offset, request.stream(), who)
+    return await uploads.append_chunk(ctx, upload_id, offset, request.stream(), who)
 
 
 @router.post("/uploads/{upload_id}/commit", status_code=status.HTTP_201_CREATED, response_model=DraftFileOut,
              responses=errors(400, 404, 409, 413, 422, 503))
 async def commit_upload(upload_id: str, body: UploadCommit, ctx: Ctx, who: Writer) -> object:
-    return await run_in_threadpool(drafts.complete_upload, ctx, upload_id, body.sha256, who)
+    return await run_in_threadpool(uploads.complete_upload, ctx, upload_id, body.sha256, who)
 
 
 @router.delete("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 422))
 def abort_upload(upload_id: str, ctx: Ctx, who: Writer) -> Response:
-    drafts.abort_upload(ctx, upload_id, who)
+    uploads.abort_upload(ctx, upload_id, who)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -117,4 +117,4 @@ def abort_upload(upload_id: str, ctx: Ctx, who: Writer) -> Response:
              responses=errors(404, 409, 422))
 def commit_draft(draft_id: str, ctx: Ctx, who: Writer) -> object:
     """Validate the whole version and make it visible atomically, with the next version number."""
-    return drafts.commit(ctx, draft_id, who.name, who=who)
+    return recording.commit(ctx, draft_id, who.name, who=who)

@@ -1,0 +1,280 @@
+"""Recording a version: a draft's commit, and the one transaction every version goes through.
+
+:func:`commit` validates the whole version, moves staged files into the blob store
+(content-addressed: identical files are stored once) and then, in ONE database transaction,
+records it with :func:`record_version`: the next version number, blobs, manifest, lineage, tags,
+aliases and an event. If anything fails, no version exists. Versions the server makes (job
+outputs, derived versions) are recorded by the same :func:`record_version`, through
+:func:`ingest_folder` (a local folder, the same draft -> commit path as a push) or directly with
+the files they generate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ..errors import Conflict, InvalidInput
+from ..formats import inspect as fmt
+from ..models import (
+    DerivedFile,
+    Draft,
+    LineageEdge,
+    Model,
+    ModelVersion,
+    Relation,
+    VersionFile,
+    VersionTag,
+    utcnow,
+)
+from . import blobs, content
+from .aliases import set_row
+from .context import RegistryContext
+from .drafts import (
+    DraftSpec,
+    abort_draft,
+    create_draft,
+    draft_row,
+    link_file,
+    local_source,
+    resolve_base,
+    resolve_body_ref,
+    stage_local_file,
+)
+from .events import emit
+from .refs import model_named
+from .sql import insert_ignore
+from .tokens import Principal
+from .views import VersionView, version_view
+
+
+def _sources(ctx: RegistryContext, s: Session, draft: Draft) -> dict[str, fmt.FileSource]:
+    """A readable source for every file of the draft (staged file, or blob already stored)."""
+    sources: dict[str, fmt.FileSource] = {}
+    for f in draft.files:
+        staged = ctx.staging.staged_path(draft.id, f.sha256)
+        if f.staged and staged.exists():
+            src = local_source(f.path, staged, f.sha256, f.size)
+            src.needs_scan = False  # scanned on arrival
+        else:
+            if not content.exists(ctx, f.sha256):
+                raise Conflict(f"{f.path}: its bytes are no longer available; upload it again",
+                               code="blob_missing", details={"path": f.path})
+
+            def read_at(offset: int, length: int, sha: str = f.sha256) -> bytes:
+                return content.read_bytes(ctx, sha, offset, offset + length)
+
+            def iter_bytes(sha: str = f.sha256) -> Iterator[bytes]:
+                return content.iter_range(ctx, sha)
+
+            src = fmt.FileSource(path=f.path, sha256=f.sha256, size=f.size, read_at=read_at, iter_bytes=iter_bytes)
+            if fmt.is_weights(f.path):
+                # A deduplicated blob was scanned before if some version already holds it as weights.
+                prior = s.scalar(select(func.count()).select_from(VersionFile).where(
+                    VersionFile.blob_sha256 == f.sha256, VersionFile.path.like("%.safetensors")))
+                src.needs_scan = not prior
+        sources[f.path] = src
+    return sources
+
+
+@dataclass
+class CommitOptions:
+    """How a machine-made version is recorded (user pushes use the defaults)."""
+
+    status: str = "ready"
+    recipe: dict[str, Any] | None = None
+    mlflow_run_id: str | None = None
+    extra_summary: dict[str, Any] | None = None
+    # Runs inside the commit transaction after the version row exists (e.g. completing a job).
+    hook: Callable[[Session, ModelVersion], None] | None = None
+
+
+def commit(ctx: RegistryContext, draft_id: str, actor: str | None,
+           options: CommitOptions | None = None, who: Principal | None = None) -> VersionView:
+    settings = ctx.settings
+    opts = options or CommitOptions()
+    with ctx.db.read() as s:
+        draft = draft_row(s, draft_id, who)
+        spec = dict(draft.spec)
+        model_name = draft.model_name
+        if not draft.files:
+            raise InvalidInput("nothing to commit: the draft has no files", code="empty_version")
+        manifest = {f.path: f.sha256 for f in draft.files}
+        sizes = {f.path: f.size for f in draft.files}
+        staged = {f.sha256 for f in draft.files if f.staged}
+        model = s.scalar(model_named(model_name))
+        base = resolve_base(s, spec["base"]) if spec.get("base") else None
+        kind = spec.get("kind") or (model.kind if model else None) or fmt.infer_kind(list(manifest), base is not None)
+        if model is not None and model.kind != kind:
+            raise Conflict(f"model {model_name!r} holds {model.kind} versions, not {kind}", code="kind_mismatch",
+                           details={"model": model_name, "kind": model.kind})
+        if kind in ("adapter", "finetune") and base is None:
+            raise InvalidInput(f"a {kind} must be pinned to a base version (--base NAME@VERSION)",
+                               code="base_required")
+        base_index = dict(base.tensor_index or {}) if base is not None else None
+        sources = _sources(ctx, s, draft)
+        chash = fmt.content_hash(manifest)
+        if model is not None:
+            check_duplicate(s, model.id, chash, base.id if base is not None else None, model_name)
+
+    check_finite = settings.check_finite == "all" or (settings.check_finite == "adapters" and kind == "adapter")
+    insp = fmt.inspect_version(kind, sources, max_header_bytes=settings.max_header_bytes, check_finite=check_finite)
+    if base_index is not None and base is not None:
+        _check_against_base(kind, insp, base_index, str(spec["base"]))
+
+    # Bytes into the blob store before the transaction. Their rows were claimed when the files
+    # joined the draft, so gc leaves them alone; the transaction turns the rows ready.
+    known: set[str] = set()
+    if staged:
+        with ctx.db.read() as s:
+            known = blobs.ready(s, staged)
+    for sha in sorted(staged - known):
+        path = ctx.staging.staged_path(draft_id, sha)
+        if path.exists():
+            ctx.store.put(sha, path)
+        elif not content.exists(ctx, sha):
+            raise Conflict(f"staged bytes for {sha} are gone; upload the file again", code="blob_missing")
+
+    with ctx.db.write() as s:
+        draft = draft_row(s, draft_id)
+        v = record_version(
+            s, model_name=model_name, kind=kind, actor=actor, base=base, spec=spec, content_sha256=chash,
+            fingerprint=insp.fingerprint, summary={**insp.summary, **(opts.extra_summary or {})},
+            tensor_index=insp.tensor_index, files={p: (manifest[p], sizes[p]) for p in manifest},
+            new_blobs=staged - known, options=opts,
+            before_events=lambda: s.delete(draft),
+        )
+        view = version_view(s, v)
+    ctx.staging.remove_draft(draft_id)
+    return view
+
+
+def record_version(
+    s: Session, *, model_name: str, kind: str, actor: str | None, base: ModelVersion | None, spec: dict[str, Any],
+    content_sha256: str, fingerprint: str | None, summary: dict[str, Any], tensor_index: dict[str, Any],
+    files: dict[str, tuple[str, int]], new_blobs: set[str], options: CommitOptions,
+    generated: dict[str, tuple[str, int]] | None = None, storage_mode: str = "stored",
+    before_events: Callable[[], None] | None = None,
+) -> ModelVersion:
+    """Record a version in the caller's transaction: the next number of its model (created if
+    needed), blob rows for ``new_blobs``, its manifest (``files``: path -> (blob sha256, size);
+    ``generated``: path -> (sha256, size) of files the server generates), tags, lineage, aliases,
+    the options' hook and the events. The same path for pushes, job outputs and derived versions."""
+    model = _get_or_create_model(s, model_name, kind, actor)
+    number = s.execute(
+        update(Model).where(Model.id == model.id).values(last_version=Model.last_version + 1)
+        .returning(Model.last_version)
+    ).scalar_one()
+    check_duplicate(s, model.id, content_sha256, base.id if base is not None else None, model_name)
+    if base is not None:
+        locked = s.scalar(select(ModelVersion).where(ModelVersion.id == base.id).with_for_update(read=True))
+        if locked is None or locked.archived_at is not None:
+            raise InvalidInput(f"base {spec.get('base')} was archived meanwhile", code="invalid_base")
+    # Bytes this commit put into the store become ready; reused bytes must be ready (and stay
+    # locked until this transaction commits).
+    blobs.mark_ready(s, {sha: size for sha, size in files.values() if sha in new_blobs})
+    blobs.lock_ready(s, {sha for sha, _ in files.values()} - new_blobs)
+    generated = generated or {}
+    all_sizes = [size for _, size in files.values()] + [size for _, size in generated.values()]
+    v = ModelVersion(
+        model=model, model_id=model.id, version=number, kind=kind, status=options.status, storage_mode=storage_mode,
+        base_version_id=base.id if base is not None else None, fingerprint=fingerprint,
+        content_sha256=content_sha256, total_size=sum(all_sizes), file_count=len(all_sizes),
+        description=spec.get("description") or "", summary=summary, tensor_index=tensor_index,
+        recipe=options.recipe, mlflow_run_id=options.mlflow_run_id, created_by=actor,
+        # what this commit added to the store (bytes it reuses were counted where first stored)
+        stored_bytes=sum({sha: size for sha, size in files.values() if sha in new_blobs}.values()),
+    )
+    s.add(v)
+    s.flush()
+    s.add_all(VersionFile(version_id=v.id, path=p, blob_sha256=sha, size=size) for p, (sha, size) in files.items())
+    s.add_all(DerivedFile(version_id=v.id, format="native", path=p, sha256=sha, size=size)
+              for p, (sha, size) in generated.items())
+    s.add_all(VersionTag(version_id=v.id, key=k, value=val) for k, val in (spec.get("tags") or {}).items())
+    if base is not None and kind in ("adapter", "finetune"):
+        rel = Relation.adapter_of if kind == "adapter" else Relation.finetune_of
+        s.add(LineageEdge(child_id=v.id, parent_id=base.id, relation=rel.value, params={}))
+    for p in spec.get("parents") or []:
+        parent = resolve_body_ref(s, p["ref"], "parent")
+        if base is not None and parent.id == base.id and p["relation"] in ("adapter_of", "finetune_of"):
+            continue
+        s.add(LineageEdge(child_id=v.id, parent_id=parent.id, relation=p["relation"], params=p["params"]))
+    for alias in spec.get("aliases") or []:
+        set_row(s, model.id, alias, v.id)
+    if before_events is not None:
+        before_events()
+    s.flush()
+    if options.hook is not None:
+        options.hook(s, v)
+    ref = f"{model_name}@{number}"
+    emit(s, "version.created", model_name=model_name, version_id=v.id, ref=ref, kind=kind, status=options.status,
+         storage_mode=storage_mode, base=spec.get("base"), content_sha256=content_sha256)
+    for alias in spec.get("aliases") or []:
+        emit(s, "alias.set", model_name=model_name, version_id=v.id, alias=alias, ref=ref)
+    return v
+
+
+def check_duplicate(s: Session, model_id: int, chash: str, base_id: int | None, model_name: str) -> None:
+    """Versions are immutable: the same files pinned to the same base would add nothing. (The same
+    files pinned to another base are a new version: an adapter re-pinned to a new base.)"""
+    dup = s.scalar(select(ModelVersion.version).where(
+        ModelVersion.model_id == model_id, ModelVersion.content_sha256 == chash,
+        ModelVersion.base_version_id.is_(None) if base_id is None else ModelVersion.base_version_id == base_id,
+        ModelVersion.archived_at.is_(None)).limit(1))
+    if dup is not None:
+        raise Conflict(f"{model_name}@{dup} already holds exactly these files; versions are immutable and "
+                       "a duplicate would add nothing", code="duplicate_content",
+                       details={"existing": f"{model_name}@{dup}"})
+
+
+def _check_against_base(kind: str, insp: fmt.Inspection, base_index: dict[str, Any], base_ref: str) -> None:
+    from ..formats.peft import check_against_base
+
+    if kind == "adapter" and insp.adapter is not None:
+        problems = check_against_base(insp.adapter, base_index)
+        what = "adapter modules do not match"
+    elif kind == "finetune":
+        problems = fmt.check_finetune_against_base(insp.tensor_index, base_index)
+        what = "fine-tune tensors do not match"
+    else:
+        return
+    if problems:
+        keys = ", ".join(p["key"] for p in problems[:10])
+        more = f" and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise InvalidInput(f"{what} the base {base_ref}: {keys}{more}", code="shape_mismatch",
+                           details={"base": base_ref, "mismatches": problems})
+
+
+def _get_or_create_model(s: Session, name: str, kind: str, actor: str | None) -> Model:
+    insert_ignore(s, Model.__table__, [{"name": name, "kind": kind, "description": "", "last_version": 0,
+                                        "created_at": utcnow(), "created_by": actor}])
+    model = s.scalar(model_named(name))
+    assert model is not None
+    if model.kind != kind:
+        raise Conflict(f"model {name!r} holds {model.kind} versions, not {kind}", code="kind_mismatch",
+                       details={"model": name, "kind": model.kind})
+    return model
+
+
+def ingest_folder(ctx: RegistryContext, folder: Path, spec: DraftSpec, actor: str | None,
+                  options: CommitOptions | None = None, links: dict[str, str] | None = None) -> VersionView:
+    """Create a version from a local folder (and/or ``links``: path -> sha256 of bytes the registry
+    already holds), through the same draft -> commit path as a push. On failure the draft is removed."""
+    draft = create_draft(ctx, spec, actor)
+    try:
+        for path, sha in sorted((links or {}).items()):
+            link_file(ctx, draft["id"], path, sha, None)
+        if folder is not None and folder.exists():
+            for local in sorted(p for p in folder.rglob("*") if p.is_file()):
+                stage_local_file(ctx, draft["id"], local.relative_to(folder).as_posix(), local)
+        return commit(ctx, draft["id"], actor, options)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            abort_draft(ctx, draft["id"])
+        raise
