@@ -198,6 +198,8 @@ class _Row:
     opt: int
     length: int
     e: int = 0  # ec: step exponent byte
+    mq: int = 0  # ec: the Laplace model (option q of a row whose step is 2^(mq/4) of its rms)
+    K: int = 0  # ec: codes lie in [−K, K]
     codes: torch.Tensor | None = None  # ec / fixed: int64 codes
     scales: torch.Tensor | None = None  # fixed: float16 scales per group
     values: torch.Tensor | None = None  # f16 / src: the stored values
@@ -265,10 +267,7 @@ def _ec_codes(X: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     the step nearest (in log scale) to 2^(q/4) · rms(row); exponent 0 marks a row stored as zeros."""
     n, L = X.shape
     K = codec.alphabet(L, q)
-    target = codec.ratio(q) * X.square().mean(dim=1).sqrt()
-    ok = (target > 0) & torch.isfinite(target)
-    e = torch.round(8.0 * (torch.log2(torch.where(ok, target, 1.0)) + 24.0)).clamp(0, 255).to(torch.int64)
-    e = torch.where(ok, e, 0)
+    e = _exponents(codec.ratio(q) * X.square().mean(dim=1).sqrt())
     codes = torch.round(X / _STEPS[e].to(_F64).unsqueeze(1)).clamp(-K, K).to(torch.int64)
     codes[e == 0] = 0
     return codes, e
@@ -295,29 +294,68 @@ def _quantize_batch(X: torch.Tensor, oi: int, src: torch.dtype) -> tuple[torch.T
     return _to_src(vals, src).to(_F64), stored
 
 
-def _ec_all(X: torch.Tensor, options: Sequence[int], src: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every entropy-coded option at once on rows X [n, L]: (decoded values [Q, n, L] float64, estimated
-    bytes [Q, n]); the same numbers as :func:`_quantize_batch` and :func:`_row_bytes` per option."""
-    n, L = X.shape
-    qs = [OPTIONS[oi].q for oi in options]
-    Ks = torch.tensor([codec.alphabet(L, q) for q in qs], dtype=torch.int64)
-    kmax = int(Ks.max())
-    table = torch.full((len(qs), 2 * kmax + 1), math.inf, dtype=_F64)
-    for j, q in enumerate(qs):
-        K = int(Ks[j])
-        table[j, kmax - K : kmax + K + 1] = codec.length_table(q, K)
-    ratios = torch.tensor([codec.ratio(q) for q in qs], dtype=_F64)
-    target = ratios[:, None] * X.square().mean(dim=1).sqrt()[None, :]  # [Q, n]
+def _model_offset(length: int, total: int) -> int:
+    """round(2 log2(2·length / total)) in integer arithmetic: how many quarter-octaves finer than the
+    component's ratio a row of ``length`` values is, relative to its rms, when the component's step is
+    set from the rms of its ``total`` values (a and b balanced: ‖a‖ = ‖b‖)."""
+    num, den = (2 * length) ** 4, total**4
+    for m in range(-128, 129):  # 2^(2m − 1) ≤ num / den < 2^(2m + 1)
+        lo, hi = 2 * m - 1, 2 * m + 1
+        above = (den << lo) <= num if lo >= 0 else den <= (num << -lo)
+        below = num < (den << hi) if hi >= 0 else (num << -hi) < den
+        if above and below:
+            return m
+    raise AssertionError("model offset out of range")  # pragma: no cover
+
+
+def _component_model(q: int, length: int, total: int) -> tuple[int, int]:
+    """(model q, alphabet K) of a row of ``length`` values of a component of ``total`` values stored
+    with one shared step Δ = 2^(q/4) · rms(a, b). Every |code| ≤ ‖row‖/Δ ≤ 2^(1/16) √total / t; K
+    doubles that for the rows error feedback and the refit of B have grown."""
+    return q + _model_offset(length, total), int(math.ceil(2.1 * math.sqrt(total) / codec.ratio(q))) + 1
+
+
+def _exponents(target: torch.Tensor) -> torch.Tensor:
+    """Step exponent bytes nearest (in log scale) to ``target`` steps; 0 (a row stored as zeros) for
+    zero or non-finite targets."""
     ok = (target > 0) & torch.isfinite(target)
     e = torch.round(8.0 * (torch.log2(torch.where(ok, target, 1.0)) + 24.0)).clamp(0, 255).to(torch.int64)
-    e = torch.where(ok, e, 0)
-    steps = _STEPS[e]  # [Q, n] float32
-    K3 = Ks[:, None, None]
-    codes = torch.maximum(torch.minimum(torch.round(X[None] / steps.to(_F64)[..., None]), K3), -K3).to(torch.int64)
-    codes = torch.where((e == 0)[..., None], 0, codes)
-    vals = _to_src(codes.to(_F32) * steps[..., None], src).to(_F64)
-    bits = torch.gather(table, 1, (codes + kmax).reshape(len(qs), -1)).view(len(qs), n, L).sum(-1)
-    return vals, bits / 8 + 1
+    return torch.where(ok, e, 0)
+
+
+def _component_exponents(a: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
+    """One step exponent per component (rows a [c, in], b [c, out]): Δ ≈ 2^(q/4) · rms of a and b
+    together. One step for both factors is also the better split of the error: every value of a_j and
+    of b_j weighs s_j in ‖ΔŴ − ΔW‖²."""
+    rms = ((a.square().sum(1) + b.square().sum(1)) / (a.shape[1] + b.shape[1])).sqrt()
+    return _exponents(codec.ratio(q) * rms)
+
+
+def _ec_component_codes(X: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
+    codes = torch.round(X / _STEPS[e].to(_F64).unsqueeze(-1))
+    codes = torch.maximum(torch.minimum(codes, torch.tensor(float(K))), torch.tensor(float(-K))).to(torch.int64)
+    return torch.where((e == 0).unsqueeze(-1), 0, codes)
+
+
+def _ec_all(a: torch.Tensor, b: torch.Tensor, options: Sequence[int], src: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every entropy-coded option on the components (a [c, in], b [c, out]) at once: decoded values of
+    a [Q, c, in] and b [Q, c, out] (float64) and estimated bytes [Q, c] (ideal code lengths + the step
+    byte); the values are the ones :func:`_realise_module` stores for a component quantized alone."""
+    qs = [OPTIONS[oi].q for oi in options]
+    d_in, d_out = a.shape[1], b.shape[1]
+    total = d_in + d_out
+    e = torch.stack([_component_exponents(a, b, q) for q in qs])  # [Q, c]
+    steps = _STEPS[e]
+    out_vals, bits = [], torch.zeros(e.shape, dtype=_F64)
+    for X, L in ((a, d_in), (b, d_out)):
+        codes = torch.stack([_ec_component_codes(X, e[j], _component_model(q, L, total)[1])
+                             for j, q in enumerate(qs)])  # [Q, c, L]
+        out_vals.append(_to_src(codes.to(_F32) * steps.unsqueeze(-1), src).to(_F64))
+        for j, q in enumerate(qs):
+            mq, K = _component_model(q, L, total)
+            bits[j] += codec.code_lengths(codes[j], mq, K).sum(-1)
+    return out_vals[0], out_vals[1], bits / 8 + 1
 
 
 def _quantize_rows(X: torch.Tensor, oi: int, src: torch.dtype) -> tuple[torch.Tensor, list[_Row]]:
@@ -325,7 +363,8 @@ def _quantize_rows(X: torch.Tensor, oi: int, src: torch.dtype) -> tuple[torch.Te
     vals, st = _quantize_batch(X, oi, src)
     n, L = X.shape
     if "e" in st:
-        rows = [_Row(oi, L, e=st["e"][i], codes=st["codes"][i]) for i in range(n)]
+        q, K = OPTIONS[oi].q, codec.alphabet(L, OPTIONS[oi].q)
+        rows = [_Row(oi, L, e=st["e"][i], codes=st["codes"][i], mq=q, K=K) for i in range(n)]
     elif "scales" in st:
         rows = [_Row(oi, L, codes=st["codes"][i], scales=st["scales"][i]) for i in range(n)]
     else:
@@ -517,18 +556,32 @@ def _realise_module(mod: _Module, opts: Sequence[int], src: torch.dtype
         return mod.A.new_zeros(0, mod.A.shape[1]), mod.B.new_zeros(mod.B.shape[0], 0), [], []
     kopts = [opts[j] for j in keep]
     Ak, Bk = mod.Ak[keep], mod.Bk[:, keep]
+    total = Ak.shape[1] + Bk.shape[0]
+    # entropy-coded components: one step for a_j and b_j, set from the unquantized SVD form
+    steps = [int(_component_exponents(Ak[j : j + 1], Bk[:, j : j + 1].T, OPTIONS[o].q)[0])
+             if OPTIONS[o].kind == "ec" else 0 for j, o in enumerate(kopts)]
 
-    def quant(j: int, row: torch.Tensor) -> tuple[torch.Tensor, _Row]:
-        vals, rows = _quantize_rows(row.unsqueeze(0), kopts[j], src)
-        return vals[0], rows[0]
+    def quantizer(length: int) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, _Row]]:
+        def quant(j: int, row: torch.Tensor) -> tuple[torch.Tensor, _Row]:
+            opt = OPTIONS[kopts[j]]
+            if opt.kind != "ec":
+                vals, rows = _quantize_rows(row.unsqueeze(0), kopts[j], src)
+                return vals[0], rows[0]
+            mq, K = _component_model(opt.q, length, total)
+            e = torch.tensor(steps[j])
+            codes = _ec_component_codes(row, e, K)
+            out = _Row(kopts[j], length, e=steps[j], codes=codes, mq=mq, K=K)
+            return _row_values(out, src).to(_F64), out
 
-    QA, rows_a = _gptq(Ak, Bk.T @ Bk, quant)
+        return quant
+
+    QA, rows_a = _gptq(Ak, Bk.T @ Bk, quantizer(Ak.shape[1]))
     G = QA @ QA.T
     k = len(keep)
     ridge = 1e-12 * float(G.diagonal().sum()) / k + 1e-300
     rhs = mod.B @ (mod.A @ QA.T)  # [out, k]: B A Âᵀ
     Bstar = torch.linalg.solve(G + ridge * torch.eye(k, dtype=_F64), rhs.T)  # [k, out] = (B*)ᵀ
-    QB, rows_b = _gptq(Bstar, G, quant)
+    QB, rows_b = _gptq(Bstar, G, quantizer(Bk.shape[0]))
     return QA, QB.T, rows_a, rows_b
 
 
@@ -536,13 +589,16 @@ def _realise_module(mod: _Module, opts: Sequence[int], src: torch.dtype
 # Member blobs
 
 
-def _encode_rows(rows: Sequence[_Row], steps: bytearray, body: bytearray, enc: codec.RansEncoder) -> None:
+def _encode_rows(rows: Sequence[_Row], steps: bytearray | None, body: bytearray, enc: codec.RansEncoder) -> None:
+    """Payloads of rows: fixed-size parts to ``body``, codes of entropy-coded rows to ``enc`` and, when
+    ``steps`` is given (rows with a step of their own), their step bytes to ``steps``."""
     for row in rows:
         opt = OPTIONS[row.opt]
         if opt.kind == "ec":
             assert row.codes is not None
-            steps.append(row.e)
-            enc.push(row.codes.tolist(), opt.q, codec.alphabet(row.length, opt.q))
+            if steps is not None:
+                steps.append(row.e)
+            enc.push(row.codes.tolist(), row.mq, row.K)
         elif opt.kind == "fixed":
             assert row.codes is not None and row.scales is not None
             body += _tensor_bytes(row.scales)
@@ -552,16 +608,18 @@ def _encode_rows(rows: Sequence[_Row], steps: bytearray, body: bytearray, enc: c
             body += _tensor_bytes(row.values)
 
 
-def _decode_rows(opts: Sequence[int], length: int, src: torch.dtype, rd: _Reader,
-                 steps: list[int], pending: list[_Row]) -> list[_Row]:
-    """Read the fixed-size payloads of rows; entropy-coded rows get their codes from the rANS stream
+def _decode_rows(opts: Sequence[int], length: int, total: int, src: torch.dtype, rd: _Reader,
+                 steps: Sequence[int], pending: list[_Row]) -> list[_Row]:
+    """Read the fixed-size payloads of the rows of one factor of a module (``steps``: the step byte of
+    each component, ``total`` = in + out); entropy-coded rows get their codes from the rANS stream
     afterwards (they are queued on ``pending`` in stream order)."""
     rows = []
-    for oi in opts:
+    for oi, e in zip(opts, steps, strict=True):
         opt = OPTIONS[oi]
         row = _Row(oi, length)
         if opt.kind == "ec":
-            row.e = steps.pop(0)
+            row.e = e
+            row.mq, row.K = _component_model(opt.q, length, total)
             pending.append(row)
         elif opt.kind == "fixed":
             ng = -(-length // (opt.group or length))
@@ -580,8 +638,7 @@ def _read_pending(pending: Sequence[_Row], stream: bytes) -> None:
     dec = codec.RansDecoder(stream)
     try:
         for row in pending:
-            q = OPTIONS[row.opt].q
-            row.codes = torch.tensor(dec.read(row.length, q, codec.alphabet(row.length, q)), dtype=torch.int64)
+            row.codes = torch.tensor(dec.read(row.length, row.mq, row.K), dtype=torch.int64)
     except ValueError as exc:
         raise CheckpointFormatError(f"corrupt entropy-coded stream in a plan blob: {exc}") from exc
     if not dec.done():
@@ -609,9 +666,10 @@ def _encode_own(member: _Member, choice: _OwnChoice) -> tuple[bytes, Factors]:
     """The blob of a member stored with its own factors, and the reconstructed factors (float64).
 
     Layout: a byte (kind | dtype code << 4); per module a varint v (0 = raw, then the raw variant
-    byte and the rank; else v − 1 option bytes, one per component); the step bytes of all
-    entropy-coded rows; the fixed-size payloads (raw factors, float16/source values, fixed-rate
-    scales and packed codes) in module order, rows of A before rows of B; the rANS stream."""
+    byte and the rank; else v − 1 option bytes, one per component); one step byte per entropy-coded
+    component (shared by its row of A and column of B); the fixed-size payloads (raw factors,
+    float16/source values, fixed-rate scales and packed codes) in module order, rows of A before rows
+    of B; the rANS stream."""
     src = member.adapter.dtype
     head = bytearray([_KIND_OWN | (_DTYPES.index(src) << 4)])
     steps = bytearray()
@@ -627,7 +685,8 @@ def _encode_own(member: _Member, choice: _OwnChoice) -> tuple[bytes, Factors]:
         opts = _trim(opts)
         head += _varint(len(opts) + 1) + bytes(opts)
         QA, QB, rows_a, rows_b = _realise_module(mod, opts, src)
-        _encode_rows(rows_a + rows_b, steps, body, enc)
+        steps += bytes(r.e for r in rows_a if OPTIONS[r.opt].kind == "ec")
+        _encode_rows(rows_a + rows_b, None, body, enc)
         factors[mod.name] = (QA, QB)
     return bytes(head + steps + body + enc.finish()), factors
 
@@ -652,7 +711,7 @@ def _decode_own(blob: bytes, layout: Sequence[tuple[str, int, int]], config: Map
             if any(o >= len(OPTIONS) for o in opts):
                 raise CheckpointFormatError("unknown option in a plan blob")
             kept = [o for o in opts if o != _DROP]
-            n_ec += 2 * sum(OPTIONS[o].kind == "ec" for o in kept)
+            n_ec += sum(OPTIONS[o].kind == "ec" for o in kept)
             specs.append(("opts", kept))
     steps = list(rd.take(n_ec))
     pending: list[_Row] = []
@@ -672,8 +731,9 @@ def _decode_own(blob: bytes, layout: Sequence[tuple[str, int, int]], config: Map
                 outs.append(y)
             built.append(("raw", outs[0], outs[1]))
         else:
-            rows_a = _decode_rows(spec, d_in, src, rd, steps, pending)
-            rows_b = _decode_rows(spec, d_out, src, rd, steps, pending)
+            comp = [steps.pop(0) if OPTIONS[o].kind == "ec" else 0 for o in spec]
+            rows_a = _decode_rows(spec, d_in, d_in + d_out, src, rd, comp, pending)
+            rows_b = _decode_rows(spec, d_out, d_in + d_out, src, rd, comp, pending)
             built.append(("rows", rows_a, rows_b))
     _read_pending(pending, rd.rest())
     factors: Factors = {}
@@ -738,9 +798,9 @@ def _prepare(index: int, name: str, adapter: LoraAdapter, layout: Sequence[tuple
         ee = torch.full((c, len(OPTIONS)), math.inf, dtype=_F64)
         ec = [oi for oi in allowed if OPTIONS[oi].kind == "ec"]
         if ec:  # every entropy-coded step at once
-            (qa, ba), (qb, bb) = _ec_all(a, ec, src), _ec_all(b, ec, src)
+            qa, qb, bq = _ec_all(a, b, ec, src)
             idx = torch.tensor(ec)
-            eb[:, idx] = (ba + bb + 1).T
+            eb[:, idx] = (bq + 1).T
             ee[:, idx] = (qb.square().sum(-1) * qa.square().sum(-1) - 2 * (qb * b).sum(-1) * (qa * a).sum(-1)
                           + nb2 * na2).clamp_min(0).T
         for oi in allowed:
@@ -979,7 +1039,7 @@ def _decode_basis(blob: bytes, layout: Sequence[tuple[str, int, int]]) -> dict[s
     pending: list[_Row] = []
     for (_name, d_in, d_out), (p, r) in zip(layout, dims, strict=True):
         lengths = [d_in] * (r + p * r) + [d_out] * (r + p * r)
-        rows = [_Row(oi, L, e=steps.pop(0)) for L in lengths]
+        rows = [_Row(oi, L, e=steps.pop(0), mq=_BASIS_Q, K=codec.alphabet(L, _BASIS_Q)) for L in lengths]
         pending += rows
         rows_by_module.append(rows)
     _read_pending(pending, rd.rest())
@@ -1060,8 +1120,8 @@ def _decode_rmm_member(blob: bytes, layout: Sequence[tuple[str, int, int]],
     pending: list[_Row] = []
     rows_by_module = []
     for _name, d_in, d_out, p in dims:
-        ra = [_Row(oi, d_in, e=steps.pop(0)) for _ in range(p)]
-        rb = [_Row(oi, d_out, e=steps.pop(0)) for _ in range(p)]
+        ra = [_Row(oi, d_in, e=steps.pop(0), mq=q, K=codec.alphabet(d_in, q)) for _ in range(p)]
+        rb = [_Row(oi, d_out, e=steps.pop(0), mq=q, K=codec.alphabet(d_out, q)) for _ in range(p)]
         pending += ra + rb
         rows_by_module.append((ra, rb))
     _read_pending(pending, rd.rest())
