@@ -662,8 +662,11 @@ def _trim(opts: Sequence[int]) -> list[int]:
     return out
 
 
-def _encode_own(member: _Member, choice: _OwnChoice) -> tuple[bytes, Factors]:
-    """The blob of a member stored with its own factors, and the reconstructed factors (float64).
+def _encode_own(member: _Member, choice: _OwnChoice, *, estimate: bool = False) -> tuple[bytes, int, Factors]:
+    """The blob of a member stored with its own factors, its length, and the reconstructed factors
+    (float64). With ``estimate`` the entropy coder is not run: the blob is empty and the length is the
+    header and payloads plus the ideal code length of the codes and the coder's 5 flush bytes (the
+    real stream differs by a few bytes), which is what re-planning compares.
 
     Layout: a byte (kind | dtype code << 4); per module a varint v (0 = raw, then the raw variant
     byte and the rank; else v − 1 option bytes, one per component); one step byte per entropy-coded
@@ -676,6 +679,7 @@ def _encode_own(member: _Member, choice: _OwnChoice) -> tuple[bytes, Factors]:
     body = bytearray()
     enc = codec.RansEncoder()
     factors: Factors = {}
+    bits = 0.0
     for mod, opts in zip(member.modules, choice.modules, strict=True):
         if opts is None:
             head += _varint(0) + mod.raw_head
@@ -686,9 +690,18 @@ def _encode_own(member: _Member, choice: _OwnChoice) -> tuple[bytes, Factors]:
         head += _varint(len(opts) + 1) + bytes(opts)
         QA, QB, rows_a, rows_b = _realise_module(mod, opts, src)
         steps += bytes(r.e for r in rows_a if OPTIONS[r.opt].kind == "ec")
-        _encode_rows(rows_a + rows_b, None, body, enc)
+        if estimate:
+            fixed = [r for r in rows_a + rows_b if OPTIONS[r.opt].kind != "ec"]
+            _encode_rows(fixed, None, body, enc)
+            bits += sum(float(codec.code_lengths(r.codes, r.mq, r.K).sum())  # type: ignore[arg-type]
+                        for r in rows_a + rows_b if OPTIONS[r.opt].kind == "ec")
+        else:
+            _encode_rows(rows_a + rows_b, None, body, enc)
         factors[mod.name] = (QA, QB)
-    return bytes(head + steps + body + enc.finish()), factors
+    if estimate:
+        return b"", len(head) + len(steps) + len(body) + math.ceil(bits / 8) + (5 if bits else 0), factors
+    blob = bytes(head + steps + body + enc.finish())
+    return blob, len(blob), factors
 
 
 def _decode_own(blob: bytes, layout: Sequence[tuple[str, int, int]], config: Mapping[str, Any]
@@ -935,7 +948,7 @@ def _plan_own(member: _Member, eps: float, rounds: int = 6) -> _Result:
     """The cheapest own-factor representation within ``eps``: allocate, realise, measure, and re-target
     the allocation on the realised error a few times (the exact one if nothing else qualifies)."""
     exact = _OwnChoice([None] * len(member.modules))
-    best_choice, best_blob, best_err = exact, _encode_own(member, exact)[0], 0.0
+    best_choice, best_size = exact, _encode_own(member, exact, estimate=True)[1]
     if eps > 0 and member.est_bytes.numel() and member.den2 > 0:
         ad = member.adapter
         target = eps * eps * member.den2 * (1 - 1e-9)
@@ -948,14 +961,16 @@ def _plan_own(member: _Member, eps: float, rounds: int = 6) -> _Result:
             if key in seen:
                 break
             seen.add(key)
-            blob, factors = _encode_own(member, choice)
+            _, size, factors = _encode_own(member, choice, estimate=True)
             err = rmm.adapter_error(ad, _lossy_adapter(factors, ad.config, ad.dtype, ad.fan_in_fan_out)).overall
-            if err <= eps and len(blob) < len(best_blob):
-                best_choice, best_blob, best_err = choice, blob, err
+            if err <= eps and size < best_size:
+                best_choice, best_size = choice, size
             ratio = (eps / err) ** 2 if err > 0 else 4.0
             target *= min(4.0, ratio) * (0.995 if err <= eps else 0.97)
+    blob, _, factors = _encode_own(member, best_choice)
+    err = _member_error(member, factors) if best_choice != exact else 0.0
     method, params = _describe_own(member, best_choice)
-    return _Result(best_blob, best_err, method, params)
+    return _Result(blob, err, method, params)
 
 
 # ---------------------------------------------------------------------------------------------
