@@ -693,8 +693,9 @@ def _encode_own(member: _Member, choice: _OwnChoice, *, estimate: bool = False) 
         if estimate:
             fixed = [r for r in rows_a + rows_b if OPTIONS[r.opt].kind != "ec"]
             _encode_rows(fixed, None, body, enc)
-            bits += sum(float(codec.code_lengths(r.codes, r.mq, r.K).sum())  # type: ignore[arg-type]
-                        for r in rows_a + rows_b if OPTIONS[r.opt].kind == "ec")
+            for r in rows_a + rows_b:
+                if OPTIONS[r.opt].kind == "ec" and r.codes is not None:
+                    bits += float(codec.code_lengths(r.codes, r.mq, r.K).sum())
         else:
             _encode_rows(rows_a + rows_b, None, body, enc)
         factors[mod.name] = (QA, QB)
