@@ -208,7 +208,8 @@ def render(runs: list[SeedRun], tasks: list[data.Task], backend: DirectBackend, 
         w(report.equal_storage_table(c) + "\n")
         w(losses(c) + "\n")
     w("### Compression planner: the goal\n")
-    w(report.goal_summary(main_run.collections) + "\n")
+    for x in runs:
+        w(f"Seed {x.seed}. " + report.goal_summary(x.collections) + "\n")
     w("### Shared vs independent initialisation\n")
     w("How far training moved the factors (what RMM's per-position statistics see): ")
     w("; ".join(f"{c.init}: ‖A − A_init‖/‖A_init‖ = {c.factors['A drift']:.2f}, mean pairwise cosine of the tasks' "
@@ -255,7 +256,8 @@ def render(runs: list[SeedRun], tasks: list[data.Task], backend: DirectBackend, 
         for c in x.collections:
             pc = c.peft_check
             rows.append([f"seed {x.seed}, {c.init}: PEFT forward (`PeftModel.from_pretrained`) vs W + ΔW on "
-                         f"{pc['artifacts']:.0f} adapters (trained, RMM p = 0 and p = n−1, merges): max |logit diff|, "
+                         f"{pc['artifacts']:.0f} adapters (trained, RMM p = 0 and p = n−1, merges, plan ε=0.05): "
+                         "max |logit diff|, "
                          f"{pc['prediction mismatches']:.0f} prediction mismatches", f"{pc['max |logit diff|']:.3g}"])
     w(report.table(["check", "max difference"], rows) + "\n")
     return "\n".join(out)

@@ -24,10 +24,11 @@ factors without forming ΔW, as :func:`registry.weights.rmm.truncate_adapter` do
 * ``int{b}`` / ``nf{b}`` with per-row or per-group float16 scales: fixed-rate symmetric integer
   grids (8 and 4 bits) and normal-float codebooks (NF4, NF3, NF2), codes packed at b bits; the scale
   of a group is the best of a few clipping ratios of its absolute maximum (least squared error);
-* ``ec q``: uniform quantization with step Δ = 2^(q/4) · rms(row) (one byte per row holds the
-  step), the integer codes entropy-coded (rANS under a Laplace law with the row's spread; see
-  :mod:`registry.weights.codec`). At the rates that matter here this costs about one bit per number
-  less than fixed-rate codes at equal error.
+* ``ec q``: uniform quantization of a_j and b_j with one step Δ = 2^(q/4) · rms(a_j, b_j) (one byte
+  per component holds it; every value of a_j and of b_j weighs s_j in the error, so one step for both
+  is also the right split), the integer codes entropy-coded (rANS under a Laplace law whose spread
+  follows from q and the shapes; see :mod:`registry.weights.codec`). At the rates that matter here
+  this costs about one bit per number less than fixed-rate codes at equal error.
 
 A module may also stay ``raw``: its original factors, bit-exact. A member whose every module is raw
 is *exact* (method ``exact``); ``max_error=0`` gives every member that.
@@ -73,6 +74,10 @@ rounded to it, with a config of scale 1 (``lora_alpha`` = rank per module) so th
 ``save_peft_adapter`` writes exactly the measured factors; exact members return their original
 factors and config (the saved folder equals the original's). Decoding uses only integer arithmetic
 and float32 products of stored codes and scales, so a plan reconstructs to the same bytes on every run.
+
+**Cost.** Planning works on r-sized Grams and rows (no out × in matrix); most operations are small,
+so on a loaded CPU ``torch.set_num_threads(1)`` is much faster than intra-op threading. The entropy
+coder is pure Python (about a microsecond per code).
 
 **File** (:func:`save_plan` / :func:`load_plan`): one safetensors file; one uint8 tensor per member
 (``member.<i>``) and per basis (``basis.<j>``), JSON metadata (format, modules, members with their
