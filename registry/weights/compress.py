@@ -553,6 +553,9 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, quant: Callable[[int, torch.Tensor],
     return Q, rows
 
 
+_PASSES = 1  # extra rounds of re-quantizing A against the quantized B and B against the new A
+
+
 def _realise_module(mod: _Module, opts: Sequence[int], src: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor, list[_Row], list[_Row]]:
     """(Â [k, in], B̂ [out, k] float64, rows of A, rows of B) for the kept components of ``opts``."""
@@ -580,13 +583,21 @@ def _realise_module(mod: _Module, opts: Sequence[int], src: torch.dtype
 
         return quant
 
+    k = len(keep)
+    eye = torch.eye(k, dtype=_F64)
+
+    def refit(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:  # G⁻¹ rhs, a tiny ridge for dead rows
+        out: torch.Tensor = torch.linalg.solve(G + (1e-12 * float(G.diagonal().sum()) / k + 1e-300) * eye, rhs)
+        return out
+
     QA, rows_a = _gptq(Ak, Bk.T @ Bk, quantizer(Ak.shape[1]))
     G = QA @ QA.T
-    k = len(keep)
-    ridge = 1e-12 * float(G.diagonal().sum()) / k + 1e-300
-    rhs = mod.B @ (mod.A @ QA.T)  # [out, k]: B A Âᵀ
-    Bstar = torch.linalg.solve(G + ridge * torch.eye(k, dtype=_F64), rhs.T)  # [k, out] = (B*)ᵀ
-    QB, rows_b = _gptq(Bstar, G, quantizer(Bk.shape[0]))
+    QB, rows_b = _gptq(refit(G, (mod.B @ (mod.A @ QA.T)).T), G, quantizer(Bk.shape[0]))  # B* = B A Âᵀ G⁻¹
+    for _ in range(_PASSES):  # A again, refit to B̂ (A* = (B̂ᵀB̂)⁻¹ B̂ᵀ B A), then B again
+        H = QB @ QB.T  # QB holds the columns of B̂ as rows
+        QA, rows_a = _gptq(refit(H, (QB @ mod.B) @ mod.A), H, quantizer(Ak.shape[1]))
+        G = QA @ QA.T
+        QB, rows_b = _gptq(refit(G, (mod.B @ (mod.A @ QA.T)).T), G, quantizer(Bk.shape[0]))
     return QA, QB.T, rows_a, rows_b
 
 
