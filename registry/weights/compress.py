@@ -45,10 +45,11 @@ and ranks differ per component, per module and per member.
 The chosen options are then *realised* jointly: the rows of A are quantized one component at a time
 with error feedback (each row's rounding error is pushed onto the later rows through the inverse of
 BᵀB, the way GPTQ compensates weight rounding, so ‖B(Â − A)‖ is what is minimised), then B is refit
-to the quantized Â by least squares, B* = B A Âᵀ(ÂÂᵀ)⁻¹ (this absorbs much of A's error), and
-quantized column by column with feedback through ÂÂᵀ. The realised error is measured; if it is off
-the budget, the allocation target is rescaled and the member re-planned (a few rounds, the cheapest
-representation within budget wins; the exact one always qualifies).
+to the quantized Â by least squares, B* = B A Âᵀ(ÂÂᵀ)⁻¹ (this absorbs the part of A's error that
+lies in the row space of Â), and quantized column by column with feedback through ÂÂᵀ; then once
+more A against the quantized B̂ (A* = (B̂ᵀB̂)⁻¹B̂ᵀBA) and B against the new Â. The realised error is
+measured; if it is off the budget, the allocation target is rescaled and the member re-planned (a
+few rounds; the cheapest representation within budget wins; the exact one always qualifies).
 
 **RMM membership.** With ``"rmm"`` in ``methods`` (n ≥ 2 adapters of equal ranks), an RMM basis is
 fitted over the collection (:func:`registry.weights.rmm.fit_basis`); candidate bases keep p
