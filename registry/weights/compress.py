@@ -555,6 +555,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, quant: Callable[[int, torch.Tensor],
 
 
 _PASSES = 1  # extra rounds of re-quantizing A against the quantized B and B against the new A
+_RIDGE = 1e-9  # least-squares refits: ridge relative to the mean diagonal of the Gram
 
 
 def _realise_module(mod: _Module, opts: Sequence[int], src: torch.dtype
@@ -587,19 +588,33 @@ def _realise_module(mod: _Module, opts: Sequence[int], src: torch.dtype
     k = len(keep)
     eye = torch.eye(k, dtype=_F64)
 
-    def refit(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:  # G⁻¹ rhs, a tiny ridge for dead rows
-        out: torch.Tensor = torch.linalg.solve(G + (1e-12 * float(G.diagonal().sum()) / k + 1e-300) * eye, rhs)
+    def refit(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """G⁻¹ rhs with a ridge of _RIDGE × the mean diagonal: a row quantized to (almost) nothing must
+        not be answered by a huge coefficient on the other side."""
+        lam = _RIDGE * float(G.diagonal().sum()) / k + 1e-300
+        out: torch.Tensor = torch.linalg.solve(G + lam * eye, rhs)
         return out
 
     QA, rows_a = _gptq(Ak, Bk.T @ Bk, quantizer(Ak.shape[1]))
     G = QA @ QA.T
     QB, rows_b = _gptq(refit(G, (mod.B @ (mod.A @ QA.T)).T), G, quantizer(Bk.shape[0]))  # B* = B A Âᵀ G⁻¹
+    err, bits = _gram_error2(mod.A, mod.B, QA, QB.T), _rows_bits(rows_a + rows_b)
     for _ in range(_PASSES):  # A again, refit to B̂ (A* = (B̂ᵀB̂)⁻¹ B̂ᵀ B A), then B again
         H = QB @ QB.T  # QB holds the columns of B̂ as rows
-        QA, rows_a = _gptq(refit(H, (QB @ mod.B) @ mod.A), H, quantizer(Ak.shape[1]))
-        G = QA @ QA.T
-        QB, rows_b = _gptq(refit(G, (mod.B @ (mod.A @ QA.T)).T), G, quantizer(Bk.shape[0]))
+        QA2, rows_a2 = _gptq(refit(H, (QB @ mod.B) @ mod.A), H, quantizer(Ak.shape[1]))
+        G = QA2 @ QA2.T
+        QB2, rows_b2 = _gptq(refit(G, (mod.B @ (mod.A @ QA2.T)).T), G, quantizer(Bk.shape[0]))
+        err2, bits2 = _gram_error2(mod.A, mod.B, QA2, QB2.T), _rows_bits(rows_a2 + rows_b2)
+        if not (err2 <= err and bits2 <= bits):  # kept only when it is better on both counts
+            break
+        QA, QB, rows_a, rows_b, err, bits = QA2, QB2, rows_a2, rows_b2, err2, bits2
     return QA, QB.T, rows_a, rows_b
+
+
+def _rows_bits(rows: Sequence[_Row]) -> float:
+    """Ideal code length of the entropy-coded rows (the other rows' sizes do not depend on values)."""
+    return sum(float(codec.code_lengths(r.codes, r.mq, r.K).sum()) for r in rows
+               if OPTIONS[r.opt].kind == "ec" and r.codes is not None)
 
 
 # ---------------------------------------------------------------------------------------------
