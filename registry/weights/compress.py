@@ -47,7 +47,8 @@ with error feedback (each row's rounding error is pushed onto the later rows thr
 BᵀB, the way GPTQ compensates weight rounding, so ‖B(Â − A)‖ is what is minimised), then B is refit
 to the quantized Â by least squares, B* = B A Âᵀ(ÂÂᵀ)⁻¹ (this absorbs the part of A's error that
 lies in the row space of Â), and quantized column by column with feedback through ÂÂᵀ; then once
-more A against the quantized B̂ (A* = (B̂ᵀB̂)⁻¹B̂ᵀBA) and B against the new Â. The realised error is
+more A against the quantized B̂ (A* = (B̂ᵀB̂)⁻¹B̂ᵀBA) and B against the new Â, kept only if that lowers
+both the error and the code length. The realised error is
 measured; if it is off the budget, the allocation target is rescaled and the member re-planned (a
 few rounds; the cheapest representation within budget wins; the exact one always qualifies).
 

@@ -110,10 +110,13 @@ def test_budget_zero_keeps_every_member_exact(plans, independent, tmp_path):
         assert p.members[i].error == 0.0
 
 
-def test_larger_budgets_store_fewer_bytes(plans):
+def test_larger_budgets_store_fewer_bytes(plans, independent):
     totals = [plans[b].stored_bytes() for b in sorted(plans)]
     assert totals == sorted(totals, reverse=True)
     assert totals[-1] < totals[0] / 4
+    for methods in (("quantize",), ("truncate",)):  # each method alone, too
+        alone = [compress.plan(independent, b, methods=methods).stored_bytes() for b in (0.05, 0.1, 0.3, 0.6)]
+        assert alone == sorted(alone, reverse=True)
 
 
 def test_methods_restrict_the_representation(independent):
