@@ -15,6 +15,11 @@ mean relative delta error ‖Δ̂ − Δ‖_F / ‖Δ‖_F against each task's o
   the per-adapter baseline at equal storage. Direct call (the API has no such job).
 * ``rmm_delta k``: the gauge-invariant delta-space variant (``fit_delta_basis``), direct call; k is
   chosen as the largest whose storage does not exceed the matching RMM row's.
+* ``plan ε`` (the compression planner, ``registry.weights.compress.plan``, direct call): every
+  member stored in the fewest bytes whose relative delta error is ≤ ε, all methods allowed
+  (quantization, truncation, RMM membership); ``plan[quantize] ε`` / ``plan[truncate] ε`` /
+  ``plan[rmm] ε``: one method alone. Their *storage* is **bytes** (what the plan stores / the
+  adapters' safetensors files), not numbers; the report also gives the worst task's retention.
 * merges (one adapter for every task): the plain average (task arithmetic with λ = 1/n), task
   arithmetic, TIES, DARE-linear, DARE-TIES in delta space as merge jobs (re-factorised to rank r
   by the registry, 1/n of the collection); the same merges kept dense
@@ -40,6 +45,7 @@ from typing import Any
 
 import torch
 
+from registry.weights import compress
 from registry.weights.adapters import LoraAdapter, save_peft_adapter
 from registry.weights.merge import merge_adapter_factors_separately, merge_adapters
 from registry.weights.rmm_baselines import adapter_error, fit_delta_basis, truncate_adapter
@@ -68,6 +74,10 @@ class Recipe:
     lora: models.TrainConfig = models.TrainConfig(epochs=40, lr=5e-3)
     finetune: models.TrainConfig = models.TrainConfig(epochs=30, lr=1e-3)
     budgets: tuple[float, ...] = (0.3, 0.1)
+    # compression planner: all methods at plan_budgets (+ plan_extra, to locate the goal), each single
+    # method at plan_budgets
+    plan_budgets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
+    plan_extra: tuple[float, ...] = (0.03, 0.07)
     merges: tuple[MergeRequest, ...] = (
         MergeRequest("average", "task_arithmetic", {"lam": 1 / len(TASKS)}),  # the plain mean of the n deltas
         MergeRequest("task_arithmetic", "task_arithmetic", {"lam": 0.4}),
@@ -102,6 +112,10 @@ class Row:
 
     def retained(self, own: dict[str, float]) -> float:
         return sum(self.acc[t] / own[t] for t in own) / len(own)
+
+    def worst(self, own: dict[str, float]) -> tuple[str, float]:
+        """The task with the lowest retained accuracy, and that retention."""
+        return min(((t, self.acc[t] / own[t]) for t in own), key=lambda x: (x[1], x[0]))
 
     def mean_acc(self) -> float:
         return sum(self.acc.values()) / len(self.acc)
@@ -279,6 +293,25 @@ def lora_collection(backend: Backend, init: str, base: models.State, base_ref: P
         coll.rows.append(Row(f"rmm_delta k={k}", "rmm_delta", db.storage_ratio(), _accs(base, tasks, recon),
                              sum(e.overall for e in db.member_errors()) / n, "direct", f"matches {row.method}"))
     log(f"  {init}: truncation and rmm_delta baselines")
+
+    # the compression planner (direct): all methods, then each method alone; storage = bytes
+    plans = [(f"plan ε={e:g}", "plan", compress.METHODS, e) for e in sorted(recipe.plan_budgets + recipe.plan_extra)]
+    plans += [(f"plan[{m}] ε={e:g}", f"plan_{m}", (m,), e) for m in compress.METHODS for e in recipe.plan_budgets]
+    names = [t.name for t in tasks]
+    for label, family, methods, eps in plans:
+        pl = compress.plan(adapters, eps, methods=methods, names=names)
+        recon = [pl.reconstruct(i) for i in range(n)]
+        counts: dict[str, int] = {}
+        for mp in pl.members:
+            counts[mp.method] = counts.get(mp.method, 0) + 1
+        errs = [mp.error for mp in pl.members]
+        note = (f"{pl.stored_bytes()} of {pl.original_bytes()} B; max Δ error {max(errs):.3f}; "
+                + ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())))
+        coll.rows.append(Row(label, family, pl.stored_bytes() / pl.original_bytes(), _accs(base, tasks, recon),
+                             sum(errs) / n, "direct", note))
+        if family == "plan" and eps == 0.05:
+            coll.note_peft(*_peft_check(base, tasks[0], recon[0]))
+    log(f"  {init}: {len(plans)} compression plans")
 
     # merges: delta space through the API (rank r), dense (direct), separate factors (direct)
     merged = backend.merges(pushed, adapters, recipe.merges, rank=r, name=f"digits-{init}")

@@ -28,11 +28,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+PLAN_FAMILIES = ("plan", "plan_quantize", "plan_truncate", "plan_rmm")
+GOAL_BYTES, GOAL_MEAN, GOAL_WORST = 0.08, 0.98, 0.95
+
+
 def collection_table(c: Collection, tasks: Sequence[str]) -> str:
     own = c.own()
     header = ["method", "storage", *tasks, "mean acc", "retained", "Δ error", "how"]
     rows = []
     for r in c.rows:
+        if r.family in PLAN_FAMILIES:  # their storage is bytes: see compression_table
+            continue
         how = r.via + (f"; {r.note}" if r.note else "")
         rows.append([r.method, num(r.storage), *(pct(r.acc[t]) for t in tasks), pct(r.mean_acc()),
                      pct(r.retained(own)) + "%", num(r.delta_error), how])
@@ -71,6 +77,44 @@ def equal_storage_table(c: Collection) -> str:
     header = ["p", "RMM storage", "RMM retained", "RMM Δ err", "trunc", "trunc storage", "trunc retained",
               "trunc Δ err", "rmm_delta", "δ storage", "δ retained", "δ Δ err", "best (±0.5 pp = tie)"]
     return table(header, rows)
+
+
+def compression_table(c: Collection, tasks: Sequence[str]) -> str:
+    """The planner's rows: stored bytes / original bytes against mean and worst-task retention."""
+    own = c.own()
+    header = ["method", "budget ε", "stored / original bytes", *tasks, "retained (mean)", "worst task",
+              "mean Δ error", "goal", "members, bytes"]
+    rows = []
+    for r in c.rows:
+        if r.family not in PLAN_FAMILIES:
+            continue
+        label, eps = r.method.split(" ε=")
+        task, worst = r.worst(own)
+        goal = r.storage <= GOAL_BYTES and r.retained(own) >= GOAL_MEAN and worst >= GOAL_WORST
+        rows.append([label, eps, num(r.storage, 4), *(pct(r.acc[t]) for t in tasks), pct(r.retained(own)) + "%",
+                     f"{pct(worst)}% ({task})", num(r.delta_error, 4), "**met**" if goal else "–", r.note])
+    return table(header, rows)
+
+
+def goal_summary(colls: Sequence[Collection]) -> str:
+    """Which planner rows meet the goal (≥ 98 % mean and ≥ 95 % worst-task retention at ≤ 0.08 of the
+    bytes), per initialisation, and the best retention reached within the byte limit."""
+    parts = []
+    for c in colls:
+        own = c.own()
+        rows = [r for r in c.rows if r.family in PLAN_FAMILIES]
+        met = [r.method for r in rows if r.storage <= GOAL_BYTES and r.retained(own) >= GOAL_MEAN
+               and r.worst(own)[1] >= GOAL_WORST]
+        within = [r for r in rows if r.storage <= GOAL_BYTES]
+        best = max(within, key=lambda r: (r.worst(own)[1], r.retained(own)), default=None)
+        text = f"{c.init}: " + (f"met by {', '.join(met)}" if met else "**not met**")
+        if best is not None:
+            text += (f"; within {GOAL_BYTES:g} of the bytes the best worst-task retention is "
+                     f"{pct(best.worst(own)[1])}% ({best.method}, {num(best.storage, 4)} of the bytes, mean "
+                     f"{pct(best.retained(own))}%)")
+        parts.append(text)
+    return (f"Goal: mean retention ≥ {100 * GOAL_MEAN:g}% and worst task ≥ {100 * GOAL_WORST:g}% at ≤ "
+            f"{GOAL_BYTES:g} of the collection's original bytes. " + "; ".join(parts) + ".")
 
 
 def merges_table(colls: Sequence[Collection], merge_labels: Sequence[str]) -> str:
@@ -154,7 +198,8 @@ def mean_sd(xs: Sequence[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
-SEED_FAMILIES = ("rmm", "budget", "trunc", "rmm_delta", "merge", "merge_dense", "separate", "reference")
+SEED_FAMILIES = ("rmm", "budget", "trunc", "rmm_delta", "merge", "merge_dense", "separate", "reference",
+                 *PLAN_FAMILIES)
 
 
 def seeds_table(runs: Sequence[Collection], seeds: Sequence[int]) -> str:

@@ -197,9 +197,19 @@ def render(runs: list[SeedRun], tasks: list[data.Task], backend: DirectBackend, 
         w(f"RMM saves storage only while p < r(n−1)/(r+n) = {r * (n - 1) / (r + n):.2f}. Merges put one adapter in "
           f"place of all {n}; the tasks contradict each other by construction (mirrored and rotated inputs, "
           f"permuted labels), so no single model can serve them all.\n")
+        w(f"### Compression planner, {c.init} initialisation: stored bytes vs accuracy (seed {main_run.seed})\n")
+        w("`registry.weights.compress.plan(adapters, ε, methods)`: per member the fewest stored bytes whose "
+          "relative delta error is ≤ ε (`plan`: quantization, truncation and RMM membership; `plan[m]`: method m "
+          "alone). *stored / original bytes* = bytes the plan stores (codes, scales, headers, shared basis split "
+          "over its users) / bytes of the adapters' `adapter_model.safetensors` files. Accuracy of each task with "
+          "its reconstruction; *worst task* = lowest retention.\n")
+        w(report.compression_table(c, names) + "\n")
         w(f"### Equal storage, {c.init} initialisation: RMM vs per-adapter truncation vs rmm_delta\n")
         w(report.equal_storage_table(c) + "\n")
         w(losses(c) + "\n")
+    w("### Compression planner: the goal\n")
+    for x in runs:
+        w(f"Seed {x.seed}. " + report.goal_summary(x.collections) + "\n")
     w("### Shared vs independent initialisation\n")
     w("How far training moved the factors (what RMM's per-position statistics see): ")
     w("; ".join(f"{c.init}: ‖A − A_init‖/‖A_init‖ = {c.factors['A drift']:.2f}, mean pairwise cosine of the tasks' "
@@ -246,7 +256,8 @@ def render(runs: list[SeedRun], tasks: list[data.Task], backend: DirectBackend, 
         for c in x.collections:
             pc = c.peft_check
             rows.append([f"seed {x.seed}, {c.init}: PEFT forward (`PeftModel.from_pretrained`) vs W + ΔW on "
-                         f"{pc['artifacts']:.0f} adapters (trained, RMM p = 0 and p = n−1, merges): max |logit diff|, "
+                         f"{pc['artifacts']:.0f} adapters (trained, RMM p = 0 and p = n−1, merges, plan ε=0.05): "
+                         "max |logit diff|, "
                          f"{pc['prediction mismatches']:.0f} prediction mismatches", f"{pc['max |logit diff|']:.3g}"])
     w(report.table(["check", "max difference"], rows) + "\n")
     return "\n".join(out)

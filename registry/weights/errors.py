@@ -38,3 +38,8 @@ class CheckpointFormatError(WeightsError):
 
 class MergeParamsError(WeightsError):
     """Unknown merge method, or merge parameters that are missing, unknown or out of range."""
+
+
+class CompressionParamsError(WeightsError):
+    """A compression budget or method list that cannot be used (negative, NaN, not a number, unknown
+    method)."""
