@@ -175,7 +175,7 @@ class LoraAdapter:
             fifo = bool(cfg.get("fan_in_fan_out", False)) if fan_in_fan_out is None else fan_in_fan_out
         else:
             fifo = bool(fan_in_fan_out)
-            cfg = _unit_scale_config({}, {n: m.rank for n, m in built.items()}, fifo)
+            cfg = unit_scale_config({}, {n: m.rank for n, m in built.items()}, fifo)
         cfg["fan_in_fan_out"] = fifo
         return cls(modules=built, config=cfg, dtype=src_dtype, fan_in_fan_out=fifo)
 
@@ -357,7 +357,7 @@ def _exact_targets(names: Sequence[str]) -> str:
     return "(" + "|".join(re.escape(n) for n in names) + ")"
 
 
-def _unit_scale_config(
+def unit_scale_config(
     base: Mapping[str, Any], ranks: Mapping[str, int], fan_in_fan_out: bool
 ) -> dict[str, Any]:
     """A config with s = 1 for every module: r = the most common rank, lora_alpha = r,
@@ -407,7 +407,7 @@ def _save_config(adapter: LoraAdapter) -> tuple[dict[str, Any], dict[str, float]
         cfg = base
         scales = {n: _module_scale(base, n)[1] for n in names}
     else:
-        cfg = _unit_scale_config(base, ranks, adapter.fan_in_fan_out)
+        cfg = unit_scale_config(base, ranks, adapter.fan_in_fan_out)
         scales = dict.fromkeys(names, 1.0)
     cfg["peft_type"] = "LORA"
     cfg["fan_in_fan_out"] = adapter.fan_in_fan_out

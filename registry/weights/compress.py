@@ -7,7 +7,7 @@ relative delta error stays within a budget the user chooses.
     compress.save_plan(plan, "collection.safetensors"); compress.load_plan(...)
 
 **Error.** A member's error is the one RMM reports for its reconstructions
-(:func:`registry.weights.rmm.adapter_error`): ‖ΔŴ − ΔW‖_F / ‖ΔW‖_F over all modules together, i.e.
+(:func:`registry.weights.rmm_baselines.adapter_error`): ‖ΔŴ − ΔW‖_F / ‖ΔW‖_F over all modules together, i.e.
 √(Σ_m ‖ΔŴ_m − ΔW_m‖²) / √(Σ_m ‖ΔW_m‖²). Because both sums run over modules, the squared errors of
 the modules add up to the member's squared error times ‖ΔW‖², which is what lets the planner spend
 one member's budget unevenly across its modules. Every error the plan reports is recomputed from the
@@ -15,7 +15,7 @@ reconstruction the plan returns (the stored codes decoded), never estimated.
 
 **Representations.** Per module, ΔW = B A is first rewritten in its SVD form: components j = 1 … r
 with ΔW = Σ_j b_j a_jᵀ, a_j = √s_j v_j, b_j = √s_j u_j (s_j the singular values, computed from the
-factors without forming ΔW, as :func:`registry.weights.rmm.truncate_adapter` does). Each component
+factors without forming ΔW, as :func:`registry.weights.rmm_baselines.truncate_adapter` does). Each component
 (the row a_j of A and the column b_j of B) is then stored with one *option*:
 
 * ``drop``: not stored (rank truncation; dropping the smallest components is Eckart-Young);
@@ -101,9 +101,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import codec, rmm
-from .adapters import WEIGHTS_NAME, LoraAdapter, all_finite, lora_scale, save_peft_adapter, write_safetensors
-from .adapters import _unit_scale_config as unit_scale_config
+from . import codec, rmm, rmm_baselines
+from .adapters import (
+    WEIGHTS_NAME,
+    LoraAdapter,
+    all_finite,
+    lora_scale,
+    save_peft_adapter,
+    unit_scale_config,
+    write_safetensors,
+)
 from .errors import (
     CheckpointFormatError,
     CompressionParamsError,
@@ -464,7 +471,7 @@ def _dtype_of(code: int) -> torch.dtype:
 
 
 def _gram_error2(A: torch.Tensor, B: torch.Tensor, Ah: torch.Tensor, Bh: torch.Tensor) -> float:
-    """‖B̂Â − BA‖_F² from r × r Grams (float64), the formula of rmm.adapter_error."""
+    """‖B̂Â − BA‖_F² from r × r Grams (float64), the formula of rmm_baselines.adapter_error."""
     den = float(((B.T @ B) * (A @ A.T)).sum())
     hh = float(((Bh.T @ Bh) * (Ah @ Ah.T)).sum())
     cross = float(((Bh.T @ B) * (Ah @ A.T)).sum())
@@ -996,7 +1003,8 @@ def _plan_own(member: _Member, eps: float, rounds: int = 6) -> _Result:
                 break
             seen.add(key)
             _, size, factors = _encode_own(member, choice, estimate=True)
-            err = rmm.adapter_error(ad, _lossy_adapter(factors, ad.config, ad.dtype, ad.fan_in_fan_out)).overall
+            lossy = _lossy_adapter(factors, ad.config, ad.dtype, ad.fan_in_fan_out)
+            err = rmm_baselines.adapter_error(ad, lossy).overall
             if err <= eps and size < best_size:
                 best_choice, best_size = choice, size
             ratio = (eps / err) ** 2 if err > 0 else 4.0
@@ -1486,7 +1494,7 @@ def plan(
     for i, (m, r) in enumerate(zip(members, results, strict=True)):
         mp = out.members[i]
         if r.method != "exact":
-            mp.error = rmm.adapter_error(m.adapter, out.reconstruct(i)).overall
+            mp.error = rmm_baselines.adapter_error(m.adapter, out.reconstruct(i)).overall
             if mp.error > eps:  # pragma: no cover - every candidate was measured on its decoded values
                 raise AssertionError(f"member {m.name}: reconstruction error {mp.error} exceeds {eps}")
         mp.stored_bytes = len(r.blob) + basis_share.get(i, 0) + layout_share[i]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from registry.weights import codec, compress, rmm
+from registry.weights import codec, compress, rmm, rmm_baselines
 from registry.weights.adapters import WEIGHTS_NAME, LoraAdapter, load_peft_adapter, save_peft_adapter
 from registry.weights.errors import (
     CheckpointFormatError,
@@ -89,7 +89,7 @@ def plans(independent) -> dict[float, compress.CompressionPlan]:
 def test_every_member_is_within_its_budget(plans, independent, budget):
     p = plans[budget]
     for i, (mp, ad) in enumerate(zip(p.members, independent, strict=True)):
-        err = rmm.adapter_error(ad, p.reconstruct(i)).overall
+        err = rmm_baselines.adapter_error(ad, p.reconstruct(i)).overall
         assert err <= budget
         assert err == pytest.approx(mp.error, rel=1e-9, abs=1e-12)
         assert mp.method in ("exact", "quantize", "truncate", "truncate+quantize", "rmm")
@@ -127,7 +127,7 @@ def test_methods_restrict_the_representation(independent):
         assert quant.members[i].method in ("quantize", "exact")
         rec = quant.reconstruct(i)
         assert all(rec.modules[n].rank == m.rank for n, m in ad.modules.items())  # quantization keeps ranks
-        assert rmm.adapter_error(ad, trunc.reconstruct(i)).overall <= 0.3
+        assert rmm_baselines.adapter_error(ad, trunc.reconstruct(i)).overall <= 0.3
     assert trunc.stored_bytes() < trunc.original_bytes()
     # truncation alone stores each kept component in the source dtype: the same numbers truncate_adapter keeps
     kept = sum(trunc.reconstruct(i).modules[n].rank for i in range(len(independent)) for n in independent[0].modules)
@@ -135,12 +135,12 @@ def test_methods_restrict_the_representation(independent):
 
 
 def test_truncation_matches_truncate_adapter(independent):
-    """Truncation-only plans keep the leading SVD components, as rmm.truncate_adapter does."""
+    """Truncation-only plans keep the leading SVD components, as rmm_baselines.truncate_adapter does."""
     p = compress.plan(independent[:1], 0.3, methods=("truncate",))
     rec = p.reconstruct(0)
     for name, mod in rec.modules.items():
         one = LoraAdapter.from_factors({name: (independent[0].modules[name].A, independent[0].modules[name].B)})
-        ref = rmm.truncate_adapter(one, mod.rank)
+        ref = rmm_baselines.truncate_adapter(one, mod.rank)
         torch.testing.assert_close(rec.delta(name), ref.delta(name), rtol=1e-5, atol=1e-6)
 
 
@@ -155,7 +155,7 @@ def test_rmm_membership_when_it_is_cheaper(aligned, tmp_path):
     layout = compress._split(len(p.layout_bytes()), len(p.members))
     assert sum(s - lay for s, lay in zip(shares, layout, strict=True)) == len(p.bases[0])
     for i, ad in enumerate(aligned):
-        assert rmm.adapter_error(ad, p.reconstruct(i)).overall <= 0.05
+        assert rmm_baselines.adapter_error(ad, p.reconstruct(i)).overall <= 0.05
     compress.save_plan(p, tmp_path / "plan.safetensors")
     back = compress.load_plan(tmp_path / "plan.safetensors")
     for i in range(len(aligned)):
@@ -226,7 +226,7 @@ def test_saved_reconstruction_loads_back_with_the_measured_error(plans, independ
         for n in rec.modules:
             assert torch.equal(loaded.modules[n].A, rec.modules[n].A)
             assert torch.equal(loaded.modules[n].B, rec.modules[n].B)
-        assert rmm.adapter_error(ad, loaded).overall == pytest.approx(p.members[i].error, rel=1e-9, abs=1e-12)
+        assert rmm_baselines.adapter_error(ad, loaded).overall == pytest.approx(p.members[i].error, rel=1e-9, abs=1e-12)
 
 
 def test_half_precision_sources(tmp_path):
@@ -238,7 +238,7 @@ def test_half_precision_sources(tmp_path):
             assert rec.dtype == torch.float16
             save_peft_adapter(rec, tmp_path / f"h{budget}-{i}")
             loaded = load_peft_adapter(tmp_path / f"h{budget}-{i}")
-            assert rmm.adapter_error(ad, loaded).overall <= budget
+            assert rmm_baselines.adapter_error(ad, loaded).overall <= budget
         if budget == 0.0:  # float16 factors are stored as float16: exact members cost the raw bytes
             assert p.stored_bytes() < p.original_bytes()
 
@@ -356,7 +356,7 @@ def test_peft_loads_every_reconstruction(tmp_path):
                 params = {f"{n}.weight": getattr(base, n).weight + rec.weight_delta(n) for n in rec.modules}
                 want = torch.func.functional_call(base, params, (x,))
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-            assert rmm.adapter_error(ad, load_peft_adapter(out)).overall <= budget + 1e-7
+            assert rmm_baselines.adapter_error(ad, load_peft_adapter(out)).overall <= budget + 1e-7
 
 
 # ---------------------------------------------------------------------------------------------
