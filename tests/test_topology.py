@@ -550,8 +550,10 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     # warm-up: the workers' first jobs import MLflow and create its store; wait for them, so the
     # chaos below meets a running system rather than one still starting
     with RegistryClient(topo.apis[1].url, token="") as rc:
-        _wait(lambda: [j["state"] for j in _all_jobs(rc)] == ["succeeded"] * 3, 240,
-              "the setup versions' MLflow syncs", topo)
+        # (each version: its MLflow sync, and its pack: REGISTRY_PACK=auto, the default, runs in the drill)
+        _wait(lambda: sorted((j["type"], j["state"]) for j in _all_jobs(rc))
+              == [("mlflow_sync", "succeeded")] * 3 + [("pack", "succeeded")] * 3, 240,
+              "the setup versions' MLflow syncs and packs", topo)
     setup_s = time.monotonic() - started
     load = Load(topo, data, base, base_v2, stats)
     for ref, folder in ((base, "base"), (base_v2, "base-v2"), (ft0, "ft-0")):
@@ -655,6 +657,11 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     with engine.connect() as c:
         blob_rows = {r[0] for r in c.execute(text("select sha256 from blobs"))}
         referenced = {r[0] for r in c.execute(text("select distinct blob_sha256 from version_files"))}
+        # the objects the store must hold: raw files' own, and the payloads of packed files' chunks
+        needed = {r[0] for r in c.execute(text(
+            "select sha256 from blobs where state = 'ready' and form = 'raw'"))}
+        needed |= {r[0] for r in c.execute(text("select distinct object_sha256 from chunks"))}
+        packed_files = c.execute(text("select count(*) from blobs where form = 'packed'")).scalar()
     engine.dispose()
 
     # ------------------------------------------------------------------ the table
@@ -684,8 +691,8 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     lines += [f"  pulls corrupt: {stats.pulls_corrupt}; acknowledged jobs retried after a kill: {retried_jobs}; "
               f"verified versions: {len(verify_jobs) - len(corrupt)}/{len(verify_jobs)}; "
               f"versions committed without an acknowledgement: {len(unacked)}",
-              f"  S3 objects {len(objects)}, blob rows {len(blob_rows)}: rows without an object "
-              f"{len(blob_rows - objects)}, objects without a row {len(objects - blob_rows)} (left for gc)",
+              f"  S3 objects {len(objects)}, blob rows {len(blob_rows)} ({packed_files} packed files): needed objects "
+              f"missing {len(needed - objects)}, objects without a row {len(objects - blob_rows)} (left for gc)",
               f"  jobs whose worker was SIGKILLed mid-run: {load.killed_mid_job}",
               f"  jobs by type/state: {dict(Counter((j['type'], j['state']) for j in all_jobs))}"]
     print("\n".join(lines))
@@ -701,7 +708,7 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     assert sum(stats.hangs.values()) == 0 and sum(stats.gave_up.values()) == 0, stats.errors
     assert stats.acked["push adapter"] > 0 and stats.acked["pull"] > 0 and load.jobs
     assert sum(p.kills for p in topo.procs()) == 4
-    assert not blob_rows - objects and referenced <= blob_rows  # every recorded blob is in the bucket
+    assert not needed - objects and referenced <= blob_rows  # every recorded raw file and payload is in the bucket
     for j in jobs:
         if j["id"] in load.killed_mid_job:
             assert j["attempts"] >= 2, j
