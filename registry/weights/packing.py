@@ -1,0 +1,604 @@
+"""Lossless codec for packed storage: a file cut into segments, each segment coded on its own.
+
+The registry keeps every version's files byte-exact. Packed storage keeps them in fewer bytes:
+:func:`segments` cuts a file into a header segment, one segment per tensor frame (at most
+:data:`FRAME_BYTES` raw bytes, cut at element boundaries) and opaque frames for anything else;
+:func:`encode` turns one segment into a self-describing payload, optionally against a
+*reference* (the same tensor frame in the version this one derives from, matched by
+:attr:`Segment.key`); :func:`decode` gives the bytes back, checked.
+
+How a segment is coded (the encoder keeps the smallest form; raw when nothing helps):
+
+* **planes** (no reference): each element's bytes are split into byte planes (byte *i* of every
+  element, in order), and each plane is compressed on its own, so the near-random low mantissa
+  bytes do not dilute the statistics of the exponent bytes. For bf16, fp32 and complex64 the
+  element is first rotated left by one bit, which puts the 8 exponent bits into a byte of their own
+  and the sign next to the noisiest mantissa bits (for fp64 a rotation by four puts the low 8 of the
+  11 exponent bits into the top byte). fp16 needs no rotation: its sign, 5 exponent bits and top 2
+  mantissa bits already share a byte.
+* **difference against the reference** (fine-tunes): each element's bit pattern minus the
+  reference's, as integers wrapping at the element width, zigzag-mapped so that small moves
+  either way become small numbers. A fine-tuned weight moves a few units in the last place of
+  its reference, so most high bytes become zero and the low bytes small. This beats XOR (also
+  available): a carry turns a one-unit move into a long run of ones under XOR
+  (``0x3f7fffff ^ 0x3f800000``) but stays 1 as a difference. The elements are then reordered by
+  the reference's exponent (a stable sort the decoder repeats from the reference): an update of a
+  given size is a larger number of units in the last place for a small weight than for a large
+  one, so grouping elements by exponent gives every compressed block a narrow distribution.
+* each byte plane (a *stream*) is then stored as one of: zstd; a constant; or, when a few byte
+  values dominate, its values replaced by their frequency rank and packed two (4-bit) or four
+  (2-bit) to a byte with the rare values in an escape stream, then zstd. Packing several small
+  symbols into one byte lets zstd's per-byte Huffman coder get within a few hundredths of a bit
+  of the entropy where a lone 2.6-bit exponent would cost 2.9 (and it keeps zstd's fast match
+  finder from taking short, costly matches in the exponent plane).
+
+Payload (all integers little-endian)::
+
+    b"RPK" | version u8 | method u8 | width u8 | rotate u8 | key shift u8 | key bits u8
+          | crc32 u32 of the decoded bytes | raw length (LEB128) | body
+
+``method``: 0 raw (body = the bytes), 1 planes, 2 XOR with the reference, 3 difference with the
+reference. ``width`` is the element size the planes use, ``rotate`` the left rotation applied
+before splitting, ``key bits`` > 0 means the elements were reordered by
+``(reference >> key shift) & (2**key bits - 1)``. The body of methods 1-3 is ``width`` streams,
+each ``mode u8`` then: 0 raw (LEB128 length + bytes), 1 zstd (LEB128 length + one zstd frame),
+2 constant (one byte), 3/4 packed 4-/2-bit ranks (symbol count u8 + symbols, then the packed
+ranks and the escapes, each as a raw or zstd stream). Decoding checks every length, that nothing
+trails the body, and the CRC-32 of the result (which also catches a wrong reference).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from .safetensors_header import DTYPE_BITS, HeaderError, parse_header
+
+__all__ = ["FRAME_BYTES", "PackError", "Segment", "decode", "encode", "needs_reference", "segments"]
+
+# Raw bytes per segment at most. 8 MiB: compression is the same as with 16 or 64 MiB frames (zstd's
+# level-1 window is 512 KiB and its Huffman tables are per 128 KiB block), encoding a frame needs
+# about eight frame-sized temporaries, and a Range read decodes at most two frames it does not need.
+FRAME_BYTES: int = 8 << 20
+
+# Largest safetensors header :func:`segments` parses (the safetensors reader's own limit); a file
+# whose header is larger is cut as opaque bytes (still lossless).
+MAX_HEADER_BYTES = 100_000_000
+# Largest segment :func:`encode` takes and :func:`decode` gives back (a frame, or a header of up to
+# MAX_HEADER_BYTES, is far below it): a corrupt length field cannot make decode allocate more.
+MAX_DECODED_BYTES = 1 << 30
+
+DEFAULT_LEVEL = 1
+
+Buffer = bytes | bytearray | memoryview
+U8 = npt.NDArray[np.uint8]
+
+
+class PackError(ValueError):
+    """A payload that cannot be decoded: truncated, corrupt, of an unknown version, or needing a
+    reference that is missing or of the wrong length."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A byte range of a file and what it holds.
+
+    ``dtype`` is the safetensors dtype of tensor bytes (None for the header and opaque bytes);
+    ``key`` names the tensor frame so that the same frame of the same tensor in another file of the
+    same architecture has the same key: ``"{dtype}|{shape}|{first}-{end}|{name}"`` with the shape
+    as ``x``-joined dims and ``first``/``end`` the frame's element range (the name goes last, so the
+    key parses unambiguously whatever characters the name holds). None where there is nothing
+    to match."""
+
+    offset: int
+    length: int
+    dtype: str | None
+    key: str | None
+
+
+# --- segments -------------------------------------------------------------------------------------
+
+
+def _unit_bytes(dtype: str) -> int:
+    """Bytes in the smallest run of whole elements that also ends on a byte boundary."""
+    bits = DTYPE_BITS[dtype]
+    unit_bits = bits
+    while unit_bits % 8:
+        unit_bits += bits
+    return unit_bits // 8
+
+
+def _opaque(out: list[Segment], begin: int, end: int) -> None:
+    step = max(1, FRAME_BYTES)
+    for off in range(begin, end, step):
+        out.append(Segment(off, min(step, end - off), None, None))
+
+
+def segments(read_at: Callable[[int, int], bytes], size: int) -> list[Segment]:
+    """Cut a file of ``size`` bytes into segments covering ``[0, size)`` in order, without gaps,
+    overlaps or empty segments. ``read_at(offset, length)`` returns the file's bytes.
+
+    A file the project's safetensors parser accepts becomes: one segment for the 8-byte length and
+    the header JSON (padding included, however long), then one segment per tensor in data order, a
+    tensor larger than :data:`FRAME_BYTES` cut into frames at element boundaries (an empty tensor
+    contributes nothing), and opaque frames for any bytes no tensor covers. Anything else is cut into
+    opaque frames of at most :data:`FRAME_BYTES`."""
+    if size < 0:
+        raise ValueError(f"negative size {size}")
+    out: list[Segment] = []
+    try:
+        header = parse_header(read_at, size, max_header_bytes=MAX_HEADER_BYTES)
+    except (HeaderError, struct.error, ValueError):
+        _opaque(out, 0, size)
+        return out
+    out.append(Segment(0, header.data_start, None, None))
+    pos = header.data_start
+    for t in header.in_data_order():
+        begin, end = header.data_start + t.begin, header.data_start + t.end
+        if begin > pos:
+            _opaque(out, pos, begin)
+        if end == begin:
+            continue
+        unit = _unit_bytes(t.dtype)
+        step = max(unit, FRAME_BYTES // unit * unit)
+        bits = DTYPE_BITS[t.dtype]
+        shape = "x".join(str(d) for d in t.shape)
+        for off in range(begin, end, step):
+            stop = min(off + step, end)
+            first, last = (off - begin) * 8 // bits, (stop - begin) * 8 // bits
+            out.append(Segment(off, stop - off, t.dtype, f"{t.dtype}|{shape}|{first}-{last}|{t.name}"))
+        pos = end
+    if pos < size:
+        _opaque(out, pos, size)
+    return out
+
+
+# --- element layouts --------------------------------------------------------------------------------
+
+# dtype -> (element width in bytes, left rotation in bits, exponent shift, exponent bits)
+_LAYOUT: dict[str, tuple[int, int, int, int]] = {
+    "BF16": (2, 1, 7, 8),
+    "F16": (2, 0, 10, 5),
+    "F32": (4, 1, 23, 8),
+    "C64": (4, 1, 23, 8),  # pairs of fp32
+    "F64": (8, 4, 52, 11),
+    "F8_E4M3": (1, 0, 3, 4),
+    "F8_E4M3FNUZ": (1, 0, 3, 4),
+    "F8_E5M2": (1, 0, 2, 5),
+    "F8_E5M2FNUZ": (1, 0, 2, 5),
+    "I16": (2, 0, 0, 0), "U16": (2, 0, 0, 0),
+    "I32": (4, 0, 0, 0), "U32": (4, 0, 0, 0),
+    "I64": (8, 0, 0, 0), "U64": (8, 0, 0, 0),
+}
+_UINT: dict[int, Any] = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT: dict[int, Any] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+_RAW, _PLANES, _XOR, _SUB = 0, 1, 2, 3
+_MAGIC = b"RPK"
+_VERSION = 1
+_HEAD = struct.Struct("<3sBBBBBBI")
+
+# stream modes
+_S_RAW, _S_ZSTD, _S_CONST, _S_PACK4, _S_PACK2 = 0, 1, 2, 3, 4
+# reference coding is kept only when it beats this share of the raw size; above it the
+# no-reference form is tried as well (an unrelated reference, e.g. a re-initialised head)
+_REF_RETRY = 0.75
+# the sample that decides on reordering holds at least _SORT_MIN elements (a quarter of the
+# segment at most), and a section of the reordered elements at least _SECTION_MIN (each section's
+# planes are compressed apart)
+_SORT_MIN = 4096
+_SECTION_MIN = 8192
+# Reordering costs the decoder a stable sort of the reference's exponents (about 10 ns per
+# element), so it is used only where a sample of the segment shows it saving at least this many
+# bits per element: dense weight updates save about one, the sparsely updated rows of an embedding
+# table almost nothing.
+_SORT_GAIN_BITS = 0.125
+_SORT_SAMPLE = 1 << 18
+
+
+def _layout(dtype: str | None, n: int) -> tuple[int, int, int, int]:
+    lay = _LAYOUT.get(dtype or "", (1, 0, 0, 0))
+    if n % lay[0]:
+        return (1, 0, 0, 0)
+    return lay
+
+
+def _rotl(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
+    if r == 0:
+        return a
+    t = a.dtype.type
+    return (a << t(r)) | (a >> t(a.dtype.itemsize * 8 - r))  # type: ignore[no-any-return]
+
+
+def _rotr(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
+    if r == 0:
+        return a
+    t = a.dtype.type
+    return (a >> t(r)) | (a << t(a.dtype.itemsize * 8 - r))  # type: ignore[no-any-return]
+
+
+def _zigzag(d: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Wrapped difference (unsigned) -> zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+    w = d.dtype.itemsize
+    s = d.view(_INT[w])
+    return ((s << _INT[w](1)) ^ (s >> _INT[w](w * 8 - 1))).view(_UINT[w])  # type: ignore[no-any-return]
+
+
+def _unzigzag(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    t = z.dtype.type
+    return (z >> t(1)) ^ (t(0) - (z & t(1)))  # type: ignore[no-any-return]
+
+
+def _order(reference: npt.NDArray[Any], shift: int, bits: int,
+           section_min: int = 0) -> tuple[npt.NDArray[np.intp], list[int]]:
+    """The stable order of the elements by the reference's exponent field, and the section
+    boundaries in that order: runs of equal exponents, neighbours merged until a section holds at
+    least ``section_min`` (default :data:`_SECTION_MIN`) elements."""
+    t = reference.dtype.type
+    key = ((reference >> t(shift)) & t((1 << bits) - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
+    order = np.argsort(key, kind="stable")
+    # run ends of the sorted keys (cheaper than a bincount, which widens every key to intp)
+    ends = np.searchsorted(key[order], np.arange(1, 1 << bits), side="left").tolist() + [len(key)]
+    section_min = section_min or _SECTION_MIN
+    bounds = [0]
+    for c in sorted(set(ends)):
+        if c - bounds[-1] >= section_min:
+            bounds.append(c)
+    total = len(key)
+    if bounds[-1] != total:
+        if len(bounds) > 1:
+            bounds[-1] = total  # a short tail joins the section before it
+        else:
+            bounds.append(total)
+    return order, bounds
+
+
+# --- streams ------------------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _cctx(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True)
+    return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _blob(data: U8 | bytes, level: int) -> bytes:
+    """A byte string as ``mode`` + length + bytes: zstd when that is smaller, else raw."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else data
+    if raw:
+        z = _cctx(level).compress(raw)
+        if len(z) < len(raw):
+            return bytes([_S_ZSTD]) + _varint(len(z)) + z
+    return bytes([_S_RAW]) + _varint(len(raw)) + raw
+
+
+def _packed(s: U8, counts: npt.NDArray[np.intp], bits: int, level: int) -> bytes:
+    """``s`` as frequency ranks packed ``8 // bits`` to a byte; ranks past the table are escapes."""
+    esc = (1 << bits) - 1
+    top = np.argsort(-counts, kind="stable")[:esc]
+    top = top[counts[top] > 0].astype(np.uint8)
+    rank = np.full(256, esc, dtype=np.uint8)
+    rank[top] = np.arange(len(top), dtype=np.uint8)
+    codes = rank[s]
+    escapes = s[codes == esc]
+    per = 8 // bits
+    pad = (-len(codes)) % per
+    if pad:
+        codes = np.concatenate([codes, np.zeros(pad, dtype=np.uint8)])
+    grid = codes.reshape(-1, per)
+    packed = grid[:, 0] << np.uint8(bits * (per - 1))
+    for i in range(1, per):
+        packed |= grid[:, i] << np.uint8(bits * (per - 1 - i))
+    mode = _S_PACK4 if bits == 4 else _S_PACK2
+    return bytes([mode, len(top)]) + top.tobytes() + _blob(packed, level) + _blob(escapes, level)
+
+
+def _stream(s: U8, level: int) -> bytes:
+    """One byte plane, in the smallest of the stream modes."""
+    n = len(s)
+    if n == 0:
+        return bytes([_S_RAW, 0])
+    lo, hi = int(s.min()), int(s.max())
+    if lo == hi:
+        return bytes([_S_CONST, lo])
+    best = _blob(s, level)
+    if best[0] == _S_RAW or n < 64:
+        return best  # incompressible: packing cannot help either
+    # which values dominate, judged on a sample (any table decodes; escapes carry the rest)
+    sample = s[:: max(1, n // 65536)]
+    counts = np.bincount(sample, minlength=256)
+    ranked = np.sort(counts)[::-1]
+    for bits, table in ((4, 15), (2, 3)):
+        # escapes cost a byte each on top of the packed code: only worth trying when rare
+        if ranked[:table].sum() >= 0.97 * len(sample):
+            cand = _packed(s, counts, bits, level)
+            if len(cand) < len(best):
+                best = cand
+    return best
+
+
+class _Reader:
+    def __init__(self, buf: memoryview, pos: int) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise PackError("truncated payload")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return int(b)
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise PackError("truncated payload")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def varint(self) -> int:
+        n = shift = 0
+        while True:
+            b = self.byte()
+            n |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return n
+            shift += 7
+            if shift > 63:
+                raise PackError("malformed length")
+
+    def blob(self, n: int) -> U8:
+        """A raw or zstd byte string that must decode to exactly ``n`` bytes."""
+        mode = self.byte()
+        body = self.take(self.varint())
+        if mode == _S_RAW:
+            if len(body) != n:
+                raise PackError(f"stream holds {len(body)} bytes, expected {n}")
+            return np.frombuffer(body, dtype=np.uint8)
+        if mode != _S_ZSTD:
+            raise PackError(f"unknown stream mode {mode}")
+        try:
+            size = zstandard.frame_content_size(body)
+        except zstandard.ZstdError:
+            raise PackError("corrupt zstd stream") from None
+        if size != n:
+            raise PackError(f"zstd stream declares {size} bytes, expected {n}")
+        try:
+            out = _dctx().decompress(body)
+        except zstandard.ZstdError:
+            raise PackError("corrupt zstd stream") from None
+        if len(out) != n:
+            raise PackError(f"zstd stream decoded to {len(out)} bytes, expected {n}")
+        return np.frombuffer(out, dtype=np.uint8)
+
+    def stream(self, n: int) -> U8:
+        mode = self.buf[self.pos] if self.pos < len(self.buf) else None
+        if mode in (_S_RAW, _S_ZSTD):
+            return self.blob(n)
+        mode = self.byte()
+        if mode == _S_CONST:
+            return np.full(n, self.byte(), dtype=np.uint8)
+        if mode not in (_S_PACK4, _S_PACK2):
+            raise PackError(f"unknown stream mode {mode}")
+        bits = 4 if mode == _S_PACK4 else 2
+        esc = (1 << bits) - 1
+        k = self.byte()
+        if k > esc:
+            raise PackError("malformed symbol table")
+        table = np.frombuffer(self.take(k), dtype=np.uint8)
+        per = 8 // bits
+        packed = self.blob(-(-n // per))
+        codes = np.empty((len(packed), per), dtype=np.uint8)
+        for i in range(per):
+            codes[:, i] = (packed >> np.uint8(bits * (per - 1 - i))) & np.uint8(esc)
+        flat = codes.reshape(-1)[:n]
+        lut = np.zeros(esc + 1, dtype=np.uint8)
+        lut[:k] = table
+        out = lut[flat]
+        where = flat >= k
+        escapes = self.blob(int(np.count_nonzero(where)))
+        out[where] = escapes
+        return out
+
+
+# --- encode / decode ------------------------------------------------------------------------------------
+
+
+def _as_u8(data: Any) -> U8:
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError):
+        return np.frombuffer(memoryview(data).tobytes(), dtype=np.uint8)
+
+
+def _planes_body(x: npt.NDArray[Any], level: int, bounds: list[int] | None = None) -> bytes:
+    """The byte planes of ``x`` as streams, section by section (one section: all of ``x``)."""
+    w = x.dtype.itemsize
+    grid = x.view(np.uint8).reshape(-1, w).T.copy() if w > 1 else x.view(np.uint8).reshape(1, -1)
+    cuts = bounds if bounds is not None else [0, len(x)]
+    return b"".join(_stream(grid[i, a:b], level) for a, b in zip(cuts, cuts[1:], strict=False) for i in range(w))
+
+
+def _head(method: int, lay: tuple[int, int, int, int], crc: int, n: int) -> bytes:
+    w, rot, shift, bits = lay
+    return _HEAD.pack(_MAGIC, _VERSION, method, w, rot, shift, bits, crc) + _varint(n)
+
+
+def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | None, crc: int, level: int) -> bytes:
+    """The payload of ``raw`` in one given form (``lay``'s key bits 0 = no reordering)."""
+    w, rot, shift, bits = lay
+    if method == _RAW:
+        return _head(_RAW, (1, 0, 0, 0), crc, len(raw)) + raw.tobytes()
+    a = raw.view(_UINT[w])
+    if method == _PLANES:
+        x = _rotl(a, rot)
+    else:
+        assert ref is not None
+        r = ref.view(_UINT[w])
+        x = _rotl(a ^ r, rot) if method == _XOR else _zigzag(a - r)
+        if bits:
+            order, bounds = _order(r, shift, bits)
+            return _head(method, (w, rot if method == _XOR else 0, shift, bits), crc, len(raw)) + _planes_body(
+                x[order], level, bounds)
+    return _head(method, lay if method == _PLANES else (w, rot if method == _XOR else 0, shift, bits), crc,
+                 len(raw)) + _planes_body(x, level)
+
+
+def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> bool:
+    """Whether reordering by the reference's exponent saves :data:`_SORT_GAIN_BITS` per element,
+    judged on an evenly strided sample of about :data:`_SORT_SAMPLE` elements."""
+    w, _, shift, bits = lay
+    count = len(raw) // w
+    if not bits or count < 4 * _SORT_MIN:
+        return False
+    step = max(4, count // _SORT_SAMPLE)
+    a, r = raw.view(_UINT[w])[::step], ref.view(_UINT[w])[::step]
+    z = _zigzag(a - r)
+    plain = len(_planes_body(z, level))
+    order, bounds = _order(r, shift, bits, max(1, _SECTION_MIN // step))
+    grouped = len(_planes_body(z[order], level, bounds))
+    return (plain - grouped) * 8 >= _SORT_GAIN_BITS * len(z)
+
+
+def encode(data: Buffer, dtype: str | None, reference: Buffer | None = None, *, level: int = DEFAULT_LEVEL) -> bytes:
+    """``data`` (one segment) as a self-describing payload, in the smallest of: raw; byte planes
+    (exponent bits in a plane of their own for bf16/fp32/fp64) + zstd; and, given a ``reference``
+    of the same length (the same tensor frame in the version this one derives from), the
+    difference from it, reordered by the reference's exponent, in planes + zstd. ``dtype`` is the
+    safetensors dtype (None: opaque bytes). ``level`` is the zstd level of every stream.
+    Deterministic: the same arguments give the same bytes."""
+    raw = _as_u8(data)
+    n = len(raw)
+    if n > MAX_DECODED_BYTES:
+        raise PackError(f"segment of {n} bytes exceeds the {MAX_DECODED_BYTES}-byte limit")
+    crc = zlib.crc32(raw.data)
+    ref: U8 | None = None
+    if reference is not None:
+        ref = _as_u8(reference)
+        if len(ref) != n:
+            raise PackError(f"reference holds {len(ref)} bytes, data {n}")
+    lay = _layout(dtype, n)
+    best = _encode_as(raw, _RAW, lay, None, crc, level)
+    if n == 0:
+        return best
+    cands: list[bytes] = []
+    if ref is not None:
+        sort = lay if _sort_pays(raw, ref, lay, level) else (*lay[:3], 0)
+        cands.append(_encode_as(raw, _SUB, sort, ref, crc, level))
+    if not cands or len(cands[0]) > _REF_RETRY * n:
+        cands.append(_encode_as(raw, _PLANES, (*lay[:2], 0, 0), None, crc, level))
+    for c in cands:
+        if len(c) < len(best):
+            best = c
+    return best
+
+
+def _parse_head(payload: Buffer) -> tuple[memoryview, int, tuple[int, int, int, int], int, int, int]:
+    buf = memoryview(payload)
+    if buf.format != "B" or buf.ndim != 1:
+        buf = buf.cast("B")
+    if len(buf) < _HEAD.size:
+        raise PackError("truncated payload")
+    magic, version, method, w, rot, shift, bits, crc = _HEAD.unpack_from(buf, 0)
+    if magic != _MAGIC:
+        raise PackError("not a packed segment (bad magic)")
+    if version != _VERSION:
+        raise PackError(f"unsupported packed segment version {version}")
+    if method not in (_RAW, _PLANES, _XOR, _SUB):
+        raise PackError(f"unknown method {method}")
+    if w not in _UINT or rot >= w * 8 or bits > 16 or shift + bits > w * 8:
+        raise PackError("malformed element layout")
+    rd = _Reader(buf, _HEAD.size)
+    n = rd.varint()
+    if n % w:
+        raise PackError(f"length {n} is not a whole number of {w}-byte elements")
+    return buf, method, (w, rot, shift, bits), crc, n, rd.pos
+
+
+def needs_reference(payload: Buffer) -> bool:
+    """Whether ``payload`` was coded against a reference (decoding it then needs that reference)."""
+    return _parse_head(payload)[1] in (_XOR, _SUB)
+
+
+def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length: int | None = None) -> bytes:
+    """The bytes :func:`encode` was given. ``reference`` must be the reference it was given when
+    :func:`needs_reference` says so (ignored otherwise). ``expected_length``, when known, is checked
+    before anything is allocated. Raises :class:`PackError` on a truncated or corrupt payload, a
+    missing reference or one of the wrong length, or a decoded result whose CRC-32 differs (a wrong
+    reference of the right length)."""
+    buf, method, lay, crc, n, pos = _parse_head(payload)
+    w, rot, shift, bits = lay
+    if expected_length is not None and n != expected_length:
+        raise PackError(f"payload declares {n} bytes, expected {expected_length}")
+    if n > MAX_DECODED_BYTES:
+        raise PackError(f"payload declares {n} bytes, more than the {MAX_DECODED_BYTES}-byte limit")
+    rd = _Reader(buf, pos)
+    ref: U8 | None = None
+    if method in (_XOR, _SUB):
+        if reference is None:
+            raise PackError("payload was coded against a reference and none was given")
+        ref = _as_u8(reference)
+        if len(ref) != n:
+            raise PackError(f"reference holds {len(ref)} bytes, payload {n}")
+    if method == _RAW:
+        out = rd.take(n).tobytes()
+    else:
+        count = n // w
+        r = ref.view(_UINT[w]) if ref is not None else None
+        order: npt.NDArray[np.intp] | None = None
+        cuts = [0, count]
+        if bits and r is not None:
+            order, cuts = _order(r, shift, bits)
+        grid = np.empty((count, w), dtype=np.uint8)
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            for i in range(w):
+                grid[a:b, i] = rd.stream(b - a)
+        x = grid.reshape(-1).view(_UINT[w])
+        if order is not None:
+            unsorted = np.empty_like(x)
+            unsorted[order] = x
+            x = unsorted
+        if method == _PLANES:
+            res = _rotr(x, rot)
+        else:
+            assert r is not None
+            res = (_rotr(x, rot) ^ r) if method == _XOR else (r + _unzigzag(x))
+        out = res.tobytes()
+    if rd.pos != len(buf):
+        raise PackError(f"{len(buf) - rd.pos} bytes trail the payload")
+    if zlib.crc32(out) != crc:
+        raise PackError("decoded bytes fail their CRC-32 (corrupt payload or wrong reference)")
+    return out
