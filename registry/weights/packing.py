@@ -25,12 +25,15 @@ How a segment is coded (the encoder keeps the smallest form; raw when nothing he
   the reference's exponent (a stable sort the decoder repeats from the reference): an update of a
   given size is a larger number of units in the last place for a small weight than for a large
   one, so grouping elements by exponent gives every compressed block a narrow distribution.
-* each byte plane (a *stream*) is then stored as one of: zstd; a constant; or, when a few byte
-  values dominate, its values replaced by their frequency rank and packed two (4-bit) or four
-  (2-bit) to a byte with the rare values in an escape stream, then zstd. Packing several small
-  symbols into one byte lets zstd's per-byte Huffman coder get within a few hundredths of a bit
-  of the entropy where a lone 2.6-bit exponent would cost 2.9 (and it keeps zstd's fast match
-  finder from taking short, costly matches in the exponent plane).
+* each byte plane (a *stream*) is then stored as one of: zstd; a constant; or, when nearly all
+  its values are among 15 (or 3) byte values, their 4-bit (2-bit) codes packed two (four) to a
+  byte, the other values in an escape stream, then zstd. Packing several small symbols into one
+  byte lets zstd's per-byte Huffman coder get within a few hundredths of a bit of the entropy
+  where a lone 2.6-bit exponent costs 2.9 (and it keeps zstd's fast match finder from taking
+  short, costly matches in the exponent plane).
+* with a reference, the segment is reordered only where a sample shows that to pay (the decoder
+  then repeats a stable sort of the reference's exponents), and the no-reference form is tried too
+  when the difference does not compress well (an unrelated reference, e.g. a re-initialised head).
 
 Payload (all integers little-endian)::
 
@@ -42,9 +45,11 @@ reference. ``width`` is the element size the planes use, ``rotate`` the left rot
 before splitting, ``key bits`` > 0 means the elements were reordered by
 ``(reference >> key shift) & (2**key bits - 1)``. The body of methods 1-3 is ``width`` streams,
 each ``mode u8`` then: 0 raw (LEB128 length + bytes), 1 zstd (LEB128 length + one zstd frame),
-2 constant (one byte), 3/4 packed 4-/2-bit ranks (symbol count u8 + symbols, then the packed
-ranks and the escapes, each as a raw or zstd stream). Decoding checks every length, that nothing
-trails the body, and the CRC-32 of the result (which also catches a wrong reference).
+2 constant (one byte), 3 packed 4-bit codes (table size u8 <= 15 + table), 4 packed 2-bit codes
+(3-byte table), each followed by the packed codes and the escapes (as mode 0 or 1 streams). With
+reordering, the streams come section by section: the sorted elements are cut where the exponent
+changes, once a section holds 8192 elements. Decoding checks every length, that nothing trails
+the body, and the CRC-32 of the result (which also catches a wrong reference).
 """
 
 from __future__ import annotations
@@ -178,8 +183,9 @@ _LAYOUT: dict[str, tuple[int, int, int, int]] = {
     "I32": (4, 0, 0, 0), "U32": (4, 0, 0, 0),
     "I64": (8, 0, 0, 0), "U64": (8, 0, 0, 0),
 }
-_UINT: dict[int, Any] = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_INT: dict[int, Any] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+# elements are little-endian on disk (safetensors), whatever the machine
+_UINT: dict[int, Any] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_INT: dict[int, Any] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 
 _RAW, _PLANES, _XOR, _SUB = 0, 1, 2, 3
 _MAGIC = b"RPK"
@@ -228,13 +234,17 @@ def _rotr(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
 def _zigzag(d: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Wrapped difference (unsigned) -> zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
     w = d.dtype.itemsize
-    s = d.view(_INT[w])
-    return ((s << _INT[w](1)) ^ (s >> _INT[w](w * 8 - 1))).view(_UINT[w])  # type: ignore[no-any-return]
+    sign = d.view(_INT[w]) >> _INT[w].type(w * 8 - 1)  # 0 or all ones
+    return ((d << d.dtype.type(1)) ^ sign.view(d.dtype))  # type: ignore[no-any-return]
 
 
 def _unzigzag(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
     t = z.dtype.type
-    return (z >> t(1)) ^ (t(0) - (z & t(1)))  # type: ignore[no-any-return]
+    w = z.dtype.itemsize
+    # all ones where the lowest bit is set (an arithmetic shift; numpy's negation of unsigned
+    # integers is several times slower)
+    mask = (z << t(w * 8 - 1)).view(_INT[w]) >> _INT[w].type(w * 8 - 1)
+    return (z >> t(1)) ^ mask.view(z.dtype)  # type: ignore[no-any-return]
 
 
 def _order(reference: npt.NDArray[Any], shift: int, bits: int,
@@ -305,25 +315,61 @@ def _blob(data: U8 | bytes, level: int) -> bytes:
     return bytes([_S_RAW]) + _varint(len(raw)) + raw
 
 
-def _packed(s: U8, counts: npt.NDArray[np.intp], bits: int, level: int) -> bytes:
-    """``s`` as frequency ranks packed ``8 // bits`` to a byte; ranks past the table are escapes."""
+def _is_window(table: bytes) -> bool:
+    return len(table) == 15 and all(b - a == 1 for a, b in zip(table, table[1:], strict=False))
+
+
+def _codes(s: U8, table: bytes, bits: int) -> tuple[U8, U8]:
+    """Codes for ``s`` (padded with zeros to whole bytes of codes) and the escapes: the code of a
+    value is its index in ``table`` (3 values for 2-bit codes, up to 15 for 4-bit), the last code
+    marks an escape."""
     esc = (1 << bits) - 1
-    top = np.argsort(-counts, kind="stable")[:esc]
-    top = top[counts[top] > 0].astype(np.uint8)
-    rank = np.full(256, esc, dtype=np.uint8)
-    rank[top] = np.arange(len(top), dtype=np.uint8)
-    codes = rank[s]
-    escapes = s[codes == esc]
     per = 8 // bits
-    pad = (-len(codes)) % per
-    if pad:
-        codes = np.concatenate([codes, np.zeros(pad, dtype=np.uint8)])
-    grid = codes.reshape(-1, per)
-    packed = grid[:, 0] << np.uint8(bits * (per - 1))
-    for i in range(1, per):
-        packed |= grid[:, i] << np.uint8(bits * (per - 1 - i))
-    mode = _S_PACK4 if bits == 4 else _S_PACK2
-    return bytes([mode, len(top)]) + top.tobytes() + _blob(packed, level) + _blob(escapes, level)
+    n = len(s)
+    codes = np.zeros(n + (-n) % per, dtype=np.uint8)
+    if bits == 2:  # by comparisons, several times faster than a gather
+        miss0 = s != np.uint8(table[0])
+        miss1 = miss0 & (s != np.uint8(table[1]))
+        miss2 = miss1 & (s != np.uint8(table[2]))
+        np.add(miss0.view(np.uint8), miss1.view(np.uint8), out=codes[:n])
+        codes[:n] += miss2.view(np.uint8)
+        return codes, s[miss2]
+    if _is_window(table):  # consecutive values: a subtraction
+        np.subtract(s, np.uint8(table[0]), out=codes[:n])
+        outside = codes[:n] >= esc
+        np.minimum(codes, np.uint8(esc), out=codes)
+        return codes, s[outside]
+    rank = np.full(256, esc, dtype=np.uint8)
+    rank[np.frombuffer(table, dtype=np.uint8)] = np.arange(len(table), dtype=np.uint8)
+    np.take(rank, s, out=codes[:n])
+    return codes, s[codes[:n] == esc]
+
+
+def _packed(s: U8, table: bytes, bits: int, level: int) -> bytes:
+    """``s`` as :func:`_codes`, ``8 // bits`` codes to a byte (code *i* of a group in bits
+    ``[bits*i, bits*(i+1))``), then the escapes."""
+    codes, escapes = _codes(s, table, bits)
+    # gather the codes of a group with one multiplication: code i sits in byte i of the word and
+    # the multiplier moves each to its bit field in the top byte (no carries: codes are small)
+    if bits == 2:
+        packed = ((codes.view("<u4") * np.uint32(0x01041040)) >> np.uint32(24)).astype(np.uint8)
+        head = bytes([_S_PACK2]) + table
+    else:
+        packed = ((codes.view("<u2") * np.uint16(0x0110)) >> np.uint16(8)).astype(np.uint8)
+        head = bytes([_S_PACK4, len(table)]) + table
+    return head + _blob(packed, level) + _blob(escapes, level)
+
+
+def _unpacked(packed: U8, bits: int, n: int) -> U8:
+    """The codes :func:`_packed` packed: one byte per code."""
+    if bits == 2:
+        w = packed.astype("<u4")
+        w = (w | (w << np.uint32(6)) | (w << np.uint32(12)) | (w << np.uint32(18))) & np.uint32(0x03030303)
+    else:
+        w = packed.astype("<u2")
+        w = (w | (w << np.uint16(4))) & np.uint16(0x0F0F)
+    out: U8 = w.view(np.uint8)[:n]
+    return out
 
 
 def _stream(s: U8, level: int) -> bytes:
@@ -337,16 +383,25 @@ def _stream(s: U8, level: int) -> bytes:
     best = _blob(s, level)
     if best[0] == _S_RAW or n < 64:
         return best  # incompressible: packing cannot help either
-    # which values dominate, judged on a sample (any table decodes; escapes carry the rest)
+    # which values dominate, judged on a sample (any table decodes; escapes carry the rest).
+    # Escapes cost a byte each on top of their code, so packing is tried only where they are rare:
+    # 2-bit codes for the three most frequent values (the low bytes of small differences, or a
+    # few repeated patterns), 4-bit codes for a window of 15 consecutive values (exponents).
     sample = s[:: max(1, n // 65536)]
     counts = np.bincount(sample, minlength=256)
-    ranked = np.sort(counts)[::-1]
-    for bits, table in ((4, 15), (2, 3)):
-        # escapes cost a byte each on top of the packed code: only worth trying when rare
-        if ranked[:table].sum() >= 0.97 * len(sample):
-            cand = _packed(s, counts, bits, level)
-            if len(cand) < len(best):
-                best = cand
+    top = np.argsort(-counts, kind="stable")
+    if counts[top[:3]].sum() >= 0.97 * len(sample):
+        cand = _packed(s, bytes(top[:3].tolist()), 2, level)
+        if len(cand) < len(best):
+            best = cand
+    if counts[top[:15]].sum() >= 0.97 * len(sample):
+        used = np.sort(top[:15][counts[top[:15]] > 0])
+        lo = min(int(used[0]), 256 - 15)
+        # values that fit in a window of 15 take the window (coded by a subtraction)
+        table = bytes(range(lo, lo + 15)) if int(used[-1]) < lo + 15 else bytes(used.tolist())
+        cand = _packed(s, table, 4, level)
+        if len(cand) < len(best):
+            best = cand
     return best
 
 
@@ -413,25 +468,30 @@ class _Reader:
             return np.full(n, self.byte(), dtype=np.uint8)
         if mode not in (_S_PACK4, _S_PACK2):
             raise PackError(f"unknown stream mode {mode}")
-        bits = 4 if mode == _S_PACK4 else 2
-        esc = (1 << bits) - 1
-        k = self.byte()
-        if k > esc:
-            raise PackError("malformed symbol table")
-        table = np.frombuffer(self.take(k), dtype=np.uint8)
-        per = 8 // bits
-        packed = self.blob(-(-n // per))
-        codes = np.empty((len(packed), per), dtype=np.uint8)
-        for i in range(per):
-            codes[:, i] = (packed >> np.uint8(bits * (per - 1 - i))) & np.uint8(esc)
-        flat = codes.reshape(-1)[:n]
-        lut = np.zeros(esc + 1, dtype=np.uint8)
-        lut[:k] = table
-        out = lut[flat]
-        where = flat >= k
+        if mode == _S_PACK2:
+            v0, v1, v2 = (int(b) for b in self.take(3))
+            flat = _unpacked(self.blob(-(-n // 4)), 2, n)
+            # table look-up by arithmetic (several times faster than a gather)
+            out = ((flat == 1).view(np.uint8) * np.uint8((v1 - v0) & 0xFF)) + np.uint8(v0)
+            out += (flat == 2).view(np.uint8) * np.uint8((v2 - v0) & 0xFF)
+            where = flat == 3
+        else:
+            k = self.byte()
+            if k > 15:
+                raise PackError("malformed symbol table")
+            table = self.take(k).tobytes()
+            flat = _unpacked(self.blob(-(-n // 2)), 4, n)
+            if _is_window(table):
+                out = flat + np.uint8(table[0])
+            else:
+                lut = np.zeros(16, dtype=np.uint8)
+                lut[:k] = np.frombuffer(table, dtype=np.uint8)
+                out = np.take(lut, flat)
+            where = flat >= k
         escapes = self.blob(int(np.count_nonzero(where)))
         out[where] = escapes
-        return out
+        result: U8 = out
+        return result
 
 
 # --- encode / decode ------------------------------------------------------------------------------------
