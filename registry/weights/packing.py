@@ -208,6 +208,7 @@ _SECTION_MIN = 8192
 # table almost nothing.
 _SORT_GAIN_BITS = 0.125
 _SORT_SAMPLE = 1 << 18
+_SORT_CHUNK = 1 << 17
 
 
 def _layout(dtype: str | None, n: int) -> tuple[int, int, int, int]:
@@ -247,19 +248,67 @@ def _unzigzag(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return (z >> t(1)) ^ mask.view(z.dtype)  # type: ignore[no-any-return]
 
 
-def _order(reference: npt.NDArray[Any], shift: int, bits: int,
-           section_min: int = 0) -> tuple[npt.NDArray[np.intp], list[int]]:
+# The stable order of a segment's elements by a key, as pieces (start of a chunk, indices inside
+# it): the elements with the smallest key from every chunk in chunk order, then the next key, ...
+_Pieces = list[tuple[int, npt.NDArray[np.intp]]]
+
+
+def _stable_order(key: npt.NDArray[Any], values: int) -> tuple[_Pieces, npt.NDArray[np.intp]]:
+    """The order of ``np.argsort(key, kind="stable")`` and how many elements hold each key value
+    (keys below ``values``).
+
+    Sorted chunk by chunk (a chunk's sort stays in cache: three times faster than sorting a frame
+    in one piece) and taken value by value, chunk by chunk, which is the same order. Kept as pieces
+    so that the gather and the scatter index within a chunk and no frame-sized index is built."""
+    n = len(key)
+    if n == 0:
+        return [], np.zeros(values, dtype=np.intp)
+    chunk = _SORT_CHUNK
+    m = n // chunk
+    grid = key[: m * chunk].reshape(m, chunk)
+    rows: list[tuple[int, npt.NDArray[np.intp]]] = [(i * chunk, r) for i, r in
+                                                     enumerate(np.argsort(grid, axis=1, kind="stable"))]
+    edges = [np.searchsorted(k, np.arange(values + 1), side="left") for k in np.sort(grid, axis=1, kind="stable")]
+    if m * chunk < n:
+        tail = key[m * chunk:]
+        t_order = np.argsort(tail, kind="stable")
+        rows.append((m * chunk, t_order))
+        edges.append(np.searchsorted(tail[t_order], np.arange(values + 1), side="left"))
+    cuts = np.stack(edges)  # (rows, values + 1): where each value starts in each row
+    counts = (cuts[:, 1:] - cuts[:, :-1]).sum(axis=0)
+    pieces: _Pieces = []
+    for v in np.flatnonzero(counts).tolist():
+        starts, stops = cuts[:, v].tolist(), cuts[:, v + 1].tolist()
+        pieces += [(base, idx[a:b]) for (base, idx), a, b in zip(rows, starts, stops, strict=True) if b > a]
+    return pieces, counts
+
+
+def _gather(x: npt.NDArray[Any], pieces: _Pieces) -> npt.NDArray[Any]:
+    chunk = _SORT_CHUNK
+    return np.concatenate([x[base:base + chunk][idx] for base, idx in pieces]) if pieces else x[:0]
+
+
+def _scatter(xs: npt.NDArray[Any], pieces: _Pieces) -> npt.NDArray[Any]:
+    chunk = _SORT_CHUNK
+    out = np.empty_like(xs)
+    pos = 0
+    for base, idx in pieces:
+        out[base:base + chunk][idx] = xs[pos:pos + len(idx)]
+        pos += len(idx)
+    return out
+
+
+def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int = 0) -> tuple[_Pieces, list[int]]:
     """The stable order of the elements by the reference's exponent field, and the section
     boundaries in that order: runs of equal exponents, neighbours merged until a section holds at
     least ``section_min`` (default :data:`_SECTION_MIN`) elements."""
     t = reference.dtype.type
     key = ((reference >> t(shift)) & t((1 << bits) - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
-    order = np.argsort(key, kind="stable")
-    # run ends of the sorted keys (cheaper than a bincount, which widens every key to intp)
-    ends = np.searchsorted(key[order], np.arange(1, 1 << bits), side="left").tolist() + [len(key)]
+    pieces, counts = _stable_order(key, 1 << bits)
+    ends = np.cumsum(counts[counts > 0]).tolist()
     section_min = section_min or _SECTION_MIN
     bounds = [0]
-    for c in sorted(set(ends)):
+    for c in ends:
         if c - bounds[-1] >= section_min:
             bounds.append(c)
     total = len(key)
@@ -268,7 +317,7 @@ def _order(reference: npt.NDArray[Any], shift: int, bits: int,
             bounds[-1] = total  # a short tail joins the section before it
         else:
             bounds.append(total)
-    return order, bounds
+    return pieces, bounds
 
 
 # --- streams ------------------------------------------------------------------------------------------
@@ -530,9 +579,9 @@ def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | N
         r = ref.view(_UINT[w])
         x = _rotl(a ^ r, rot) if method == _XOR else _zigzag(a - r)
         if bits:
-            order, bounds = _order(r, shift, bits)
+            pieces, bounds = _order(r, shift, bits)
             return _head(method, (w, rot if method == _XOR else 0, shift, bits), crc, len(raw)) + _planes_body(
-                x[order], level, bounds)
+                _gather(x, pieces), level, bounds)
     return _head(method, lay if method == _PLANES else (w, rot if method == _XOR else 0, shift, bits), crc,
                  len(raw)) + _planes_body(x, level)
 
@@ -548,8 +597,8 @@ def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> 
     a, r = raw.view(_UINT[w])[::step], ref.view(_UINT[w])[::step]
     z = _zigzag(a - r)
     plain = len(_planes_body(z, level))
-    order, bounds = _order(r, shift, bits, max(1, _SECTION_MIN // step))
-    grouped = len(_planes_body(z[order], level, bounds))
+    pieces, bounds = _order(r, shift, bits, max(1, _SECTION_MIN // step))
+    grouped = len(_planes_body(_gather(z, pieces), level, bounds))
     return (plain - grouped) * 8 >= _SORT_GAIN_BITS * len(z)
 
 
@@ -638,19 +687,17 @@ def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length:
     else:
         count = n // w
         r = ref.view(_UINT[w]) if ref is not None else None
-        order: npt.NDArray[np.intp] | None = None
+        pieces: _Pieces | None = None
         cuts = [0, count]
         if bits and r is not None:
-            order, cuts = _order(r, shift, bits)
+            pieces, cuts = _order(r, shift, bits)
         grid = np.empty((count, w), dtype=np.uint8)
         for a, b in zip(cuts, cuts[1:], strict=False):
             for i in range(w):
                 grid[a:b, i] = rd.stream(b - a)
         x = grid.reshape(-1).view(_UINT[w])
-        if order is not None:
-            unsorted = np.empty_like(x)
-            unsorted[order] = x
-            x = unsorted
+        if pieces is not None:
+            x = _scatter(x, pieces)
         if method == _PLANES:
             res = _rotr(x, rot)
         else:

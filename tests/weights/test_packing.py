@@ -140,6 +140,7 @@ def test_roundtrip_through_reordering_and_sections(dtype: str, n: int, seed: int
     with pytest.MonkeyPatch.context() as m:
         m.setattr(packing, "_SORT_MIN", 16)
         m.setattr(packing, "_SECTION_MIN", 32)
+        m.setattr(packing, "_SORT_CHUNK", 64 << (seed % 4))  # sorted in several chunks
         m.setattr(packing, "_SORT_GAIN_BITS", -1e9)  # always reorder when the dtype has an exponent
         rng = np.random.default_rng(seed)
         base = _values(dtype, n, "specials" if seed % 2 else "weights", rng)
@@ -147,6 +148,23 @@ def test_roundtrip_through_reordering_and_sections(dtype: str, n: int, seed: int
         payload = _roundtrip(data, dtype, base)
         if dtype != "I32":
             assert payload[8] > 0 and needs_reference(payload)  # key bits: reordered
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 17])
+@pytest.mark.parametrize("keys", ["uint8", "uint16"])
+def test_chunked_stable_order_is_the_stable_argsort(monkeypatch: pytest.MonkeyPatch, chunk: int, keys: str) -> None:
+    monkeypatch.setattr(packing, "_SORT_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    for n in (0, 1, 5, 63, 64, 65, 1000, 5000):
+        values = 256 if keys == "uint8" else 2048
+        key = rng.integers(0, 7 if n % 2 else values, n).astype(keys)
+        pieces, counts = packing._stable_order(key, values)
+        order = np.concatenate([base + idx for base, idx in pieces]) if pieces else np.zeros(0, np.intp)
+        assert (order == np.argsort(key, kind="stable")).all()
+        assert (counts == np.bincount(key, minlength=values)).all()
+        x = rng.integers(0, 1 << 16, n).astype(np.uint16)
+        assert (packing._gather(x, pieces) == x[order]).all()
+        assert (packing._scatter(packing._gather(x, pieces), pieces) == x).all()
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 63, 64, 65, 1023, 4097])
