@@ -38,7 +38,7 @@ How a segment is coded (the encoder keeps the smallest form; raw when nothing he
 Payload (all integers little-endian)::
 
     b"RPK" | version u8 | method u8 | width u8 | rotate u8 | key shift u8 | key bits u8
-          | crc32 u32 of the decoded bytes | raw length (LEB128) | body
+          | section log2 u8 | crc32 u32 of the decoded bytes | raw length (LEB128) | body
 
 ``method``: 0 raw (body = the bytes), 1 planes, 2 XOR with the reference, 3 difference with the
 reference. ``width`` is the element size the planes use, ``rotate`` the left rotation applied
@@ -48,7 +48,7 @@ each ``mode u8`` then: 0 raw (LEB128 length + bytes), 1 zstd (LEB128 length + on
 2 constant (one byte), 3 packed 4-bit codes (table size u8 <= 15 + table), 4 packed 2-bit codes
 (3-byte table), each followed by the packed codes and the escapes (as mode 0 or 1 streams). With
 reordering, the streams come section by section: the sorted elements are cut where the exponent
-changes, once a section holds 8192 elements. Decoding checks every length, that nothing trails
+changes, once a section holds ``2**section log2`` elements (8192). Decoding checks every length, that nothing trails
 the body, and the CRC-32 of the result (which also catches a wrong reference).
 """
 
@@ -193,7 +193,7 @@ _INT: dict[int, Any] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"
 _RAW, _PLANES, _XOR, _SUB = 0, 1, 2, 3
 _MAGIC = b"RPK"
 _VERSION = 1
-_HEAD = struct.Struct("<3sBBBBBBI")
+_HEAD = struct.Struct("<3sBBBBBBBI")
 
 # stream modes
 _S_RAW, _S_ZSTD, _S_CONST, _S_PACK4, _S_PACK2 = 0, 1, 2, 3, 4
@@ -301,15 +301,14 @@ def _scatter(xs: npt.NDArray[Any], pieces: _Pieces) -> npt.NDArray[Any]:
     return out
 
 
-def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int = 0) -> tuple[_Pieces, list[int]]:
+def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int) -> tuple[_Pieces, list[int]]:
     """The stable order of the elements by the reference's exponent field, and the section
     boundaries in that order: runs of equal exponents, neighbours merged until a section holds at
-    least ``section_min`` (default :data:`_SECTION_MIN`) elements."""
+    least ``section_min`` elements (a short tail joins the last section)."""
     t = reference.dtype.type
     key = ((reference >> t(shift)) & t((1 << bits) - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
     pieces, counts = _stable_order(key, 1 << bits)
     ends = np.cumsum(counts[counts > 0]).tolist()
-    section_min = section_min or _SECTION_MIN
     bounds = [0]
     for c in ends:
         if c - bounds[-1] >= section_min:
@@ -564,9 +563,9 @@ def _planes_body(x: npt.NDArray[Any], level: int, bounds: list[int] | None = Non
     return b"".join(_stream(grid[i, a:b], level) for a, b in zip(cuts, cuts[1:], strict=False) for i in range(w))
 
 
-def _head(method: int, lay: tuple[int, int, int, int], crc: int, n: int) -> bytes:
+def _head(method: int, lay: tuple[int, int, int, int], crc: int, n: int, section_log: int = 0) -> bytes:
     w, rot, shift, bits = lay
-    return _HEAD.pack(_MAGIC, _VERSION, method, w, rot, shift, bits, crc) + _varint(n)
+    return _HEAD.pack(_MAGIC, _VERSION, method, w, rot, shift, bits, section_log, crc) + _varint(n)
 
 
 def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | None, crc: int, level: int) -> bytes:
@@ -576,17 +575,19 @@ def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | N
         return _head(_RAW, (1, 0, 0, 0), crc, len(raw)) + raw.tobytes()
     a = raw.view(_UINT[w])
     if method == _PLANES:
-        x = _rotl(a, rot)
+        return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(_rotl(a, rot), level)
+    assert ref is not None
+    r = ref.view(_UINT[w])
+    if method == _XOR:
+        x = _rotl(a ^ r, rot)
     else:
-        assert ref is not None
-        r = ref.view(_UINT[w])
-        x = _rotl(a ^ r, rot) if method == _XOR else _zigzag(a - r)
-        if bits:
-            pieces, bounds = _order(r, shift, bits)
-            return _head(method, (w, rot if method == _XOR else 0, shift, bits), crc, len(raw)) + _planes_body(
-                _gather(x, pieces), level, bounds)
-    return _head(method, lay if method == _PLANES else (w, rot if method == _XOR else 0, shift, bits), crc,
-                 len(raw)) + _planes_body(x, level)
+        x, rot = _zigzag(a - r), 0
+    if not bits:
+        return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(x, level)
+    section_log = _SECTION_MIN.bit_length() - 1
+    pieces, bounds = _order(r, shift, bits, 1 << section_log)
+    return _head(method, (w, rot, shift, bits), crc, len(raw), section_log) + _planes_body(
+        _gather(x, pieces), level, bounds)
 
 
 def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> bool:
@@ -638,26 +639,26 @@ def encode(data: Buffer, dtype: str | None, reference: Buffer | None = None, *, 
     return best
 
 
-def _parse_head(payload: Buffer) -> tuple[memoryview, int, tuple[int, int, int, int], int, int, int]:
+def _parse_head(payload: Buffer) -> tuple[memoryview, int, tuple[int, int, int, int], int, int, int, int]:
     buf = memoryview(payload)
     if buf.format != "B" or buf.ndim != 1:
         buf = buf.cast("B")
     if len(buf) < _HEAD.size:
         raise PackError("truncated payload")
-    magic, version, method, w, rot, shift, bits, crc = _HEAD.unpack_from(buf, 0)
+    magic, version, method, w, rot, shift, bits, section_log, crc = _HEAD.unpack_from(buf, 0)
     if magic != _MAGIC:
         raise PackError("not a packed segment (bad magic)")
     if version != _VERSION:
         raise PackError(f"unsupported packed segment version {version}")
     if method not in (_RAW, _PLANES, _XOR, _SUB):
         raise PackError(f"unknown method {method}")
-    if w not in _UINT or rot >= w * 8 or bits > 16 or shift + bits > w * 8:
+    if w not in _UINT or rot >= w * 8 or bits > 16 or shift + bits > w * 8 or section_log > 40:
         raise PackError("malformed element layout")
     rd = _Reader(buf, _HEAD.size)
     n = rd.varint()
     if n % w:
         raise PackError(f"length {n} is not a whole number of {w}-byte elements")
-    return buf, method, (w, rot, shift, bits), crc, n, rd.pos
+    return buf, method, (w, rot, shift, bits), crc, n, rd.pos, section_log
 
 
 def needs_reference(payload: Buffer) -> bool:
@@ -671,7 +672,7 @@ def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length:
     before anything is allocated. Raises :class:`PackError` on a truncated or corrupt payload, a
     missing reference or one of the wrong length, or a decoded result whose CRC-32 differs (a wrong
     reference of the right length)."""
-    buf, method, lay, crc, n, pos = _parse_head(payload)
+    buf, method, lay, crc, n, pos, section_log = _parse_head(payload)
     w, rot, shift, bits = lay
     if expected_length is not None and n != expected_length:
         raise PackError(f"payload declares {n} bytes, expected {expected_length}")
@@ -693,7 +694,7 @@ def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length:
         pieces: _Pieces | None = None
         cuts = [0, count]
         if bits and r is not None:
-            pieces, cuts = _order(r, shift, bits)
+            pieces, cuts = _order(r, shift, bits, 1 << section_log)
         grid = np.empty((count, w), dtype=np.uint8)
         for a, b in zip(cuts, cuts[1:], strict=False):
             for i in range(w):
