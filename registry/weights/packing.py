@@ -144,7 +144,7 @@ def segments(read_at: Callable[[int, int], bytes], size: int) -> list[Segment]:
     out: list[Segment] = []
     try:
         header = parse_header(read_at, size, max_header_bytes=MAX_HEADER_BYTES)
-    except (HeaderError, struct.error, ValueError):
+    except (HeaderError, struct.error):  # not a safetensors file (I/O errors propagate)
         _opaque(out, 0, size)
         return out
     out.append(Segment(0, header.data_start, None, None))

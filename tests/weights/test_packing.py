@@ -354,6 +354,12 @@ def _reader(blob: bytes) -> Callable[[int, int], bytes]:
     return lambda off, n: blob[off:off + n]
 
 
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=metadata)
+
+
 def _check_cover(segs: list[Segment], size: int) -> None:
     pos = 0
     for s in segs:
@@ -376,6 +382,11 @@ def _tensors(seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
         "model.scalar": torch.tensor(3.5),
         "weird|name with | bars": torch.arange(5, dtype=torch.int8),
     }
+
+
+_GOOD_FILE = _safetensors_bytes(
+    {"a": torch.arange(20, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.bfloat16), "c": torch.zeros(0)},
+    {"format": "pt"})
 
 
 def test_segments_of_a_safetensors_file(tmp_path: Path) -> None:
@@ -459,6 +470,25 @@ def test_segments_of_anything_else_are_opaque_frames(tmp_path: Path, monkeypatch
     _check_cover(segs, len(blob))
     assert all(s.dtype is None and s.key is None and s.length <= 1000 for s in segs)
     assert len(segs) == -(-len(blob) // 1000)
+
+
+@settings(max_examples=150, deadline=None)
+@given(flips=st.lists(st.tuples(st.integers(0, 400), st.integers(1, 255)), max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 2000)), frame=st.sampled_from([7, 64, 4096]))
+def test_segments_of_damaged_files_still_cover_them(flips: list[tuple[int, int]], cut: int | None,
+                                                     frame: int) -> None:
+    """Bytes flipped in or near the header, or the file cut short: whatever parses is cut by its
+    header, the rest is opaque, and the segments always cover the file exactly."""
+    blob = bytearray(_GOOD_FILE)
+    for pos, x in flips:
+        if pos < len(blob):
+            blob[pos] ^= x
+    data = bytes(blob[:cut] if cut is not None else blob)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packing, "FRAME_BYTES", frame)
+        segs = segments(_reader(data), len(data))
+    _check_cover(segs, len(data))
+    assert all(s.length <= max(frame, 8 + 400) for s in segs[1:])
 
 
 def test_files_round_trip_segment_by_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
