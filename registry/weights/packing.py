@@ -67,7 +67,8 @@ import zstandard
 
 from .safetensors_header import DTYPE_BITS, HeaderError, parse_header
 
-__all__ = ["FRAME_BYTES", "PackError", "Segment", "decode", "encode", "needs_reference", "segments"]
+__all__ = ["FRAME_BYTES", "PackError", "Segment", "decode", "decoded_length", "encode", "needs_reference",
+           "segments"]
 
 # Raw bytes per segment at most. 4 MiB, measured (bench/storage.py) against 1 to 16 MiB: the
 # compression is the same as with larger frames (zstd's level-1 window is 512 KiB and its Huffman
@@ -664,6 +665,11 @@ def _parse_head(payload: Buffer) -> tuple[memoryview, int, tuple[int, int, int, 
 def needs_reference(payload: Buffer) -> bool:
     """Whether ``payload`` was coded against a reference (decoding it then needs that reference)."""
     return _parse_head(payload)[1] in (_XOR, _SUB)
+
+
+def decoded_length(payload: Buffer) -> int:
+    """The number of bytes ``payload`` decodes to, read from its header (nothing is decoded)."""
+    return _parse_head(payload)[4]
 
 
 def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length: int | None = None) -> bytes:

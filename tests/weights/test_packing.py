@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from registry.weights import packing
-from registry.weights.packing import PackError, Segment, decode, encode, needs_reference, segments
+from registry.weights.packing import PackError, Segment, decode, decoded_length, encode, needs_reference, segments
 
 # safetensors dtype -> (element bytes, torch dtype used to make float values or None for ints)
 DTYPES: dict[str, tuple[int, torch.dtype | None, np.dtype]] = {
@@ -105,6 +105,7 @@ def _derived(dtype: str, base: bytes, kind: str, rng: np.random.Generator) -> by
 
 def _roundtrip(data: bytes, dtype: str | None, ref: bytes | None, **kw: int) -> bytes:
     payload = encode(data, dtype, ref, **kw)
+    assert decoded_length(payload) == len(data)
     assert decode(payload, ref if needs_reference(payload) else None) == data
     assert decode(payload, ref, expected_length=len(data)) == data
     return payload
