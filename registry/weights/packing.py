@@ -31,9 +31,12 @@ How a segment is coded (the encoder keeps the smallest form; raw when nothing he
   byte lets zstd's per-byte Huffman coder get within a few hundredths of a bit of the entropy
   where a lone 2.6-bit exponent costs 2.9 (and it keeps zstd's fast match finder from taking
   short, costly matches in the exponent plane).
-* with a reference, the segment is reordered only where a sample shows that to pay (the decoder
-  then repeats a stable sort of the reference's exponents), and the no-reference form is tried too
-  when the difference does not compress well (an unrelated reference, e.g. a re-initialised head).
+* with a reference, the segment is reordered only where a sample shows that to save at least 1/8
+  bit per element (dense layers save about one; sparsely updated embedding rows nothing). The
+  decoder repeats the stable sort: on the bench's bf16 fine-tunes reordering saves 16-25 % of the
+  bytes and halves decode speed (about 600 -> 260-320 MB/s per core); on fp32 it saves 3 % (and
+  keeps a 0.46 fine-tune under 0.45). The no-reference form is tried too when the difference does
+  not compress well (an unrelated reference, e.g. a re-initialised head).
 
 Payload (all integers little-endian)::
 
@@ -48,8 +51,9 @@ each ``mode u8`` then: 0 raw (LEB128 length + bytes), 1 zstd (LEB128 length + on
 2 constant (one byte), 3 packed 4-bit codes (table size u8 <= 15 + table), 4 packed 2-bit codes
 (3-byte table), each followed by the packed codes and the escapes (as mode 0 or 1 streams). With
 reordering, the streams come section by section: the sorted elements are cut where the exponent
-changes, once a section holds ``2**section log2`` elements (8192). Decoding checks every length, that nothing trails
-the body, and the CRC-32 of the result (which also catches a wrong reference).
+changes, once a section holds ``2**section log2`` elements (8192). Decoding checks every length,
+that nothing trails the body, and the CRC-32 of the result (which also catches a wrong
+reference).
 """
 
 from __future__ import annotations
