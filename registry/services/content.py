@@ -223,7 +223,7 @@ class ChunkReader:
         except FileNotFoundError as e:
             raise ContentError(f"the payload of chunk {sha256} is missing") from e
         try:
-            data = packing.decode(payload, reference)
+            data = packing.decode(payload, reference, expected_length=info.size)
         except packing.PackError as e:
             raise ContentError(f"the payload of chunk {sha256} is damaged: {e}") from e
         if len(data) != info.size or (check and hashlib.sha256(data).hexdigest() != sha256):
