@@ -99,7 +99,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from . import codec, rmm, rmm_baselines
 from .adapters import (
@@ -118,6 +117,7 @@ from .errors import (
     NonFiniteError,
     WeightsError,
 )
+from .formatfile import read_format_file, varint
 from .peft_config import rank_alpha
 
 __all__ = [
@@ -417,18 +417,6 @@ def _tensor_from(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> tor
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape).clone()
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
@@ -529,7 +517,7 @@ def _raw_encoding(adapter: LoraAdapter, name: str) -> tuple[bytes, bytes]:
                 y.mul_(root)
             back.append(y)
         if torch.equal(back[0], mod.A) and torch.equal(back[1], mod.B):
-            return bytes([code]) + _varint(mod.rank), b"".join(_tensor_bytes(x) for x in stored)
+            return bytes([code]) + varint(mod.rank), b"".join(_tensor_bytes(x) for x in stored)
     raise AssertionError("the compute dtype always stores factors exactly")  # pragma: no cover
 
 
@@ -722,12 +710,12 @@ def _encode_own(member: _Member, choice: _OwnChoice, *, estimate: bool = False) 
     bits = 0.0
     for mod, opts in zip(member.modules, choice.modules, strict=True):
         if opts is None:
-            head += _varint(0) + mod.raw_head
+            head += varint(0) + mod.raw_head
             body += mod.raw
             factors[mod.name] = (mod.A, mod.B)
             continue
         opts = _trim(opts)
-        head += _varint(len(opts) + 1) + bytes(opts)
+        head += varint(len(opts) + 1) + bytes(opts)
         QA, QB, rows_a, rows_b = _realise_module(mod, opts, src)
         steps += bytes(r.e for r in rows_a if OPTIONS[r.opt].kind == "ec")
         if estimate:
@@ -1059,7 +1047,7 @@ def _encode_basis(full: Mapping[str, rmm.ModuleBasis], p: Mapping[str, int], fmt
     for name, d_in, d_out in layout:
         mb = full[name]
         pm, r = p[name], mb.rank
-        head += _varint(pm) + _varint(r)
+        head += varint(pm) + varint(r)
         parts = [mb.mu_A, mb.U_A[:pm], mb.mu_B, mb.U_B[:pm]]
         if fmt == 0:
             stored = [t.to(_F16) for t in parts]
@@ -1141,7 +1129,7 @@ def _encode_rmm_member(member: _Member, basis: Mapping[str, tuple[torch.Tensor, 
                        ) -> tuple[bytes, Factors]:
     """Layout: a byte (kind | dtype code << 4); varint basis index (0); a byte q + 64; step bytes of
     the coefficient rows (per module p rows of C_A, then p rows of C_B); the rANS stream."""
-    head = bytearray([_KIND_RMM | (_DTYPES.index(member.adapter.dtype) << 4)]) + _varint(0) + bytes([q + 64])
+    head = bytearray([_KIND_RMM | (_DTYPES.index(member.adapter.dtype) << 4)]) + varint(0) + bytes([q + 64])
     steps = bytearray()
     body = bytearray()
     enc = codec.RansEncoder()
@@ -1534,21 +1522,7 @@ def _blob_tensor(blob: bytes) -> torch.Tensor:
 def load_plan(path: str | os.PathLike[str]) -> CompressionPlan:
     """Read a plan written by :func:`save_plan`; its reconstructions are identical to the original
     plan's. Raises :class:`CheckpointFormatError` on anything malformed."""
-    where = Path(path)
-    if not where.is_file():
-        raise CheckpointFormatError(f"{where}: cannot read plan file (missing or not a file)")
-    try:
-        with safe_open(str(where), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            if meta.get("format") != FORMAT:
-                raise CheckpointFormatError(f"{where}: not a compression plan (format={meta.get('format')!r})")
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise CheckpointFormatError(f"{where}: unsupported format_version {meta.get('format_version')!r}")
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except CheckpointFormatError:
-        raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointFormatError(f"{where}: unreadable safetensors file: {exc}") from exc
+    where, meta, tensors = read_format_file(path, FORMAT, FORMAT_VERSION, "a compression plan")
     try:
         layout = [(str(n), int(a), int(b)) for n, a, b in json.loads(meta["layout"])]
         members = [MemberPlan(name=str(m["name"]), method=str(m["method"]), parameters=dict(m["parameters"]),

@@ -69,6 +69,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from .formatfile import varint
 from .safetensors_header import DTYPE_BITS, HeaderError, parse_header
 
 __all__ = ["FRAME_BYTES", "PackError", "Segment", "decode", "decoded_length", "encode", "needs_reference",
@@ -349,26 +350,14 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _blob(data: U8 | bytes, level: int) -> bytes:
     """A byte string as ``mode`` + length + bytes: zstd when that is smaller, else raw."""
     raw = data.tobytes() if isinstance(data, np.ndarray) else data
     if raw:
         z = _cctx(level).compress(raw)
         if len(z) < len(raw):
-            return bytes([_S_ZSTD]) + _varint(len(z)) + z
-    return bytes([_S_RAW]) + _varint(len(raw)) + raw
+            return bytes([_S_ZSTD]) + varint(len(z)) + z
+    return bytes([_S_RAW]) + varint(len(raw)) + raw
 
 
 def _is_window(table: bytes) -> bool:
@@ -570,7 +559,7 @@ def _planes_body(x: npt.NDArray[Any], level: int, bounds: list[int] | None = Non
 
 def _head(method: int, lay: tuple[int, int, int, int], crc: int, n: int, section_log: int = 0) -> bytes:
     w, rot, shift, bits = lay
-    return _HEAD.pack(_MAGIC, _VERSION, method, w, rot, shift, bits, section_log, crc) + _varint(n)
+    return _HEAD.pack(_MAGIC, _VERSION, method, w, rot, shift, bits, section_log, crc) + varint(n)
 
 
 def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | None, crc: int, level: int) -> bytes:

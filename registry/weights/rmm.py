@@ -61,11 +61,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .adapters import LoraAdapter, LoraModule, all_finite, write_safetensors
 from .device import resolve_device
 from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteError, WeightsError
+from .formatfile import read_format_file
 
 __all__ = [
     "FORMAT_VERSION",
@@ -718,23 +718,9 @@ def save_basis(basis: RmmBasis, path: str | os.PathLike[str]) -> None:
 def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
     """Read a basis written by :func:`save_basis`; reconstructions are bit-identical to the
     in-memory basis it came from. Raises :class:`CheckpointFormatError` on anything malformed."""
-    where = Path(path)
-    if not where.is_file():
-        raise CheckpointFormatError(f"{where}: cannot read basis file (missing or not a file)")
-    try:
-        with safe_open(str(where), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            if meta.get("format") != FORMAT:
-                raise CheckpointFormatError(f"{where}: not an RMM basis file (format={meta.get('format')!r})")
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise CheckpointFormatError(f"{where}: unsupported format_version {meta.get('format_version')!r}")
-            if meta.get("method") != METHOD:
-                raise CheckpointFormatError(f"{where}: unsupported basis method {meta.get('method')!r}")
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except CheckpointFormatError:
-        raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointFormatError(f"{where}: unreadable safetensors file: {exc}") from exc
+    where, meta, tensors = read_format_file(path, FORMAT, FORMAT_VERSION, "an RMM basis")
+    if meta.get("method") != METHOD:
+        raise CheckpointFormatError(f"{where}: unsupported basis method {meta.get('method')!r}")
     try:
         members = [str(m) for m in json.loads(meta["members"])]
         p_per_module = {str(k): int(v) for k, v in json.loads(meta["p"]).items()}
