@@ -13,9 +13,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,6 +140,38 @@ def server_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *, poll: float = 0.2,
+               on_timeout: Callable[[], None] | None = None) -> Any:
+    """``predicate()``'s first truthy value, polling every ``poll`` s; AssertionError after ``timeout``
+    (``on_timeout`` runs first, e.g. to print the processes' logs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    if on_timeout is not None:
+        on_timeout()
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float, what: str = "server",
+                 poll: float = 0.1) -> bool:
+    """Poll ``url``'s health endpoint until it answers 200 (True) or ``timeout`` passes (False);
+    RuntimeError with the log's tail if the process exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/api/v1/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    return False
+
+
 def start_server(home: Path, database_url: str, backend: str = "sqlite", **extra: str) -> Server:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -148,16 +181,8 @@ def start_server(home: Path, database_url: str, backend: str = "sqlite", **extra
         proc = subprocess.Popen([sys.executable, "-m", "registry", "up"], env=env, stdout=logf,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/api/v1/health", timeout=1).status_code == 200:
-                return Server(url, home, database_url, backend, env, proc, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    if wait_healthy(url, proc, log, 60):
+        return Server(url, home, database_url, backend, env, proc, log)
     proc.kill()
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
@@ -239,14 +264,7 @@ class Stack:
                 raise
 
     def wait_for(self, predicate, timeout: float = 120, what: str = "condition"):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        self.dump_logs()
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_until(predicate, timeout, what, on_timeout=self.dump_logs)
 
     def dump_logs(self) -> None:
         for log in sorted(self.server.home.glob("*.log")):

@@ -24,7 +24,7 @@ import torch
 
 from registry.demo import Shape, save_checkpoint
 
-from .conftest import Server, make_server
+from .conftest import Server, make_server, wait_healthy, wait_until
 
 MiB = 1 << 20
 
@@ -45,27 +45,9 @@ def restart(srv: Server, timeout: float = 60) -> None:
     with open(srv.log, "ab") as logf:
         srv.proc = subprocess.Popen([sys.executable, "-m", "registry", "up"], env=srv.env, stdout=logf,
                                     stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log.read_text()[-4000:]}")
-        try:
-            if httpx.get(srv.url + "/api/v1/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    if wait_healthy(srv.url, srv.proc, srv.log, timeout, poll=0.05):
+        return
     raise RuntimeError(f"server did not restart:\n{srv.log.read_text()[-4000:]}")
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def checkpoint(folder: Path, nbytes: int, seed: int = 0) -> Path:
@@ -210,7 +192,7 @@ def test_kill_mid_chunk_then_resume(drill_server: Server, tmp_path: Path, name: 
     t = threading.Thread(target=send)
     t.start()
     try:
-        wait_until(lambda: part.stat().st_size > first, 30, "the second chunk to reach the disk")
+        wait_until(lambda: part.stat().st_size > first, 30, "the second chunk to reach the disk", poll=0.005)
         kill(srv)
     finally:
         release.set()
@@ -401,7 +383,7 @@ def test_cli_push_survives_a_restart(drill_server: Server, tmp_path: Path, name:
     try:
         staging = srv.home / "staging"
         wait_until(lambda: any(p.stat().st_size > 12 * MiB for p in staging.glob("*/upload-*.part")), 60,
-                   "the push to be half-way through a chunk")
+                   "the push to be half-way through a chunk", poll=0.005)
         kill(srv)
         restart(srv)
         assert cli.wait(120) == 0, (tmp_path / "stderr").read_text()

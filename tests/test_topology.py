@@ -40,7 +40,7 @@ import pytest
 
 from registry.client import RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
 
-from .conftest import RedisProcess, _reachable, free_port, need_postgres, new_pg_database
+from .conftest import RedisProcess, _reachable, free_port, need_postgres, new_pg_database, wait_healthy, wait_until
 
 WARMUP = 5.0  # seconds of load before the first kill
 DOWNTIME = 2.0  # seconds a killed process stays down; also between kills
@@ -98,16 +98,9 @@ class Api(Proc):
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/api/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        assert self.proc is not None
+        if wait_healthy(self.url, self.proc, self.log, timeout, self.name, poll=0.2):
+            return
         raise RuntimeError(f"{self.name} did not become ready:\n{self.log.read_text()[-4000:]}")
 
 
@@ -507,14 +500,7 @@ def chaos(topo: Topology, load: Load, log: list[str]) -> None:
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str, topo: Topology) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    topo.dump_logs()
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return wait_until(predicate, timeout, what, poll=0.5, on_timeout=topo.dump_logs)
 
 
 def _all_jobs(rc: RegistryClient) -> list[dict[str, Any]]:
