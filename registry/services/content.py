@@ -75,7 +75,7 @@ def size(ctx: RegistryContext, sha256: str) -> int | None:
     if form == BlobForm.packed.value:
         return n
     on_disk = ctx.store.size(sha256)
-    if on_disk is None and (_row(ctx, sha256) or (0, ""))[1] == BlobForm.packed.value:
+    if on_disk is None and is_packed(ctx, sha256):
         return n  # packed (and its raw object released) since the first look
     return on_disk
 

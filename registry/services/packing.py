@@ -172,6 +172,8 @@ def pack_version(ctx: RegistryContext, version_id: int, *, progress: Callable[[f
     report.logical_bytes = sum(int(n) for _, n, _ in files)
     raw = sorted({sha: int(n) for sha, n, form in files if form == BlobForm.raw.value}.items())
     report.files_already_packed = len({sha for sha, _, _ in files}) - len(raw)
+    ref_reader = ChunkReader(ctx)  # decodes reference frames; knows their rows already
+    ref_reader.infos.update({i.sha256: i for i in keyed.values()})
 
     total = sum(n for _, n in raw) or 1
     done = 0
@@ -183,7 +185,7 @@ def pack_version(ctx: RegistryContext, version_id: int, *, progress: Callable[[f
             def step(n: int, what: str = sha[:12], before: int = done) -> None:
                 if progress is not None:
                     progress((before + n) / total, f"packing {what}")
-            if _pack_file(ctx, sha, size, keyed, work, report, step):
+            if _pack_file(ctx, sha, size, keyed, ref_reader, work, report, step):
                 report.files_packed += 1
             done += size
     finally:
@@ -254,18 +256,20 @@ def _reader(ctx: RegistryContext, sha: str) -> tuple[Callable[[int, int], bytes]
     return (lambda offset, length: ctx.store.read_bytes(sha, offset, offset + length)), (lambda: None)
 
 
-def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], work: Path,
+def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], ref_reader: ChunkReader,
+               work: Path,
                report: PackReport, step: Callable[[int], None]) -> bool:
     """Pack one raw file; False when somebody else packed it meanwhile."""
     try:
-        return _pack_raw_file(ctx, sha, size, keyed, work, report, step)
+        return _pack_raw_file(ctx, sha, size, keyed, ref_reader, work, report, step)
     except FileNotFoundError:
         if content.describe(ctx, sha) == "packed blob":  # another pack released the raw bytes meanwhile
             return False
         raise
 
 
-def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], work: Path,
+def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], ref_reader: ChunkReader,
+                   work: Path,
                    report: PackReport, step: Callable[[int], None]) -> bool:
     read_at, close = _reader(ctx, sha)
     try:
@@ -285,7 +289,8 @@ def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, C
                 if s.get(Chunk, csha) is not None:
                     report.chunks_reused += 1
                     continue
-            info, path = _encode(ctx, csha, data, seg, keyed.get(seg.key) if seg.key else None, work, report)
+            info, path = _encode(csha, data, seg, keyed.get(seg.key) if seg.key else None, ref_reader, work,
+                                 report)
             new[csha] = info
             payload_files[info.object_sha256] = path
             step(seg.offset + seg.length)
@@ -317,11 +322,11 @@ def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, C
     return flipped
 
 
-def _encode(ctx: RegistryContext, csha: str, data: bytes, seg: packing.Segment, ref: ChunkInfo | None, work: Path,
-            report: PackReport) -> tuple[ChunkInfo, Path]:
+def _encode(csha: str, data: bytes, seg: packing.Segment, ref: ChunkInfo | None, ref_reader: ChunkReader,
+            work: Path, report: PackReport) -> tuple[ChunkInfo, Path]:
     reference = None
     if ref is not None and ref.size == len(data) and ref.depth < MAX_CHAIN:
-        reference = ChunkReader(ctx).get(ref.sha256)
+        reference = ref_reader.get(ref.sha256)
     payload = packing.encode(data, seg.dtype, reference)
     coded_against = ref if reference is not None and packing.needs_reference(payload) else None
     form = "xor" if coded_against is not None else ("raw" if len(payload) >= len(data) else "coded")

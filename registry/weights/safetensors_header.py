@@ -10,6 +10,7 @@ reason (and ``code``: ``invalid_safetensors`` or ``header_too_large``).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,10 +56,7 @@ class HeaderEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
