@@ -72,7 +72,7 @@ import zstandard
 from .formatfile import varint
 from .safetensors_header import DTYPE_BITS, HeaderError, parse_header
 
-__all__ = ["FRAME_BYTES", "PackError", "Segment", "decode", "decoded_length", "encode", "needs_reference",
+__all__ = ["FRAME_BYTES", "PackError", "Reference", "Segment", "decode", "decoded_length", "encode", "needs_reference",
            "segments"]
 
 # Raw bytes per segment at most. 4 MiB, measured (bench/storage.py) against 1 to 16 MiB: the
@@ -234,87 +234,149 @@ def _rotl(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
     return (a << t(r)) | (a >> t(a.dtype.itemsize * 8 - r))  # type: ignore[no-any-return]
 
 
-def _rotr(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
+def _rotr_inplace(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
+    """``a`` rotated right by ``r`` bits, in place (one temporary)."""
     if r == 0:
         return a
     t = a.dtype.type
-    return (a >> t(r)) | (a << t(a.dtype.itemsize * 8 - r))  # type: ignore[no-any-return]
+    high = a << t(a.dtype.itemsize * 8 - r)
+    a >>= t(r)
+    a |= high
+    return a
 
 
-def _zigzag(d: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """Wrapped difference (unsigned) -> zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+def _zigzag_inplace(d: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Wrapped difference (unsigned) -> zigzag, in place: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
     w = d.dtype.itemsize
     sign = d.view(_INT[w]) >> _INT[w].type(w * 8 - 1)  # 0 or all ones
-    return ((d << d.dtype.type(1)) ^ sign.view(d.dtype))  # type: ignore[no-any-return]
+    d <<= d.dtype.type(1)
+    d ^= sign.view(d.dtype)
+    return d
 
 
-def _unzigzag(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
+def _unzigzag_inplace(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The inverse of :func:`_zigzag_inplace`, in place (one temporary)."""
     t = z.dtype.type
     w = z.dtype.itemsize
     # all ones where the lowest bit is set (an arithmetic shift; numpy's negation of unsigned
     # integers is several times slower)
-    mask = (z << t(w * 8 - 1)).view(_INT[w]) >> _INT[w].type(w * 8 - 1)
-    return (z >> t(1)) ^ mask.view(z.dtype)  # type: ignore[no-any-return]
+    mask = (z << t(w * 8 - 1)).view(_INT[w])
+    mask >>= _INT[w].type(w * 8 - 1)
+    z >>= t(1)
+    z ^= mask.view(z.dtype)
+    return z
 
 
-# The stable order of a segment's elements by a key, as pieces (start of a chunk, indices inside
-# it): the elements with the smallest key from every chunk in chunk order, then the next key, ...
-_Pieces = list[tuple[int, npt.NDArray[np.intp]]]
+@dataclass(frozen=True)
+class _Order:
+    """The stable order of a segment's elements by a small integer key (``np.argsort(key,
+    kind="stable")``), kept chunk by chunk: ``rows[i]`` is the stable argsort of the keys of chunk
+    ``i`` (elements ``[i * chunk, (i + 1) * chunk)``, indices local to the chunk) and
+    ``cuts[i, v]`` where key ``v`` starts in it. The whole order is: the elements with the
+    smallest key from every chunk in chunk order, then the next key, ... (a chunk's sort stays in
+    cache: three times faster than sorting a frame in one piece, and no frame-sized index is built).
+    ``bounds`` are the section boundaries in that order (see :func:`_order`)."""
+
+    chunk: int
+    rows: list[npt.NDArray[np.intp]]
+    cuts: npt.NDArray[np.intp]  # (rows, values + 1)
+    counts: npt.NDArray[np.intp]  # elements per key value
+    bounds: list[int]
+
+    def slices(self) -> list[tuple[int, int, int]]:
+        """(chunk, start, stop) of every non-empty run of the order, in order: key by key, chunk
+        by chunk (positions within the chunk's sorted keys)."""
+        out: list[tuple[int, int, int]] = []
+        cuts = self.cuts.tolist()
+        for v in np.flatnonzero(self.counts).tolist():
+            out += [(i, c[v], c[v + 1]) for i, c in enumerate(cuts) if c[v + 1] > c[v]]
+        return out
 
 
-def _stable_order(key: npt.NDArray[Any], values: int) -> tuple[_Pieces, npt.NDArray[np.intp]]:
-    """The order of ``np.argsort(key, kind="stable")`` and how many elements hold each key value
-    (keys below ``values``).
+def _run_starts(keys: npt.NDArray[Any], orders: npt.NDArray[np.intp], values: int, lo: int,
+                hi: int) -> npt.NDArray[np.intp]:
+    """``cuts[i, v]``: where key ``v`` starts in row ``i`` sorted by ``orders[i]`` (the rows'
+    stable argsorts), for keys below ``values`` all within ``[lo, hi)``. One vectorised binary
+    search over every (row, key) pair: several times cheaper than sorting the keys again."""
+    m, n = keys.shape
+    cuts = np.zeros((m, values + 1), dtype=np.intp)
+    cuts[:, hi:] = n
+    probe = np.arange(lo, hi, dtype=np.intp)  # keys below lo start at 0, keys from hi on at n
+    if not len(probe) or not n:
+        return cuts
+    first = np.zeros((m, len(probe)), dtype=np.intp)
+    last = np.full((m, len(probe)), n, dtype=np.intp)
+    row = np.arange(m)[:, None]
+    for _ in range(n.bit_length()):
+        mid = (first + last) >> 1
+        below = (keys[row, orders[row, np.minimum(mid, n - 1)]] < probe) & (first < last)
+        first = np.where(below, mid + 1, first)
+        last = np.where(below, last, mid)
+    cuts[:, lo:hi] = first
+    return cuts
 
-    Sorted chunk by chunk (a chunk's sort stays in cache: three times faster than sorting a frame
-    in one piece) and taken value by value, chunk by chunk, which is the same order. Kept as pieces
-    so that the gather and the scatter index within a chunk and no frame-sized index is built."""
+
+def _stable_order(key: npt.NDArray[Any], values: int) -> _Order:
+    """The stable order of ``key`` (values below ``values``), without section bounds."""
     n = len(key)
+    chunk = _SORT_CHUNK
     if n == 0:
-        return [], np.zeros(values, dtype=np.intp)
-    chunk = _SORT_CHUNK
+        return _Order(chunk, [], np.zeros((0, values + 1), dtype=np.intp), np.zeros(values, dtype=np.intp), [0, 0])
+    lo, hi = int(key.min()), int(key.max()) + 1
+    rows: list[npt.NDArray[np.intp]] = []
+    edges: list[npt.NDArray[np.intp]] = []
     m = n // chunk
-    grid = key[: m * chunk].reshape(m, chunk)
-    rows: list[tuple[int, npt.NDArray[np.intp]]] = [(i * chunk, r) for i, r in
-                                                     enumerate(np.argsort(grid, axis=1, kind="stable"))]
-    edges = [np.searchsorted(k, np.arange(values + 1), side="left") for k in np.sort(grid, axis=1, kind="stable")]
+    if m:
+        grid = key[: m * chunk].reshape(m, chunk)
+        orders = np.argsort(grid, axis=1, kind="stable")
+        rows += list(orders)
+        edges.append(_run_starts(grid, orders, values, lo, hi))
     if m * chunk < n:
-        tail = key[m * chunk:]
-        t_order = np.argsort(tail, kind="stable")
-        rows.append((m * chunk, t_order))
-        edges.append(np.searchsorted(tail[t_order], np.arange(values + 1), side="left"))
-    cuts = np.stack(edges)  # (rows, values + 1): where each value starts in each row
+        tail = key[m * chunk:].reshape(1, -1)
+        orders = np.argsort(tail, axis=1, kind="stable")
+        rows.append(orders[0])
+        edges.append(_run_starts(tail, orders, values, lo, hi))
+    cuts = np.concatenate(edges)
     counts = (cuts[:, 1:] - cuts[:, :-1]).sum(axis=0)
-    pieces: _Pieces = []
-    for v in np.flatnonzero(counts).tolist():
-        starts, stops = cuts[:, v].tolist(), cuts[:, v + 1].tolist()
-        pieces += [(base, idx[a:b]) for (base, idx), a, b in zip(rows, starts, stops, strict=True) if b > a]
-    return pieces, counts
+    return _Order(chunk, rows, cuts, counts, [0, n])
 
 
-def _gather(x: npt.NDArray[Any], pieces: _Pieces) -> npt.NDArray[Any]:
-    chunk = _SORT_CHUNK
-    return np.concatenate([x[base:base + chunk][idx] for base, idx in pieces]) if pieces else x[:0]
+def _gather(x: npt.NDArray[Any], order: _Order) -> npt.NDArray[Any]:
+    """``x`` in ``order``: each chunk gathered by its own argsort, then the runs interleaved."""
+    chunk = order.chunk
+    if not order.rows:
+        return x[:0].copy()
+    rows = [np.take(x[i * chunk:(i + 1) * chunk], o) for i, o in enumerate(order.rows)]
+    return np.concatenate([rows[i][a:b] for i, a, b in order.slices()])
 
 
-def _scatter(xs: npt.NDArray[Any], pieces: _Pieces) -> npt.NDArray[Any]:
-    chunk = _SORT_CHUNK
-    out = np.empty_like(xs)
+def _scatter(xs: npt.NDArray[Any], order: _Order, out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
+    """The inverse of :func:`_gather` (into ``out`` when given)."""
+    chunk = order.chunk
+    res = np.empty_like(xs) if out is None else out
+    per_row: list[list[npt.NDArray[Any]]] = [[] for _ in order.rows]
     pos = 0
-    for base, idx in pieces:
-        out[base:base + chunk][idx] = xs[pos:pos + len(idx)]
-        pos += len(idx)
-    return out
+    for i, a, b in order.slices():
+        per_row[i].append(xs[pos:pos + b - a])
+        pos += b - a
+    for i, o in enumerate(order.rows):
+        parts = per_row[i]
+        res[i * chunk:i * chunk + len(o)][o] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return res
 
 
-def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int) -> tuple[_Pieces, list[int]]:
-    """The stable order of the elements by the reference's exponent field, and the section
+def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int) -> _Order:
+    """The stable order of the elements by the reference's exponent field, with the section
     boundaries in that order: runs of equal exponents, neighbours merged until a section holds at
     least ``section_min`` elements (a short tail joins the last section)."""
     t = reference.dtype.type
-    key = ((reference >> t(shift)) & t((1 << bits) - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
-    pieces, counts = _stable_order(key, 1 << bits)
-    ends = np.cumsum(counts[counts > 0]).tolist()
+    key = reference >> t(shift) if shift else reference
+    # the cast to 8 or 16 bits keeps the low bits: the mask is needed only for narrower fields
+    key = key.astype(np.uint8 if bits <= 8 else np.uint16)
+    if bits not in (8, 16):
+        key &= key.dtype.type((1 << bits) - 1)
+    found = _stable_order(key, 1 << bits)
+    ends = np.cumsum(found.counts[found.counts > 0]).tolist()
     bounds = [0]
     for c in ends:
         if c - bounds[-1] >= section_min:
@@ -325,7 +387,7 @@ def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int)
             bounds[-1] = total  # a short tail joins the section before it
         else:
             bounds.append(total)
-    return pieces, bounds
+    return _Order(found.chunk, found.rows, found.cuts, found.counts, bounds)
 
 
 # --- streams ------------------------------------------------------------------------------------------
@@ -504,6 +566,15 @@ class _Reader:
             raise PackError(f"zstd stream decoded to {len(out)} bytes, expected {n}")
         return np.frombuffer(out, dtype=np.uint8)
 
+    def stream_into(self, dst: U8) -> None:
+        """The next stream (``len(dst)`` bytes), written into ``dst`` (a constant without a
+        temporary)."""
+        if self.pos + 1 < len(self.buf) and self.buf[self.pos] == _S_CONST:
+            dst[...] = self.buf[self.pos + 1]
+            self.pos += 2
+            return
+        dst[...] = self.stream(len(dst))
+
     def stream(self, n: int) -> U8:
         mode = self.buf[self.pos] if self.pos < len(self.buf) else None
         if mode in (_S_RAW, _S_ZSTD):
@@ -549,6 +620,34 @@ def _as_u8(data: Any) -> U8:
         return np.frombuffer(memoryview(data).tobytes(), dtype=np.uint8)
 
 
+class Reference:
+    """A reference segment for :func:`encode` and :func:`decode` that keeps what coding against it
+    computes from it alone: the stable order of its elements by exponent. Coding a segment and
+    decoding the payload to check it then sort the reference once. Any buffer works where a
+    ``Reference`` does (nothing is kept then)."""
+
+    __slots__ = ("_orders", "data", "u8")
+
+    def __init__(self, data: Buffer) -> None:
+        self.data = data
+        self.u8 = _as_u8(data)
+        self._orders: dict[tuple[int, int, int, int], _Order] = {}
+
+    def __len__(self) -> int:
+        return len(self.u8)
+
+    def order(self, width: int, shift: int, bits: int, section_min: int) -> _Order:
+        key = (width, shift, bits, section_min)
+        found = self._orders.get(key)
+        if found is None:
+            found = self._orders[key] = _order(self.u8.view(_UINT[width]), shift, bits, section_min)
+        return found
+
+
+def _reference(reference: Buffer | Reference | None) -> Reference | None:
+    return reference if isinstance(reference, Reference) or reference is None else Reference(reference)
+
+
 def _planes_body(x: npt.NDArray[Any], level: int, bounds: list[int] | None = None) -> bytes:
     """The byte planes of ``x`` as streams, section by section (one section: all of ``x``)."""
     w = x.dtype.itemsize
@@ -562,7 +661,8 @@ def _head(method: int, lay: tuple[int, int, int, int], crc: int, n: int, section
     return _HEAD.pack(_MAGIC, _VERSION, method, w, rot, shift, bits, section_log, crc) + varint(n)
 
 
-def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | None, crc: int, level: int) -> bytes:
+def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: Reference | None, crc: int,
+               level: int) -> bytes:
     """The payload of ``raw`` in one given form (``lay``'s key bits 0 = no reordering)."""
     w, rot, shift, bits = lay
     if method == _RAW:
@@ -571,17 +671,17 @@ def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: U8 | N
     if method == _PLANES:
         return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(_rotl(a, rot), level)
     assert ref is not None
-    r = ref.view(_UINT[w])
+    r = ref.u8.view(_UINT[w])
     if method == _XOR:
         x = _rotl(a ^ r, rot)
     else:
-        x, rot = _zigzag(a - r), 0
+        x, rot = _zigzag_inplace(a - r), 0
     if not bits:
         return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(x, level)
     section_log = _SECTION_MIN.bit_length() - 1
-    pieces, bounds = _order(r, shift, bits, 1 << section_log)
+    order = ref.order(w, shift, bits, 1 << section_log)
     return _head(method, (w, rot, shift, bits), crc, len(raw), section_log) + _planes_body(
-        _gather(x, pieces), level, bounds)
+        _gather(x, order), level, order.bounds)
 
 
 def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> bool:
@@ -593,14 +693,15 @@ def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> 
         return False
     step = max(4, count // _SORT_SAMPLE)
     a, r = raw.view(_UINT[w])[::step], ref.view(_UINT[w])[::step]
-    z = _zigzag(a - r)
+    z = _zigzag_inplace(a - r)
     plain = len(_planes_body(z, level))
-    pieces, bounds = _order(r, shift, bits, max(1, _SECTION_MIN // step))
-    grouped = len(_planes_body(_gather(z, pieces), level, bounds))
+    order = _order(r, shift, bits, max(1, _SECTION_MIN // step))
+    grouped = len(_planes_body(_gather(z, order), level, order.bounds))
     return (plain - grouped) * 8 >= _SORT_GAIN_BITS * len(z)
 
 
-def encode(data: Buffer, dtype: str | None, reference: Buffer | None = None, *, level: int = DEFAULT_LEVEL) -> bytes:
+def encode(data: Buffer, dtype: str | None, reference: Buffer | Reference | None = None, *,
+           level: int = DEFAULT_LEVEL) -> bytes:
     """``data`` (one segment) as a self-describing payload, in the smallest of: raw; byte planes
     (exponent bits in a plane of their own for bf16/fp32/fp64) + zstd; and, given a ``reference``
     of the same length (the same tensor frame in the version this one derives from), the
@@ -612,18 +713,16 @@ def encode(data: Buffer, dtype: str | None, reference: Buffer | None = None, *, 
     if n > MAX_DECODED_BYTES:
         raise PackError(f"segment of {n} bytes exceeds the {MAX_DECODED_BYTES}-byte limit")
     crc = zlib.crc32(raw.data)
-    ref: U8 | None = None
-    if reference is not None:
-        ref = _as_u8(reference)
-        if len(ref) != n:
-            raise PackError(f"reference holds {len(ref)} bytes, data {n}")
+    ref = _reference(reference)
+    if ref is not None and len(ref) != n:
+        raise PackError(f"reference holds {len(ref)} bytes, data {n}")
     lay = _layout(dtype, n)
     best = _encode_as(raw, _RAW, lay, None, crc, level)
     if n == 0:
         return best
     cands: list[bytes] = []
     if ref is not None:
-        sort = lay if _sort_pays(raw, ref, lay, level) else (*lay[:3], 0)
+        sort = lay if _sort_pays(raw, ref.u8, lay, level) else (*lay[:3], 0)
         cands.append(_encode_as(raw, _SUB, sort, ref, crc, level))
     if not cands or len(cands[0]) > _REF_RETRY * n:
         cands.append(_encode_as(raw, _PLANES, (*lay[:2], 0, 0), None, crc, level))
@@ -665,7 +764,8 @@ def decoded_length(payload: Buffer) -> int:
     return _parse_head(payload)[4]
 
 
-def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length: int | None = None) -> bytes:
+def decode(payload: Buffer, reference: Buffer | Reference | None = None, *,
+           expected_length: int | None = None) -> bytes:
     """The bytes :func:`encode` was given. ``reference`` must be the reference it was given when
     :func:`needs_reference` says so (ignored otherwise). ``expected_length``, when known, is checked
     before anything is allocated. Raises :class:`PackError` on a truncated or corrupt payload, a
@@ -678,35 +778,39 @@ def decode(payload: Buffer, reference: Buffer | None = None, *, expected_length:
     if n > MAX_DECODED_BYTES:
         raise PackError(f"payload declares {n} bytes, more than the {MAX_DECODED_BYTES}-byte limit")
     rd = _Reader(buf, pos)
-    ref: U8 | None = None
+    ref: Reference | None = None
     if method in (_XOR, _SUB):
         if reference is None:
             raise PackError("payload was coded against a reference and none was given")
-        ref = _as_u8(reference)
+        ref = _reference(reference)
+        assert ref is not None
         if len(ref) != n:
             raise PackError(f"reference holds {len(ref)} bytes, payload {n}")
     if method == _RAW:
         out = rd.take(n).tobytes()
     else:
         count = n // w
-        r = ref.view(_UINT[w]) if ref is not None else None
-        pieces: _Pieces | None = None
-        cuts = [0, count]
-        if bits and r is not None:
-            pieces, cuts = _order(r, shift, bits, 1 << section_log)
+        order = ref.order(w, shift, bits, 1 << section_log) if bits and ref is not None else None
+        cuts = order.bounds if order is not None else [0, count]
         grid = np.empty((count, w), dtype=np.uint8)
         for a, b in zip(cuts, cuts[1:], strict=False):
             for i in range(w):
-                grid[a:b, i] = rd.stream(b - a)
+                rd.stream_into(grid[a:b, i])
         x = grid.reshape(-1).view(_UINT[w])
-        if pieces is not None:
-            x = _scatter(x, pieces)
+        if order is not None:
+            x = _scatter(x, order)
+        # x is this call's own array from here on: the rest works in place
         if method == _PLANES:
-            res = _rotr(x, rot)
+            _rotr_inplace(x, rot)
+        elif method == _XOR:
+            assert ref is not None
+            _rotr_inplace(x, rot)
+            x ^= ref.u8.view(_UINT[w])
         else:
-            assert r is not None
-            res = (_rotr(x, rot) ^ r) if method == _XOR else (r + _unzigzag(x))
-        out = res.tobytes()
+            assert ref is not None
+            _unzigzag_inplace(x)
+            x += ref.u8.view(_UINT[w])
+        out = x.tobytes()
     if rd.pos != len(buf):
         raise PackError(f"{len(buf) - rd.pos} bytes trail the payload")
     if zlib.crc32(out) != crc:

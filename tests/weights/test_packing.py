@@ -161,13 +161,14 @@ def test_chunked_stable_order_is_the_stable_argsort(monkeypatch: pytest.MonkeyPa
     for n in (0, 1, 5, 63, 64, 65, 1000, 5000):
         values = 256 if keys == "uint8" else 2048
         key = rng.integers(0, 7 if n % 2 else values, n).astype(keys)
-        pieces, counts = packing._stable_order(key, values)
-        order = np.concatenate([base + idx for base, idx in pieces]) if pieces else np.zeros(0, np.intp)
+        found = packing._stable_order(key, values)
+        runs = [i * chunk + found.rows[i][a:b] for i, a, b in found.slices()]
+        order = np.concatenate(runs) if runs else np.zeros(0, np.intp)
         assert (order == np.argsort(key, kind="stable")).all()
-        assert (counts == np.bincount(key, minlength=values)).all()
+        assert (found.counts == np.bincount(key, minlength=values)).all()
         x = rng.integers(0, 1 << 16, n).astype(np.uint16)
-        assert (packing._gather(x, pieces) == x[order]).all()
-        assert (packing._scatter(packing._gather(x, pieces), pieces) == x).all()
+        assert (packing._gather(x, found) == x[order]).all()
+        assert (packing._scatter(packing._gather(x, found), found) == x).all()
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 63, 64, 65, 1023, 4097])
@@ -341,7 +342,7 @@ def test_xor_method_decodes() -> None:
     data = (base * np.float32(1.001)).tobytes()
     raw = np.frombuffer(data, dtype=np.uint8)
     for bits in (0, 8):
-        p = packing._encode_as(raw, packing._XOR, (4, 1, 23, bits), np.frombuffer(base.tobytes(), np.uint8),
+        p = packing._encode_as(raw, packing._XOR, (4, 1, 23, bits), packing.Reference(base.tobytes()),
                                zlib.crc32(raw.data), 1)
         assert needs_reference(p) and decode(p, base.tobytes()) == data
         with pytest.raises(PackError):
