@@ -31,12 +31,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from ..config import Settings
@@ -59,7 +60,7 @@ from ..models import (
 from ..storage import HashingWriter
 from ..weights import packing
 from . import blobs, content, jobs
-from .content import ChunkInfo, ChunkReader, Piece
+from .content import ChunkInfo, ChunkReader
 from .context import RegistryContext
 from .dispatcher import subscriber
 from .events import emit
@@ -71,6 +72,7 @@ from .sql import insert_ignore
 
 MAX_CHAIN = 3  # longest reference chain below a chunk: decoding reads at most MAX_CHAIN + 1 payloads
 MAX_REFERENCE_HOPS = 16  # how far packing walks back to pack unpacked references first
+PROGRESS_SECONDS = 1.0  # a pack job reports its progress at most this often
 
 
 # ----------------------------------------------------------------------------- requests
@@ -91,8 +93,7 @@ def on_created(s: Session, ev: Event, settings: Settings) -> list[Job]:
     """``REGISTRY_PACK=auto``: pack every new version that holds stored files."""
     if settings.pack != "auto" or ev.type != "version.created" or ev.version_id is None:
         return []
-    has_files = s.scalar(select(func.count()).select_from(VersionFile).where(VersionFile.version_id == ev.version_id))
-    if not has_files:
+    if not s.scalar(select(exists().where(VersionFile.version_id == ev.version_id))):
         return []
     job, created = jobs.create(s, PackParams(version_id=ev.version_id, ref=ev.payload.get("ref")), settings=settings,
                                created_by="pack-policy", event_id=ev.id, idempotency_key=f"pack:event:{ev.id}")
@@ -180,10 +181,13 @@ def pack_version(ctx: RegistryContext, version_id: int, *, progress: Callable[[f
     scratch = work_dir or ctx.settings.resolved_work_dir
     scratch.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pack-", dir=scratch))
+    reported = [0.0]  # when progress was last written (each report is a database write)
     try:
         for sha, size in raw:
             def step(n: int, what: str = sha[:12], before: int = done) -> None:
-                if progress is not None:
+                now = time.monotonic()
+                if progress is not None and now - reported[0] >= PROGRESS_SECONDS:
+                    reported[0] = now
                     progress((before + n) / total, f"packing {what}")
             if _pack_file(ctx, sha, size, keyed, ref_reader, work, report, step):
                 report.files_packed += 1
@@ -257,8 +261,7 @@ def _reader(ctx: RegistryContext, sha: str) -> tuple[Callable[[int, int], bytes]
 
 
 def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], ref_reader: ChunkReader,
-               work: Path,
-               report: PackReport, step: Callable[[int], None]) -> bool:
+               work: Path, report: PackReport, step: Callable[[int], None]) -> bool:
     """Pack one raw file; False when somebody else packed it meanwhile."""
     try:
         return _pack_raw_file(ctx, sha, size, keyed, ref_reader, work, report, step)
@@ -268,51 +271,84 @@ def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, Chunk
         raise
 
 
+# Raw bytes read (and hashed) before the registry is asked which of their chunks it holds: one
+# query per window instead of one per segment, and the window's bytes stay at hand for coding.
+WINDOW_BYTES = 64 << 20
+
+
+def _windows(segs: list[packing.Segment]) -> list[list[packing.Segment]]:
+    out: list[list[packing.Segment]] = [[]]
+    held = 0
+    for seg in segs:
+        if out[-1] and held + seg.length > WINDOW_BYTES:
+            out.append([])
+            held = 0
+        out[-1].append(seg)
+        held += seg.length
+    return [w for w in out if w]
+
+
 def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], ref_reader: ChunkReader,
-                   work: Path,
-                   report: PackReport, step: Callable[[int], None]) -> bool:
+                   work: Path, report: PackReport, step: Callable[[int], None]) -> bool:
+    """The steps of the module docstring. The check of step 2 is done segment by segment while the
+    bytes are at hand: each new payload is decoded (against the very reference it was coded
+    against) and compared with the segment it stands for, each reused chunk is decoded from the
+    store and compared likewise, and the segments together must hash to the file's sha256 (the
+    raw bytes are checked too: a damaged raw object is never packed). After the payloads moved
+    into the store each is read back and must hash to its name."""
     read_at, close = _reader(ctx, sha)
+    whole = hashlib.sha256()
+    plan: list[tuple[packing.Segment, str]] = []
+    new: dict[str, ChunkInfo] = {}
+    payload_files: dict[str, Path] = {}
+    stored = ChunkReader(ctx, keep=1)  # decodes the chunks the registry holds already
     try:
-        segs = packing.segments(read_at, size)
-        plan: list[tuple[packing.Segment, str]] = []
-        new: dict[str, ChunkInfo] = {}
-        payload_files: dict[str, Path] = {}
-        for seg in segs:
-            data = read_at(seg.offset, seg.length)
-            if len(data) != seg.length:
-                raise content.ContentError(f"short read of {sha} at {seg.offset}")
-            csha = hashlib.sha256(data).hexdigest()
-            plan.append((seg, csha))
-            if csha in new:
-                continue
+        for window in _windows(packing.segments(read_at, size)):
+            held: list[bytes] = []
+            for seg in window:
+                data = read_at(seg.offset, seg.length)
+                if len(data) != seg.length:
+                    raise content.ContentError(f"short read of {sha} at {seg.offset}")
+                whole.update(data)
+                held.append(data)
+                plan.append((seg, hashlib.sha256(data).hexdigest()))
+            cshas = [c for _, c in plan[-len(window):]]
             with ctx.db.read() as s:
-                if s.get(Chunk, csha) is not None:
+                have = content.chunk_infos(s, sorted(set(cshas) - set(new)))
+            stored.infos.update(have)
+            for seg, data, csha in zip(window, held, cshas, strict=True):
+                if csha in new:
+                    continue  # the same bytes twice in one file
+                if csha in have:
                     report.chunks_reused += 1
+                    if stored.get(csha, check=False) != data:
+                        raise content.ContentError(f"chunk {csha} decodes to other bytes; {sha} stays raw")
                     continue
-            info, path = _encode(csha, data, seg, keyed.get(seg.key) if seg.key else None, ref_reader, work,
-                                 report)
-            new[csha] = info
-            payload_files[info.object_sha256] = path
-            step(seg.offset + seg.length)
+                info, path = _encode(csha, data, seg, keyed.get(seg.key) if seg.key else None, ref_reader, work,
+                                     report)
+                new[csha] = info
+                payload_files[info.object_sha256] = path
+                step(seg.offset + seg.length)
     finally:
         close()
+    if whole.hexdigest() != sha:
+        raise content.ContentError(f"the raw bytes of {sha} hash to {whole.hexdigest()}; the file stays raw")
 
     # 1. payloads into the store, under claims
     sizes = {obj: p.stat().st_size for obj, p in payload_files.items()}
     blobs.retrying(lambda: _claim(ctx, sizes))
     for obj, p in payload_files.items():
-        if p.exists():
-            ctx.store.put(obj, p)
-    # 2. read the packed form back from the store: it must be the file
-    pieces = [Piece(seg.offset, seg.length, csha) for seg, csha in plan]
-    h = hashlib.sha256()
-    n = 0
-    for data in content.stream_pieces(ChunkReader(ctx, pending=new), pieces, 0, size):
-        h.update(data)
-        n += len(data)
-    if n != size or h.hexdigest() != sha:
-        raise content.ContentError(f"the packed form of {sha} reads back as {h.hexdigest()} ({n} bytes); "
-                                   "the file stays raw")
+        ctx.store.put(obj, p)
+    # 2. read the payloads back from the store: each must be the bytes that were checked
+    for obj, n in sizes.items():
+        h = hashlib.sha256()
+        got = 0
+        for data in ctx.store.iter_range(obj):
+            h.update(data)
+            got += len(data)
+        if got != n or h.hexdigest() != obj:
+            raise content.ContentError(f"payload {obj} reads back as {h.hexdigest()} ({got} bytes); "
+                                       f"{sha} stays raw")
     # 3. one transaction records it
     with ctx.db.write() as s:
         flipped = _commit(s, sha, size, plan, new, sizes, report)
@@ -324,11 +360,20 @@ def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, C
 
 def _encode(csha: str, data: bytes, seg: packing.Segment, ref: ChunkInfo | None, ref_reader: ChunkReader,
             work: Path, report: PackReport) -> tuple[ChunkInfo, Path]:
+    """Code one new segment, check that the payload decodes to it, and write the payload to
+    ``work``. A reference is decoded without its sha256 check: the payload's own CRC-32 covers
+    it, and the check here decodes against the same bytes every later reader will decode."""
     reference = None
     if ref is not None and ref.size == len(data) and ref.depth < MAX_CHAIN:
-        reference = ref_reader.get(ref.sha256)
+        reference = packing.Reference(ref_reader.get(ref.sha256, check=False))
     payload = packing.encode(data, seg.dtype, reference)
     coded_against = ref if reference is not None and packing.needs_reference(payload) else None
+    try:
+        back = packing.decode(payload, reference, expected_length=len(data))
+    except packing.PackError as e:
+        raise content.ContentError(f"the payload of chunk {csha} does not decode: {e}") from e
+    if back != data:
+        raise content.ContentError(f"the payload of chunk {csha} decodes to other bytes")
     form = "xor" if coded_against is not None else ("raw" if len(payload) >= len(data) else "coded")
     report.codecs[form] = report.codecs.get(form, 0) + 1
     path = work / csha
