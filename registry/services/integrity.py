@@ -48,7 +48,8 @@ def _fail(ctx: RegistryContext, version_id: int, f: ServedFile, reason: str) -> 
                        details={"path": f.path, "sha256": f.sha256})
 
 
-def read_stored(ctx: RegistryContext, version_id: int, f: ServedFile, start: int, end: int) -> Iterator[bytes]:
+def read_stored(ctx: RegistryContext, version_id: int, f: ServedFile, start: int,
+                end: int) -> Iterator[bytes | memoryview]:
     """Bytes ``[start, end)`` of a stored file, checked as described above. The presence check
     runs now, so a missing object fails before any response starts."""
     on_disk = content.size(ctx, f.sha256)
@@ -57,14 +58,16 @@ def read_stored(ctx: RegistryContext, version_id: int, f: ServedFile, start: int
     return _stream(ctx, version_id, f, start, end)
 
 
-def _stream(ctx: RegistryContext, version_id: int, f: ServedFile, start: int, end: int) -> Iterator[bytes]:
-    # A packed file is checked chunk by chunk as it decodes (each against its sha256).
-    whole = ctx.settings.verify_reads and start == 0 and end == f.size and not content.is_packed(ctx, f.sha256)
+def _stream(ctx: RegistryContext, version_id: int, f: ServedFile, start: int,
+            end: int) -> Iterator[bytes | memoryview]:
+    # A range of a packed file is checked chunk by chunk as it decodes (each against its sha256);
+    # a whole file is hashed here, whatever its form (its chunks then only by their CRC-32).
+    whole = ctx.settings.verify_reads and start == 0 and end == f.size
     h = hashlib.sha256() if whole else None
     sent = 0
-    held: bytes | None = None
+    held: bytes | memoryview | None = None
     try:
-        for chunk in content.iter_range(ctx, f.sha256, start, end):
+        for chunk in content.iter_range(ctx, f.sha256, start, end, hashed_whole=whole):
             if held is not None:
                 yield held
             if h is not None:

@@ -636,6 +636,10 @@ class Reference:
     def __len__(self) -> int:
         return len(self.u8)
 
+    def forget(self) -> None:
+        """Drop the orders kept so far (their indices take 4-8 bytes per element)."""
+        self._orders.clear()
+
     def order(self, width: int, shift: int, bits: int, section_min: int) -> _Order:
         key = (width, shift, bits, section_min)
         found = self._orders.get(key)
@@ -786,6 +790,7 @@ def decode(payload: Buffer, reference: Buffer | Reference | None = None, *,
         assert ref is not None
         if len(ref) != n:
             raise PackError(f"reference holds {len(ref)} bytes, payload {n}")
+    keep_order = isinstance(reference, Reference)  # the caller's Reference keeps it for the next call
     if method == _RAW:
         out = rd.take(n).tobytes()
     else:
@@ -799,6 +804,9 @@ def decode(payload: Buffer, reference: Buffer | Reference | None = None, *,
         x = grid.reshape(-1).view(_UINT[w])
         if order is not None:
             x = _scatter(x, order)
+            del grid, order  # the order's indices are the largest temporaries: free them now
+            if ref is not None and not keep_order:
+                ref.forget()
         # x is this call's own array from here on: the rest works in place
         if method == _PLANES:
             _rotr_inplace(x, rot)
