@@ -171,6 +171,28 @@ def test_chunked_stable_order_is_the_stable_argsort(monkeypatch: pytest.MonkeyPa
         assert (packing._scatter(packing._gather(x, found), found) == x).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64", "I32"]), n=st.integers(0, 6000),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_reference_object_codes_exactly_like_its_bytes(dtype: str, n: int, seed: int) -> None:
+    """A :class:`packing.Reference` (which keeps the reference's element order between calls)
+    gives the payload the plain bytes give, and decodes it, however often it is reused."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packing, "_SORT_MIN", 16)
+        m.setattr(packing, "_SECTION_MIN", 32)
+        m.setattr(packing, "_SORT_GAIN_BITS", -1e9)  # reorder wherever the dtype has an exponent
+        rng = np.random.default_rng(seed)
+        base = _values(dtype, n, "weights", rng)
+        ref = packing.Reference(base)
+        for _ in range(2):
+            data = _derived(dtype, base, "update", rng)
+            payload = encode(data, dtype, ref)
+            assert payload == encode(data, dtype, base)
+            assert decode(payload, ref) == data == decode(payload, base)
+        ref.forget()
+        assert decode(payload, ref) == data
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 63, 64, 65, 1023, 4097])
 @pytest.mark.parametrize("dtype", [None, "F32", "BF16", "F64"])
 def test_odd_lengths(dtype: str | None, n: int) -> None:
