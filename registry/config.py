@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     job_start_delay: float = Field(
         0.0, description="Seconds a worker waits after claiming a job (fault injection for crash drills)."
     )
+    pack_segment_delay: float = Field(
+        0.0, description="Seconds a pack job waits after coding each new segment (fault injection for crash drills)."
+    )
 
     # Packed storage
     pack: Literal["auto", "off"] = Field(

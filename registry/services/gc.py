@@ -13,10 +13,13 @@
    a pack job did not release (it died after packing) are released.
 4. Store objects with no row at all, last written before the grace period (bytes from before
    blob claims existed, or written by hand): taken by inserting a ``deleting`` row, then deleted.
+5. Scratch space of job attempts that no longer run (``$REGISTRY_WORK_DIR/job-{id}-{attempt}``):
+   a worker killed mid-job cannot remove its own.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -26,8 +29,8 @@ from sqlalchemy import delete, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from ..models import Blob, BlobSegment, BlobState, Chunk, Draft, DraftFile, utcnow
-from . import blobs, content
+from ..models import Blob, BlobSegment, BlobState, Chunk, Draft, DraftFile, Job, JobState, utcnow
+from . import blobs, content, runner
 from .context import RegistryContext
 
 
@@ -42,6 +45,7 @@ class GcReport:
     kept_in_use: int = 0
     chunks_removed: int = 0
     raw_released: int = 0
+    work_dirs_removed: int = 0
     removed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -124,8 +128,27 @@ def collect(ctx: RegistryContext, *, dry_run: bool = False, grace_seconds: int |
             report.removed.pop()
             continue
         blobs.remove(ctx, obj.sha256)
+
+    # 5. scratch space of dead job attempts
+    report.work_dirs_removed = _remove_dead_work_dirs(ctx, dry_run)
     return report
 
+
+def _remove_dead_work_dirs(ctx: RegistryContext, dry_run: bool) -> int:
+    """Remove the scratch space of job attempts that are not running (an attempt creates it
+    after it claimed the job, so a live one is always seen running)."""
+    found = runner.attempt_dirs(ctx)
+    if not found:
+        return 0
+    with ctx.db.read() as s:
+        live = {(int(i), int(a)) for i, a in s.execute(
+            select(Job.id, Job.attempts).where(Job.state == JobState.running.value,
+                                               Job.id.in_(sorted({i for i, _ in found}))))}
+    dead = [p for key, p in found.items() if key not in live]
+    if not dry_run:
+        for p in dead:
+            shutil.rmtree(p, ignore_errors=True)
+    return len(dead)
 
 
 def _remove_chunks(ctx: RegistryContext, dry_run: bool) -> int:

@@ -329,6 +329,8 @@ def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, C
                 new[csha] = info
                 payload_files[info.object_sha256] = path
                 step(seg.offset + seg.length)
+                if ctx.settings.pack_segment_delay:
+                    time.sleep(ctx.settings.pack_segment_delay)
     finally:
         close()
     if whole.hexdigest() != sha:

@@ -15,6 +15,7 @@ exponential backoff until ``max_attempts``.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -106,6 +107,25 @@ def _error(e: BaseException) -> dict[str, Any]:
             "traceback": traceback.format_exc()[-4000:]}
 
 
+_ATTEMPT_DIR = re.compile(r"job-(\d+)-(\d+)")
+
+
+def attempt_dir(ctx: RegistryContext, job_id: int, attempt: int) -> Path:
+    """Scratch space of one attempt of a job (removed when the attempt ends)."""
+    return ctx.settings.resolved_work_dir / f"job-{job_id}-{attempt}"
+
+
+def attempt_dirs(ctx: RegistryContext) -> dict[tuple[int, int], Path]:
+    """(job id, attempt) -> scratch space, for every attempt that left one (a killed worker's)."""
+    root = ctx.settings.resolved_work_dir
+    found: dict[tuple[int, int], Path] = {}
+    for p in root.iterdir() if root.is_dir() else []:
+        m = _ATTEMPT_DIR.fullmatch(p.name)
+        if m and p.is_dir():
+            found[(int(m[1]), int(m[2]))] = p
+    return found
+
+
 def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
     """Execute job ``job_id`` if this worker can claim it. Returns the outcome."""
     _load_handlers(ctx)
@@ -116,7 +136,7 @@ def run(ctx: RegistryContext, job_id: int, worker: str) -> str:
         job = s.get(Job, job_id)
         assert job is not None
         jtype, row, created_by = job.type, dict(job.params), job.created_by
-    work = ctx.settings.resolved_work_dir / f"job-{job_id}-{attempt}"
+    work = attempt_dir(ctx, job_id, attempt)
     fn = HANDLERS.get(jtype)
     started = time.monotonic()
     try:
