@@ -414,12 +414,14 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 def _blob(data: U8 | bytes, level: int) -> bytes:
     """A byte string as ``mode`` + length + bytes: zstd when that is smaller, else raw."""
-    raw = data.tobytes() if isinstance(data, np.ndarray) else data
-    if raw:
-        z = _cctx(level).compress(raw)
-        if len(z) < len(raw):
-            return bytes([_S_ZSTD]) + varint(len(z)) + z
-    return bytes([_S_RAW]) + varint(len(raw)) + raw
+    if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data)
+    n = len(data)
+    if n:
+        z = _cctx(level).compress(data)  # straight from the array's buffer
+        if len(z) < n:
+            return b"".join((bytes([_S_ZSTD]), varint(len(z)), z))
+    return b"".join((bytes([_S_RAW]), varint(n), data))
 
 
 def _is_window(table: bytes) -> bool:
