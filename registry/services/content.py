@@ -4,14 +4,16 @@ A blob row's ``form`` says how its bytes live in the store:
 
 - ``raw``: the object under the file's sha256 is the file (as uploaded);
 - ``packed``: the file is the concatenation of its segments (:class:`~registry.models.BlobSegment`),
-  each a content-addressed chunk whose coded payload is an object of its own, possibly XOR-coded
+  each a content-addressed chunk whose coded payload is an object of its own, possibly coded
   against a reference chunk (see :mod:`registry.weights.packing` for the codec and
   :mod:`registry.services.packing` for how files get packed).
 
 Every reader — downloads, job inputs, verify, a commit re-reading a linked blob — goes through
-here. A decoded chunk is checked against its sha256 before a byte of it leaves this module, so a
-damaged payload is never served as data: it raises :class:`ContentError` (an ``OSError``, which
-the download path turns into a cut connection and a ``corrupt`` mark).
+here. A decoded chunk is checked against its CRC-32 and its sha256 before a byte of it leaves
+this module, so a damaged payload is never served as data: it raises :class:`ContentError` (an
+``OSError``, which the download path turns into a cut connection and a ``corrupt`` mark). A
+caller that hashes the whole file itself before handing its last piece on may skip the
+per-chunk sha256 (``hashed_whole``): the download path does, as it does for raw files.
 
 A reader that looked a file up while it was raw and then finds the raw object released (the
 pack job released it after packing) starts again from the packed form; nothing else changes.

@@ -5,7 +5,7 @@ rewrites each raw file of a version as segments (:func:`registry.weights.packing
 header, each tensor, frames of large tensors). Each segment is a chunk addressed by the sha256
 of its bytes, so a tensor the registry already holds is kept once, whatever file, shard or
 header it arrives in. A new chunk is coded (:func:`registry.weights.packing.encode`) on its own
-or as its XOR with the same tensor of a **reference** version — the version's ``finetune_of``
+or as its difference from the same tensor of a **reference** version — the version's ``finetune_of``
 or ``transfer_of`` parent, its base when it is a full model, else the previous version of the
 same model — whichever is smallest. A reference chain never grows past :data:`MAX_CHAIN`
 (deeper chunks are coded on their own again), and a chunk someone codes against cannot be
@@ -13,16 +13,21 @@ removed (foreign key), so gc can never collect what a packed file still needs.
 
 Crash safety follows the blob-claim protocol of :mod:`registry.services.blobs`:
 
-1. payloads are written to the store under claims (``pending`` rows: gc leaves them alone);
-2. the packed form is read back from the store, decoded and hashed: it must equal the file's
-   recorded sha256, or nothing changes;
+1. every new payload is decoded (against the very reference bytes it was coded against, which
+   are what every later reader decodes) and compared with the segment it stands for, every
+   chunk the registry already held is decoded from the store and compared likewise, and the
+   segments together must hash to the file's recorded sha256 (so a raw object damaged on disk
+   is never packed); any mismatch and nothing changes;
+2. the payloads are written to the store under claims (``pending`` rows: gc leaves them alone)
+   and read back: each must hash to its name;
 3. one transaction turns the claims ``ready``, records chunks and segments, and flips the
    file's row to ``packed``;
 4. only then is the raw object released (a reader that just missed it starts again from the
    packed form; gc releases what a crash left behind).
 
 The version is servable at every step; a worker killed anywhere leaves it as it was (raw), and
-the retried job starts over (already packed files are skipped).
+the retried job starts over (already packed files are skipped; gc removes the scratch space of
+the killed attempt).
 """
 
 from __future__ import annotations
