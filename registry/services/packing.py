@@ -278,7 +278,7 @@ def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, Chunk
 
 # Raw bytes read (and hashed) before the registry is asked which of their chunks it holds: one
 # query per window instead of one per segment, and the window's bytes stay at hand for coding.
-WINDOW_BYTES = 64 << 20
+WINDOW_BYTES = 16 << 20
 
 
 def _windows(segs: list[packing.Segment]) -> list[list[packing.Segment]]:
