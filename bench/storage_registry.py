@@ -101,6 +101,12 @@ def download(url: str, ref: str, path: str) -> int:
     return n
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default="synthetic", help="synthetic, or a module with build_registry_corpus(root)")
@@ -112,6 +118,7 @@ def main() -> None:
     else:
         entries = [Entry(**e) if isinstance(e, dict) else e
                    for e in importlib.import_module(args.corpus).build_registry_corpus(args.data / "corpus")]
+    load_start = os.getloadavg()[0]
     scratch = args.data / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     servers = {}
@@ -145,7 +152,8 @@ def main() -> None:
                 total = rc.storage()["total"]
         finally:
             ctx.close()
-        print(f"\nPacked storage through the registry ({args.corpus} corpus); {os.cpu_count()} CPU cores\n")
+        print(f"\nPacked storage through the registry ({args.corpus} corpus); {os.cpu_count()} CPU cores, "
+              f"load average {load_start:.1f} at the start\n")
         print("| version | kind | reference | logical MB | stored MB | stored / logical | pack MB/s (CPU) |")
         print("|---|---|---|---:|---:|---:|---:|")
         for e, v, _wall, cpu, report in rows:
@@ -157,27 +165,32 @@ def main() -> None:
         print(f"\nstore after packing: {total['object_bytes'] / 1e6:.1f} MB in {total['objects']} objects "
               f"({total['chunks']} chunks)")
 
-        # downloads: the biggest fine-tune's weights, raw (A) against packed (B)
+        # downloads: the biggest fine-tune's weights, raw (A) against packed (B), taking turns so
+        # that both see the same load
         e = max((x for x in entries if x.kind == "finetune"), key=lambda x: _size(x.folder))
         weights = sorted(p.name for p in e.folder.glob("*.safetensors"))[0]
         size = (e.folder / weights).stat().st_size
-        print(f"\nDownload of {e.name}/{weights} ({size / 2**20:.0f} MiB), best of {args.repeat}:\n")
-        print("| stored as | seconds | MiB/s | vs raw | server peak RSS increase |")
-        print("|---|---:|---:|---:|---:|")
-        results = {}
-        for label in ("raw", "packed"):
-            srv = servers[label]
-            assert srv.proc is not None
-            best, rss = float("inf"), 0
-            for _ in range(args.repeat):
-                base_rss = reset_peak(srv.proc.pid)
+        best = {label: float("inf") for label in servers}
+        rss = {label: 0 for label in servers}
+        cpu = {label: float("inf") for label in servers}
+        for _ in range(args.repeat):
+            for label in ("raw", "packed"):
+                srv = servers[label]
+                assert srv.proc is not None
+                base_rss, cpu0 = reset_peak(srv.proc.pid), cpu_seconds(srv.proc.pid)
                 t = time.perf_counter()
                 assert download(srv.url, refs[f"{label}:{e.name}"], weights) == size
-                best = min(best, time.perf_counter() - t)
-                rss = max(rss, rss_kb(srv.proc.pid, "VmHWM") - base_rss)
-            results[label] = best
-            print(f"| {label} | {best:.2f} | {size / 2**20 / best:.0f} | {results['raw'] / best:.2f}× | "
-                  f"{rss / 1024:.0f} MB |")
+                best[label] = min(best[label], time.perf_counter() - t)
+                cpu[label] = min(cpu[label], cpu_seconds(srv.proc.pid) - cpu0)
+                rss[label] = max(rss[label], rss_kb(srv.proc.pid, "VmHWM") - base_rss)
+        print(f"\nDownload of {e.name}/{weights} ({size / 2**20:.0f} MiB), best of {args.repeat} "
+              f"(raw and packed taking turns; load average {os.getloadavg()[0]:.1f} at the end):\n")
+        print("| stored as | seconds | MiB/s | vs raw | server CPU ms per MiB | server peak RSS increase |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label in ("raw", "packed"):
+            print(f"| {label} | {best[label]:.2f} | {size / 2**20 / best[label]:.0f} | "
+                  f"{best['raw'] / best[label]:.2f}× | {cpu[label] * 1e3 / (size / 2**20):.2f} | "
+                  f"{rss[label] / 1024:.0f} MB |")
     finally:
         for srv in servers.values():
             srv.stop()

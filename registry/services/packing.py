@@ -279,13 +279,14 @@ def _pack_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, Chunk
 # Raw bytes read (and hashed) before the registry is asked which of their chunks it holds: one
 # query per window instead of one per segment, and the window's bytes stay at hand for coding.
 WINDOW_BYTES = 16 << 20
+WINDOW_SEGMENTS = 1000  # and the query's list of chunk names stays short (many small tensors)
 
 
 def _windows(segs: list[packing.Segment]) -> list[list[packing.Segment]]:
     out: list[list[packing.Segment]] = [[]]
     held = 0
     for seg in segs:
-        if out[-1] and held + seg.length > WINDOW_BYTES:
+        if out[-1] and (held + seg.length > WINDOW_BYTES or len(out[-1]) >= WINDOW_SEGMENTS):
             out.append([])
             held = 0
         out[-1].append(seg)
