@@ -197,3 +197,20 @@ def test_a_damaged_chunk_is_not_reused(srv: Server, ctx: RegistryContext, name: 
         packing.pack_version(ctx, int(again["id"]))  # type: ignore[call-overload]
     assert not content.is_packed(ctx, sha) and ctx.store.exists(sha)  # kept raw
     assert httpx.get(_url(srv, f"{name}-b")).content == data
+
+
+def test_windows_of_segments(srv: Server, ctx: RegistryContext, name: str, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file read in many windows (a few segments each), with the same tensor bytes repeated
+    within a window and across windows: each distinct segment is one chunk, the file exact."""
+    monkeypatch.setattr(packing, "WINDOW_SEGMENTS", 7)
+    g = torch.Generator().manual_seed(5)
+    same = torch.randn(64, 64, generator=g)
+    tensors = {f"t{i:02d}": (same.clone() if i % 5 == 0 else torch.randn(64, 64, generator=g)) for i in range(40)}
+    v, data = _push(srv, name, tmp_path / "m", tensors)
+    sha = hashlib.sha256(data).hexdigest()
+    report = packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+    assert report.files_packed == 1
+    assert report.chunks_new == 1 + 32 + 1  # the header, 32 distinct tensors, the repeated one once
+    assert content.is_packed(ctx, sha) and not ctx.store.exists(sha)
+    assert httpx.get(_url(srv, name)).content == data
