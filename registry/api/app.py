@@ -18,7 +18,7 @@ from ..errors import RegistryError
 from ..services import names
 from ..services.context import RegistryContext
 from .responses import declare_body_errors
-from .routers import compat, drafts, files, jobs, models, system, versions, webhooks
+from .routers import compat, compressions, drafts, files, jobs, models, system, versions, webhooks
 
 log = logging.getLogger("registry.api")
 
@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
         # even if someone bound it to a public address by hand.
         app.add_middleware(LoopbackOnly)
 
-    routers = (system, models, versions, files, drafts, jobs, compat, webhooks)
+    routers = (system, models, versions, files, drafts, jobs, compressions, compat, webhooks)
     for router in (r.router for r in routers):
         declare_body_errors(router)
         app.include_router(router, prefix=API_PREFIX)

@@ -19,12 +19,13 @@ from . import jobs, names
 from .context import RegistryContext
 from .derive import (
     check_number,
+    collection_base_model,
+    collection_versions,
     deduplicated,
     input_version,
     job_run,
     lineage_doc,
     local_copy,
-    model_of,
     provenance_entry,
     record,
     ref_of,
@@ -75,13 +76,7 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
         raise InvalidInput(f"a basis needs 2 to {MAX_MEMBERS} member adapters", code="invalid_members")
 
     def build(s: Session) -> BasisParams:
-        versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in members]
-        if len({v.id for v in versions}) != len(versions):
-            raise InvalidInput("members must be distinct versions", code="invalid_members")
-        bases = {v.base_version_id for v in versions}
-        if len(bases) != 1:
-            raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
-                               details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
+        versions = collection_versions(s, members)
         _check_fit(versions, p)
         return BasisParams(members=[v.ref for v in versions], p=p, max_error=max_error, name=name,
                            collection=collection)
@@ -131,7 +126,7 @@ def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
 
     ctx, prm = run.ctx, run.params
     with ctx.db.read() as s:
-        model_name = prm.name or f"{_base_model(s, prm)}-rmm"
+        model_name = prm.name or f"{collection_base_model(s, prm.members, prm.query)}-rmm"
     head = {"operation": "rmm_basis", "method": "rmm", "p": prm.p, "max_error": prm.max_error,
             "job_id": run.job_id}
     with job_run(run, model_name, "rmm basis", head) as mr:
@@ -197,17 +192,6 @@ def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
     if isinstance(out_view, str):  # this exact basis exists already
         return deduplicated(out_view)
     return result
-
-
-def _base_model(s: Session, prm: BasisParams) -> str:
-    """The model of the members' base (a basis goes to ``<it>-rmm`` unless named), from the request."""
-    from .refs import resolve
-
-    if prm.query is not None:
-        return model_of(prm.query.base)
-    first = resolve(s, (prm.members or [""])[0])
-    base = s.get(ModelVersion, first.base_version_id) if first.base_version_id is not None else None
-    return str(base.model.name) if base is not None else model_of(first.ref)
 
 
 def get_basis(ctx: RegistryContext, basis_id: int) -> dict[str, Any]:

@@ -40,6 +40,32 @@ def input_version(s: Session, ref: str, *, kinds: Sequence[str], what: str) -> M
     return v
 
 
+def collection_versions(s: Session, refs: Sequence[str]) -> list[ModelVersion]:
+    """The members of a collection named in a request (an RMM basis, a compression plan): live,
+    ready adapters (422 ``unknown_member`` / ``invalid_member``), distinct (``invalid_members``),
+    pinned to one base version (``mixed_bases``)."""
+    versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in refs]
+    if len({v.id for v in versions}) != len(versions):
+        raise InvalidInput("members must be distinct versions", code="invalid_members")
+    bases = {v.base_version_id for v in versions}
+    if len(bases) != 1:
+        raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
+                           details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
+    return versions
+
+
+def collection_base_model(s: Session, members: Sequence[str] | None, query: Any) -> str:
+    """The model of a collection's base (a basis, a plan goes to a model named after it unless named),
+    from the job's request: the ``query``'s base, else the first member's base."""
+    from .refs import resolve
+
+    if query is not None:
+        return model_of(query.base)
+    first = resolve(s, (list(members or []) or [""])[0])
+    base = s.get(ModelVersion, first.base_version_id) if first.base_version_id is not None else None
+    return str(base.model.name) if base is not None else model_of(first.ref)
+
+
 def check_number(name: str, value: float | None, *, low: float | None = None, high: float | None = None) -> None:
     if value is None:
         return

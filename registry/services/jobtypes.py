@@ -74,8 +74,38 @@ class MergeParams(JobParams):
 
 
 class PruneParams(JobParams):
-    basis_id: int
+    """Members of an RMM basis (``basis_id``) or of a compression plan (``compression_id``) within
+    ``max_error`` give up their own blobs."""
+
+    basis_id: int | None = None
+    compression_id: int | None = None
     max_error: float
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PruneParams:
+        if (self.basis_id is None) == (self.compression_id is None):
+            raise ValueError("a prune job takes exactly one of basis_id or compression_id")
+        return self
+
+
+class CompressParams(JobParams):
+    """A compression plan over ``members`` (refs), or over the collection ``query`` finds when the
+    job runs (a compress_collection policy); ``prune``: the members then give up their own blobs
+    (a prune job queued when the plan is recorded)."""
+
+    members: list[str] | None = None
+    query: BasisQuery | None = None
+    max_error: float
+    methods: list[str] | None = None
+    name: str | None = None
+    collection: str | None = None
+    prune: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CompressParams:
+        if (self.members is None) == (self.query is None):
+            raise ValueError("a compress job takes exactly one of members or query")
+        return self
 
 
 class VerifyParams(JobParams):
@@ -114,6 +144,7 @@ JOB_TYPES: dict[str, JobType] = {
     "transfer": JobType(TransferParams, math=True, handler="registry.services.transfers:compute_transfer"),
     "merge": JobType(MergeParams, math=True, handler="registry.services.merges:compute_merge"),
     "prune": JobType(PruneParams, math=True, handler="registry.services.pruning:prune"),
+    "compress": JobType(CompressParams, math=True, handler="registry.services.compressions:compress"),
     "verify": JobType(VerifyParams, math=False, handler="registry.services.verify:verify"),
     "pack": JobType(PackParams, math=False, handler="registry.services.packing:pack_job"),
     "mlflow_sync": JobType(MlflowSyncParams, math=False, handler="registry.services.provenance:sync_version"),

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, defaultload
 
 from ..errors import Conflict, InvalidInput, NotFound
 from ..formats.paths import clean_path
-from ..models import Alias, LineageEdge, Model, ModelVersion, VersionStatus, VersionTag, utcnow
+from ..models import MEMBERSHIP_RELATIONS, Alias, LineageEdge, Model, ModelVersion, VersionStatus, VersionTag, utcnow
 from . import names
 from .context import RegistryContext
 from .derived import ServedFile, served_files
@@ -102,8 +102,8 @@ def dependents(s: Session, version: ModelVersion) -> list[str]:
     """Refs of live versions pinned to ``version`` (adapters, fine-tunes) or derived from it."""
     child = select(ModelVersion.id).where(
         ModelVersion.base_version_id == version.id, ModelVersion.archived_at.is_(None))
-    # Every edge child depends on its parent, except a basis member that still holds its own bytes.
-    stored_member = (LineageEdge.relation == "basis_member_of") & LineageEdge.child_id.in_(
+    # Every edge child depends on its parent, except a basis/plan member that still holds its own bytes.
+    stored_member = LineageEdge.relation.in_(MEMBERSHIP_RELATIONS) & LineageEdge.child_id.in_(
         select(ModelVersion.id).where(ModelVersion.storage_mode == "stored"))
     edge_children = select(LineageEdge.child_id).where(LineageEdge.parent_id == version.id, ~stored_member)
     rows = s.execute(
