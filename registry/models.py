@@ -556,7 +556,8 @@ class Compression(Base):
 
 class CompressionMember(Base):
     """How one member is stored in a plan: ``method``, ``parameters``, ``stored_bytes`` and the
-    relative delta ``error`` of its reconstruction (recomputed from the stored plan file)."""
+    relative delta ``error`` of its reconstruction (recomputed from the stored plan file), and
+    ``served_error``, that of the PEFT files it is served as once pruned."""
 
     __tablename__ = "compression_members"
 
@@ -569,6 +570,9 @@ class CompressionMember(Base):
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     original_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[float] = mapped_column()
+    # The error of the PEFT files the member would be served (registry.weights.peft_delta): the plan's
+    # error plus at most a rounding of the factors; a member is pruned only when this is within budget.
+    served_error: Mapped[float] = mapped_column()
 
     __table_args__ = (Index("ix_compression_members_version", "version_id"),)
 

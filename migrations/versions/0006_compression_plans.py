@@ -62,6 +62,7 @@ def upgrade() -> None:
         sa.Column('stored_bytes', sa.BigInteger(), nullable=False),
         sa.Column('original_bytes', sa.BigInteger(), nullable=False),
         sa.Column('error', sa.Float(), nullable=False),
+        sa.Column('served_error', sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(['compression_id'], ['compressions.id'],
                                 name=op.f('fk_compression_members_compression_id_compressions'), ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['version_id'], ['model_versions.id'],

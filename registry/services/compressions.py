@@ -8,7 +8,10 @@ plan model (``<base model>-compressed`` by default), stored content-addressed li
 member gets a ``plan_member_of`` lineage edge to it carrying its position, method, stored bytes and
 error; a :class:`~registry.models.Compression` row records the budget, the methods and the byte
 counts, a :class:`~registry.models.CompressionMember` row each member's. Every error recorded is
-recomputed from the plan file as stored (read back with ``load_plan``), before anything is recorded.
+recomputed from the plan file as stored (read back with ``load_plan``), before anything is recorded;
+beside it, ``served_error``: the error of the PEFT files the member would be served as, rebuilt by
+the function that serves them and measured on their bytes (:mod:`registry.weights.peft_delta`) —
+the plan's error plus at most one rounding of the factors; it decides whether a member may be pruned.
 
 Members give up their own blobs only when asked (``prune``; see :mod:`registry.services.pruning`):
 they become ``derived:plan`` and are served rebuilt from the plan, as PEFT folders.
@@ -21,6 +24,7 @@ its error to theirs).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -43,6 +47,7 @@ from .derive import (
     ref_of,
     skipped,
 )
+from .derived import rebuild_members
 from .drafts import DraftSpec, resolve_base
 from .jobtypes import BasisQuery, CompressParams, PruneParams
 from .recording import CommitOptions
@@ -171,9 +176,10 @@ def compress(run: JobRun[CompressParams]) -> dict[str, Any]:
         over = {refs[i]: e for i, e in enumerate(errors) if e > prm.max_error}
         if over:  # the planner measures every candidate on its decoded values: this would be a bug
             raise RuntimeError(f"plan file rebuilds members above the budget {prm.max_error}: {over}")
+        served = _served_errors(run, out / PLAN_FILE, len(members))
         rows = [{"position": i, "ref": refs[i], "method": mp.method, "parameters": mp.parameters,
-                 "stored_bytes": mp.stored_bytes, "original_bytes": mp.original_bytes, "error": errors[i]}
-                for i, mp in enumerate(stored.members)]
+                 "stored_bytes": mp.stored_bytes, "original_bytes": mp.original_bytes, "error": errors[i],
+                 "served_error": served[i]} for i, mp in enumerate(stored.members)]
         totals = {"members": len(rows), "stored_bytes": stored.stored_bytes(),
                   "original_bytes": stored.original_bytes(),
                   "ratio": stored.stored_bytes() / stored.original_bytes() if stored.original_bytes() else 0.0,
@@ -186,6 +192,7 @@ def compress(run: JobRun[CompressParams]) -> dict[str, Any]:
         for r in rows:
             metrics[f"stored_bytes_member_{r['position']}"] = float(r["stored_bytes"])
             metrics[f"error_member_{r['position']}"] = r["error"]
+            metrics[f"served_error_member_{r['position']}"] = r["served_error"]
         mr.log_metrics(metrics)
         mr.log_dict({**totals, "max_error": prm.max_error, "methods": methods, "base": base_ref, "members": rows},
                     "compression.json")
@@ -200,7 +207,8 @@ def compress(run: JobRun[CompressParams]) -> dict[str, Any]:
                             job_id=run.job_id, mlflow_run_id=mr.run_id, created_by=run.created_by)
             c.members = [CompressionMember(position=r["position"], version_id=vid, method=r["method"],
                                            parameters=r["parameters"], stored_bytes=r["stored_bytes"],
-                                           original_bytes=r["original_bytes"], error=r["error"])
+                                           original_bytes=r["original_bytes"], error=r["error"],
+                                           served_error=r["served_error"])
                          for r, (vid, _) in zip(rows, members, strict=True)]
             s.add(c)
             for r, (vid, _) in zip(rows, members, strict=True):
@@ -233,9 +241,25 @@ def compress(run: JobRun[CompressParams]) -> dict[str, Any]:
     return result
 
 
+def _served_errors(run: JobRun[CompressParams], plan_file: Path, n: int) -> list[float]:
+    """Each member's error as it would be served once pruned: its PEFT files rebuilt by the function
+    that serves them, measured against the member's files as they are now (job input ``member-i``)."""
+    from ..weights.peft_delta import delta_error
+
+    errors = []
+    for position, files in rebuild_members(StorageMode.derived_plan.value, plan_file, list(range(n)),
+                                           run.work_dir / "rebuilt"):
+        folder = run.work_dir / "served" / str(position)
+        for path, data in files.items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(data)
+        errors.append(delta_error(run.work_dir / f"member-{position}", folder))
+    return errors
+
+
 def _result(compression_id: int, ref: str, totals: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"compression_id": compression_id, "ref": ref, **totals,
-            "members": [{k: r[k] for k in ("ref", "method", "stored_bytes", "error")} for r in rows]}
+            "members": [{k: r[k] for k in ("ref", "method", "stored_bytes", "error", "served_error")} for r in rows]}
 
 
 def _complete(run: JobRun[CompressParams], s: Session, compression_id: int, result: dict[str, Any],
@@ -277,7 +301,8 @@ def compression_view(s: Session, c: Compression) -> dict[str, Any]:
         "created_by": c.created_by,
         "members": [{"position": m.position, "ref": versions[m.version_id].ref if m.version_id in versions else None,
                      "method": m.method, "parameters": m.parameters, "stored_bytes": m.stored_bytes,
-                     "original_bytes": m.original_bytes, "error": m.error,
+                     "original_bytes": m.original_bytes, "error": m.error, "served_error": m.served_error,
+                     "prunable": m.served_error <= c.max_error,
                      "pruned": pruned_here(versions.get(m.version_id))} for m in c.members],
     }
 

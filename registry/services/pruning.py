@@ -4,8 +4,11 @@ budget can give up its own blobs and become derived — ``derived:basis`` (an RM
 
 A basis member is pruned only when its recorded relative delta error is ≤ the budget, or when the
 basis rebuilds it exactly by construction (p ≥ min(r, n−1) in every module: rank(X_c) ≤ n−1), which
-is what budget 0 admits; a plan member when its error (recomputed from the stored plan file) is ≤
-the budget (its exact members have error 0). Its adapter files become the reconstruction (computed
+is what budget 0 admits. A plan member is pruned only when the error of the very files it would be
+served, measured against its files as they are (:func:`registry.weights.peft_delta.delta_error`,
+from the stored bytes as PEFT applies them), is ≤ the budget: the plan's error plus at most one
+rounding of the factors (a float32 adapter whose scale is not a power of 4 does not rebuild to its
+exact bytes, so budget 0 leaves it stored). Its adapter files become the reconstruction (computed
 on the CPU, in the member's dtype, by :func:`registry.services.derived.rebuild_members`, the
 function that serves them later): new sha256s, recorded together with the original manifest, the
 error and the collection, in the version's recipe, on its membership lineage edge, and in the MLflow
@@ -39,7 +42,7 @@ from ..models import (
 from ..weights.adapters import CONFIG_NAME
 from . import jobs
 from .context import RegistryContext
-from .derive import check_number, job_run, lineage_doc
+from .derive import check_number, job_run, lineage_doc, local_copy
 from .derived import cache, collection_file, rebuild_members
 from .events import emit
 from .jobtypes import PruneParams
@@ -84,6 +87,9 @@ class Collection:
     members: list[Member]
     recipe: dict[str, Any]  # common fields of every pruned member's recipe
     exact: Callable[[Path], set[int]]  # positions rebuilt exactly, given the collection's file
+    # True: each member's error is measured again on the files it is rebuilt as, against its files
+    # as they are (registry.weights.peft_delta), and that error decides and is recorded
+    measure: bool = False
 
 
 def _exact_positions(file: Path) -> set[int]:
@@ -114,19 +120,32 @@ def _collection(s: Session, prm: PruneParams) -> Collection:
         raise NotFound("compression not found", code="compression_not_found")
     v = s.get(ModelVersion, c.version_id)
     assert v is not None
-    exact = {m.position for m in c.members if m.method == "exact"}
+    exact = {m.position for m in c.members if m.served_error == 0.0}
     return Collection(StorageMode.derived_plan.value, Relation.plan_member_of.value, "plan", v.id, v.ref,
                       v.model.name, v.content_sha256,
-                      [Member(m.position, m.version_id, m.error, {"method": m.method, "stored_bytes": m.stored_bytes})
+                      [Member(m.position, m.version_id, m.served_error,
+                              {"method": m.method, "stored_bytes": m.stored_bytes, "plan_error": m.error})
                        for m in c.members],
                       {"type": "plan_member", "compression_id": c.id, "plan_version_id": v.id, "plan": v.ref},
-                      lambda _file: exact)
+                      lambda _file: exact, measure=True)
 
 
 def _adapter_prefix(files: dict[str, str]) -> str:
     """The folder of the pushed adapter inside its version ('' at the root)."""
     configs = sorted(p for p in files if p == CONFIG_NAME or p.endswith("/" + CONFIG_NAME))
     return configs[0][: -len(CONFIG_NAME)] if configs else ""
+
+
+def _served_error(run: JobRun[PruneParams], version_id: int, prefix: str, rebuilt: dict[str, bytes]) -> float:
+    """The relative delta error of the rebuilt PEFT files against the member's files as they are."""
+    from ..weights.peft_delta import delta_error
+
+    now = local_copy(run, version_id, f"original-{version_id}") / prefix
+    then = run.work_dir / f"rebuilt-{version_id}"
+    for path, data in rebuilt.items():
+        (then / path).parent.mkdir(parents=True, exist_ok=True)
+        (then / path).write_bytes(data)
+    return delta_error(now, then)
 
 
 def prune(run: JobRun[PruneParams]) -> dict[str, Any]:
@@ -161,6 +180,11 @@ def prune(run: JobRun[PruneParams]) -> dict[str, Any]:
             m, ref, original, content = eligible[position]
             prefix = _adapter_prefix(original)
             files = {prefix + path: (hashlib.sha256(data).hexdigest(), data) for path, data in rebuilt.items()}
+            if col.measure:
+                m.error = _served_error(run, m.version_id, prefix, rebuilt)
+                if m.error > budget:
+                    refused.append({"ref": ref, "error": m.error, "max_error": budget})
+                    continue
             is_exact = position in exact
             with ctx.db.write() as s:
                 v = s.scalar(select(ModelVersion).where(ModelVersion.id == m.version_id).with_for_update())

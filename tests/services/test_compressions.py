@@ -66,6 +66,7 @@ def test_compress_job_records_the_plan_its_members_and_run(reg: InProcess, tmp_p
     assert c["methods"] == ["quantize", "truncate", "rmm"] and c["mlflow_run_id"] == job["mlflow_run_id"]
     assert [m["ref"] for m in c["members"]] == refs and not any(m["pruned"] for m in c["members"])
     assert all(0 < m["error"] <= 0.05 and m["method"] != "exact" for m in c["members"])
+    assert all(m["served_error"] == pytest.approx(m["error"], rel=1e-6) and m["prunable"] for m in c["members"])
     assert c["stored_bytes"] == sum(m["stored_bytes"] for m in c["members"]) < c["original_bytes"] / 4
     assert [x["id"] for x in compressions.list_compressions(reg.ctx, collection="team-a")] == [c["id"]]
 
@@ -162,6 +163,30 @@ def test_budget_zero_is_exact_and_pruned_members_serve_their_own_bytes(reg: InPr
         assert relative_error(_folder(reg, i), served) == 0.0
 
 
+def test_budget_zero_prunes_only_members_rebuilt_to_their_exact_bytes(reg: InProcess, tmp_path: Path) -> None:
+    """A float32 adapter with s = lora_alpha / r = 2 is held folded (√2 · factors, rounded): its
+    rebuilt files are one rounding off the pushed ones, so budget 0 leaves it stored."""
+    from registry.demo import make_adapter
+
+    from .inproc import TINY
+
+    base = reg.push_base("llm")
+    s4 = reg.push_adapter("lora-s4", base=base.ref, seed=1)  # r 4, alpha 16: √s = 2, exact
+    s2 = reg.push_folder("lora-s2", make_adapter(tmp_path / "s2", seed=2, r=8, shape=TINY, init_seed=7),
+                         base=base.ref)
+    job = _compress(reg, [s4.ref, s2.ref], 0.0, prune=True)
+    c = compressions.get_compression(reg.ctx, job["result"]["compression_id"])
+    assert [(m["method"], m["error"]) for m in c["members"]] == [("exact", 0.0), ("exact", 0.0)]
+    assert c["members"][0]["served_error"] == 0.0 and c["members"][0]["prunable"]
+    assert 0 < c["members"][1]["served_error"] < 1e-6 and not c["members"][1]["prunable"]
+    reg.run_sent(["prune"])
+    result = reg.job(job["result"]["prune_job_id"])["result"]
+    assert [p["ref"] for p in result["pruned"]] == [s4.ref] and [r["ref"] for r in result["refused"]] == [s2.ref]
+    assert versions.get(reg.ctx, s2.ref).storage_mode == "stored"
+    for ref, folder in ((s4.ref, reg.folder("lora-s4-adapter-1")), (s2.ref, tmp_path / "s2")):
+        assert relative_error(folder, _served(reg, ref, tmp_path / f"served-{ref}")) == 0.0
+
+
 def test_pruned_members_are_served_within_the_budget_byte_stable(reg: InProcess, tmp_path: Path) -> None:
     refs = [m.ref for m in _adapters(reg)]
     budget = 0.1
@@ -175,7 +200,7 @@ def test_pruned_members_are_served_within_the_budget_byte_stable(reg: InProcess,
     for i, ref in enumerate(refs):
         v = versions.get(reg.ctx, ref)
         assert v.storage_mode == "derived:plan" and v.summary["pruned"]["plan"] == c["ref"]
-        assert v.summary["pruned"]["error"] == c["members"][i]["error"]
+        assert v.summary["pruned"]["error"] == c["members"][i]["served_error"]  # measured on the served bytes
         assert {f.path for f in v.files or []} == {"adapter_config.json", "adapter_model.safetensors"}
         served = _served(reg, ref, tmp_path / f"a-{i}")
         assert _digest(served) == {f.path: f.sha256 for f in v.files or []}  # the recorded sha256s
@@ -213,7 +238,7 @@ def test_a_plan_without_pruned_members_can_be_archived(reg: InProcess) -> None:
 def test_prune_respects_a_tighter_budget(reg: InProcess) -> None:
     refs = [m.ref for m in _adapters(reg)]
     c = compressions.get_compression(reg.ctx, _compress(reg, refs, 0.2)["result"]["compression_id"])
-    errors = sorted(m["error"] for m in c["members"])
+    errors = sorted(m["served_error"] for m in c["members"])
     tight = (errors[0] + errors[1]) / 2
     job = compressions.request_prune(reg.ctx, c["id"], tight)
     reg.run_sent(["prune"])
