@@ -39,7 +39,8 @@ tag_app = typer.Typer(help="Key/value tags on versions.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens (acts on the configured registry database).", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 basis_app = typer.Typer(help="RMM bases: many adapters of one base in one reconstructable basis.", no_args_is_help=True)
-policy_app = typer.Typer(help="Automation policies (transfer on base update, refresh basis).", no_args_is_help=True)
+policy_app = typer.Typer(help="Automation policies (transfer on base update, refresh basis, compress collection).",
+                         no_args_is_help=True)
 app.add_typer(alias_app, name="alias")
 app.add_typer(tag_app, name="tag")
 app.add_typer(token_app, name="token")
@@ -884,18 +885,26 @@ def promote(ref: str, alias: Annotated[str | None, typer.Option(help="Point this
 @policy_app.command("create")
 def policy_create(
     name: str,
-    type: Annotated[str, typer.Option("--type", help="transfer_on_base_update or refresh_basis.")],
+    type: Annotated[str, typer.Option("--type", help="transfer_on_base_update, refresh_basis or "
+                                      "compress_collection.")],
     base_model: Annotated[str, typer.Option("--base-model", help="The base model the policy watches.")],
     alpha: Annotated[float | None, typer.Option(help="transfer: scale of the diff.")] = None,
     p: Annotated[int | None, typer.Option("-p", help="refresh_basis: directions per module.")] = None,
     max_error: Annotated[float | None, typer.Option("--max-error", help="refresh_basis: error budget.")] = None,
     collection: Annotated[str | None, typer.Option(help="refresh_basis: model holding the basis versions.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="refresh_basis: only adapters with key=value.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="compress_collection: quantize, truncate, "
+                                                     "rmm; repeatable (default: all).")] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="compress_collection: members then give up their own "
+                                        "blobs.")] = False,
 ) -> None:
     """Create an automation policy."""
     params: dict[str, Any] = {}
     if type == "transfer_on_base_update":
         params["alpha"] = 1.0 if alpha is None else alpha
+    elif type == "compress_collection":
+        params.update({"max_error": max_error, "methods": method, "collection": collection, "tags": _kv(tag),
+                       "prune": prune})
     else:
         params.update({"p": p, "max_error": max_error, "collection": collection, "tags": _kv(tag)})
     with _errors(), _client() as rc:
