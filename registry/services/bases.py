@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput
 from ..models import BasisMember, LineageEdge, MergeBasis, ModelVersion, VersionTag
 from . import jobs, names
 from .context import RegistryContext
@@ -22,9 +22,11 @@ from .derive import (
     collection_base_model,
     collection_versions,
     deduplicated,
+    get_collection_row,
     input_version,
     job_run,
     lineage_doc,
+    list_collection_rows,
     local_copy,
     provenance_entry,
     record,
@@ -195,16 +197,8 @@ def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
 
 
 def get_basis(ctx: RegistryContext, basis_id: int) -> dict[str, Any]:
-    with ctx.db.read() as s:
-        b = s.get(MergeBasis, basis_id)
-        if b is None:
-            raise NotFound(f"basis {basis_id} not found", code="basis_not_found")
-        return basis_view(s, b)
+    return get_collection_row(ctx, MergeBasis, basis_id, basis_view, "basis")
 
 
 def list_bases(ctx: RegistryContext, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    with ctx.db.read() as s:
-        q = select(MergeBasis)
-        if collection:
-            q = q.where(MergeBasis.collection == collection)
-        return [basis_view(s, b) for b in s.scalars(q.order_by(MergeBasis.id.desc()).limit(max(1, min(limit, 500))))]
+    return list_collection_rows(ctx, MergeBasis, basis_view, collection, limit)

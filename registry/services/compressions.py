@@ -39,8 +39,10 @@ from .derive import (
     collection_base_model,
     collection_versions,
     deduplicated,
+    get_collection_row,
     job_run,
     lineage_doc,
+    list_collection_rows,
     local_copy,
     provenance_entry,
     record,
@@ -308,17 +310,8 @@ def compression_view(s: Session, c: Compression) -> dict[str, Any]:
 
 
 def get_compression(ctx: RegistryContext, compression_id: int) -> dict[str, Any]:
-    with ctx.db.read() as s:
-        c = s.get(Compression, compression_id)
-        if c is None:
-            raise NotFound(f"compression {compression_id} not found", code="compression_not_found")
-        return compression_view(s, c)
+    return get_collection_row(ctx, Compression, compression_id, compression_view, "compression")
 
 
 def list_compressions(ctx: RegistryContext, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    with ctx.db.read() as s:
-        q = select(Compression)
-        if collection:
-            q = q.where(Compression.collection == collection)
-        rows = s.scalars(q.order_by(Compression.id.desc()).limit(max(1, min(limit, 500))))
-        return [compression_view(s, c) for c in rows]
+    return list_collection_rows(ctx, Compression, compression_view, collection, limit)

@@ -32,6 +32,11 @@ class JobParams(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
+def _exactly_one(params: JobParams, a: str, b: str, job: str) -> None:
+    if (getattr(params, a) is None) == (getattr(params, b) is None):
+        raise ValueError(f"a {job} job takes exactly one of {a} or {b}")
+
+
 class BasisQuery(JobParams):
     """A collection named by a query, resolved when the job runs: the live, ready adapters pinned
     to ``base`` that carry ``tags`` (a tag whose value is None matches any value)."""
@@ -53,8 +58,7 @@ class BasisParams(JobParams):
 
     @model_validator(mode="after")
     def _one_source(self) -> BasisParams:
-        if (self.members is None) == (self.query is None):
-            raise ValueError("a basis job takes exactly one of members or query")
+        _exactly_one(self, "members", "query", "basis")
         return self
 
 
@@ -83,8 +87,7 @@ class PruneParams(JobParams):
 
     @model_validator(mode="after")
     def _one_source(self) -> PruneParams:
-        if (self.basis_id is None) == (self.compression_id is None):
-            raise ValueError("a prune job takes exactly one of basis_id or compression_id")
+        _exactly_one(self, "basis_id", "compression_id", "prune")
         return self
 
 
@@ -103,8 +106,7 @@ class CompressParams(JobParams):
 
     @model_validator(mode="after")
     def _one_source(self) -> CompressParams:
-        if (self.members is None) == (self.query is None):
-            raise ValueError("a compress job takes exactly one of members or query")
+        _exactly_one(self, "members", "query", "compress")
         return self
 
 
