@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from registry.errors import Conflict, InvalidInput, NotFound
-from registry.services import bases, compressions, lineage, merges, policies, transfers, verify, versions
+from registry.services import bases, compressions, gc, lineage, merges, packing, policies, transfers, verify, versions
 from registry.services.derived import materialize
 from registry.services.views import VersionView
 from registry.weights.compress import load_plan
 
 from ..peft_oracle import relative_error
-from .inproc import InProcess
+from .inproc import InProcess, sha
 
 pytestmark = pytest.mark.services
 
@@ -214,6 +214,16 @@ def test_pruned_members_are_served_within_the_budget_byte_stable(reg: InProcess,
     shutil.rmtree(reg.ctx.settings.resolved_cache_dir, ignore_errors=True)
     for i, ref in enumerate(refs):
         assert _digest(_served(reg, ref, tmp_path / f"b-{i}")) == digests[ref]
+    # ... and after the plan is packed and gc reclaimed the members' own former blobs
+    pack = packing.request_pack(reg.ctx, c["ref"], actor="alice")
+    assert reg.run_sent(["pack"]) == {pack["id"]: "succeeded"}
+    assert reg.job(pack["id"])["result"]["files_packed"] == 1
+    removed = set(gc.collect(reg.ctx, grace_seconds=0).removed)
+    weights = {sha((_folder(reg, i) / "adapter_model.safetensors").read_bytes()) for i in range(3)}
+    assert weights <= removed  # the pushed weight files are no longer kept
+    shutil.rmtree(reg.ctx.settings.resolved_cache_dir, ignore_errors=True)
+    for i, ref in enumerate(refs):
+        assert _digest(_served(reg, ref, tmp_path / f"c-{i}")) == digests[ref]
     # and verifies
     for ref in refs:
         job_v = verify.request_verify(reg.ctx, ref)
