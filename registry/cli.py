@@ -665,10 +665,12 @@ app.add_typer(compress_app, name="compress")
 def _print_compression(c: dict[str, Any]) -> None:
     out.print(f"compression {c['id']} -> {c['ref']} (base {c['base']}); max_error {c['max_error']}; "
               f"{_size(c['stored_bytes'])} stored for {_size(c['original_bytes'])} of adapters ({c['ratio']:.3f})")
-    table = Table("position", "member", "method", "stored", "original", "error", "served from the plan")
+    table = Table("position", "member", "method", "stored", "original", "error", "error as served",
+                  "served from the plan")
     for m in c["members"]:
         table.add_row(str(m["position"]), str(m["ref"]), m["method"], _size(m["stored_bytes"]),
-                      _size(m["original_bytes"]), f"{m['error']:.3e}", "yes" if m["pruned"] else "no")
+                      _size(m["original_bytes"]), f"{m['error']:.3e}", f"{m['served_error']:.3e}",
+                      "yes" if m["pruned"] else ("no" if m["prunable"] else "no (not within budget as served)"))
     out.print(table)
 
 
