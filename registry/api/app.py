@@ -177,17 +177,22 @@ def _add_pages(app: FastAPI) -> None:
     async def root() -> RedirectResponse:
         return RedirectResponse(ui.PREFIX, status_code=307)
 
+    def docs_page(page: HTMLResponse) -> HTMLResponse:
+        page.headers["Content-Security-Policy"] = ui.DOCS_CSP
+        return page
+
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=openapi_url, title=f"{app.title} API — Swagger UI",
+        return docs_page(get_swagger_ui_html(openapi_url=openapi_url, title=f"{app.title} API — Swagger UI",
                                    swagger_js_url=f"{static}/vendor/swagger-ui-bundle.js",
                                    swagger_css_url=f"{static}/vendor/swagger-ui.css",
                                    swagger_favicon_url=f"{static}/vendor/favicon-32x32.png",
                                    # no badge fetched from the public validator
-                                   swagger_ui_parameters={"validatorUrl": None})
+                                   swagger_ui_parameters={"validatorUrl": None}))
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=openapi_url, title=f"{app.title} API — ReDoc",
-                              redoc_js_url=f"{static}/vendor/redoc.standalone.js",
-                              redoc_favicon_url=f"{static}/vendor/favicon-32x32.png", with_google_fonts=False)
+        return docs_page(get_redoc_html(openapi_url=openapi_url, title=f"{app.title} API — ReDoc",
+                                        redoc_js_url=f"{static}/vendor/redoc.standalone.js",
+                                        redoc_favicon_url=f"{static}/vendor/favicon-32x32.png",
+                                        with_google_fonts=False))

@@ -43,6 +43,15 @@ API = "/api/v1"
 PAGE_SIZE = 25
 COOKIE_MAX_AGE = 30 * 24 * 3600  # the cookie is re-checked on every request; the token's own expiry still applies
 
+# Pages may load only what this server serves (the browser itself refuses anything else), and may
+# not be framed (no clickjacking of the write buttons). ReDoc's bundle asks for its logo from its
+# vendor's host: this policy is what keeps that request from ever leaving the browser.
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; "
+            "base-uri 'self'")
+
 NAV: list[tuple[str, str, str]] = [
     # (section, label, path): the header's links. A new section (compressions) adds a row here.
     ("models", "Models", f"{PREFIX}/models"),
@@ -118,7 +127,8 @@ def render(request: Request, who: Principal | None, template: str, status: int =
         "who": who, "auth": ctx.settings.auth, "auth_via": auth_via,
         "csrf": getattr(request.state, "csrf_token", None) or csrf_token(None),
         "can_write": who is not None and who.allows("write"), "can_admin": who is not None and who.allows("admin"),
-        "mlflow_ui": ctx.settings.resolved_mlflow_ui_url, **values}, status_code=status)
+        "mlflow_ui": ctx.settings.resolved_mlflow_ui_url, **values}, status_code=status,
+        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
 
 def is_page(request: Request) -> bool:
