@@ -21,7 +21,7 @@ import pytest
 from registry.api.deps import COOKIE, CSRF_HEADER, csrf_token
 from registry.ui import vendor
 
-from .conftest import Server, make_server
+from .conftest import Server, free_port, make_server, wait_until
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 ASSET = re.compile(r"""(?:src|href)=["']([^"'#]+)["']""")
@@ -177,7 +177,8 @@ def test_update_reports_of_a_version(server: Server, demo: dict[str, Path], name
 @pytest.fixture(scope="module")
 def auth_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                 pg_databases: list[str]) -> Server:
-    return make_server(request, tmp_path_factory, pg_databases, "sqlite", REGISTRY_AUTH="required")
+    return make_server(request, tmp_path_factory, pg_databases, "sqlite", REGISTRY_AUTH="required",
+                       REGISTRY_WEBHOOK_ALLOW_PRIVATE="true")
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +268,31 @@ def test_a_revoked_token_in_the_cookie_is_refused(auth_server: Server, tokens: d
         assert r.status_code == 401 and "invalid_token" in r.text
         r = http.post("/ui/logout", follow_redirects=False)
         assert r.status_code == 303 and f'{COOKIE}=""' in r.headers["set-cookie"]
+
+
+def test_webhook_pages_are_for_admins(auth_server: Server, tokens: dict[str, str], name: str) -> None:
+    """A webhook, its deliveries and one delivery's attempts (no worker runs here: the delivery stays
+    pending, so redelivering it is refused with the API's 409, on the page)."""
+    admin = {"Authorization": f"Bearer {tokens['admin']}"}
+    dispatcher = subprocess.Popen([sys.executable, "-m", "registry", "dispatcher"], env=auth_server.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with auth_server.client(tokens["admin"]) as rc:
+            hook = rc.create_webhook(f"http://127.0.0.1:{free_port()}/hook", ["model.*"], description="ui test")
+            rc.create_model(name, "base")
+            (d,) = wait_until(lambda: rc.list_deliveries(hook["id"]), 120, "the dispatcher's delivery")
+    finally:
+        dispatcher.terminate()
+        dispatcher.wait(30)
+    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook['id']}", headers=admin)
+    assert page.status_code == 200 and f'id="delivery-{d["id"]}"' in page.text and "model.created" in page.text
+    page = httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=admin)
+    assert page.status_code == 200 and "Not attempted yet" in page.text
+    r = httpx.post(auth_server.url + f"/ui/deliveries/{d['id']}/redeliver", headers=admin)
+    assert r.status_code == 409 and "delivery_in_progress" in r.text
+    read = {"Authorization": f"Bearer {tokens['read']}"}
+    assert httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=read).status_code == 403
+    assert httpx.get(auth_server.url + "/ui/deliveries/999999", headers=admin).status_code == 404
 
 
 def test_cross_site_sign_in_is_refused(auth_server: Server, tokens: dict[str, str]) -> None:

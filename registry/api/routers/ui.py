@@ -120,14 +120,15 @@ def query(**params: Any) -> str:
     return "?" + urlencode(pairs) if pairs else ""
 
 
-def render(request: Request, who: Principal | None, template: str, status: int = 200, **values: Any) -> Response:
+def render(request: Request, who: Principal | None, template: str, http_status: int = 200, /,
+           **values: Any) -> Response:
     ctx = request.app.state.ctx
     auth_via = getattr(request.state, "auth_via", None)
     return templates.TemplateResponse(request, template, {
         "who": who, "auth": ctx.settings.auth, "auth_via": auth_via,
         "csrf": getattr(request.state, "csrf_token", None) or csrf_token(None),
         "can_write": who is not None and who.allows("write"), "can_admin": who is not None and who.allows("admin"),
-        "mlflow_ui": ctx.settings.resolved_mlflow_ui_url, **values}, status_code=status,
+        "mlflow_ui": ctx.settings.resolved_mlflow_ui_url, **values}, status_code=http_status,
         headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
 
