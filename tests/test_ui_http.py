@@ -56,6 +56,11 @@ def test_root_redirects_to_the_ui_and_pages_render(server: Server, demo: dict[st
     assert f'href="/ui/models/{name}-base/versions/1"' in page  # the base, a link
     listing = httpx.get(server.url + "/ui/models", params={"q": name}).text
     assert listing.index(f"{name}-lora") < listing.index(f"{name}-base")  # newest first
+    first = httpx.get(server.url + "/ui/models", params={"q": name, "limit": 1}).text  # paginated
+    assert f">{name}-lora<" in first and f">{name}-base<" not in first
+    (more,) = re.findall(r'<a rel="next" href="([^"]+)"', first)
+    second = httpx.get(server.url + "/ui/models" + more.replace("&amp;", "&")).text
+    assert f">{name}-base<" in second and f">{name}-lora<" not in second and 'rel="next"' not in second
 
 
 def test_every_asset_a_page_or_the_docs_loads_is_served_here(server: Server) -> None:
@@ -84,6 +89,10 @@ def test_ui_errors_are_pages_and_api_errors_stay_json(server: Server) -> None:
     assert r.status_code == 422 and "invalid_request" in r.text
     r = httpx.get(server.url + "/ui/jobs", params={"cursor": "x"})
     assert r.status_code == 422 and "invalid_cursor" in r.text
+    r = httpx.get(server.url + "/ui/models", params={"limit": 0})
+    assert r.status_code == 422 and "invalid_limit" in r.text
+    r = httpx.get(server.url + "/ui/models", params={"kind": "robot"})
+    assert r.status_code == 422 and "invalid_kind" in r.text
     assert _err(httpx.get(server.url + "/api/v1/models/no-such-model")) == (404, "model_not_found")
 
 

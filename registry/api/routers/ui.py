@@ -208,32 +208,33 @@ def logout(request: Request) -> Response:
 @router.get("")
 @router.get("/models")
 def models_page(request: Request, ctx: Ctx, who: Reader, q: str | None = None, kind: str | None = None,
-                tag: list[str] = Query(default=[]), base: str | None = None, cursor: str | None = None) -> Response:
+                tag: list[str] = Query(default=[]), base: str | None = None, cursor: str | None = None,
+                limit: int = PAGE_SIZE) -> Response:
     """Every model, newest first: a name prefix search, kind, tag (``key=value`` or ``key``) and base filters."""
     filters = {"q": _blank(q), "kind": _blank(kind), "tag": [t.strip() for t in tag if t.strip()],
-               "base": _blank(base)}
-    page = model_page(ctx, filters["q"], filters["kind"], filters["tag"], filters["base"], "newest", PAGE_SIZE,
-                      cursor)
+               "base": _blank(base), "limit": limit if limit != PAGE_SIZE else None}
+    page = model_page(ctx, filters["q"], filters["kind"], filters["tag"], filters["base"], "newest", limit, cursor)
     nxt = query(**filters, cursor=page["next_cursor"]) if page["next_cursor"] else None
     return render(request, who, "models.html", section="models", page=page, filters=filters, kinds=names.KINDS,
                   next_url=nxt, first_url=query(**filters) if cursor else None)
 
 
-def _model_page(request: Request, ctx: Ctx, who: Principal, name: str, archived: bool, cursor: str | None,
-                flash: str | None = None, status: int = 200) -> Response:
+def _model_page(request: Request, ctx: Ctx, who: Principal, name: str, archived: bool = False,
+                cursor: str | None = None, limit: int = PAGE_SIZE, flash: str | None = None) -> Response:
     model = catalog.get(ctx, name)
-    items, nxt = versions.search(ctx, VersionFilter(model=name, include_archived=archived, limit=PAGE_SIZE,
+    items, nxt = versions.search(ctx, VersionFilter(model=name, include_archived=archived, limit=limit,
                                                     cursor=parse_id_cursor(cursor)))
-    return render(request, who, "model.html", status, section="models", model=model, versions=items,
+    more = {"archived": archived or None, "limit": limit if limit != PAGE_SIZE else None}
+    return render(request, who, "model.html", section="models", model=model, versions=items,
                   alias_list=aliases.list_aliases(ctx, name), archived=archived, flash=flash,
-                  next_url=query(archived=archived or None, cursor=nxt) if nxt is not None else None)
+                  next_url=query(**more, cursor=nxt) if nxt is not None else None)
 
 
 @router.get("/models/{name}")
 def model_detail(request: Request, name: str, ctx: Ctx, who: Reader, archived: bool = False,
-                 cursor: str | None = None) -> Response:
+                 cursor: str | None = None, limit: int = PAGE_SIZE) -> Response:
     """A model: its versions (newest first) with status, aliases, tags, storage and sizes."""
-    return _model_page(request, ctx, who, name, archived, cursor)
+    return _model_page(request, ctx, who, name, archived, cursor, limit)
 
 
 @router.post("/models/{name}/aliases")
@@ -241,14 +242,14 @@ def move_alias(request: Request, name: str, ctx: Ctx, who: PageWriter, alias: st
                version: str = Form(...)) -> Response:
     """Point an alias at a version (what ``PUT /api/v1/models/{name}/aliases/{alias}`` does)."""
     out = aliases.set_alias(ctx, name, alias.strip(), version.strip())
-    return _model_page(request, ctx, who, name, False, None, flash=f"{name}@{out['alias']} → {out['ref']}")
+    return _model_page(request, ctx, who, name, flash=f"{name}@{out['alias']} → {out['ref']}")
 
 
 @router.post("/models/{name}/versions/{v}/promote")
 def promote(request: Request, name: str, v: str, ctx: Ctx, who: PageWriter, alias: str = Form("")) -> Response:
     """Candidate → ready, optionally pointing an alias at it (``POST …/promote`` of the API)."""
     view = versions.promote(ctx, version_ref(name, v), _blank(alias), who.name)
-    return _model_page(request, ctx, who, name, False, None, flash=f"promoted {view.ref}: {view.status}")
+    return _model_page(request, ctx, who, name, flash=f"promoted {view.ref}: {view.status}")
 
 
 @router.get("/models/{name}/versions/{v}")
