@@ -18,7 +18,7 @@ from ..errors import RegistryError
 from ..services import names
 from ..services.context import RegistryContext
 from .responses import declare_body_errors
-from .routers import compat, drafts, files, jobs, models, system, versions, webhooks
+from .routers import compat, drafts, files, hub, jobs, models, system, versions, webhooks
 
 log = logging.getLogger("registry.api")
 
@@ -151,4 +151,7 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
     for router in (r.router for r in routers):
         declare_body_errors(router)
         app.include_router(router, prefix=API_PREFIX)
+    # The Hugging Face Hub's read API at the Hub's own paths (HF_ENDPOINT=<this server>); last, so
+    # its path-shaped routes never shadow one of the API's.
+    app.include_router(hub.router)
     return app
