@@ -73,6 +73,8 @@ def is_repo_id(repo_id: str) -> bool:
 
 def repo_id_of(model_name: str) -> str | None:
     """The repo id model ``model_name`` is served under, None when it has none."""
+    if not names.is_model_name(model_name):
+        return None
     namespace, sep, rest = model_name.partition(NAMESPACE_SEPARATOR)
     candidate = f"{namespace}/{rest}" if sep else model_name
     return candidate if is_repo_id(candidate) else None

@@ -15,7 +15,10 @@ is the Hub's, checked with its real client in ``tests/test_hub.py``):
 Errors keep the registry's JSON body and add what the Hub client reads (``HEAD`` responses have no
 body): ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``: the client's
 ``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``),
-``X-Error-Message``, and ``X-Repo-Commit`` on a missing file (the client caches the absence).
+``X-Error-Message``, and ``X-Repo-Commit`` on a missing file (the client caches the absence). An
+ambiguous repo id or revision is a 409 carrying ``RepoNotFound`` / ``RevisionNotFound``, so the
+client raises that error with the reason (the versions to choose from) instead of reporting a
+connection problem.
 Tokens are the registry's (``HF_TOKEN`` is sent as the bearer token), with the same rules.
 The rules for repo ids, revisions, commits and files are in :mod:`registry.services.hub`.
 """
@@ -36,8 +39,11 @@ from ...services import hub
 from ..deps import Ctx, Reader
 from ..ranges import file_response
 
+# The client raises the error these name, with X-Error-Message in it; for the two ambiguities (409) that is
+# what tells its user why (any other 4xx on a HEAD it reports as a connection problem).
 _HUB_CODES = {"model_not_found": "RepoNotFound", "version_not_found": "RevisionNotFound",
-              "file_not_found": "EntryNotFound"}
+              "file_not_found": "EntryNotFound", "ambiguous_repo": "RepoNotFound",
+              "ambiguous_revision": "RevisionNotFound"}
 # The Hub's message for a token it does not know; its client then reports a bad token, not a missing repo.
 _BAD_TOKEN = "Invalid credentials in Authorization header"
 
