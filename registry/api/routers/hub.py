@@ -85,9 +85,10 @@ router = APIRouter(route_class=HubRoute, include_in_schema=False)
 def _segments(request: Request, prefix: str) -> list[str]:
     """The URL path after ``prefix``, split on ``/`` before decoding (the client sends a revision
     or a folder with ``/`` in it as ``%2F``, inside one segment)."""
-    raw = request.scope.get("raw_path") or request.url.path.encode()
-    path = raw.decode("latin-1").partition("?")[0]
-    return [unquote(p) for p in path[len(prefix):].split("/")]
+    raw = (request.scope.get("raw_path") or b"").decode("latin-1").partition("?")[0]
+    if not raw.startswith(prefix):  # no raw path, or its prefix spelled with escapes: the decoded one
+        return request.url.path[len(prefix):].split("/")
+    return [unquote(p) for p in raw[len(prefix):].split("/")]
 
 
 def _not_a_hub_path(request: Request) -> NotFound:
