@@ -20,7 +20,7 @@ from ..errors import RegistryError
 from ..services import names
 from ..services.context import RegistryContext
 from .responses import declare_body_errors
-from .routers import compat, drafts, files, jobs, models, system, ui, versions, webhooks
+from .routers import compat, drafts, files, hub, jobs, models, system, ui, versions, webhooks
 
 log = logging.getLogger("registry.api")
 
@@ -162,6 +162,9 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
         declare_body_errors(router)
         app.include_router(router, prefix=API_PREFIX)
     _add_pages(app)
+    # The Hugging Face Hub's read API at the Hub's own paths (HF_ENDPOINT=<this server>); last, so
+    # its path-shaped routes never shadow one of the API's.
+    app.include_router(hub.router)
     return app
 
 
