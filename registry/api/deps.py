@@ -66,13 +66,20 @@ def csrf_token(secret: str | None) -> str:
     return hmac.new((secret or "registry:auth-off").encode(), b"registry-ui-csrf", hashlib.sha256).hexdigest()
 
 
+def cross_site(request: Request) -> str | None:
+    """What the browser says of a request that another site (or a sibling subdomain) made
+    (``Sec-Fetch-Site``: cross-site, same-site), or None for this site's own and for non-browsers."""
+    site = request.headers.get("sec-fetch-site")
+    return site if site is not None and site not in ("same-origin", "none") else None
+
+
 def check_csrf(request: Request) -> None:
     """403 ``csrf_failed`` for an unsafe request that another site may have made: one the browser
-    marks cross-site (``Sec-Fetch-Site``), or one without the page's CSRF token."""
+    marks cross-site (:func:`cross_site`), or one without the page's CSRF token."""
     if request.method in SAFE_METHODS:
         return
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
+    site = cross_site(request)
+    if site is not None:
         raise Forbidden(f"refused a {site} request: write actions come from the registry's own pages",
                         code="csrf_failed", details={"sec_fetch_site": site})
     expected = getattr(request.state, "csrf_token", None) or csrf_token(None)

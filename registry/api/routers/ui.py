@@ -31,7 +31,7 @@ from ...services.jobtypes import JOB_TYPES
 from ...services.tokens import Principal
 from ...services.versions import VersionFilter
 from ...services.webhooks import DELIVERY_STATUSES
-from ..deps import COOKIE, Ctx, PageAdmin, PageWriter, Reader, csrf_token
+from ..deps import COOKIE, Ctx, PageAdmin, PageWriter, Reader, cross_site, csrf_token
 from ..params import Id, parse_id_cursor
 from .common import version_ref
 from .models import model_page
@@ -173,8 +173,7 @@ def login_form(request: Request, next: str | None = None) -> Response:
 async def login(request: Request, token: str = Form(""), next: str = Form(PREFIX)) -> Response:
     """Check the token as every request is checked, then keep it in an HTTP-only, SameSite=Strict cookie."""
     ctx = request.app.state.ctx
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
+    if site := cross_site(request):  # no session yet, so no CSRF token: the browser's word decides
         return error_page(request, 403, "csrf_failed", f"refused a {site} sign-in")
     if ctx.settings.auth == "off":
         return RedirectResponse(_local(next), status_code=303)
@@ -192,8 +191,7 @@ async def login(request: Request, token: str = Form(""), next: str = Form(PREFIX
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
+    if site := cross_site(request):
         return error_page(request, 403, "csrf_failed", f"refused a {site} sign-out")
     response: Response = RedirectResponse(f"{PREFIX}/login", status_code=303)
     if "hx-request" in request.headers:  # htmx: navigate the whole page
