@@ -14,7 +14,7 @@ from . import names
 from .context import RegistryContext
 from .derived import ServedFile, served_files
 from .events import emit
-from .refs import parse_ref, resolve
+from .refs import find, parse_ref, resolve
 from .sql import check_limit, newest_first
 from .views import VersionView, version_view, version_views
 
@@ -70,9 +70,8 @@ def search(ctx: RegistryContext, f: VersionFilter) -> tuple[list[VersionView], i
                 tagged = tagged.where(VersionTag.value == value)
             q = q.where(ModelVersion.id.in_(tagged))
         if f.base is not None:
-            try:
-                base = resolve(s, f.base)
-            except NotFound:
+            base = find(s, f.base)
+            if base is None:
                 return [], None
             q = q.where(ModelVersion.base_version_id == base.id)
         rows, more = newest_first(s, q, ModelVersion.id, f.limit, f.cursor)
