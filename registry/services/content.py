@@ -195,7 +195,7 @@ def stream_pieces(reader: ChunkReader, found: list[Piece], start: int, end: int,
     try:
         for p in found:
             while queued < len(found) and len(ahead) <= READ_AHEAD:
-                ahead.append(_DECODERS.submit(reader.get, found[queued].chunk_sha256, check=check))
+                ahead.append(_DECODERS.submit(reader.get, found[queued].chunk_sha256, check=SHA256 if check else CRC))
                 queued += 1
             if p.offset > pos:
                 raise ContentError(f"packed file has a hole at byte {pos}")
@@ -215,24 +215,24 @@ def stream_pieces(reader: ChunkReader, found: list[Piece], start: int, end: int,
             f.cancel()
 
 
+# How far a decoded chunk was checked (ChunkReader.get's ``check``): 0, used only as the reference of
+# another payload (that payload's own CRC-32 then catches a wrong reference); 1, its CRC-32; 2, its
+# CRC-32 and its sha256.
+AS_REFERENCE, CRC, SHA256 = 0, 1, 2
+
+
 class ChunkReader:
-    """Decodes chunks (and the reference chunks they are coded against), each checked against
-    its sha256, keeping the last few decoded ones (a reference is often needed again).
+    """Decodes chunks (and the reference chunks they are coded against), keeping the last few
+    decoded ones (a reference may be needed again)."""
 
-    ``pending`` holds chunks not yet in the database (a pack job checking its output before it
-    commits)."""
-
-    def __init__(self, ctx: RegistryContext, pending: dict[str, ChunkInfo] | None = None, keep: int = 4) -> None:
+    def __init__(self, ctx: RegistryContext, keep: int = 4) -> None:
         self.ctx = ctx
-        self.pending = pending or {}
         self.keep = keep
-        self.decoded: OrderedDict[str, tuple[bytes, bool]] = OrderedDict()  # sha -> (bytes, checked)
+        self.decoded: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # sha -> (bytes, how checked)
         self.infos: dict[str, ChunkInfo] = {}
         self.lock = threading.Lock()
 
     def info(self, sha256: str) -> ChunkInfo:
-        if sha256 in self.pending:
-            return self.pending[sha256]
         found = self.infos.get(sha256)
         if found is None:
             with self.ctx.db.read() as s:
@@ -244,27 +244,26 @@ class ChunkReader:
             raise ContentError(f"chunk {sha256} is not in the registry")
         return found
 
-    def get(self, sha256: str, *, check: bool = True) -> bytes:
-        """The chunk's bytes. ``check``: verify them against the sha256 (a reference is only
-        checked through the chunk coded against it: a wrong reference makes that one wrong).
-        Safe to call from several threads."""
+    def get(self, sha256: str, *, check: int = SHA256) -> bytes:
+        """The chunk's bytes, checked as ``check`` says (:data:`SHA256`, :data:`CRC` or
+        :data:`AS_REFERENCE`). Safe to call from several threads."""
         with self.lock:
             hit = self.decoded.get(sha256)
             if hit is not None:
                 self.decoded.move_to_end(sha256)
-        if hit is not None and (hit[1] or not check):
+        if hit is not None and hit[1] >= check:
             return hit[0]
         info = self.info(sha256)
-        reference = self.get(info.ref_sha256, check=False) if info.ref_sha256 is not None else None
+        reference = self.get(info.ref_sha256, check=AS_REFERENCE) if info.ref_sha256 is not None else None
         try:
             payload = self.ctx.store.read_bytes(info.object_sha256)
         except FileNotFoundError as e:
             raise ContentError(f"the payload of chunk {sha256} is missing") from e
         try:
-            data = packing.decode(payload, reference, expected_length=info.size)
+            data = packing.decode(payload, reference, expected_length=info.size, check_crc=check >= CRC)
         except packing.PackError as e:
             raise ContentError(f"the payload of chunk {sha256} is damaged: {e}") from e
-        if len(data) != info.size or (check and hashlib.sha256(data).hexdigest() != sha256):
+        if len(data) != info.size or (check >= SHA256 and hashlib.sha256(data).hexdigest() != sha256):
             raise ContentError(f"chunk {sha256} decodes to other bytes")
         with self.lock:
             self.decoded[sha256] = (data, check)

@@ -327,7 +327,7 @@ def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, C
                     continue  # the same bytes twice in one file
                 if csha in have:
                     report.chunks_reused += 1
-                    if stored.get(csha, check=False) != data:
+                    if stored.get(csha, check=content.CRC) != data:  # compared with the bytes themselves
                         raise content.ContentError(f"chunk {csha} decodes to other bytes; {sha} stays raw")
                     continue
                 info, path = _encode(csha, data, seg, keyed.get(seg.key) if seg.key else None, ref_reader, work,
@@ -369,11 +369,11 @@ def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, C
 def _encode(csha: str, data: bytes, seg: packing.Segment, ref: ChunkInfo | None, ref_reader: ChunkReader,
             work: Path, report: PackReport) -> tuple[ChunkInfo, Path]:
     """Code one new segment, check that the payload decodes to it, and write the payload to
-    ``work``. A reference is decoded without its sha256 check: the payload's own CRC-32 covers
-    it, and the check here decodes against the same bytes every later reader will decode."""
+    ``work``. A reference is decoded unchecked: the check here decodes against the very bytes
+    every later reader will decode, and a reader's decode checks its result's CRC-32."""
     reference = None
     if ref is not None and ref.size == len(data) and ref.depth < MAX_CHAIN:
-        reference = packing.Reference(ref_reader.get(ref.sha256, check=False))
+        reference = packing.Reference(ref_reader.get(ref.sha256, check=content.AS_REFERENCE))
     payload = packing.encode(data, seg.dtype, reference)
     coded_against = ref if reference is not None and packing.needs_reference(payload) else None
     try:

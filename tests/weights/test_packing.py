@@ -193,6 +193,24 @@ def test_a_reference_object_codes_exactly_like_its_bytes(dtype: str, n: int, see
         assert decode(payload, ref) == data
 
 
+def test_a_reference_may_skip_its_crc_the_payload_coded_against_it_may_not() -> None:
+    """Bytes decoded only to serve as a reference may skip their CRC-32 (``check_crc=False``):
+    the payload coded against them checks its own result, which a wrong reference makes wrong."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, 20000, dtype=np.uint8)
+    data = (base + (rng.random(20000) < 0.01)).astype(np.uint8).tobytes()  # a few bytes moved by one
+    ref_payload = bytearray(encode(base.tobytes(), "U8"))  # incompressible: stored raw
+    payload = encode(data, "U8", base.tobytes())
+    assert needs_reference(payload) and not needs_reference(ref_payload)
+    ref_payload[-100] ^= 0x01  # a damaged reference payload that still parses
+    with pytest.raises(PackError, match="CRC"):
+        decode(bytes(ref_payload))
+    wrong = decode(bytes(ref_payload), check_crc=False)
+    assert wrong != base.tobytes()
+    with pytest.raises(PackError, match="CRC"):  # ... and what is coded against it fails its own check
+        decode(payload, wrong)
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 63, 64, 65, 1023, 4097])
 @pytest.mark.parametrize("dtype", [None, "F32", "BF16", "F64"])
 def test_odd_lengths(dtype: str | None, n: int) -> None:
