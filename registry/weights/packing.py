@@ -414,14 +414,13 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 def _blob(data: U8 | bytes, level: int) -> bytes:
     """A byte string as ``mode`` + length + bytes: zstd when that is smaller, else raw."""
-    if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
-        data = np.ascontiguousarray(data)
-    n = len(data)
+    buf = memoryview(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data  # no copy
+    n = len(buf)
     if n:
-        z = _cctx(level).compress(data)  # straight from the array's buffer
+        z = _cctx(level).compress(buf)
         if len(z) < n:
             return b"".join((bytes([_S_ZSTD]), varint(len(z)), z))
-    return b"".join((bytes([_S_RAW]), varint(n), data))
+    return b"".join((bytes([_S_RAW]), varint(n), buf))
 
 
 def _is_window(table: bytes) -> bool:
