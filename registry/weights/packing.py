@@ -414,7 +414,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 def _blob(data: U8 | bytes, level: int) -> bytes:
     """A byte string as ``mode`` + length + bytes: zstd when that is smaller, else raw."""
-    buf = memoryview(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data  # no copy
+    buf = np.ascontiguousarray(data).data if isinstance(data, np.ndarray) else data  # a view: no copy
     n = len(buf)
     if n:
         z = _cctx(level).compress(buf)
