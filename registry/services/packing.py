@@ -296,12 +296,8 @@ def _windows(segs: list[packing.Segment]) -> list[list[packing.Segment]]:
 
 def _pack_raw_file(ctx: RegistryContext, sha: str, size: int, keyed: dict[str, ChunkInfo], ref_reader: ChunkReader,
                    work: Path, report: PackReport, step: Callable[[int], None]) -> bool:
-    """The steps of the module docstring. The check of step 2 is done segment by segment while the
-    bytes are at hand: each new payload is decoded (against the very reference it was coded
-    against) and compared with the segment it stands for, each reused chunk is decoded from the
-    store and compared likewise, and the segments together must hash to the file's sha256 (the
-    raw bytes are checked too: a damaged raw object is never packed). After the payloads moved
-    into the store each is read back and must hash to its name."""
+    """The steps of the module docstring; step 1's checks run window by window while the bytes
+    are at hand (each segment is read once)."""
     read_at, close = _reader(ctx, sha)
     whole = hashlib.sha256()
     plan: list[tuple[packing.Segment, str]] = []
