@@ -159,8 +159,8 @@ def _packed(ctx: RegistryContext, sha256: str, start: int, end: int, hashed_whol
 def _keep_freed_buffers() -> None:
     """Ask glibc's allocator to keep freed frame-sized buffers for the next frame instead of
     handing them back to the kernel: decoding a 4 MiB frame allocates about 30 MB of temporaries,
-    and mapping them afresh each time cost a page fault per 4 KiB (about 1 ms per MiB decoded,
-    a quarter of the decode, measured by bench/storage_registry.py). Buffers up to 32 MiB come from
+    and mapping them afresh each time cost a page fault per 4 KiB (measured: about 1 ms of system
+    time per MiB decoded, a quarter of the decode; bench/RESULTS.md). Buffers up to 32 MiB come from
     the heap, and up to 64 MiB of free heap is kept per arena. Elsewhere (not glibc): nothing."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
