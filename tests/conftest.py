@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,32 @@ class Server:
 
         return RegistryClient(self.url, token=token or "")
 
+    @contextmanager
+    def context(self) -> Iterator[Any]:
+        """The server's registry opened in this process (a RegistryContext), to look behind the API."""
+        from registry.config import Settings
+        from registry.services.context import RegistryContext
+
+        ctx = RegistryContext.open(Settings(home=self.home, database_url=self.database_url))
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+    def leftovers(self) -> tuple[set[str], set[str]]:
+        """(store objects without a blob row, blob rows that no version file and no packed chunk needs)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.database_url)
+        with engine.connect() as c:
+            rows = {r[0] for r in c.execute(text("select sha256 from blobs"))}
+            unneeded = {r[0] for r in c.execute(text(
+                "select sha256 from blobs b"
+                " where not exists (select 1 from version_files f where f.blob_sha256 = b.sha256)"
+                " and not exists (select 1 from chunks c where c.object_sha256 = b.sha256)"))}
+        engine.dispose()
+        return self.blob_files() - rows, unneeded
+
     def cli(self, *args: str, token: str | None = None, check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {**self.env, "REGISTRY_URL": self.url}
@@ -200,6 +227,13 @@ def make_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: list[str]) -> Server:
     """A registry server (no auth, loopback), once on SQLite and once on PostgreSQL."""
     return make_server(request, tmp_path_factory, pg_databases, request.param)
+
+
+@pytest.fixture
+def server_ctx(server: Server) -> Iterator[Any]:
+    """The ``server`` fixture's registry opened in this process (a RegistryContext)."""
+    with server.context() as ctx:
+        yield ctx
 
 
 @pytest.fixture(scope="module")

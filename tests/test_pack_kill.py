@@ -13,20 +13,16 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
-from registry.config import Settings
 from registry.models import Blob
 from registry.services import gc, runner
-from registry.services.context import RegistryContext
 
 from .conftest import Stack, make_stack
 
@@ -36,15 +32,6 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module", params=["sqla", "redis"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: list[str]) -> Stack:
     return make_stack(request, tmp_path_factory, pg_databases, request.param, workers=0, REGISTRY_PACK="auto")
-
-
-@contextmanager
-def _context(stack: Stack) -> Iterator[RegistryContext]:
-    ctx = RegistryContext.open(Settings(home=stack.server.home, database_url=stack.server.database_url))
-    try:
-        yield ctx
-    finally:
-        ctx.close()
 
 
 def _checkpoint(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -76,20 +63,8 @@ def _pack_job(stack: Stack, ref: str) -> dict[str, object] | None:
 
 def _forms(stack: Stack, folder: Path) -> set[str]:
     shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.safetensors")]
-    with _context(stack) as ctx, ctx.db.read() as s:
+    with stack.server.context() as ctx, ctx.db.read() as s:
         return set(s.scalars(select(Blob.form).where(Blob.sha256.in_(shas))))
-
-
-def _leftovers(stack: Stack) -> tuple[set[str], set[str]]:
-    """(store objects without a blob row, blob rows that no version file and no chunk needs)."""
-    engine = create_engine(stack.server.database_url)
-    with engine.connect() as c:
-        rows = {r[0] for r in c.execute(text("select sha256 from blobs"))}
-        unneeded = {r[0] for r in c.execute(text(
-            "select sha256 from blobs b where not exists (select 1 from version_files f where f.blob_sha256 = b.sha256)"
-            " and not exists (select 1 from chunks c where c.object_sha256 = b.sha256)"))}
-    engine.dispose()
-    return stack.server.blob_files() - rows, unneeded
 
 
 def test_worker_killed_inside_the_pack_of_a_file(stack: Stack, name: str, tmp_path: Path) -> None:
@@ -111,7 +86,7 @@ def test_worker_killed_inside_the_pack_of_a_file(stack: Stack, name: str, tmp_pa
         ft = rc.push(ft_dir, f"{name}-ft", kind="finetune", base=b["ref"])
     job = stack.wait_for(lambda: _pack_job(stack, ft["ref"]), what="the fine-tune's pack job")
     job_id = int(job["id"])  # type: ignore[arg-type]
-    with _context(stack) as ctx:
+    with stack.server.context() as ctx:
         scratch = runner.attempt_dir(ctx, job_id, 1)
 
     def inside_a_file() -> bool:  # a payload of the first file written, the file not yet done
@@ -142,10 +117,10 @@ def test_worker_killed_inside_the_pack_of_a_file(stack: Stack, name: str, tmp_pa
             assert f["sha256"] not in stack.server.blob_files()  # raw bytes released
     _pull_exact(stack, ft["ref"], ft_dir)
 
-    with _context(stack) as ctx:
+    with stack.server.context() as ctx:
         report = gc.collect(ctx, grace_seconds=0)
     assert report.work_dirs_removed >= 1 and not scratch.exists()
-    assert _leftovers(stack) == (set(), set())
+    assert stack.server.leftovers() == (set(), set())
     _pull_exact(stack, b["ref"], base_dir)  # gc kept what the packed files need
     _pull_exact(stack, ft["ref"], ft_dir)
     with stack.client() as rc:

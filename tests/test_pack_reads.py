@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,25 +22,12 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
 
-from registry.config import Settings
 from registry.models import Blob, BlobSegment, Chunk
 from registry.services import content, packing
 from registry.services.context import RegistryContext
 from registry.weights import packing as codec
 
-from .conftest import Server, make_server
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: list[str]) -> Server:
-    return make_server(request, tmp_path_factory, pg_databases, request.param)  # REGISTRY_PACK=off: no worker packs
-
-
-@pytest.fixture
-def ctx(srv: Server) -> Iterator[RegistryContext]:
-    c = RegistryContext.open(Settings(home=srv.home, database_url=srv.database_url))
-    yield c
-    c.close()
+from .conftest import Server
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -50,29 +36,29 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
             "w": (torch.randn(512, 512, generator=g) * 0.02).to(torch.bfloat16)}
 
 
-def _push(srv: Server, name: str, folder: Path, tensors: dict[str, torch.Tensor],
+def _push(server: Server, name: str, folder: Path, tensors: dict[str, torch.Tensor],
           metadata: dict[str, str] | None = None) -> tuple[dict[str, object], bytes]:
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
-    with srv.client() as rc:
+    with server.client() as rc:
         v = rc.push(folder, name, kind="base")
     return v, (folder / "model.safetensors").read_bytes()
 
 
-def _url(srv: Server, name: str) -> str:
-    return f"{srv.url}/api/v1/models/{name}/versions/1/files/model.safetensors"
+def _url(server: Server, name: str) -> str:
+    return f"{server.url}/api/v1/models/{name}/versions/1/files/model.safetensors"
 
 
-def _payload_path(ctx: RegistryContext, sha: str, dtype: str) -> tuple[Path, int, int]:
+def _payload_path(server_ctx: RegistryContext, sha: str, dtype: str) -> tuple[Path, int, int]:
     """The store file of the payload of the first ``dtype`` tensor's chunk of file ``sha``, and
     that segment's offset and length."""
-    with ctx.db.read() as s:
+    with server_ctx.db.read() as s:
         obj, offset, length = s.execute(
             select(Chunk.object_sha256, BlobSegment.offset, BlobSegment.length)
             .join(Chunk, Chunk.sha256 == BlobSegment.chunk_sha256)
             .where(BlobSegment.blob_sha256 == sha, BlobSegment.key.like(f"{dtype}|%"))
             .order_by(BlobSegment.offset)).first()
-    path = ctx.store.local_path(obj)
+    path = server_ctx.store.local_path(obj)
     assert path is not None
     return path, int(offset), int(length)
 
@@ -108,10 +94,10 @@ def _crc_keeping(data: bytes, damage_at: int, patch_at: int) -> bytes:
     return bytes(out)
 
 
-def _damage_keeping_crc(ctx: RegistryContext, sha: str) -> tuple[int, int]:
+def _damage_keeping_crc(server_ctx: RegistryContext, sha: str) -> tuple[int, int]:
     """Damage the raw-coded payload of the file's U8 tensor so that it still decodes, to other
     bytes with the same CRC-32. Returns the damaged segment's offset and length."""
-    path, offset, length = _payload_path(ctx, sha, "U8")
+    path, offset, length = _payload_path(server_ctx, sha, "U8")
     payload = path.read_bytes()
     body = len(payload) - length  # a raw payload ends with the segment's bytes
     assert codec.decode(payload) and not codec.needs_reference(payload)
@@ -122,84 +108,86 @@ def _damage_keeping_crc(ctx: RegistryContext, sha: str) -> tuple[int, int]:
     return offset, length
 
 
-def _corrupt(srv: Server, ref: object) -> bool:
-    with srv.client() as rc:
+def _corrupt(server: Server, ref: object) -> bool:
+    with server.client() as rc:
         return bool(rc.get_version(str(ref))["corrupt"])
 
 
-def test_a_whole_download_hashes_what_the_crc_cannot_see(srv: Server, ctx: RegistryContext, name: str,
+def test_a_whole_download_hashes_what_the_crc_cannot_see(server: Server, server_ctx: RegistryContext, name: str,
                                                           tmp_path: Path) -> None:
-    v, data = _push(srv, name, tmp_path / "m", _tensors(1))
+    v, data = _push(server, name, tmp_path / "m", _tensors(1))
     sha = hashlib.sha256(data).hexdigest()
-    packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
-    assert content.is_packed(ctx, sha)
-    assert httpx.get(_url(srv, name)).content == data
-    _damage_keeping_crc(ctx, sha)
+    packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    assert content.is_packed(server_ctx, sha)
+    assert httpx.get(_url(server, name)).content == data
+    _damage_keeping_crc(server_ctx, sha)
     got = b""
-    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", _url(srv, name), timeout=60) as r:
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", _url(server, name), timeout=60) as r:
         assert r.status_code == 200
         for chunk in r.iter_bytes():
             got += chunk
     assert len(got) < len(data)  # cut before it completed: never a complete-looking wrong body
-    assert _corrupt(srv, v["ref"])
+    assert _corrupt(server, v["ref"])
 
 
-def test_a_range_checks_each_chunk_it_serves(srv: Server, ctx: RegistryContext, name: str, tmp_path: Path) -> None:
-    v, data = _push(srv, name, tmp_path / "m", _tensors(2))
+def test_a_range_checks_each_chunk_it_serves(server: Server, server_ctx: RegistryContext, name: str,
+                                             tmp_path: Path) -> None:
+    v, data = _push(server, name, tmp_path / "m", _tensors(2))
     sha = hashlib.sha256(data).hexdigest()
-    packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
-    offset, length = _damage_keeping_crc(ctx, sha)
+    packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    offset, length = _damage_keeping_crc(server_ctx, sha)
     header = {"Range": f"bytes={offset + 50}-{offset + 300}"}
     try:
-        r = httpx.get(_url(srv, name), headers=header, timeout=60)
+        r = httpx.get(_url(server, name), headers=header, timeout=60)
         assert r.status_code == 500, r.status_code  # refused before a byte of it was sent
     except httpx.RemoteProtocolError:
         pass  # or cut once the response had started
-    assert _corrupt(srv, v["ref"])
+    assert _corrupt(server, v["ref"])
     # bytes of the file outside the damaged chunk are still served exactly
     assert offset >= 1000
-    r = httpx.get(_url(srv, name), headers={"Range": f"bytes={offset - 1000}-{offset - 1}"})
+    r = httpx.get(_url(server, name), headers={"Range": f"bytes={offset - 1000}-{offset - 1}"})
     assert r.status_code == 206 and r.content == data[offset - 1000:offset]
 
 
-def test_a_damaged_raw_object_is_never_packed(srv: Server, ctx: RegistryContext, name: str, tmp_path: Path) -> None:
-    v, data = _push(srv, name, tmp_path / "m", _tensors(3))
+def test_a_damaged_raw_object_is_never_packed(server: Server, server_ctx: RegistryContext, name: str,
+                                              tmp_path: Path) -> None:
+    v, data = _push(server, name, tmp_path / "m", _tensors(3))
     sha = hashlib.sha256(data).hexdigest()
-    raw = ctx.store.local_path(sha)
+    raw = server_ctx.store.local_path(sha)
     assert raw is not None
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 0x01
     raw.write_bytes(bytes(damaged))
-    objects = srv.blob_files()
+    objects = server.blob_files()
     with pytest.raises(content.ContentError, match="hash to"):
-        packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
-    with ctx.db.read() as s:
+        packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    with server_ctx.db.read() as s:
         assert s.scalar(select(Blob.form).where(Blob.sha256 == sha)) == "raw"
-    assert srv.blob_files() == objects  # nothing was written to the store
+    assert server.blob_files() == objects  # nothing was written to the store
     raw.write_bytes(data)  # restored: now it packs
-    assert packing.pack_version(ctx, int(v["id"])).files_packed == 1  # type: ignore[call-overload]
-    assert httpx.get(_url(srv, name)).content == data
+    assert packing.pack_version(server_ctx, int(v["id"])).files_packed == 1  # type: ignore[call-overload]
+    assert httpx.get(_url(server, name)).content == data
 
 
-def test_a_damaged_chunk_is_not_reused(srv: Server, ctx: RegistryContext, name: str, tmp_path: Path) -> None:
+def test_a_damaged_chunk_is_not_reused(server: Server, server_ctx: RegistryContext, name: str, tmp_path: Path) -> None:
     tensors = _tensors(4)
-    first, _ = _push(srv, f"{name}-a", tmp_path / "a", tensors)
-    packing.pack_version(ctx, int(first["id"]))  # type: ignore[call-overload]
+    first, _ = _push(server, f"{name}-a", tmp_path / "a", tensors)
+    packing.pack_version(server_ctx, int(first["id"]))  # type: ignore[call-overload]
     first_sha = str(first["files"][0]["sha256"])  # type: ignore[index]
-    path, _, _ = _payload_path(ctx, first_sha, "BF16")
+    path, _, _ = _payload_path(server_ctx, first_sha, "BF16")
     payload = bytearray(path.read_bytes())
     payload[len(payload) // 2] ^= 0xFF
     path.write_bytes(bytes(payload))
     # the same tensors in another file (other header metadata): its chunks would be reused
-    again, data = _push(srv, f"{name}-b", tmp_path / "b", tensors, metadata={"note": "re-upload"})
+    again, data = _push(server, f"{name}-b", tmp_path / "b", tensors, metadata={"note": "re-upload"})
     sha = hashlib.sha256(data).hexdigest()
     with pytest.raises(content.ContentError):
-        packing.pack_version(ctx, int(again["id"]))  # type: ignore[call-overload]
-    assert not content.is_packed(ctx, sha) and ctx.store.exists(sha)  # kept raw
-    assert httpx.get(_url(srv, f"{name}-b")).content == data
+        packing.pack_version(server_ctx, int(again["id"]))  # type: ignore[call-overload]
+    assert not content.is_packed(server_ctx, sha) and server_ctx.store.exists(sha)  # kept raw
+    assert httpx.get(_url(server, f"{name}-b")).content == data
 
 
-def test_windows_of_segments(srv: Server, ctx: RegistryContext, name: str, tmp_path: Path,
+def test_windows_of_segments(server: Server, server_ctx: RegistryContext, name: str, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A file read in many windows (a few segments each), with the same tensor bytes repeated
     within a window and across windows: each distinct segment is one chunk, the file exact."""
@@ -207,10 +195,10 @@ def test_windows_of_segments(srv: Server, ctx: RegistryContext, name: str, tmp_p
     g = torch.Generator().manual_seed(5)
     same = torch.randn(64, 64, generator=g)
     tensors = {f"t{i:02d}": (same.clone() if i % 5 == 0 else torch.randn(64, 64, generator=g)) for i in range(40)}
-    v, data = _push(srv, name, tmp_path / "m", tensors)
+    v, data = _push(server, name, tmp_path / "m", tensors)
     sha = hashlib.sha256(data).hexdigest()
-    report = packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+    report = packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
     assert report.files_packed == 1
     assert report.chunks_new == 1 + 32 + 1  # the header, 32 distinct tensors, the repeated one once
-    assert content.is_packed(ctx, sha) and not ctx.store.exists(sha)
-    assert httpx.get(_url(srv, name)).content == data
+    assert content.is_packed(server_ctx, sha) and not server_ctx.store.exists(sha)
+    assert httpx.get(_url(server, name)).content == data

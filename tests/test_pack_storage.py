@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,9 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry.config import Settings
 from registry.demo import Shape, make_adapter, make_finetune, random_weights, save_checkpoint
-from registry.services.context import RegistryContext
 
 from .conftest import Stack, make_stack
 
@@ -31,16 +27,6 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module", params=["sqla", "redis"])
 def packed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: list[str]) -> Stack:
     return make_stack(request, tmp_path_factory, pg_databases, request.param, REGISTRY_PACK="auto")
-
-
-@contextmanager
-def _context(stack: Stack) -> Iterator[RegistryContext]:
-    """The stack's registry, in this process (to look behind the API)."""
-    ctx = RegistryContext.open(Settings(home=stack.server.home, database_url=stack.server.database_url))
-    try:
-        yield ctx
-    finally:
-        ctx.close()
 
 
 def _sha(path: Path) -> str:
@@ -151,7 +137,7 @@ def test_verify_finds_a_damaged_payload(packed: Stack, name: str, tmp_path: Path
     with packed.client() as rc:
         assert packed.wait_job(rc.verify(b["ref"])["id"])["result"]["ok"] is True
     sha = b["files"][0]["sha256"]
-    with _context(packed) as ctx, ctx.db.read() as s:
+    with packed.server.context() as ctx, ctx.db.read() as s:
         from sqlalchemy import select
 
         from registry.models import BlobSegment, Chunk
@@ -216,7 +202,7 @@ def test_gc_keeps_what_packed_files_need(packed: Stack, models: dict[str, Path],
         ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b["ref"])
     for v in (b, ft):
         _pack_jobs_done(packed, v["ref"])
-    with _context(packed) as ctx:
+    with packed.server.context() as ctx:
         from sqlalchemy import delete
 
         from registry.models import VersionFile

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from sqlalchemy import create_engine, text
 
 from registry.demo import make_adapter
 from registry.weights.adapters import load_peft_adapter
@@ -153,18 +152,6 @@ def bare_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return make_stack(request, tmp_path_factory, pg_databases, request.param, workers=0)
 
 
-def _orphans(stack: Stack) -> tuple[set[str], set[str]]:
-    """(objects in the store without a blob row, blob rows no version references)."""
-    engine = create_engine(stack.server.database_url)
-    with engine.connect() as c:
-        rows = {r[0] for r in c.execute(text("select sha256 from blobs"))}
-        unreferenced = {r[0] for r in c.execute(text(
-            "select sha256 from blobs b where not exists "
-            "(select 1 from version_files f where f.blob_sha256 = b.sha256)"))}
-    engine.dispose()
-    return stack.server.blob_files() - rows, unreferenced
-
-
 def test_worker_killed_mid_job_is_retried_elsewhere(bare_stack: Stack, demo: dict[str, Path], name: str,
                                                     tmp_path: Path) -> None:
     stack = bare_stack
@@ -187,7 +174,7 @@ def test_worker_killed_mid_job_is_retried_elsewhere(bare_stack: Stack, demo: dic
         time.sleep(2 * 3)  # a redelivered message (Redis) must not make a second one
         assert [v["ref"] for v in rc.iter_versions(model=f"{name}-ft")] == versions
         rc.pull(done["result"]["ref"], tmp_path / "rescued")  # verifies every sha256
-    orphan_objects, unreferenced_rows = _orphans(stack)
+    orphan_objects, unreferenced_rows = stack.server.leftovers()
     assert orphan_objects == set() and unreferenced_rows == set()
     # the retried job's output is exactly the transfer of its inputs
     transfer(demo["finetune"], demo["base"], demo["base-v2"], tmp_path / "expected", 1.0, device="cpu")
