@@ -333,6 +333,18 @@ class Operations(Core):
                                                                                     limit=limit))
         return page.items
 
+    @paged
+    def iter_jobs(self, state: str | None = None, type: str | None = None,
+                  limit: int = 100) -> Callable[[str | None], Flow[tuple[list[Job], str | None]]]:
+        """Every job matching the filters, newest first, ``limit`` per request."""
+        params = _params(state=state, type=type, limit=limit)
+
+        def page(cursor: str | None) -> Flow[tuple[list[Job], str | None]]:
+            got = yield from self.call(schemas.JobPage, "GET", "/jobs", params={**params, **_params(cursor=cursor)})
+            return got.items, got.next_cursor
+
+        return page
+
     @operation
     def wait_job(self, job_id: int, timeout: float = 3600, poll: float = 0.5,
                  on_update: Callable[[Job], None] | None = None) -> Flow[Job]:
