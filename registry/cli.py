@@ -92,7 +92,8 @@ EXIT_CODES: dict[type[BaseException], int] = {
     ClickException: EXIT_USAGE,
     NotFound: EXIT_NOT_FOUND, Gone: EXIT_NOT_FOUND, FileNotFoundError: EXIT_NOT_FOUND,
     InvalidInput: EXIT_INVALID, BadRequest: EXIT_INVALID, PayloadTooLarge: EXIT_INVALID,
-    RangeNotSatisfiable: EXIT_INVALID, ValueError: EXIT_INVALID, OSError: EXIT_INVALID,
+    RangeNotSatisfiable: EXIT_INVALID, ValueError: EXIT_INVALID, OSError: EXIT_INVALID,  # local files too
+    TimeoutError: EXIT_ERROR,  # wait_job ran out of time (an OSError, but not a bad input)
     Conflict: EXIT_CONFLICT,
     Unauthorized: EXIT_AUTH, Forbidden: EXIT_AUTH,
     ServerUnreachable: EXIT_UNREACHABLE,

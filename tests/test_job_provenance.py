@@ -101,6 +101,11 @@ def test_a_job_failing_on_its_inputs_has_a_failed_run(pstack: Stack, demo: dict[
     assert run.info.status == "FAILED" and _experiment(pstack, run) == f"registry/{name}-base-rmm"
     assert run.data.tags["registry.status"] == "failed" and run.data.tags["registry.error"]
     assert json.loads(run.data.params["members"])[1]["ref"] == refs[1].ref  # what it was loading
+    # the CLI following it: exit 8 (job failed), the job's error as JSON on stderr's last line
+    p = pstack.server.cli("jobs", str(queued.id), "--wait", "--json", check=False)
+    assert p.returncode == 8, p.stderr
+    err = json.loads(p.stderr.strip().splitlines()[-1])["error"]
+    assert err["exit_code"] == 8 and err["code"] == job.error["code"] and f"job {queued.id} failed" in err["message"]
 
 
 def test_the_prune_run_has_lineage(pstack: Stack, demo: dict[str, Path], name: str, tmp_path: Path) -> None:
