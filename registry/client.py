@@ -889,12 +889,18 @@ class Operations(Core):
                    progress: Progress | None = None) -> Flow[Version]:
         """Push the model of an OCI image layout (``registry export --oci``, or any ModelPack
         artifact with raw layers) as a new version, byte-exact: each layer becomes the file at its
-        ``org.cncf.model.filepath`` and the server checks its bytes against the layer digest.
+        ``org.cncf.model.filepath``; every blob is checked against its digest first (and the
+        server checks what it receives again).
         ``name`` defaults to the exported model's; ``tag`` picks a manifest when the layout holds
         several; with ``lineage`` (default) the exported base and parents are kept (``base``
         replaces the base), without it neither."""
         art = oci.read(Path(src), tag)
         meta = art.meta
+        for layer in art.layers:  # a layout is only valid with every blob matching its digest
+            actual = yield Blocking(lambda b=layer.blob: _hash_file(b, progress))  # type: ignore[misc]
+            if actual != layer.sha256:
+                raise oci.LayoutError(f"the blob of {layer.path} does not match its digest sha256:{layer.sha256} "
+                                      f"(it hashes to {actual})")
         files: list[LocalFile] = [(layer.path, layer.blob, layer.sha256) for layer in art.layers]
         return (yield from self._push_files(
             files, name or meta.name, kind=meta.kind, base=base or (meta.base if lineage else None), tags=meta.tags,

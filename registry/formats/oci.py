@@ -291,8 +291,7 @@ def read(root: Path, tag: str | None = None) -> Artifact:
     if not isinstance(manifest, dict) or manifest.get("mediaType", MANIFEST_MEDIA_TYPE) != MANIFEST_MEDIA_TYPE:
         raise LayoutError("the manifest is not an OCI image manifest")
     config_desc = manifest.get("config") or {}
-    if ARTIFACT_TYPE not in (manifest.get("artifactType"), entry.get("artifactType")) and \
-            config_desc.get("mediaType") != CONFIG_MEDIA_TYPE:
+    if manifest.get("artifactType") != ARTIFACT_TYPE and config_desc.get("mediaType") != CONFIG_MEDIA_TYPE:
         raise LayoutError(f"not a ModelPack model artifact (artifactType {manifest.get('artifactType')!r})")
     try:
         config = json.loads(layout.blob(config_desc, "config"))
