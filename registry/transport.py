@@ -272,6 +272,15 @@ class paged(Generic[T]):  # noqa: N801
 # ----------------------------------------------------------------------------- the drivers
 
 
+def advance(flow: Flow[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Resume ``flow`` with the last effect's result (or throw its exception in): (False, the next
+    effect) or (True, the flow's result)."""
+    try:
+        return False, flow.throw(error) if error is not None else flow.send(value)
+    except StopIteration as stop:
+        return True, stop.value
+
+
 class SyncDriver(Core):
     """Runs flows with an ``httpx.Client``."""
 
@@ -303,19 +312,15 @@ class SyncDriver(Core):
 
     def drive(self, flow: Flow[T]) -> T:
         """Run ``flow`` to its result; an effect's exception is thrown into the flow."""
-        value: Any = None
-        error: BaseException | None = None
+        outcome: tuple[Any, BaseException | None] = (None, None)
         while True:
+            done, step = advance(flow, *outcome)
+            if done:
+                return step  # type: ignore[no-any-return]
             try:
-                effect = flow.throw(error) if error is not None else flow.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            finally:
-                value, error = None, None
-            try:
-                value = self._perform(effect)
+                outcome = (self._perform(step), None)
             except BaseException as e:  # noqa: BLE001 - the flow decides (a push aborts its draft)
-                error = e
+                outcome = (None, e)
 
     def iterate(self, pages: Pages) -> Iterator[Any]:
         cursor: str | None = None
@@ -359,19 +364,15 @@ class AsyncDriver(Core):
         return await asyncio.to_thread(effect.fn)
 
     async def drive(self, flow: Flow[T]) -> T:
-        value: Any = None
-        error: BaseException | None = None
+        outcome: tuple[Any, BaseException | None] = (None, None)
         while True:
+            done, step = advance(flow, *outcome)
+            if done:
+                return step  # type: ignore[no-any-return]
             try:
-                effect = flow.throw(error) if error is not None else flow.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            finally:
-                value, error = None, None
-            try:
-                value = await self._perform(effect)
+                outcome = (await self._perform(step), None)
             except BaseException as e:  # noqa: BLE001
-                error = e
+                outcome = (None, e)
 
     async def iterate(self, pages: Pages) -> AsyncIterator[Any]:
         cursor: str | None = None
