@@ -23,6 +23,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -113,8 +114,8 @@ def _error_doc(error: BaseException, code: int) -> dict[str, Any]:
     elif isinstance(error, ClickException):
         body = {"code": "usage", "message": error.format_message(), "details": {}, "status": 0}  # type: ignore[attr-defined]
     else:
-        name = {FileNotFoundError: "file_not_found", TimeoutError: "timeout"}.get(type(error), "invalid_input"
-                                                                                  if code == EXIT_INVALID else "error")
+        names: dict[type[BaseException], str] = {FileNotFoundError: "file_not_found", TimeoutError: "timeout"}
+        name = names.get(type(error), "invalid_input" if code == EXIT_INVALID else "error")
         body = {"code": name, "message": str(error), "details": {}, "status": 0}
     return {"error": {**body, "exit_code": code}}
 
@@ -205,7 +206,7 @@ class _Lines:
     its end (a JSON object per line with --json). The subset of rich's Progress the commands use."""
 
     def __init__(self) -> None:
-        self._tasks: dict[int, dict[str, Any]] = {}
+        self._tasks: dict[TaskID, dict[str, Any]] = {}
 
     def __enter__(self) -> _Lines:
         return self
@@ -216,15 +217,16 @@ class _Lines:
                 if task["visible"] and task["step"] < 10:
                     self._emit(task, done=True)
 
-    def add_task(self, description: str, total: float | None = None, visible: bool = True) -> int:
-        self._tasks[len(self._tasks)] = {"description": description, "total": total or 0, "completed": 0.0,
-                                         "visible": visible, "step": -1, "message": None}
-        return len(self._tasks) - 1
+    def add_task(self, description: str, total: float | None = None, visible: bool = True) -> TaskID:
+        task_id = TaskID(len(self._tasks))
+        self._tasks[task_id] = {"description": description, "total": total or 0, "completed": 0.0,
+                                "visible": visible, "step": -1, "message": None}
+        return task_id
 
-    def advance(self, task_id: int, n: float) -> None:
+    def advance(self, task_id: TaskID, n: float) -> None:
         self.update(task_id, completed=self._tasks[task_id]["completed"] + n)
 
-    def update(self, task_id: int, completed: float | None = None, description: str | None = None) -> None:
+    def update(self, task_id: TaskID, completed: float | None = None, description: str | None = None) -> None:
         task = self._tasks[task_id]
         if completed is not None:
             task["completed"] = completed
