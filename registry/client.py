@@ -922,6 +922,15 @@ class RegistryClient(Operations, SyncDriver):
     def close(self) -> None:
         self._http.close()
 
+    # Plain sync helpers for code written against the client before it ran flows (new methods are
+    # flows: ``@operation`` + ``self.call(Model, method, path, ...)``, which the async client gets too).
+    def _req(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return self.drive(self.request(method, path, **kw))
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        r = self._req(method, path, **kw)
+        return None if r.status_code == 204 else r.json()
+
     def __enter__(self) -> RegistryClient:
         return self
 
