@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry.client import Event, Version
+from registry.client import Event, Job, Version
 
 from .conftest import Server
 
@@ -54,13 +54,13 @@ def test_missing_or_short_blob_is_a_loud_error(sqlite_server: Server, demo: dict
     with srv.client() as rc:
         job = rc.verify(v.ref)
     srv_job = _wait_verify(srv, job.id)
-    assert srv_job["result"]["ok"] is True
+    assert srv_job.result is not None and srv_job.result["ok"] is True
     with srv.client() as rc:
         assert rc.get_version(v.ref).corrupt is False
     assert httpx.get(url).status_code == 200
 
 
-def _wait_verify(srv: Server, job_id: int) -> dict[str, object]:
+def _wait_verify(srv: Server, job_id: int) -> Job:
     import subprocess
     import sys
 
@@ -71,7 +71,7 @@ def _wait_verify(srv: Server, job_id: int) -> dict[str, object]:
         f"ctx = RegistryContext.open(); print(runner.run(ctx, {job_id}, 'test'))")], env=srv.env, check=True,
         capture_output=True, text=True)
     with srv.client() as rc:
-        return rc.get_job(job_id)  # type: ignore[no-any-return]
+        return rc.get_job(job_id)
 
 
 def test_same_size_wrong_bytes_cut_the_response(sqlite_server: Server, demo: dict[str, Path], name: str) -> None:
