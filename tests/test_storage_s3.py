@@ -113,6 +113,6 @@ def test_packed_files_on_s3(s3_server: Server, demo: dict[str, Path], name: str,
     for f in ft.files:
         assert (tmp_path / "ft" / f.path).read_bytes() == (demo["finetune"] / f.path).read_bytes()
     data = (demo["finetune"] / weights.path).read_bytes()
-    r = httpx.get(f"{s3_server.url}/api/v1/models/{name}-ft/versions/1/files/{weights['path']}",
+    r = httpx.get(f"{s3_server.url}/api/v1/models/{name}-ft/versions/1/files/{weights.path}",
                   headers={"Range": "bytes=10-99999"})
     assert r.status_code == 206 and r.content == data[10:100000]
