@@ -92,9 +92,9 @@ from .transport import (
 __all__ = [
     "AsyncRegistryClient", "RegistryClient", "iter_folder",
     # results
-    "Alias", "Basis", "CompatReport", "Delivery", "DeliveryDetail", "Draft", "DraftFile", "Event", "FileEntry",
-    "Health", "Job", "Lineage", "Model", "ModelPage", "OciExport", "Policy", "Predictions", "Redelivery",
-    "StorageReport", "Token", "Upload", "Version", "VersionPage", "Webhook", "WebhookCreated",
+    "Alias", "Basis", "CompatReport", "Compression", "Delivery", "DeliveryDetail", "Draft", "DraftFile", "Event",
+    "FileEntry", "Health", "Job", "Lineage", "Model", "ModelPage", "OciExport", "Policy", "Predictions", "Redelivery",
+    "StorageReport", "Token", "UpdateReport", "Upload", "Version", "VersionPage", "Webhook", "WebhookCreated",
     # errors
     "BadRequest", "ChecksumMismatch", "Conflict", "DataCorrupt", "Forbidden", "Gone", "InvalidInput", "JobFailed",
     "NotFound", "PayloadTooLarge", "RangeNotSatisfiable", "RegistryAPIError", "RegistryClientError",
@@ -105,6 +105,7 @@ __all__ = [
 Alias = schemas.AliasOut
 Basis = schemas.BasisOut
 CompatReport = schemas.CompatOut
+Compression = schemas.CompressionOut
 Delivery = schemas.DeliveryOut
 DeliveryDetail = schemas.DeliveryDetail
 Draft = schemas.DraftOut
@@ -121,6 +122,7 @@ Predictions = schemas.PredictionsOut
 Redelivery = schemas.RedeliveryOut
 StorageReport = schemas.StorageOut
 Token = schemas.TokenOut
+UpdateReport = schemas.UpdateReportOut
 Upload = schemas.UploadOut
 Version = schemas.VersionOut
 VersionPage = schemas.VersionPage
@@ -380,6 +382,34 @@ class Operations(Core):
         return (yield from self.call(list[Basis], "GET", "/bases", params=_params(collection=collection or None)))
 
     @operation
+    def compress(self, members: list[str] | None = None, *, max_error: float, base: str | None = None,
+                 tags: dict[str, str | None] | None = None, methods: list[str] | None = None,
+                 name: str | None = None, collection: str | None = None, prune: bool = False) -> Flow[Job]:
+        """Queue a compression plan over ``members`` (or the adapters of ``base`` carrying ``tags``):
+        every member within ``max_error``; ``prune``: then served rebuilt from the plan. Returns the
+        job (``wait_job`` for its result)."""
+        body = {"members": members, "base": base, "tags": tags, "max_error": max_error, "methods": methods,
+                "name": name, "collection": collection, "prune": prune}
+        return (yield from self.call(Job, "POST", "/compressions", json={k: v for k, v in body.items()
+                                                                          if v is not None}))
+
+    @operation
+    def get_compression(self, compression_id: int) -> Flow[Compression]:
+        return (yield from self.call(Compression, "GET", f"/compressions/{compression_id}"))
+
+    @operation
+    def list_compressions(self, collection: str | None = None) -> Flow[list[Compression]]:
+        return (yield from self.call(list[Compression], "GET", "/compressions",
+                                     params=_params(collection=collection or None)))
+
+    @operation
+    def prune_compression(self, compression_id: int, max_error: float | None = None) -> Flow[Job]:
+        """Queue pruning of a plan's members (within ``max_error``, default the plan's budget): they
+        give up their own blobs and are served rebuilt from the plan (a job)."""
+        return (yield from self.call(Job, "POST", f"/compressions/{compression_id}/prune",
+                                     json={"max_error": max_error}))
+
+    @operation
     def transfer(self, finetune: str, target_base: str, alpha: float = 1.0, storage: str = "stored") -> Flow[Job]:
         """Queue a fine-tuning transfer; the job's result is a candidate version (``storage``:
         "stored" keeps its weights, "derived" keeps only the recipe target + α(fine-tune − source))."""
@@ -479,6 +509,12 @@ class Operations(Core):
         body = {"dataset": dataset, "kind": kind, "predictions": predictions, "labels": labels, "scores": scores,
                 "replace": replace}
         return (yield from self.call(Predictions, "POST", _version_path(ref) + "/predictions", json=body))
+
+    @operation
+    def update_reports(self, ref: str) -> Flow[list[UpdateReport]]:
+        """The compatibility reports of the updates ``ref`` takes part in (to its same-model successors
+        and from its same-model parents), one per dataset both sides have predictions for."""
+        return (yield from self.call(list[UpdateReport], "GET", _version_path(ref) + "/compat"))
 
     @operation
     def compat(self, old: str, new: str, dataset: str) -> Flow[CompatReport]:

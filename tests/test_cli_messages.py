@@ -52,7 +52,8 @@ def test_a_failed_job_prints_its_own_error(capsys: pytest.CaptureFixture[str]) -
     (NotFound(404, "model_not_found", "m"), 3), (InvalidInput(422, "invalid_name", "m"), 4),
     (BadRequest(400, "checksum_mismatch", "m"), 4), (Conflict(409, "duplicate_content", "m"), 5),
     (Unauthorized(401, "missing_token", "m"), 6), (Forbidden(403, "insufficient_scope", "m"), 6),
-    (ServerUnreachable("no answer"), 7), (JobFailed(0, "x", "m"), 8), (ChecksumMismatch(0, "checksum_mismatch", "m"), 9),
+    (ServerUnreachable("no answer"), 7), (JobFailed(0, "x", "m"), 8),
+    (ChecksumMismatch(0, "checksum_mismatch", "m"), 9),
     (DataCorrupt(500, "data_corrupt", "m"), 9), (ServerError(500, "server_error", "m"), 1),
     (FileNotFoundError("no such directory"), 3), (ValueError("no files to push"), 4), (TimeoutError("slow"), 1),
 ])

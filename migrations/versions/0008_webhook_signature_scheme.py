@@ -5,7 +5,7 @@ sha256=<hex HMAC>``, what every existing webhook keeps) or ``standard-webhooks``
 ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC>`` with a ``whsec_`` base64 secret).
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-01 10:00:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0008'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 

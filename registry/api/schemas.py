@@ -396,3 +396,50 @@ class CompatOut(BaseModel):
     dataset: str
     kind: str
     metrics: dict[str, Any]
+
+
+class UpdateReportOut(BaseModel):
+    """One update a version takes part in (old -> new on a dataset): the MUSCLE metrics, or why the
+    two prediction sets cannot be compared (``error``)."""
+
+    old: str
+    new: str
+    dataset: str
+    new_status: str
+    kind: str | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- compression plans
+
+
+class CompressionMemberOut(BaseModel):
+    position: int
+    ref: str | None
+    method: str
+    parameters: dict[str, Any]
+    stored_bytes: int
+    original_bytes: int
+    error: float
+    served_error: float
+    prunable: bool
+    pruned: bool
+
+
+class CompressionOut(BaseModel):
+    id: int
+    collection: str | None
+    ref: str | None
+    base: str | None
+    max_error: float
+    methods: list[str]
+    stored_bytes: int
+    original_bytes: int
+    ratio: float
+    summary: dict[str, Any] | None
+    job_id: int | None
+    mlflow_run_id: str | None
+    created_at: datetime | None
+    created_by: str | None
+    members: list[CompressionMemberOut]

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from ...services import compat
 from ..deps import Ctx, Reader, Writer
 from ..responses import AUTHENTICATED, errors
-from ..schemas import CompatOut, PredictionsOut
+from ..schemas import CompatOut, PredictionsOut, UpdateReportOut
 from .common import version_ref
 
 router = APIRouter(tags=["compatibility"], responses=AUTHENTICATED)
@@ -36,6 +36,14 @@ def store_predictions(name: str, v: str, body: PredictionsIn, ctx: Ctx, _: Write
 @router.get("/models/{name}/versions/{v}/predictions", response_model=list[PredictionsOut], responses=errors(404, 422))
 def list_predictions(name: str, v: str, ctx: Ctx, _: Reader) -> object:
     return compat.list_predictions(ctx, version_ref(name, v))
+
+
+@router.get("/models/{name}/versions/{v}/compat", response_model=list[UpdateReportOut], responses=errors(404, 422))
+def version_updates(name: str, v: str, ctx: Ctx, _: Reader) -> object:
+    """The compatibility reports of the updates this version takes part in (to its same-model
+    successors in the lineage, transfer candidates included, and from its same-model parents), one
+    per dataset both sides have predictions for."""
+    return compat.update_reports(ctx, version_ref(name, v))
 
 
 @router.get("/compat", response_model=CompatOut, responses=errors(404, 422))
