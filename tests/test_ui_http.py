@@ -269,10 +269,10 @@ def test_the_cookie_goes_through_the_token_check(auth_server: Server, tokens: di
 def test_a_revoked_token_in_the_cookie_is_refused(auth_server: Server, tokens: dict[str, str]) -> None:
     with auth_server.client(tokens["admin"]) as admin:
         t = admin.create_token("ui-short", "read")
-    with _login(auth_server, t["token"]) as http:
+    with _login(auth_server, t.token) as http:
         assert http.get("/ui/models").status_code == 200
         with auth_server.client(tokens["admin"]) as admin:
-            admin.revoke_token(t["id"])
+            admin.revoke_token(t.id)
         r = http.get("/ui/models")
         assert r.status_code == 401 and "invalid_token" in r.text
         r = http.post("/ui/logout", follow_redirects=False)
@@ -289,18 +289,18 @@ def test_webhook_pages_are_for_admins(auth_server: Server, tokens: dict[str, str
         with auth_server.client(tokens["admin"]) as rc:
             hook = rc.create_webhook(f"http://127.0.0.1:{free_port()}/hook", ["model.*"], description="ui test")
             rc.create_model(name, "base")
-            (d,) = wait_until(lambda: rc.list_deliveries(hook["id"]), 120, "the dispatcher's delivery")
+            (d,) = wait_until(lambda: rc.list_deliveries(hook.id), 120, "the dispatcher's delivery")
     finally:
         dispatcher.terminate()
         dispatcher.wait(30)
-    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook['id']}", headers=admin)
-    assert page.status_code == 200 and f'id="delivery-{d["id"]}"' in page.text and "model.created" in page.text
-    page = httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=admin)
+    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook.id}", headers=admin)
+    assert page.status_code == 200 and f'id="delivery-{d.id}"' in page.text and "model.created" in page.text
+    page = httpx.get(auth_server.url + f"/ui/deliveries/{d.id}", headers=admin)
     assert page.status_code == 200 and "Not attempted yet" in page.text
-    r = httpx.post(auth_server.url + f"/ui/deliveries/{d['id']}/redeliver", headers=admin)
+    r = httpx.post(auth_server.url + f"/ui/deliveries/{d.id}/redeliver", headers=admin)
     assert r.status_code == 409 and "delivery_in_progress" in r.text
     read = {"Authorization": f"Bearer {tokens['read']}"}
-    assert httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=read).status_code == 403
+    assert httpx.get(auth_server.url + f"/ui/deliveries/{d.id}", headers=read).status_code == 403
     assert httpx.get(auth_server.url + "/ui/deliveries/999999", headers=admin).status_code == 404
 
 
