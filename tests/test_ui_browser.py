@@ -217,21 +217,21 @@ def test_version_page_files_run_and_update_report(ui: UI) -> None:
         chat = rc.get_version("demo-chat@2")
     page = ui.page()
     page.goto(ui.url + "/ui/models/tri-merge/versions/1")
-    expect(page.locator("#size")).to_have_attribute("data-bytes", str(merged["size"]))
-    expect(page.locator("#stored")).to_have_attribute("data-bytes", str(merged["stored_bytes"]))
-    assert page.locator("#mlflow-run").get_attribute("href") == f"{MLFLOW_UI}/#/runs/{merged['mlflow_run_id']}"
-    for f in merged["files"]:
-        row = page.locator("#files tr", has_text=f["path"])
-        expect(row.locator("code.sha")).to_have_text(f["sha256"])
+    expect(page.locator("#size")).to_have_attribute("data-bytes", str(merged.size))
+    expect(page.locator("#stored")).to_have_attribute("data-bytes", str(merged.stored_bytes))
+    assert page.locator("#mlflow-run").get_attribute("href") == f"{MLFLOW_UI}/#/runs/{merged.mlflow_run_id}"
+    for f in merged.files:
+        row = page.locator("#files tr", has_text=f.path)
+        expect(row.locator("code.sha")).to_have_text(f.sha256)
         with page.expect_download() as dl:
             row.locator("a.download").click()  # through the API, with the cookie
-        assert hashlib.sha256(Path(dl.value.path()).read_bytes()).hexdigest() == f["sha256"]
+        assert hashlib.sha256(Path(dl.value.path()).read_bytes()).hexdigest() == f.sha256
     page.goto(ui.url + "/ui/models/demo-chat/versions/1")  # a fine-tune and its transfer candidate
     report = page.locator("#compat tbody tr")
     expect(report).to_have_count(1)
     expect(report).to_contain_text("demo-chat@2")
     expect(report.locator("td.nfr")).to_have_text("0.25")  # one negative flip in four, by hand
-    assert chat["status"] in ("candidate", "ready")
+    assert chat.status in ("candidate", "ready")
     page.close()
 
 
@@ -266,11 +266,11 @@ def test_bases_page(ui: UI) -> None:
         (b,) = rc.list_bases()
     page = ui.page()
     page.goto(ui.url + "/ui/bases")
-    page.click(f"#bases a:text-is('#{b['id']}')")
-    expect(page.locator("#storage-ratio")).to_have_text(f"{b['storage_ratio']:.4g}")
+    page.click(f"#bases a:text-is('#{b.id}')")
+    expect(page.locator("#storage-ratio")).to_have_text(f"{b.storage_ratio:.4g}")
     expect(page.locator("#p")).to_have_text("1")
-    for m in b["members"]:
-        expect(page.locator("#members tr", has_text=m["ref"])).to_contain_text(f"{m['error']:.4g}")
+    for m in b.members:
+        expect(page.locator("#members tr", has_text=m.ref)).to_contain_text(f"{m.error:.4g}")
     page.close()
 
 
