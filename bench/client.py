@@ -7,6 +7,9 @@ httpx doing the same HTTP in the same run, on one embedded server over loopback.
 - many small requests: ``get_version`` N times, against httpx GET + JSON decoding (what the flow
   machinery and the typed models add per request).
 
+The three contenders of each operation run interleaved, in a rotating order, and the best of
+``--repeat`` rounds counts, so load on a shared machine hits them alike.
+
     python bench/client.py                  # 256 MiB, 3 repeats, 300 small requests
     python bench/client.py --size-mb 64 --requests 100
 """
@@ -21,7 +24,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,15 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.io import make_model  # noqa: E402
 from registry.client import AsyncRegistryClient, RegistryClient  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    out = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t)
-    return out
 
 
 def raw_push(url: str, folder: Path, name: str) -> None:
@@ -103,42 +96,47 @@ def main() -> None:
                 i = next(it)
                 return sources[i], f"bench-{i}"
 
-            t_push_raw = best(lambda: raw_push(url, *next_source()), args.repeat)
-            t_push_sync = best(lambda: rc.push(*next_source()), args.repeat)
-
-            async def apush() -> None:
-                async with AsyncRegistryClient(url) as arc:
-                    await arc.push(*next_source())
-
-            t_push_async = best(lambda: asyncio.run(apush()), args.repeat)
-
             dest = scratch / "pulled"
 
             def sync_pull() -> None:
                 shutil.rmtree(dest, ignore_errors=True)
                 rc.pull("bench-0@1", dest)
 
+            async def apush() -> None:
+                async with AsyncRegistryClient(url) as arc:
+                    await arc.push(*next_source())
+
             async def apull() -> None:
                 shutil.rmtree(dest, ignore_errors=True)
                 async with AsyncRegistryClient(url) as arc:
                     await arc.pull("bench-0@1", dest)
 
-            t_pull_raw = best(lambda: raw_pull(url, "bench-0@1", dest), args.repeat)
-            t_pull_sync = best(sync_pull, args.repeat)
-            t_pull_async = best(lambda: asyncio.run(apull()), args.repeat)
-
             n = args.requests
-            with httpx.Client(base_url=url + "/api/v1") as raw:
-                t_get_raw = best(lambda: [json.loads(raw.get("/models/bench-0/versions/1").content)
-                                          for _ in range(n)], args.repeat)
-            t_get_sync = best(lambda: [rc.get_version("bench-0@1") for _ in range(n)], args.repeat)
+            raw = httpx.Client(base_url=url + "/api/v1")
 
             async def aget() -> None:
                 async with AsyncRegistryClient(url) as arc:
                     for _ in range(n):
                         await arc.get_version("bench-0@1")
 
-            t_get_async = best(lambda: asyncio.run(aget()), args.repeat)
+            contenders = {
+                "push": [lambda: raw_push(url, *next_source()), lambda: rc.push(*next_source()),
+                         lambda: asyncio.run(apush())],
+                "pull": [lambda: raw_pull(url, "bench-0@1", dest), sync_pull, lambda: asyncio.run(apull())],
+                "get": [lambda: [json.loads(raw.get("/models/bench-0/versions/1").content) for _ in range(n)],
+                        lambda: [rc.get_version("bench-0@1") for _ in range(n)], lambda: asyncio.run(aget())],
+            }
+            times = {op: [float("inf")] * 3 for op in contenders}
+            for r in range(args.repeat):  # interleaved, each round in another order: load hits all alike
+                for op, fns in contenders.items():
+                    for k in [(r + j) % 3 for j in range(3)]:
+                        t = time.perf_counter()
+                        fns[k]()
+                        times[op][k] = min(times[op][k], time.perf_counter() - t)
+            raw.close()
+            (t_push_raw, t_push_sync, t_push_async) = times["push"]
+            (t_pull_raw, t_pull_sync, t_pull_async) = times["pull"]
+            (t_get_raw, t_get_sync, t_get_async) = times["get"]
         mib = sum(p.stat().st_size for p in sources[0].iterdir()) / 2**20
         print(f"\n{mib:.0f} MiB checkpoint and {n} small requests, embedded server (SQLite) on loopback, best of "
               f"{args.repeat}; {os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.1f}\n")
