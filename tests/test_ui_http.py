@@ -236,16 +236,18 @@ def test_compression_pages(cstack: Stack, demo: dict[str, Path], name: str, tmp_
 
     listing = httpx.get(cstack.url + "/ui/compressions", params={"collection": name}).text
     assert listing.index(f'id="compression-{c0["id"]}"') < listing.index(f'id="compression-{c["id"]}"')  # newest first
-    assert f'href="/ui/compressions/{c["id"]}"' in listing and f'<td class="num ratio">{_cell(c["ratio"], 3)}</td>' in listing
+    assert f'href="/ui/compressions/{c["id"]}"' in listing
+    assert f'<td class="num ratio">{_cell(c["ratio"], 3)}</td>' in listing
     assert "No compression plans" in httpx.get(cstack.url + "/ui/compressions", params={"collection": "none-such"}).text
 
     page = httpx.get(cstack.url + f"/ui/compressions/{c['id']}")
     assert page.status_code == 200 and 'aria-current="page">Compressions' in page.text
     html = page.text
     assert f'href="/ui/models/{name}-plan/versions/1"' in html and f'href="/ui/models/{name}-base/versions/1"' in html
-    assert f'<dd id="storage-ratio" title="the plan\'s stored bytes over the members\' own">{_cell(c["ratio"])}</dd>' in html
+    assert re.search(f'<dd id="storage-ratio"[^>]*>{re.escape(_cell(c["ratio"]))}</dd>', html)
     assert f'data-bytes="{c["stored_bytes"]}"' in html and f'data-bytes="{c["original_bytes"]}"' in html
-    rows = re.findall(r"<tr>(.*?)</tr>", html.split('<table class="members">')[1].split("<tbody>")[1].split("</tbody>")[0], re.S)
+    members = html.split('<table class="members">')[1].split("<tbody>")[1].split("</tbody>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", members, re.S)
     assert len(rows) == len(refs)
     for m, row in zip(c["members"], rows, strict=True):
         assert f'href="/ui/models/{m["ref"].replace("@", "/versions/")}"' in row
