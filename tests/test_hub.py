@@ -406,7 +406,9 @@ def test_paths_info_folders_bodies_and_bad_input(server: Server, tiny: dict[str,
     assert _paths_info(server.url, name, "1", data={}).json() == []  # nothing asked, nothing answered
 
     assert_error(_paths_info(server.url, name, "1", data={"paths": "../config.json"}), 422, "unsafe_path")
-    assert_error(_paths_info(server.url, name, "1", data={"paths": ["x"] * 1001}), 422, "too_many_paths")
+    for extra in ({}, {"expand": "true"}):
+        assert_error(_paths_info(server.url, name, "1", data={"paths": ["x"] * 1001, **extra}), 422, "too_many_paths")
+    assert _paths_info(server.url, name, "1", data={"paths": ["config.json"] * 1000}).json() == got[-1:]
     assert_error(_paths_info(server.url, name, "1", data={"paths": "x", "expand": "maybe"}), 422, "invalid_request")
     for body in (b"[1]", b'{"paths": [1]}', b'{"paths": "x", "expand": "yes"}', b"{"):
         assert_error(_paths_info(server.url, name, "1", content=body, headers={"Content-Type": "application/json"}),
