@@ -54,7 +54,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,23 +376,33 @@ def _forget_pool() -> None:  # a forked child (e.g. a Celery worker) must not re
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _split(total: int, work: Callable[[int, int], Any], align: int = 1) -> list[Any]:
+    """``work(lo, hi)`` over ``[0, total)``, split into contiguous ranges (multiples of ``align``)
+    across torch's intra-op thread count on a shared pool; results in range order. Each call must
+    compute its range on its own, so the split never changes a result."""
+    global _POOL
+    workers = torch.get_num_threads()
+    if workers < 2 or total < 2 * _MIN_CHUNK:
+        return [work(0, total)]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmm")
+        pool = _POOL
+    step = -(-total // workers)
+    step = -(-step // align) * align
+    return list(pool.map(lambda lo: work(lo, min(total, lo + step)), range(0, total, step)))
+
+
 def _eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched symmetric eigendecomposition (ascending). On CPU, torch runs a batch through LAPACK
     one matrix at a time on one thread, so the batch is split across torch's intra-op thread count
     (each matrix is still solved alone, so the split does not change any result)."""
-    global _POOL
-    workers = torch.get_num_threads()
-    if G.device.type != "cpu" or workers < 2 or G.shape[0] < 2 * _MIN_CHUNK:
+    if G.device.type != "cpu":
         evals, evecs = torch.linalg.eigh(G)
         return evals, evecs
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmm-eigh")
-        pool = _POOL
     evals = G.new_empty(G.shape[:-1])
     evecs = torch.empty_like(G)
-    chunks = zip(G.chunk(workers), evals.chunk(workers), evecs.chunk(workers), strict=True)
-    list(pool.map(lambda c: torch.linalg.eigh(c[0], out=(c[1], c[2])), chunks))
+    _split(G.shape[0], lambda lo, hi: torch.linalg.eigh(G[lo:hi], out=(evals[lo:hi], evecs[lo:hi])))
     return evals, evecs
 
 
@@ -436,13 +446,20 @@ def _principal_directions(X: torch.Tensor, mu: torch.Tensor, k: int) -> tuple[to
 
 
 def _fit_module(
-    A: torch.Tensor, B: torch.Tensor, k: int, storage_dtype: torch.dtype
-) -> ModuleBasis:
+    A: torch.Tensor, B: torch.Tensor, k: int, storage_dtype: torch.dtype, residuals: bool = False,
+    compiled: bool = True,
+) -> tuple[ModuleBasis, tuple[torch.Tensor, torch.Tensor] | None]:
     """Steps 1-3 for all positions of one module at once; A [n, r, in], B [n, out, r] (float32).
 
-    Positions are stacked as X [in + out, r, n]; μ in float32, U and C in float64, all rounded to
-    ``storage_dtype``. For a half-precision storage dtype C is recomputed as U_kᵀ(X − μ) from the
-    rounded μ and U_k (the least-squares coefficients for the stored basis)."""
+    On the CPU (``k ≥ 1``, float32/float64 storage; ``compiled=False`` forces the torch path) by the
+    compiled kernel
+    :func:`registry.weights.kernels.rmm_positions`, which also returns, when ``residuals``, the
+    residuals (A − Â, B − B̂) of the stored basis (float32, the factors' shapes); else ``None``.
+    Elsewhere positions are stacked as X [in + out, r, n]; μ in float32, U and C in float64, all
+    rounded to ``storage_dtype``. For a half-precision storage dtype C is recomputed as U_kᵀ(X − μ)
+    from the rounded μ and U_k (the least-squares coefficients for the stored basis)."""
+    if compiled and A.device.type == "cpu" and k > 0 and storage_dtype in (_F32, _F64):
+        return _fit_module_cpu(A, B, k, storage_dtype, residuals)
     d = A.shape[2]
     X = torch.cat([A.permute(2, 1, 0), B.permute(1, 2, 0)])  # [P, r, n]
     mu = X.mean(dim=-1, keepdim=True)  # step 1
@@ -453,7 +470,7 @@ def _fit_module(
     if storage_dtype not in (_F32, _F64):  # re-fit C to the rounded μ and U (least squares)
         C = U.to(_F64).mT @ (X.to(_F64) - mu.to(_F64))
     C = C.to(storage_dtype)
-    return ModuleBasis(
+    mb = ModuleBasis(
         mu_A=mu[:d, :, 0].T.contiguous(),
         U_A=U[:d].permute(2, 1, 0).contiguous(),
         C_A=C[:d].permute(2, 1, 0).contiguous(),
@@ -461,6 +478,42 @@ def _fit_module(
         U_B=U[d:].permute(2, 0, 1).contiguous(),
         C_B=C[d:].permute(2, 1, 0).contiguous(),
     )
+    return mb, None
+
+
+def _fit_module_cpu(
+    A: torch.Tensor, B: torch.Tensor, k: int, dtype: torch.dtype, residuals: bool
+) -> tuple[ModuleBasis, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`_fit_module` by the compiled kernel, writing straight into the stored layouts: the
+    kernel sees each factor's positions as strided views [P, r, n] / [P, r] / [P, r, k] / [P, k, n]."""
+    from . import kernels
+
+    n, r, d = A.shape
+    m = B.shape[1]
+    mb = ModuleBasis(
+        mu_A=torch.empty(r, d, dtype=dtype), U_A=torch.empty(k, r, d, dtype=dtype),
+        C_A=torch.empty(n, k, d, dtype=dtype), mu_B=torch.empty(m, r, dtype=dtype),
+        U_B=torch.empty(k, m, r, dtype=dtype), C_B=torch.empty(n, k, m, dtype=dtype),
+    )
+    EA = torch.empty(n, r, d, dtype=_F32) if residuals else None
+    EB = torch.empty(n, m, r, dtype=_F32) if residuals else None
+    Q = _helmert(n, _F64, torch.device("cpu")).numpy()
+    parts = [  # (X, μ, U, C, E) as [P, ...] views of each factor's positions
+        (A.permute(2, 1, 0), mb.mu_A.T, mb.U_A.permute(2, 1, 0), mb.C_A.permute(2, 1, 0),
+         None if EA is None else EA.permute(2, 1, 0)),
+        (B.permute(1, 2, 0), mb.mu_B, mb.U_B.permute(1, 2, 0), mb.C_B.permute(2, 1, 0),
+         None if EB is None else EB.permute(1, 2, 0)),
+    ]
+    for X, mu, U, C, E in parts:
+        x, m_, u, c = X.numpy(), mu.numpy(), U.numpy(), C.numpy()
+        e = None if E is None else E.numpy()
+
+        def work(lo: int, hi: int, x: Any = x, m_: Any = m_, u: Any = u, c: Any = c, e: Any = e) -> int:
+            return kernels.rmm_positions(x, Q, k, EIG_RTOL, m_, u, c, e, lo, hi)
+
+        if any(_split(X.shape[0], work, kernels.LANES)):
+            raise NonFiniteError("non-finite factor")
+    return mb, (None if EA is None or EB is None else (EA, EB))
 
 
 def _truncated(mb: ModuleBasis, p: int) -> ModuleBasis:
@@ -525,9 +578,14 @@ def _tr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _module_errors(fx: _Fixed, Ahat: torch.Tensor, Bhat: torch.Tensor) -> torch.Tensor:
-    """num² = ‖B̂Â − BA‖_F² per member [n], for A, Â [n, r, in] and B, B̂ [n, out, r].
+    """num² = ‖B̂Â − BA‖_F² per member [n], for A, Â [n, r, in] and B, B̂ [n, out, r]
+    (:func:`_residual_errors` of the residuals A − Â, B − B̂)."""
+    return _residual_errors(fx, fx.A - Ahat, fx.B - Bhat)
 
-    With residuals E_A = A − Â, E_B = B − B̂ (so B̂Â − BA = −(B E_A + E_B Â)) and ‖XY‖² = tr(XᵀX YYᵀ):
+
+def _residual_errors(fx: _Fixed, EA: torch.Tensor, EB: torch.Tensor) -> torch.Tensor:
+    """num² = ‖B̂Â − BA‖_F² per member [n] from the residuals E_A = A − Â [n, r, in], E_B = B − B̂
+    [n, out, r] (so B̂Â − BA = −(B E_A + E_B Â)), with ‖XY‖² = tr(XᵀX YYᵀ):
 
         num² = tr(BᵀB · E_AE_Aᵀ) + 2 tr(BᵀE_B · ÂE_Aᵀ) + tr(E_BᵀE_B · ÂÂᵀ)
         ÂE_Aᵀ = AE_Aᵀ − E_AE_Aᵀ,   ÂÂᵀ = AAᵀ − AE_Aᵀ − (AE_Aᵀ)ᵀ + E_AE_Aᵀ,   den² = tr(BᵀB · AAᵀ)
@@ -535,8 +593,6 @@ def _module_errors(fx: _Fixed, Ahat: torch.Tensor, Bhat: torch.Tensor) -> torch.
     Every term is a product of r × r Grams (cost (in + out) r² per member, no out × in matrix), and
     the terms scale with the error itself, so there is no catastrophic cancellation (unlike
     ‖B̂Â‖² − 2⟨B̂Â, BA⟩ + ‖BA‖²); Grams in float32, traces in float64."""
-    EA = fx.A - Ahat
-    EB = fx.B - Bhat
     AE, EE = (fx.A @ EA.mT).to(_F64), (EA @ EA.mT).to(_F64)  # A E_Aᵀ, E_A E_Aᵀ
     BE, FF = (fx.B.mT @ EB).to(_F64), (EB.mT @ EB).to(_F64)  # Bᵀ E_B, E_Bᵀ E_B
     ahat = fx.AAt - AE - AE.mT + EE
@@ -585,12 +641,13 @@ def fit_basis(
         A, B = _stack(adapters, name, dev)
         fx = _fixed(A, B)
         try:
-            full = _fit_module(A, B, kmax[name] if p is None else p, storage_dtype)
+            full, resid = _fit_module(A, B, kmax[name] if p is None else p, storage_dtype, max_error is None)
         except NonFiniteError:
             check_finite(adapters, [name])  # names the adapter and factor
             raise
         if max_error is None:
-            mb, num = full, _module_errors(fx, *_all_factors(full))
+            mb = full
+            num = _residual_errors(fx, *resid) if resid is not None else _module_errors(fx, *_all_factors(full))
         else:  # scan p' = 0, 1, ...: one more direction per step, stop at the first within budget
             chosen = 0
             for chosen, (ahat, bhat) in enumerate(_partial_factors(full)):  # noqa: B007 (used below)
