@@ -288,3 +288,187 @@ def rmm_positions(X: np.ndarray, Q: np.ndarray, k: int, rtol: float, mu: np.ndar
     Returns 0, or 1 + the first position whose mean is not finite (NaN/Inf in its factors)."""
     e = E if E is not None else np.empty((1, 1, 1), dtype=np.float32)
     return int(_rmm_block(X, Q, k, rtol, mu, U, C, e, E is not None, lo, hi))
+
+
+# --------------------------------------------------------------------------------- merges
+#
+# One chunk of one tensor at a time: ``x`` [n, cnt] the n inputs (compute dtype), ``b`` [cnt] the
+# base (``has_base=False``: a zero base, x already holds the task vectors). τ_i = x_i − b.
+
+
+@_compiled
+def _task_row(x: np.ndarray, b: np.ndarray, has_base: bool, i: int, tau: np.ndarray) -> None:
+    if has_base:
+        for j in range(tau.shape[0]):
+            tau[j] = x[i, j] - b[j]
+    else:
+        for j in range(tau.shape[0]):
+            tau[j] = x[i, j]
+
+
+@_compiled
+def _top_histogram32(x: np.ndarray, b: np.ndarray, has_base: bool, tau: np.ndarray, bits: np.ndarray,
+                     hist: np.ndarray, dirty: np.ndarray) -> None:
+    # literal masks and shifts: ≈1.4× faster than the same loop with run-time ones
+    for i in range(x.shape[0]):
+        _task_row(x, b, has_base, i, tau)
+        for j in range(tau.shape[0]):
+            mag = np.int64(bits[j]) & 0x7FFFFFFF
+            d = mag >> 16
+            hist[i, d] += 1
+            if mag & 0xFFFF:
+                dirty[i, d] += 1
+
+
+@_compiled
+def _top_histogram64(x: np.ndarray, b: np.ndarray, has_base: bool, tau: np.ndarray, bits: np.ndarray,
+                     hist: np.ndarray, dirty: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        _task_row(x, b, has_base, i, tau)
+        for j in range(tau.shape[0]):
+            mag = bits[j] & 0x7FFFFFFFFFFFFFFF
+            d = mag >> 48
+            hist[i, d] += 1
+            if mag & 0xFFFFFFFFFFFF:
+                dirty[i, d] += 1
+
+
+@_compiled
+def _prefix_histogram(x: np.ndarray, b: np.ndarray, has_base: bool, tau: np.ndarray, bits: np.ndarray,
+                      mask: int, shift: int, prefix_shift: int, prefix: np.ndarray, hist: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        _task_row(x, b, has_base, i, tau)
+        want = prefix[i]
+        for j in range(tau.shape[0]):
+            mag = np.int64(bits[j]) & mask
+            if (mag >> prefix_shift) == want:
+                hist[i, (mag >> shift) & 0xFFFF] += 1
+
+
+def magnitude_histogram(x: np.ndarray, b: np.ndarray | None, shift: int, prefix_shift: int,
+                        prefix: np.ndarray, hist: np.ndarray, dirty: np.ndarray) -> None:
+    """Add to ``hist[i, d]`` the number of elements of input i whose magnitude bits |τ_i| have the
+    16-bit digit ``d`` at ``shift``, among those whose bits above ``prefix_shift`` equal
+    ``prefix[i]`` (``prefix_shift`` = the bit width: no condition, the top digit, and then also
+    ``dirty[i, d]`` += the elements of that digit with a non-zero bit below ``shift``). ``x`` [n, cnt]
+    float32/float64 C-contiguous; ``b`` [cnt] or None (zero base)."""
+    tau = np.empty(x.shape[1], dtype=x.dtype)
+    width = 8 * x.dtype.itemsize
+    bits = tau.view(np.int32 if width == 32 else np.int64)
+    mask = (1 << (width - 1)) - 1  # clears the sign bit: the bits of |τ|
+    base = x[0] if b is None else b
+    if prefix_shift >= width:
+        assert shift == width - 16
+        top = _top_histogram32 if width == 32 else _top_histogram64
+        top(x, base, b is not None, tau, bits, hist, dirty)
+    else:
+        _prefix_histogram(x, base, b is not None, tau, bits, mask, shift, prefix_shift, prefix, hist)
+
+
+@_compiled
+def _sum_sq(t: np.ndarray, part: np.ndarray) -> float:
+    """Σ t² in float64 with 8 interleaved partial sums (a fixed order: the same bits on every CPU,
+    and a shape the compiler turns into SIMD instructions)."""
+    cnt = t.shape[0]
+    part[:] = 0.0
+    full = cnt - cnt % 8
+    for j in range(0, full, 8):
+        for u in range(8):
+            v = np.float64(t[j + u])
+            part[u] += v * v
+    total = 0.0
+    for u in range(8):
+        total += part[u]
+    for j in range(full, cnt):
+        v = np.float64(t[j])
+        total += v * v
+    return total
+
+
+@_compiled
+def _trim(t: np.ndarray, thr: float, need: np.ndarray, i: int, zero: float) -> None:
+    """Magnitude trim of one row in place: keep |τ| > T and the first need[i] elements equal to T."""
+    if need[i] == 0:
+        for j in range(t.shape[0]):
+            t[j] = t[j] if abs(t[j]) > thr else t[j] * zero  # PEFT's τ · mask: a signed zero
+        return
+    for j in range(t.shape[0]):
+        mag = abs(t[j])
+        if mag > thr:
+            continue
+        if mag == thr and need[i] > 0:
+            need[i] -= 1
+            continue
+        t[j] = t[j] * zero
+
+
+@_compiled
+def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: bool, thr: np.ndarray,
+             need: np.ndarray, elect: bool, frequency: bool, tau: np.ndarray, acc: np.ndarray,
+             count: np.ndarray, out: np.ndarray, sq: np.ndarray, consts: np.ndarray, part: np.ndarray) -> int:
+    n, cnt = x.shape
+    zero, one, minus = consts[0], consts[1], consts[2]  # in the compute dtype: no float64 promotion
+    if has_base:
+        sq[n] += _sum_sq(b, part)
+        if not np.isfinite(sq[n]):
+            for j in range(cnt):
+                if not np.isfinite(b[j]):
+                    return n + 1
+    for i in range(n):
+        row = tau[i]
+        _task_row(x, b, has_base, i, row)
+        sq[i] += _sum_sq(row, part)
+        if not np.isfinite(sq[i]):
+            for j in range(cnt):
+                if not np.isfinite(row[j]):
+                    return i + 1
+        if trim:
+            _trim(row, thr[i], need, i, zero)
+    for j in range(cnt):
+        out[j] = zero
+    if not elect:  # Σ_i w_i τ_i, summed from +0 in input order (torch's sum over a stack of ≤ 16)
+        for i in range(n):
+            wi = w[i]
+            for j in range(cnt):
+                out[j] = out[j] + tau[i, j] * wi
+        return 0
+    for j in range(cnt):  # elected sign γ = sgn(Σ τ_i) or sgn(Σ sgn τ_i), +1 on ties
+        acc[j] = zero
+        count[j] = zero
+    for i in range(n):
+        if frequency:
+            for j in range(cnt):
+                v = tau[i, j]
+                acc[j] = acc[j] + (one if v > 0 else (minus if v < 0 else zero))
+        else:
+            for j in range(cnt):
+                acc[j] = acc[j] + tau[i, j]
+    for i in range(n):  # disjoint mean: Σ_{sgn τ_i = γ} w_i τ_i / max(1, #{i: sgn τ_i = γ})
+        wi = w[i]
+        for j in range(cnt):
+            v = tau[i, j]
+            agree = (v > 0) if acc[j] >= 0 else (v < 0)
+            out[j] = out[j] + (v * wi) * (one if agree else zero)
+            count[j] = count[j] + (one if agree else zero)
+    for j in range(cnt):
+        out[j] = out[j] / max(count[j], one)
+    return 0
+
+
+def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray | None, need: np.ndarray,
+            elect: bool, frequency: bool, out: np.ndarray, sq: np.ndarray) -> int:
+    """One merged chunk ``out`` [cnt] = τ_m of ``x`` [n, cnt] (minus ``b`` [cnt], None: zero base),
+    in the compute dtype of ``x``, with the operations and rounding of PEFT's ``merge_utils`` (the
+    sums run from +0 in input order, as torch sums a stack of up to 16 rows): magnitude trim when
+    ``thr`` (per input T_i; ties at T_i kept while ``need[i]`` > 0, decremented), the elected sign and
+    disjoint mean when ``elect`` (``frequency``: vote by signs), else Σ_i w_i τ_i. Adds Σ τ_i² to
+    ``sq[i]`` and Σ b² to ``sq[n]`` (float64). Returns 0, or 1 + the input whose τ is not finite
+    (n + 1: the base)."""
+    tau = np.empty(x.shape, dtype=x.dtype)
+    acc = np.empty(x.shape[1], dtype=x.dtype)
+    count = np.empty(x.shape[1], dtype=x.dtype)
+    trim = thr is not None
+    t = thr if thr is not None else w
+    consts = np.array([0.0, 1.0, -1.0], dtype=x.dtype)
+    return int(_combine(x, x[0] if b is None else b, b is not None, w, trim, t, need, elect, frequency, tau,
+                        acc, count, out, sq, consts, np.empty(8)))
