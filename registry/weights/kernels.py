@@ -413,7 +413,7 @@ def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: 
         if not np.isfinite(sq[n]):
             for j in range(cnt):
                 if not np.isfinite(b[j]):
-                    return n + 1
+                    return int(n + 1)
     for i in range(n):
         row = tau[i]
         _task_row(x, b, has_base, i, row)
