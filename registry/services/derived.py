@@ -287,8 +287,10 @@ def _merged_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Gene
 
 
 def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
-    """An adapter rebuilt from its RMM basis: x̂_i = μ + U_p C[:, i] (on the CPU, deterministic)."""
-    from ..weights.adapters import save_peft_adapter
+    """An adapter rebuilt from its RMM basis: x̂_i = μ + U_p C[:, i] (on the CPU, deterministic),
+    streamed module by module as its bytes are sent (:meth:`registry.weights.rmm.RmmBasis.member_files`:
+    the same bytes as saving the reconstruction, without writing and re-reading a folder)."""
+    from ..weights.adapters import CONFIG_NAME, WEIGHTS_NAME
     from ..weights.rmm import load_basis
 
     recipe = v.recipe or {}
@@ -296,10 +298,9 @@ def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -
     if not basis_dir.exists():
         materialize(ctx, recipe["basis_version_id"], basis_dir)
     files = [p for p in basis_dir.rglob("*.safetensors")]
-    basis = load_basis(files[0])
-    out = work / f"member-{v.id}"
-    save_peft_adapter(basis.reconstruct(int(recipe["position"]), device="cpu"), out)
-    return StaticFiles({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    member = load_basis(files[0]).member_files(int(recipe["position"]))
+    return Composite([SafetensorsFiles({WEIGHTS_NAME: member.layout}, member.read),
+                      StaticFiles({CONFIG_NAME: member.config})])
 
 
 def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path) -> Any:

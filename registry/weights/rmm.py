@@ -62,7 +62,18 @@ from typing import Any
 
 import torch
 
-from .adapters import LoraAdapter, LoraModule, all_finite, write_safetensors
+from .adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    LoraModule,
+    all_finite,
+    peft_config_bytes,
+    peft_factor,
+    peft_tensor_names,
+    write_safetensors,
+)
+from .checkpoint import SafetensorsLayout, TensorSpec, safetensors_layout
 from .device import resolve_device
 from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteError, WeightsError
 from .formatfile import read_format_file
@@ -70,6 +81,7 @@ from .formatfile import read_format_file
 __all__ = [
     "FORMAT_VERSION",
     "MemberError",
+    "MemberFiles",
     "ModuleBasis",
     "RmmBasis",
     "add_member",
@@ -263,6 +275,28 @@ class RmmBasis:
             fan_in_fan_out=self.fan_in_fan_out,
         )
 
+    def member_files(self, member: int | str) -> MemberFiles:
+        """Member i's PEFT folder, byte for byte what ``save_peft_adapter(self.reconstruct(i))``
+        writes, without writing it: the config bytes now, the safetensors file as a layout plus a
+        reader that rebuilds one module at a time, when its bytes are first asked for (CPU)."""
+        i = self.index(member)
+        shapes = {  # placeholders of the right shapes: the config depends only on ranks and config
+            name: (torch.empty(mb.rank, mb.in_features), torch.empty(mb.out_features, mb.rank))
+            for name, mb in self.modules.items()
+        }
+        like = LoraAdapter.from_factors(shapes, config=copy.deepcopy(self.configs[i]), dtype=self.dtypes[i],
+                                        fan_in_fan_out=self.fan_in_fan_out)
+        config, scales = peft_config_bytes(like)
+        owner: dict[str, str] = {}
+        specs: list[TensorSpec] = []
+        for name, mb in self.modules.items():
+            a, b = peft_tensor_names(name)
+            owner[a] = owner[b] = name
+            specs += [TensorSpec(a, self.dtypes[i], (mb.rank, mb.in_features)),
+                      TensorSpec(b, self.dtypes[i], (mb.out_features, mb.rank))]
+        layout = safetensors_layout(specs, {"format": "pt"})
+        return MemberFiles(self, i, config, layout, owner, scales)
+
     def storage_ratio(self) -> float:
         """Σ_m P_m (p_m(r_m + n) + r_m) / Σ_m P_m r_m n: numbers stored by the basis over numbers
         in the n adapters, each module m weighted by its position count P_m = in + out."""
@@ -281,6 +315,35 @@ class RmmBasis:
     def member_errors(self) -> list[MemberError]:
         """Per member, the relative delta error of its reconstruction (computed at fit time)."""
         return list(self.errors)
+
+
+class MemberFiles:
+    """One member's PEFT files (see :meth:`RmmBasis.member_files`): ``config`` (the
+    ``adapter_config.json`` bytes), ``layout`` (of ``adapter_model.safetensors``) and
+    :meth:`read` (bytes ``[lo, hi)`` of one stored tensor; the module's two factors are rebuilt
+    together and kept until another module is read)."""
+
+    def __init__(self, basis: RmmBasis, member: int, config: bytes, layout: SafetensorsLayout,
+                 owner: Mapping[str, str], scales: Mapping[str, float]) -> None:
+        self.basis, self.member, self.config, self.layout = basis, member, config, layout
+        self._owner, self._scales = dict(owner), dict(scales)
+        self._held: dict[str, torch.Tensor] = {}
+
+    @property
+    def files(self) -> dict[str, int]:
+        """File name -> size."""
+        return {CONFIG_NAME: len(self.config), WEIGHTS_NAME: self.layout.total_size}
+
+    def read(self, name: str, lo: int, hi: int) -> bytes:
+        if name not in self._held:
+            module = self._owner[name]
+            mb = self.basis.modules[module]
+            dtype, scale = self.basis.dtypes[self.member], self._scales[module]
+            a, b = mb.factors(self.member, torch.device("cpu"))
+            na, nb = peft_tensor_names(module)
+            self._held = {na: peft_factor(a, scale, dtype).view(torch.uint8).reshape(-1),
+                          nb: peft_factor(b, scale, dtype).view(torch.uint8).reshape(-1)}
+        return self._held[name][lo:hi].numpy().tobytes()
 
 
 # ---------------------------------------------------------------------------------------------

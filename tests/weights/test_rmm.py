@@ -186,6 +186,27 @@ def test_compiled_cpu_fit_refuses_non_finite_factors(lora_adapters):
         rmm.fit_basis(ads, p=2)
 
 
+@pytest.mark.parametrize("config", [True, False])  # the member's PEFT config (scale unfolded) or none
+def test_member_files_are_the_saved_reconstruction(tmp_path, lora_adapters, config):
+    from registry.weights.adapters import CONFIG_NAME, WEIGHTS_NAME, save_peft_adapter
+    from registry.weights.checkpoint import safetensors_range
+
+    ads = lora_adapters(4, 3, SMALL, dtype=torch.float16)
+    if config:
+        cfg = {"peft_type": "LORA", "r": 3, "lora_alpha": 12, "target_modules": ["q", "up", "down"]}
+        ads = [LoraAdapter.from_factors(a.modules, config=cfg, dtype=a.dtype) for a in ads]
+    basis = rmm.fit_basis(ads, p=2)
+    for i in (0, 3):
+        save_peft_adapter(basis.reconstruct(i), tmp_path / f"m{i}")
+        files = basis.member_files(i)
+        lay = files.layout
+        assert files.config == (tmp_path / f"m{i}" / CONFIG_NAME).read_bytes()
+        want = (tmp_path / f"m{i}" / WEIGHTS_NAME).read_bytes()
+        assert b"".join(safetensors_range(lay, 0, lay.total_size, files.read, 1000)) == want
+        assert b"".join(safetensors_range(lay, 77, 5000, files.read)) == want[77:5000]  # any range
+        assert files.files == {CONFIG_NAME: len(files.config), WEIGHTS_NAME: len(want)}
+
+
 def test_shared_initialisation_reconstructs_better_than_independent(lora_adapters):
     shared = rmm.fit_basis(lora_adapters(6, 8, SMALL, shared_init=True, seed=3), p=2)
     independent = rmm.fit_basis(lora_adapters(6, 8, SMALL, shared_init=False, seed=3), p=2)
