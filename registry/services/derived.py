@@ -303,15 +303,17 @@ def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -
                       StaticFiles({CONFIG_NAME: member.config})])
 
 
-def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path) -> Any:
+def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path,
+                        diagnostics: bool = True) -> Any:
     """The streaming plan of m_t + α (m'_s − m_s) for the versions ``ids`` = (fine-tune, source
-    base, target base), any storage mode (materialised under ``work``)."""
+    base, target base), any storage mode (materialised under ``work``); ``diagnostics=False``
+    (serving) skips the report's base-shift sums."""
     from ..weights.transfer_stream import plan_transfer
 
     dirs = [materialize(ctx, vid, work / label) for vid, label in zip(ids, ("finetune", "source", "target"),
                                                                         strict=True)]
     return plan_transfer(dirs[0], dirs[1], dirs[2], alpha, max_shard_bytes=ctx.settings.merged_shard_bytes,
-                         device="cpu")
+                         device="cpu", diagnostics=diagnostics)
 
 
 class _DiffFiles(Generator):
@@ -337,7 +339,7 @@ def _diff_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Genera
     r = v.recipe or {}
     return _DiffFiles(plan_transfer_files(
         ctx, (r["finetune_version_id"], r["source_version_id"], r["target_version_id"]),
-        float(r.get("alpha", 1.0)), work))
+        float(r.get("alpha", 1.0)), work, diagnostics=False))
 
 
 def native_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
