@@ -236,6 +236,37 @@ def approaches(adapters: Sequence[LoraAdapter], device: torch.device) -> None:
     print(table(["approach", "seconds", "rel. error of full-p reconstruction"], rows))
 
 
+BASELINE = r"""
+import json, sys, time, tempfile, shutil
+import torch
+from registry.weights import rmm
+from registry.weights.adapters import load_peft_adapter, save_peft_adapter
+folders, p = json.loads(sys.argv[1]), int(sys.argv[2])
+t0 = time.perf_counter(); ads = [load_peft_adapter(f) for f in folders]; read = time.perf_counter() - t0
+t0 = time.perf_counter(); basis = rmm.fit_basis(ads, p=p); fit = time.perf_counter() - t0
+out = tempfile.mkdtemp()
+read1 = recw = 1e9
+for _ in range(3):
+    t0 = time.perf_counter(); load_peft_adapter(folders[0]); read1 = min(read1, time.perf_counter() - t0)
+    t0 = time.perf_counter(); save_peft_adapter(basis.reconstruct(0), out + "/m0")
+    recw = min(recw, time.perf_counter() - t0)
+shutil.rmtree(out)
+print("RESULT " + json.dumps({"read": read, "fit": fit, "read1": read1, "recw": recw}))
+"""
+
+
+def baseline_run(src: str, folders: Sequence[Path], p: int) -> dict[str, float]:
+    """Read + fit + reconstruct/save timed by the code in ``src`` (a fresh process, same threads)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": src}
+    res = subprocess.run([sys.executable, "-c", BASELINE, json.dumps([str(f) for f in folders]), str(p)],
+                         capture_output=True, text=True, check=True, env=env)
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    out: dict[str, float] = json.loads(line[len("RESULT "):])
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -248,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=2, help="interleaved read/fit runs")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data", default=".bench-data/rmm")
+    ap.add_argument("--baseline-src", default=None,
+                    help="a source tree of the code before a change: its read / fit / rebuild + write are timed "
+                         "in a subprocess in the same run (ratios within that process)")
     args = ap.parse_args(argv)
     device = rmm.resolve_device(args.device)
     print(f"# RMM benchmark: n={args.n}, r={args.r}, {args.layers} layers, device {device}, "
@@ -261,12 +295,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for f in folders:
         load_peft_adapter(f)  # warm the page cache (it cannot be dropped without root)
     reads, fits, shares = [], [], []
+    baseline: list[dict[str, float]] = []
     for _ in range(args.repeat):
         adapters, t = timed(lambda: [load_peft_adapter(f) for f in folders])
         reads.append(t)
         basis, t, spent = fit_profile(adapters, args.p, device)
         fits.append(t)
         shares.append({k: v / t for k, v in spent.items()})
+        if args.baseline_src:
+            baseline.append(baseline_run(args.baseline_src, folders, args.p))
     t_read, t_fit = min(reads), min(fits)
     best = shares[fits.index(t_fit)]
     budget, t_budget = timed(lambda: rmm.fit_basis(adapters, max_error=args.max_error, device=device))
@@ -310,6 +347,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             ("load_basis + reconstruct 1 member", f"{t_load_basis:.3f}", f"{t_load_basis / t_read1:.2f}× read 1", ""),
         ],
     ))
+    if baseline:
+        b_read, b_fit = min(x["read"] for x in baseline), min(x["fit"] for x in baseline)
+        b_read1, b_recw = min(x["read1"] for x in baseline), min(x["recw"] for x in baseline)
+        print(f"\nbaseline tree {args.baseline_src} (same run, interleaved, own process): read {b_read:.2f} s, "
+              f"fit p={args.p} {b_fit:.2f} s = **{b_fit / b_read:.2f}× read**; read 1 {b_read1:.3f} s, reconstruct + "
+              f"save {b_recw:.3f} s = **{b_recw / b_read1:.2f}× read 1**; runs {baseline}")
     print(f"\nall runs (s): read {', '.join(f'{x:.2f}' for x in reads)}; fit {', '.join(f'{x:.2f}' for x in fits)}; "
           f"read 1 {', '.join(f'{x:.3f}' for x in read1)}; reconstruct+save {', '.join(f'{x:.3f}' for x in recws)}")
     print(f"basis p={args.p}: storage ratio {basis.storage_ratio():.4f} (numbers), byte ratio "

@@ -265,9 +265,15 @@ class RmmBasis:
         Â = x̂_Aᵀ (r × in) and B̂ = x̂_B (out × r), with the member's config and source dtype."""
         i = self.index(member)
         dev = resolve_device(device)
-        modules: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {
-            name: mb.factors(i, dev) for name, mb in self.modules.items()
-        }
+        names = list(self.modules)
+
+        def some(lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [self.modules[name].factors(i, dev) for name in names[lo:hi]]
+
+        # modules are independent: on the CPU they are rebuilt on torch's threads, each alone
+        parts = _split(len(names), some, minimum=2) if dev.type == "cpu" else [some(0, len(names))]
+        built = [f for part in parts for f in part]
+        modules: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = dict(zip(names, built, strict=True))
         return LoraAdapter.from_factors(
             modules,
             config=copy.deepcopy(self.configs[i]),
@@ -439,13 +445,14 @@ def _forget_pool() -> None:  # a forked child (e.g. a Celery worker) must not re
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _split(total: int, work: Callable[[int, int], Any], align: int = 1) -> list[Any]:
+def _split(total: int, work: Callable[[int, int], Any], align: int = 1, minimum: int | None = None) -> list[Any]:
     """``work(lo, hi)`` over ``[0, total)``, split into contiguous ranges (multiples of ``align``)
-    across torch's intra-op thread count on a shared pool; results in range order. Each call must
-    compute its range on its own, so the split never changes a result."""
+    across torch's intra-op thread count on a shared pool, when ``total`` reaches ``minimum``
+    (default 2 · _MIN_CHUNK); results in range order. Each call must compute its range on its
+    own, so the split never changes a result."""
     global _POOL
     workers = torch.get_num_threads()
-    if workers < 2 or total < 2 * _MIN_CHUNK:
+    if workers < 2 or total < (2 * _MIN_CHUNK if minimum is None else minimum):
         return [work(0, total)]
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers != workers:
