@@ -165,8 +165,9 @@ def fit_profile(
 ) -> tuple[rmm.RmmBasis, float, dict[str, float]]:
     """fit_basis(p) with its wall time and the seconds spent in the batched eigendecompositions and
     in the member-error bookkeeping (reconstructing all members' factors + the r × r Grams)."""
-    spent = {"eigh": 0.0, "errors": 0.0}
-    originals = {"_eigh": rmm._eigh, "_all_factors": rmm._all_factors, "_module_errors": rmm._module_errors}
+    spent = {"kernel": 0.0, "eigh": 0.0, "errors": 0.0}
+    originals = {"_eigh": rmm._eigh, "_all_factors": rmm._all_factors,
+                 "_residual_errors": rmm._residual_errors, "_fit_module_cpu": rmm._fit_module_cpu}
 
     def counting(name: str, key: str) -> Callable[..., Any]:
         fn = originals[name]
@@ -181,7 +182,8 @@ def fit_profile(
 
     rmm._eigh = counting("_eigh", "eigh")
     rmm._all_factors = counting("_all_factors", "errors")
-    rmm._module_errors = counting("_module_errors", "errors")
+    rmm._residual_errors = counting("_residual_errors", "errors")
+    rmm._fit_module_cpu = counting("_fit_module_cpu", "kernel")
     try:
         basis, t = timed(lambda: rmm.fit_basis(adapters, p=p, device=device))
     finally:
@@ -334,9 +336,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         [
             (f"read {args.n} adapters (load_peft_adapter, warm page cache, {input_bytes / 2**20:.0f} MiB fp16)",
              f"{t_read:.2f}", "1.00", ""),
-            (f"fit p={args.p} (eigh {100 * best['eigh']:.0f}%, member errors {100 * best['errors']:.0f}%)",
+            (f"fit p={args.p} (compiled kernel {100 * best['kernel']:.0f}%, torch eigh {100 * best['eigh']:.0f}%, "
+             f"member errors {100 * best['errors']:.0f}%)",
              f"{t_fit:.2f}",
-             f"{t_fit / t_read:.2f}× read", "≤ 2×"),
+             f"{t_fit / t_read:.2f}× read", "≤ 5× (CPU)"),
             (f"fit max_error={args.max_error} (p per module {sorted(set(budget.p.values()))})",
              f"{t_budget:.2f}", f"{t_budget / t_read:.2f}× read", ""),
             ("read 1 adapter", f"{t_read1:.3f}", "1.00", ""),
