@@ -426,7 +426,7 @@ def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: 
             _trim(row, thr[i], need, i, zero)
     for j in range(cnt):
         out[j] = zero
-    if not elect:  # Σ_i w_i τ_i, summed from +0 in input order (torch's sum over a stack of ≤ 16)
+    if not elect:  # Σ_i w_i τ_i, summed from +0 in input order (torch's sum over a stack of ≤ 4)
         for i in range(n):
             wi = w[i]
             for j in range(cnt):
@@ -459,7 +459,7 @@ def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray 
             elect: bool, frequency: bool, out: np.ndarray, sq: np.ndarray) -> int:
     """One merged chunk ``out`` [cnt] = τ_m of ``x`` [n, cnt] (minus ``b`` [cnt], None: zero base),
     in the compute dtype of ``x``, with the operations and rounding of PEFT's ``merge_utils`` (the
-    sums run from +0 in input order, as torch sums a stack of up to 16 rows): magnitude trim when
+    sums run from +0 in input order, as torch sums a stack of up to 4 rows): magnitude trim when
     ``thr`` (per input T_i; ties at T_i kept while ``need[i]`` > 0, decremented), the elected sign and
     disjoint mean when ``elect`` (``frequency``: vote by signs), else Σ_i w_i τ_i. Adds Σ τ_i² to
     ``sq[i]`` and Σ b² to ``sq[n]`` (float64). Returns 0, or 1 + the input whose τ is not finite

@@ -227,9 +227,10 @@ def _stream_merge(
     return task_sq, update_sq
 
 
-#: the compiled CPU kernels sum the n inputs from +0 in input order, which is how torch sums a
-#: stack of up to this many rows (more rows: torch reorders the sum, so the torch path runs)
-_KERNEL_MAX_INPUTS = 16
+#: the compiled CPU kernels sum the n inputs from +0 in input order, which is how torch (and so
+#: PEFT) sums a stack of up to 4 rows whatever its length; from 5 rows torch's order depends on
+#: the length and the CPU's vector width, so the torch path runs
+_KERNEL_MAX_INPUTS = 4
 
 
 def _stream_merge_cpu(
