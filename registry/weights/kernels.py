@@ -38,8 +38,13 @@ F = TypeVar("F", bound=Callable[..., object])
 
 def _compiled(fn: F) -> F:
     """numba ``njit`` with the options every kernel here uses (disk cache, GIL released, numpy's
-    float semantics: division by zero gives inf/nan instead of raising)."""
-    return cast(F, njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(fn))
+    float semantics: division by zero gives inf/nan instead of raising). Without any writable
+    cache directory (numba looks beside this file, then in the user's cache directory;
+    ``NUMBA_CACHE_DIR`` sets one) the kernels are compiled in every process instead."""
+    try:
+        return cast(F, njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(fn))
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return cast(F, njit(cache=False, nogil=True, error_model="numpy", boundscheck=False)(fn))
 
 
 @_compiled
