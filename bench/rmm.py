@@ -262,7 +262,8 @@ def baseline_run(src: str, folders: Sequence[Path], p: int) -> dict[str, float]:
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": src}
-    res = subprocess.run([sys.executable, "-c", BASELINE, json.dumps([str(f) for f in folders]), str(p)],
+    # -P: no current directory on sys.path, so ``registry`` comes from ``src``
+    res = subprocess.run([sys.executable, "-P", "-c", BASELINE, json.dumps([str(f) for f in folders]), str(p)],
                          capture_output=True, text=True, check=True, env=env)
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
     out: dict[str, float] = json.loads(line[len("RESULT "):])

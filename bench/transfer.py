@@ -191,8 +191,9 @@ def child(args: dict[str, object], src: str | None = None) -> dict[str, object]:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # previous outputs' dirty pages: not this run's cost
     env = {**os.environ, "PYTHONPATH": src or str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False,
-                         env=env)
+    # -P: no current directory on sys.path, so ``registry`` comes from PYTHONPATH (this tree or ``src``)
+    res = subprocess.run([sys.executable, "-P", "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+                         check=False, env=env)
     shutil.rmtree(out, ignore_errors=True)
     if res.returncode != 0:
         raise SystemExit(f"child failed:\n{res.stdout}\n{res.stderr}")
