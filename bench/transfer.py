@@ -103,7 +103,12 @@ def warm(paths: list[Path]) -> None:
                     pass
 
 
+CPU_READS: list[float] = []  # CPU time of each read_safe_open (user + system of this process)
+
+
 def read_safe_open(paths: list[Path]) -> float:
+    t = os.times()
+    c0 = t.user + t.system
     t0 = time.perf_counter()
     for p in paths:
         ck = open_checkpoint(p)
@@ -111,7 +116,10 @@ def read_safe_open(paths: list[Path]) -> float:
             with safe_open(str(f), framework="pt") as h:
                 for name in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
                     h.get_tensor(name).clone()
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    t = os.times()
+    CPU_READS.append(t.user + t.system - c0)
+    return dt
 
 
 def read_raw(paths: list[Path]) -> float:
@@ -165,6 +173,8 @@ open("/proc/self/clear_refs", "w").write("5")
 base_rss = status("VmRSS")
 def rss(): return status("VmHWM")
 prof = cProfile.Profile() if args.get("profile") else None
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
+cpu0 = ru0.ru_utime + ru0.ru_stime
 t0 = time.perf_counter()
 if prof: prof.enable()
 if args["op"] == "transfer":
@@ -176,7 +186,9 @@ else:
     extra = {}
 if prof: prof.disable()
 dt = time.perf_counter() - t0
-out = {"seconds": dt, "rss_growth": rss() - base_rss, "base_rss": base_rss, "kernel_s": kernel_s,
+ru = resource.getrusage(resource.RUSAGE_SELF)
+out = {"seconds": dt, "cpu": ru.ru_utime + ru.ru_stime - cpu0, "rss_growth": rss() - base_rss,
+       "base_rss": base_rss, "kernel_s": kernel_s,
        "kernel_rss": kernel_rss, **extra}
 if prof:
     s = io.StringIO(); pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12); out["profile"] = s.getvalue()
@@ -329,6 +341,12 @@ def main() -> None:
             print(f"| baseline tree: peak RSS growth of merge (max) | {mb(rss_old)} | | "
                   f"{rss_old / largest:.2f}x largest tensor |")
             print(f"\nbaseline merge runs: {[round(x, 2) for x in t_old]} s")
+        c_read = min(CPU_READS[-a.merge_repeat:])
+        c_mg = min(float(str(r["cpu"])) for r in mgs)
+        print(f"\nCPU time (user + system; not stretched by other processes): read 4 checkpoints {c_read:.2f} s, "
+              f"merge {c_mg:.2f} s = **{c_mg / c_read:.1f}x**" + (
+                  f"; baseline merge {min(float(str(r['cpu'])) for r in olds):.2f} s = "
+                  f"**{min(float(str(r['cpu'])) for r in olds) / c_read:.1f}x**" if olds else ""))
         print(f"\nruns: merge {[round(x, 2) for x in t_mg]} s; read {[round(x, 2) for x in read4]} s")
 
     print(f"\nload average at end of timings: {os.getloadavg()[0]:.2f} (1 min)")
