@@ -29,7 +29,7 @@ __all__ = ["LANES", "rmm_positions"]
 #: positions solved together (the SIMD width of the inner loops; 128 amortises the per-rotation
 #: bookkeeping best on AVX2/AVX-512 CPUs)
 LANES = 128
-_JACOBI_TOL = 1e-12  # rotate (p, q) while |g_pq| > tol · sqrt(g_pp g_qq): eigenvalues to ≈ tol² relative
+_JACOBI_TOL = 1e-15  # rotate (p, q) while |g_pq| > tol · sqrt(g_pp g_qq): U orthonormal to ≈ tol
 _MAX_SWEEPS = 60
 _TINY = float(np.finfo(np.float64).tiny)
 
