@@ -291,14 +291,14 @@ def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -
     streamed module by module as its bytes are sent (:meth:`registry.weights.rmm.RmmBasis.member_files`:
     the same bytes as saving the reconstruction, without writing and re-reading a folder)."""
     from ..weights.adapters import CONFIG_NAME, WEIGHTS_NAME
-    from ..weights.rmm import load_basis
+    from ..weights.rmm import load_member_files
 
     recipe = v.recipe or {}
     basis_dir = work / f"basis-{recipe['basis_version_id']}"
     if not basis_dir.exists():
         materialize(ctx, recipe["basis_version_id"], basis_dir)
     files = [p for p in basis_dir.rglob("*.safetensors")]
-    member = load_basis(files[0]).member_files(int(recipe["position"]))
+    member = load_member_files(files[0], int(recipe["position"]))  # reads only what this member needs
     return Composite([SafetensorsFiles({WEIGHTS_NAME: member.layout}, member.read),
                       StaticFiles({CONFIG_NAME: member.config})])
 

@@ -76,7 +76,7 @@ from .adapters import (
 from .checkpoint import SafetensorsLayout, TensorSpec, safetensors_layout
 from .device import resolve_device
 from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteError, WeightsError
-from .formatfile import read_format_file
+from .formatfile import FormatFile
 
 __all__ = [
     "FORMAT_VERSION",
@@ -87,6 +87,7 @@ __all__ = [
     "add_member",
     "fit_basis",
     "load_basis",
+    "load_member_files",
     "save_basis",
     "storage_ratio",
 ]
@@ -281,10 +282,13 @@ class RmmBasis:
             fan_in_fan_out=self.fan_in_fan_out,
         )
 
-    def member_files(self, member: int | str) -> MemberFiles:
+    def member_files(
+        self, member: int | str, module: Callable[[str], tuple[ModuleBasis, int]] | None = None
+    ) -> MemberFiles:
         """Member i's PEFT folder, byte for byte what ``save_peft_adapter(self.reconstruct(i))``
         writes, without writing it: the config bytes now, the safetensors file as a layout plus a
-        reader that rebuilds one module at a time, when its bytes are first asked for (CPU)."""
+        reader that rebuilds one module at a time, when its bytes are first asked for (CPU).
+        ``module(name)`` -> (that module's basis, the member's index in it) (default: this basis's)."""
         i = self.index(member)
         shapes = {  # placeholders of the right shapes: the config depends only on ranks and config
             name: (torch.empty(mb.rank, mb.in_features), torch.empty(mb.out_features, mb.rank))
@@ -301,7 +305,8 @@ class RmmBasis:
             specs += [TensorSpec(a, self.dtypes[i], (mb.rank, mb.in_features)),
                       TensorSpec(b, self.dtypes[i], (mb.out_features, mb.rank))]
         layout = safetensors_layout(specs, {"format": "pt"})
-        return MemberFiles(self, i, config, layout, owner, scales)
+        get = module if module is not None else (lambda name: (self.modules[name], i))
+        return MemberFiles(get, self.dtypes[i], config, layout, owner, scales)
 
     def storage_ratio(self) -> float:
         """Σ_m P_m (p_m(r_m + n) + r_m) / Σ_m P_m r_m n: numbers stored by the basis over numbers
@@ -329,9 +334,9 @@ class MemberFiles:
     :meth:`read` (bytes ``[lo, hi)`` of one stored tensor; the module's two factors are rebuilt
     together and kept until another module is read)."""
 
-    def __init__(self, basis: RmmBasis, member: int, config: bytes, layout: SafetensorsLayout,
-                 owner: Mapping[str, str], scales: Mapping[str, float]) -> None:
-        self.basis, self.member, self.config, self.layout = basis, member, config, layout
+    def __init__(self, module: Callable[[str], tuple[ModuleBasis, int]], dtype: torch.dtype, config: bytes,
+                 layout: SafetensorsLayout, owner: Mapping[str, str], scales: Mapping[str, float]) -> None:
+        self._module, self.dtype, self.config, self.layout = module, dtype, config, layout
         self._owner, self._scales = dict(owner), dict(scales)
         self._held: dict[str, torch.Tensor] = {}
 
@@ -343,12 +348,12 @@ class MemberFiles:
     def read(self, name: str, lo: int, hi: int) -> bytes:
         if name not in self._held:
             module = self._owner[name]
-            mb = self.basis.modules[module]
-            dtype, scale = self.basis.dtypes[self.member], self._scales[module]
-            a, b = mb.factors(self.member, torch.device("cpu"))
+            mb, i = self._module(module)
+            a, b = mb.factors(i, torch.device("cpu"))
             na, nb = peft_tensor_names(module)
-            self._held = {na: peft_factor(a, scale, dtype).view(torch.uint8).reshape(-1),
-                          nb: peft_factor(b, scale, dtype).view(torch.uint8).reshape(-1)}
+            scale = self._scales[module]
+            self._held = {na: peft_factor(a, scale, self.dtype).view(torch.uint8).reshape(-1),
+                          nb: peft_factor(b, scale, self.dtype).view(torch.uint8).reshape(-1)}
         return self._held[name][lo:hi].numpy().tobytes()
 
 
@@ -842,10 +847,14 @@ def save_basis(basis: RmmBasis, path: str | os.PathLike[str]) -> None:
     write_safetensors(tensors, target, metadata)
 
 
-def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
-    """Read a basis written by :func:`save_basis`; reconstructions are bit-identical to the
-    in-memory basis it came from. Raises :class:`CheckpointFormatError` on anything malformed."""
-    where, meta, tensors = read_format_file(path, FORMAT, FORMAT_VERSION, "an RMM basis")
+_SUFFIXES = ("lora_A.mu", "lora_A.U", "lora_A.C", "lora_B.mu", "lora_B.U", "lora_B.C")
+
+
+def _open_basis(path: str | os.PathLike[str]) -> tuple[FormatFile, dict[str, Any], dict[str, int]]:
+    """The open file, its parsed metadata and p per module, every tensor's shape and dtype checked
+    against the metadata from the header alone (no tensor is read)."""
+    f = FormatFile(path, FORMAT, FORMAT_VERSION, "an RMM basis")
+    where, meta = f.where, f.meta
     if meta.get("method") != METHOD:
         raise CheckpointFormatError(f"{where}: unsupported basis method {meta.get('method')!r}")
     try:
@@ -861,39 +870,56 @@ def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
         raise CheckpointFormatError(f"{where}: malformed basis metadata: {exc!r}") from exc
     if not (len(members) == n == len(dtypes) == len(configs) == len(errors)):
         raise CheckpointFormatError(f"{where}: member lists disagree with n={n}")
-    suffixes = ("lora_A.mu", "lora_A.U", "lora_A.C", "lora_B.mu", "lora_B.U", "lora_B.C")
-    expected = {f"{m}.{x}" for m in p_per_module for x in suffixes}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)
+    expected = {f"{m}.{x}" for m in p_per_module for x in _SUFFIXES}
+    if set(f.names) != expected:
+        odd = sorted(set(f.names) ^ expected)
         raise CheckpointFormatError(f"{where}: tensors do not match the modules in the metadata: {odd[:5]}")
-    modules: dict[str, ModuleBasis] = {}
     for name, p in p_per_module.items():
-        mu_a, u_a, c_a, mu_b, u_b, c_b = (tensors[f"{name}.{x}"] for x in suffixes)
-        rk, d = (mu_a.shape[0], mu_a.shape[1]) if mu_a.dim() == 2 else (-1, -1)
-        m = mu_b.shape[0] if mu_b.dim() == 2 else -1
+        mu_a, u_a, c_a, mu_b, u_b, c_b = (f.shape(f"{name}.{x}") for x in _SUFFIXES)
+        rk, d = (mu_a[0], mu_a[1]) if len(mu_a) == 2 else (-1, -1)
+        m = mu_b[0] if len(mu_b) == 2 else -1
         shapes_ok = (
             0 < rk <= r
-            and mu_a.shape == (rk, d)
-            and u_a.shape == (p, rk, d)
-            and c_a.shape == (n, p, d)
-            and mu_b.shape == (m, rk)
-            and u_b.shape == (p, m, rk)
-            and c_b.shape == (n, p, m)
+            and mu_a == (rk, d)
+            and u_a == (p, rk, d)
+            and c_a == (n, p, d)
+            and mu_b == (m, rk)
+            and u_b == (p, m, rk)
+            and c_b == (n, p, m)
         )
-        if not shapes_ok or {t.dtype for t in (mu_a, u_a, c_a, mu_b, u_b, c_b)} != {storage_dtype}:
+        if not shapes_ok or {f.dtype(f"{name}.{x}") for x in _SUFFIXES} != {storage_dtype}:
             raise CheckpointFormatError(f"{where}: {name}: tensor shapes/dtypes do not match the metadata")
-        modules[name] = ModuleBasis(mu_a, u_a, c_a, mu_b, u_b, c_b)
+    fields = {"members": members, "r": r, "n_fit": n_fit, "dtypes": dtypes, "configs": configs, "errors": errors,
+              "fan_in_fan_out": fifo, "storage_dtype": storage_dtype}
+    return f, fields, p_per_module
+
+
+def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
+    """Read a basis written by :func:`save_basis`; reconstructions are bit-identical to the
+    in-memory basis it came from. Raises :class:`CheckpointFormatError` on anything malformed."""
+    f, fields, p_per_module = _open_basis(path)
+    modules = {name: ModuleBasis(*(f.tensor(f"{name}.{x}") for x in _SUFFIXES)) for name in p_per_module}
+    meta = f.meta
     known = {"format", "format_version", "method", "members", "n", "n_fit", "r", "p", "dtypes"}
     known |= {"storage_dtype", "fan_in_fan_out", "storage_ratio", "configs", "errors"}
-    return RmmBasis(
-        modules=modules,
-        members=members,
-        r=r,
-        dtypes=dtypes,
-        configs=configs,
-        errors=errors,
-        fan_in_fan_out=fifo,
-        n_fit=n_fit,
-        storage_dtype=storage_dtype,
-        extra={k: v for k, v in meta.items() if k not in known},
+    return RmmBasis(modules=modules, extra={k: v for k, v in meta.items() if k not in known}, **fields)
+
+
+def load_member_files(path: str | os.PathLike[str], member: int | str) -> MemberFiles:
+    """:meth:`RmmBasis.member_files` of the basis in ``path`` without loading it: the file is
+    checked from its header, and each module's μ, U and this member's row of C are read when the
+    module's bytes are first asked for (the other members' coefficients never are). Same bytes."""
+    f, fields, p_per_module = _open_basis(path)
+    shapes = {name: (f.shape(f"{name}.lora_A.mu"), f.shape(f"{name}.lora_B.mu")) for name in p_per_module}
+    stub = RmmBasis(  # dimensions only: zero directions, no coefficients read
+        modules={name: ModuleBasis(torch.empty(a), torch.empty(0, *a), torch.empty(0, 0, a[1]), torch.empty(b),
+                                   torch.empty(0, *b), torch.empty(0, 0, b[0])) for name, (a, b) in shapes.items()},
+        **fields,
     )
+    i = stub.index(member)
+
+    def module(name: str) -> tuple[ModuleBasis, int]:
+        t = {x: f.rows(f"{name}.{x}", i, i + 1) if x.endswith(".C") else f.tensor(f"{name}.{x}") for x in _SUFFIXES}
+        return ModuleBasis(*(t[x] for x in _SUFFIXES)), 0
+
+    return stub.member_files(i, module)

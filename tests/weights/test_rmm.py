@@ -205,6 +205,10 @@ def test_member_files_are_the_saved_reconstruction(tmp_path, lora_adapters, conf
         assert b"".join(safetensors_range(lay, 0, lay.total_size, files.read, 1000)) == want
         assert b"".join(safetensors_range(lay, 77, 5000, files.read)) == want[77:5000]  # any range
         assert files.files == {CONFIG_NAME: len(files.config), WEIGHTS_NAME: len(want)}
+        rmm.save_basis(basis, tmp_path / "b.safetensors")
+        lazy = rmm.load_member_files(tmp_path / "b.safetensors", basis.members[i])  # from the file
+        assert lazy.config == files.config
+        assert b"".join(safetensors_range(lay, 0, lay.total_size, lazy.read)) == want
 
 
 def test_shared_initialisation_reconstructs_better_than_independent(lora_adapters):
