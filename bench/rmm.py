@@ -307,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=2, help="interleaved read/fit runs")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data", default=".bench-data/rmm")
+    ap.add_argument("--timings-only", action="store_true",
+                    help="skip the quality tables (p sweep, add_member, initialisation): only the timings")
     ap.add_argument("--baseline-src", default=None,
                     help="a source tree of the code before a change: its read / fit / rebuild + write are timed "
                          "in a subprocess in the same run (ratios within that process)")
@@ -406,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # 4. p sweep on a few layers, against the baselines at equal (or lower) storage
     names = [k for k in adapters[0].module_names() if int(k.split(".")[2]) < args.sweep_layers]
     small = [subset(a, names) for a in adapters]
+    if args.timings_only:
+        approaches(small, device)
+        return
     r, n = args.r, args.n
     rows = []
     for p in range(min(r, n - 1) + 1):
