@@ -27,9 +27,16 @@ the CPU), and can be drawn chunk by chunk.
 
 Streaming: everything after the top-k threshold is elementwise per position, so each tensor is
 processed in flat chunks of ``_CHUNK`` elements (the n task-vector chunks stacked ``[n, chunk]``);
-TIES first finds each input's threshold with a two-pass (four for float64) 16-bit radix histogram
-over the same chunks. Memory per tensor is a few ``n × chunk`` buffers whatever its size; chunking
-never changes a bit.
+TIES first finds each input's exact threshold with a 16-bit radix histogram over the same chunks.
+Memory per tensor is a few ``n × chunk`` buffers whatever its size; chunking never changes a bit.
+
+On the CPU with up to 4 inputs the chunks go through compiled kernels (:mod:`.kernels`): one fused
+pass per chunk (trim, sign election, disjoint mean, the same float operations in the same order as
+the torch ops, so the same bits), and a threshold that usually needs a single histogram pass
+(:func:`_kernel_thresholds`: the top 16 bits plus a per-digit count of elements with lower bits set
+decide it exactly unless those elements straddle the k-th; bf16/fp16 checkpoints almost never need
+the second pass, float32 ones usually do). Elsewhere (CUDA, 5+ inputs) the same computation runs as
+torch ops: two histogram passes (four for float64), then the merge pass.
 
 Arithmetic in float32 (float64 when an input is float64); the merged tensor is rounded once to the
 base tensor's dtype. For LoRA adapters the merge runs in delta space (:func:`merge_adapters`);

@@ -42,9 +42,13 @@ it gives the original values) at twice the bytes of a float16 source; ``storage_
 torch.float16`` halves the bytes for ≈1e-3 relative error. :meth:`RmmBasis.storage_ratio` counts
 numbers (the paper's measure), :meth:`RmmBasis.byte_ratio` bytes.
 
-Where it runs: every function takes ``device`` (default ``REGISTRY_DEVICE``). On CPU the hot path
-is ~2.5 M independent 7 × 7 eigendecompositions for a 7B-shaped collection of 8 rank-16 LoRAs,
-LAPACK one matrix at a time (see bench/RESULTS.md); on CUDA torch batches them.
+Where it runs: every function takes ``device`` (default ``REGISTRY_DEVICE``). The hot path is one
+small eigendecomposition per position (~2.5 M of 7 × 7 for a 7B-shaped collection of 8 rank-16 LoRAs).
+On the CPU steps 1-3 and the residuals behind the member errors run in one compiled pass per module
+factor (:func:`registry.weights.kernels.rmm_positions`: a lane-parallel Jacobi solver, 128 positions
+per SIMD block, split over torch's thread count); torch's LAPACK path solves one matrix per call
+(≈3 µs each here, see bench/RESULTS.md). On other devices (CUDA) and for half-precision storage the
+torch path runs (``torch.linalg.eigh`` batched).
 """
 
 from __future__ import annotations
