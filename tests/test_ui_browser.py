@@ -128,9 +128,14 @@ def ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                            params={"weights": [0.5, 0.3, 0.2]}),
                   rc.transfer("demo-chat@1", "demo-base@2"),  # -> the candidate demo-chat@2
                   rc.create_basis(["sql-lora@1", "chat-lora@1"], p=1)]
+        r = httpx.post(stack.url + "/api/v1/compressions", headers={"Authorization": f"Bearer {tokens['admin']}"},
+                       json={"members": ["chat-lora@1", "ops-lora@1"], "max_error": 0.05, "prune": True})
+        assert r.status_code == 202, r.text
+        queued.append(r.json())
         try:
             for job in queued:
-                rc.wait_job(job["id"], timeout=900, poll=0.5)
+                done = rc.wait_job(job["id"], timeout=900, poll=0.5)
+            rc.wait_job(done["result"]["prune_job_id"], timeout=900, poll=0.5)  # the plan's members, served from it
         except Exception:
             stack.dump_logs()
             raise
@@ -274,6 +279,29 @@ def test_bases_page(ui: UI) -> None:
     page.close()
 
 
+def test_compression_pages(ui: UI) -> None:
+    """Compressions (from the header) -> a plan: its ratio and each member's error and error as served;
+    a member's page links its plan_member_of edge back to the plan."""
+    c = httpx.get(ui.url + "/api/v1/compressions", headers={"Authorization": f"Bearer {ui.tokens['read']}"}).json()[0]
+    page = ui.page()
+    page.goto(ui.url + "/ui/models")
+    page.click("header nav a:text-is('Compressions')")
+    page.click(f"#compressions a:text-is('#{c['id']}')")
+    expect(page.locator("#storage-ratio")).to_have_text(f"{c['ratio']:.4g}")
+    expect(page.locator("#served-count")).to_have_text(f"{len(c['members'])} of {len(c['members'])} members")
+    for m in c["members"]:
+        row = page.locator("#members tr", has_text=m["ref"])
+        expect(row).to_contain_text(f"{m['error']:.4g}")
+        expect(row.locator("td.served-error")).to_have_text(f"{m['served_error']:.4g}")
+        expect(row.locator("td.served")).to_have_text("yes")
+    page.click(f"#members a.ref:text-is('{c['members'][0]['ref']}')")
+    edge = page.locator("#parents tr.parent[data-relation=plan_member_of]")
+    expect(edge).to_contain_text(c["ref"])
+    edge.locator("a.compression").click()
+    page.wait_for_url(ui.url + f"/ui/compressions/{c['id']}")
+    page.close()
+
+
 # --------------------------------------------------------------------------- jobs and webhooks, live
 
 
@@ -413,7 +441,8 @@ def test_screenshots(ui: UI, tmp_path: Path) -> None:
     page = ui.page()
     for name, path, ready in [("models", "/ui/models", "#models"), ("model", "/ui/models/demo-chat", "#versions"),
                               ("version", "/ui/models/tri-merge/versions/1", "#lineage-graph[data-ready=true]"),
-                              ("basis", "/ui/bases/1", "#members"), ("jobs", "/ui/jobs", "#jobs")]:
+                              ("basis", "/ui/bases/1", "#members"), ("compression", "/ui/compressions/1", "#members"),
+                              ("jobs", "/ui/jobs", "#jobs")]:
         page.goto(ui.url + path)
         page.locator(ready).wait_for()
         page.screenshot(path=str(out / f"{name}.png"), full_page=name == "version")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Header, status
+from fastapi import APIRouter, Header, Query, status
 from pydantic import BaseModel, Field
 
 from ...services import compressions
@@ -52,8 +52,11 @@ def create_compression(body: CompressionCreate, ctx: Ctx, who: Writer,
 
 
 @router.get("/compressions", responses=errors(422))
-def list_compressions(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    return compressions.list_compressions(ctx, collection, limit)
+def list_compressions(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 50,
+                      version: str | None = Query(None, description="Only the plans held by this version "
+                                                  "(a ref such as demo-base-compressed@1; none if it names none).")
+                      ) -> list[dict[str, Any]]:
+    return compressions.list_compressions(ctx, collection, limit, version)
 
 
 @router.get("/compressions/{compression_id}", responses=errors(404, 422))
