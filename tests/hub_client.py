@@ -18,7 +18,15 @@ Operations (``op`` plus its arguments):
   from the registry (which loads the base the adapter config names, through the registry too)
   against ``PeftModel.from_pretrained`` on local folders; also the base it loaded;
 - ``peft_on_base`` (base_repo, base_revision, repo, revision, local_base, local_adapter): a base
-  from the registry with ``PeftModel.from_pretrained(model, repo, revision=…)``.
+  from the registry with ``PeftModel.from_pretrained(model, repo, revision=…)``;
+- ``paths_info`` (repo, paths, revision, expand): ``HfApi().get_paths_info``, each entry as
+  ``[type, path, size, blob or tree id, lfs sha256, last commit id]``;
+- ``refs`` (repo, include_prs): ``HfApi().list_repo_refs``: ``[name, ref, target commit]`` per branch,
+  tag, convert (and pull request);
+- ``fs`` (repo, revision, path, start, length): ``HfFileSystem`` on ``{repo}@{revision}``: ``ls``
+  (name, type, size) of the root, ``info`` of ``path`` (asked again: ``refresh``), whether ``path``
+  and ``path + ".nope"`` exist, the sha256 of ``open(path).read()``, the hex of ``length`` bytes
+  read after ``seek(start)``, and the sha256 of ``cat_file``.
 """
 
 from __future__ import annotations
@@ -105,6 +113,41 @@ def run(op: dict[str, Any]) -> Any:
         remote = PeftModel.from_pretrained(base, op["repo"], revision=op.get("revision"))
         local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(op["local_base"]), op["local_adapter"])
         return _compare(_logits(remote), _logits(local))
+    if kind == "paths_info":
+        from huggingface_hub import HfApi, RepoFile
+
+        entries = HfApi().get_paths_info(op["repo"], op["paths"], revision=op.get("revision"),
+                                         expand=op.get("expand", False))
+        return [["file", e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None,
+                 e.last_commit.oid if e.last_commit else None] if isinstance(e, RepoFile) else
+                ["directory", e.path, None, e.tree_id, None, e.last_commit.oid if e.last_commit else None]
+                for e in entries]
+    if kind == "refs":
+        from huggingface_hub import HfApi
+
+        refs = HfApi().list_repo_refs(op["repo"], include_pull_requests=op.get("include_prs", False))
+        return {k: None if v is None else [[r.name, r.ref, r.target_commit] for r in v]
+                for k, v in (("branches", refs.branches), ("tags", refs.tags), ("converts", refs.converts),
+                             ("pull_requests", refs.pull_requests))}
+    if kind == "fs":
+        from huggingface_hub import HfFileSystem
+
+        fs = HfFileSystem()
+        root = f"{op['repo']}@{op['revision']}"
+        target = f"{root}/{op['path']}"
+        listing = sorted([e["name"], e["type"], e["size"]] for e in fs.ls(root, detail=True))
+        first = fs.info(target)
+        again = fs.info(target, refresh=True)  # HfFileSystem asks paths-info
+        with fs.open(target, "rb") as f:
+            whole = f.read()
+        with fs.open(target, "rb", block_size=16) as f:
+            f.seek(op["start"])
+            part = f.read(op["length"])
+        return {"ls": listing, "info": [first["name"], first["type"], first["size"]],
+                "info_refreshed": [again["name"], again["type"], again["size"]],
+                "exists": [fs.exists(target), fs.exists(target + ".nope")],
+                "sha256": hashlib.sha256(whole).hexdigest(), "part": part.hex(),
+                "cat_sha256": hashlib.sha256(fs.cat_file(target)).hexdigest()}
     raise ValueError(f"unknown op {kind!r}")
 
 

@@ -301,6 +301,136 @@ def test_repinned_adapters_have_their_own_commit_and_config(server: Server, fami
     assert err["details"]["versions"] == [lora["version"], repinned["version"]]
 
 
+def _served(url: str, repo: str, v: dict[str, Any]) -> dict[str, bytes]:
+    """Every file of version ``v`` as the Hub view serves it (the adapter config generated), by path."""
+    files = {}
+    for f in v["files"]:
+        r = httpx.get(f"{url}/{repo}/resolve/{_commit(v)}/{f['path']}", timeout=120)
+        assert r.status_code == 200, r.text
+        files[f["path"]] = r.content
+    return files
+
+
+def _blob_oid(data: bytes) -> str:
+    pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+               f"size {len(data)}\n").encode()
+    return hashlib.sha1(b"blob %d\0" % len(pointer) + pointer).hexdigest()
+
+
+def test_hub_file_system_paths_info_and_refs(server: Server, family: dict[str, Any], tmp_path: Path) -> None:
+    """``HfFileSystem`` lists, stats (through paths-info), opens and reads by range a stored file and
+    a generated one (the adapter config naming its base); ``get_paths_info`` answers the paths that
+    exist, in the order asked; ``list_repo_refs`` lists the aliases as branches and the versions as tags."""
+    b1, b2, lora, repinned = family["b1"], family["b2"], family["lora"], family["repinned"]
+    served = _served(server.url, "acme/hubt-lora", lora)
+    ops: list[dict[str, Any]] = [
+        {"op": "fs", "repo": "acme/hubt-lora", "revision": "1", "path": "adapter_model.safetensors",
+         "start": 100, "length": 50},
+        {"op": "fs", "repo": "acme/hubt-lora", "revision": "1", "path": "adapter_config.json", "start": 10,
+         "length": 20},
+        {"op": "paths_info", "repo": "acme/hubt-lora", "revision": "1", "expand": True,
+         "paths": ["adapter_config.json", "nope.bin", "adapter_model.safetensors", "adapter_config.json"]},
+        {"op": "paths_info", "repo": "hubt-base", "revision": "production", "paths": ["config.json"]},
+        {"op": "refs", "repo": "hubt-base", "include_prs": True},
+        {"op": "refs", "repo": "acme/hubt-lora"},  # 5
+        {"op": "paths_info", "repo": "acme/nope", "paths": ["config.json"]},
+        {"op": "paths_info", "repo": "hubt-base", "revision": "99", "paths": ["config.json"]},
+        {"op": "fs", "repo": "acme/hubt-lora", "revision": "99", "path": "adapter_config.json", "start": 0,
+         "length": 1},
+        {"op": "refs", "repo": "acme/nope"},
+    ]
+    out = run_client(server.url, tmp_path, ops)
+
+    root = "acme/hubt-lora@1"
+    reads = (("adapter_model.safetensors", 100, 50), ("adapter_config.json", 10, 20))
+    for i, (path, start, length) in enumerate(reads):
+        fs = ok(out[i])
+        data = served[path]
+        assert fs["sha256"] == fs["cat_sha256"] == hashlib.sha256(data).hexdigest()
+        assert bytes.fromhex(fs["part"]) == data[start:start + length]
+        assert fs["info"] == fs["info_refreshed"] == [f"{root}/{path}", "file", len(data)]
+        assert fs["exists"] == [True, False]
+        assert fs["ls"] == sorted([f"{root}/{p}", "file", len(d)] for p, d in served.items())
+    assert json.loads(served["adapter_config.json"])["revision"] == _commit(b1)  # the generated config
+
+    assert ok(out[2]) == [["file", p, len(served[p]), _blob_oid(served[p]), hashlib.sha256(served[p]).hexdigest(),
+                           _commit(lora)] for p in ("adapter_config.json", "adapter_model.safetensors")]
+    cfg = next(f for f in b1["files"] if f["path"] == "config.json")
+    assert ok(out[3]) == [["file", "config.json", cfg["size"], ok(out[3])[0][3], cfg["sha256"], None]]
+
+    def refs(*pairs: tuple[str, dict[str, Any]], kind: str = "heads") -> list[list[str]]:
+        return [[n, f"refs/{kind}/{n}", _commit(v)] for n, v in pairs]
+
+    assert ok(out[4]) == {"branches": refs(("main", b2), ("production", b1)),
+                          "tags": refs(("1", b1), ("2", b2), kind="tags"), "converts": [], "pull_requests": []}
+    assert ok(out[5]) == {"branches": refs(("main", repinned)), "tags": refs(("1", lora), ("2", repinned), kind="tags"),
+                          "converts": [], "pull_requests": None}
+    raised(out[6], "RepositoryNotFoundError")
+    raised(out[7], "RevisionNotFoundError")
+    raised(out[8], "FileNotFoundError")
+    raised(out[9], "RepositoryNotFoundError")
+
+
+def _paths_info(url: str, repo: str, revision: str, **kw: Any) -> httpx.Response:
+    return httpx.post(f"{url}/api/models/{repo}/paths-info/{revision}", timeout=60, **kw)
+
+
+def test_paths_info_folders_bodies_and_bad_input(server: Server, tiny: dict[str, Path], name: str,
+                                                 tmp_path: Path) -> None:
+    folder = tmp_path / "nested"
+    folder.mkdir()
+    for p in tiny["base"].iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "extra" / "notes").mkdir(parents=True)
+    (folder / "extra" / "notes" / "readme.txt").write_text("hello\n")
+    with server.client() as rc:
+        v = _version(server.url, _field(rc.push(folder, name, aliases=["stable"]), "ref"))
+    commit = _commit(v)
+
+    # the client's form body: folders, files, in the order asked, each once; slashes around a path dropped
+    r = _paths_info(server.url, name, "1", data={"paths": ["extra", "extra/notes/readme.txt", "nope", "", "/extra/",
+                                                           "extra/notes", "config.json/"], "expand": "false"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [(e["type"], e["path"]) for e in got] == [("directory", "extra"), ("file", "extra/notes/readme.txt"),
+                                                    ("directory", "extra/notes"), ("file", "config.json")]
+    assert got[0]["oid"] == hub.Folder("extra").oid(commit) and "lastCommit" not in got[0]
+    assert got[1] == {"type": "file", "oid": _blob_oid(b"hello\n"), "size": 6, "path": "extra/notes/readme.txt",
+                      "lfs": {"oid": hashlib.sha256(b"hello\n").hexdigest(), "size": 6, "pointerSize": got[1]["lfs"][
+                          "pointerSize"]}}
+    tree = httpx.get(f"{server.url}/api/models/{name}/tree/1", params={"recursive": "true"}).json()
+    assert all(e in tree for e in got)  # the tree's entries, exactly
+    # a JSON body, expanded; at an alias
+    r = _paths_info(server.url, name, "stable", json={"paths": "extra/notes", "expand": True})
+    assert r.status_code == 200 and r.json()[0]["lastCommit"]["id"] == commit, r.text
+    assert _paths_info(server.url, name, "1", data={}).json() == []  # nothing asked, nothing answered
+
+    assert_error(_paths_info(server.url, name, "1", data={"paths": "../config.json"}), 422, "unsafe_path")
+    for extra in ({}, {"expand": "true"}):
+        assert_error(_paths_info(server.url, name, "1", data={"paths": ["x"] * 1001, **extra}), 422, "too_many_paths")
+    assert _paths_info(server.url, name, "1", data={"paths": ["config.json"] * 1000}).json() == got[-1:]
+    assert_error(_paths_info(server.url, name, "1", data={"paths": "x", "expand": "maybe"}), 422, "invalid_request")
+    for body in (b"[1]", b'{"paths": [1]}', b'{"paths": "x", "expand": "yes"}', b"{"):
+        assert_error(_paths_info(server.url, name, "1", content=body, headers={"Content-Type": "application/json"}),
+                     422, "invalid_request")
+    assert_error(_paths_info(server.url, name, "1", content=b"paths=x", headers={"Content-Type": "text/plain"}),
+                 422, "invalid_request")
+    assert_error(_paths_info(server.url, name, "1", content=b"\xff", headers={"Content-Type":
+                                                                               "application/x-www-form-urlencoded"}),
+                 422, "invalid_request")
+    r = _paths_info(server.url, name, "1", content=b"p" * (2 << 20))  # over REGISTRY_MAX_JSON_BODY_BYTES
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert_error(_paths_info(server.url, name, "9", data={"paths": "x"}), 404, "version_not_found", "RevisionNotFound")
+    assert_error(_paths_info(server.url, "nope-x", "1", data={"paths": "x"}), 404, "model_not_found", "RepoNotFound")
+    assert_error(httpx.post(f"{server.url}/api/models/{name}/paths-info"), 404, "not_found")  # no revision
+
+    # refs of a model with no version yet: nothing to list
+    assert httpx.post(f"{server.url}/api/v1/models", json={"name": f"{name}-empty", "kind": "base"}).status_code == 201
+    assert httpx.get(f"{server.url}/api/models/{name}-empty/refs").json() == {"branches": [], "converts": [],
+                                                                            "tags": []}
+    assert_error(httpx.get(f"{server.url}/api/models/nope-x/refs"), 404, "model_not_found", "RepoNotFound")
+
+
 # ----------------------------------------------------------------------------- the protocol, raw
 
 
@@ -487,14 +617,14 @@ def test_hub_client_loads_derived_versions(hstack: Stack, tiny: dict[str, Path],
     holds v2 + (fine-tune − base), computed here."""
     with hstack.client() as rc:
         b1 = _field(rc.push(tiny["base"], "hubd-base"), "ref")
-        members = [_field(rc.push(tiny[f"lora{i}"], f"hubd-lora{i}", base=b1), "ref") for i in range(3)]
+        members = [_field(rc.push(tiny[f"lora{i}"], f"acme--hubd-lora{i}", base=b1), "ref") for i in range(3)]
         basis = hstack.wait_job(_field(rc.create_basis(members, p=2, name="hubd-rmm"), "id"))
-        pruned = hstack.wait_job(_field(rc.prune(basis["result"]["basis_id"], max_error=0.0), "id"))
-        assert len(pruned["result"]["pruned"]) == 3, pruned
+        pruned = hstack.wait_job(_field(rc.prune(basis.result["basis_id"], max_error=0.0), "id"))
+        assert len(pruned.result["pruned"]) == 3, pruned
         ft = _field(rc.push(tiny["finetune"], "hubd-ft", base=b1), "ref")
         b2 = _field(rc.push(tiny["base-v2"], "hubd-base"), "ref")
         job = hstack.wait_job(_field(rc.transfer(ft, b2, storage="derived"), "id"))
-        cand = job["result"]["ref"]
+        cand = job.result["ref"]
     member = _version(hstack.url, members[1])
     moved = _version(hstack.url, cand)
     assert member["storage_mode"] == "derived:basis" and moved["storage_mode"] == "derived:diff"
@@ -504,14 +634,18 @@ def test_hub_client_loads_derived_versions(hstack: Stack, tiny: dict[str, Path],
     oracle = {k: (v2[k].double() + fine[k].double() - base[k].double()).to(v2[k].dtype) for k in v2}
     save_file(oracle, str(tmp_path / "oracle.safetensors"))
     ops = [
-        {"op": "peft_auto", "repo": "hubd-lora1", "revision": str(member["version"]),
+        {"op": "peft_auto", "repo": "acme/hubd-lora1", "revision": str(member["version"]),
          "local_base": str(tiny["base"]), "local_adapter": str(tiny["lora1"])},
-        {"op": "snapshot", "repo": "hubd-lora1", "revision": _commit(member)},
+        {"op": "snapshot", "repo": "acme/hubd-lora1", "revision": _commit(member)},
         {"op": "model_info", "repo": "hubd-ft", "revision": str(moved["version"])},
         {"op": "causal_lm_weights", "repo": "hubd-ft", "revision": str(moved["version"]),
          "expected": str(tmp_path / "oracle.safetensors")},
         {"op": "snapshot", "repo": "hubd-ft", "revision": _commit(moved)},
         {"op": "model_info", "repo": "hubd-ft"},  # main: the candidate is not the newest ready version
+        {"op": "fs", "repo": "acme/hubd-lora1", "revision": str(member["version"]),  # HfFileSystem (needs a namespace)
+         "path": "adapter_model.safetensors", "start": 1000, "length": 64},
+        {"op": "paths_info", "repo": "acme/hubd-lora1", "revision": _commit(member), "expand": True,
+         "paths": ["adapter_model.safetensors", "adapter_config.json"]},
     ]
     out = run_client(hstack.url, tmp_path / "client", ops)
 
@@ -529,6 +663,21 @@ def test_hub_client_loads_derived_versions(hstack: Stack, tiny: dict[str, Path],
     assert ok(out[3]) < 1e-6
     assert ok(out[4])["files"] == {f["path"]: f["sha256"] for f in moved["files"]}
     assert ok(out[5])["sha"] == _commit(_version(hstack.url, ft))
+
+    # HfFileSystem reads the rebuilt file: whole, by range, through paths-info; the bytes the native API serves
+    native = httpx.get(f"{hstack.url}/api/v1/models/acme--hubd-lora1/versions/{member['version']}/files/"
+                       "adapter_model.safetensors", timeout=120).content
+    fs = ok(out[6])
+    assert fs["sha256"] == fs["cat_sha256"] == served["adapter_model.safetensors"] == hashlib.sha256(native).hexdigest()
+    assert bytes.fromhex(fs["part"]) == native[1000:1064]
+    root = f"acme/hubd-lora1@{member['version']}"
+    assert fs["info"] == fs["info_refreshed"] == [f"{root}/adapter_model.safetensors", "file", len(native)]
+    assert fs["exists"] == [True, False]
+    assert [e[1] for e in fs["ls"]] == ["file"] * len(member["files"])
+    entries = ok(out[7])
+    assert [e[:3] for e in entries] == [["file", "adapter_model.safetensors", len(native)],
+                                        ["file", "adapter_config.json", entries[1][2]]]
+    assert entries[0][4] == served["adapter_model.safetensors"] and entries[0][5] == _commit(member)
 
 
 def test_main_is_the_alias_main_else_latest(server: Server, tiny: dict[str, Path], name: str) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
 
+from registry.client import Version
 from registry.models import Blob
 from registry.services import content, gc, packing
 from registry.services.context import RegistryContext
@@ -19,7 +20,7 @@ from registry.services.context import RegistryContext
 from .conftest import Server
 
 
-def _push(server: Server, name: str, tmp_path: Path, seed: int) -> tuple[dict[str, object], bytes]:
+def _push(server: Server, name: str, tmp_path: Path, seed: int) -> tuple[Version, bytes]:
     folder = tmp_path / f"v{seed}"
     folder.mkdir()
     g = torch.Generator().manual_seed(seed)
@@ -56,14 +57,14 @@ def test_death_before_the_commit_leaves_the_file_raw(server: Server, server_ctx:
 
     monkeypatch.setattr(packing, "_commit", die)
     with pytest.raises(Died):
-        packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+        packing.pack_version(server_ctx, v.id)
     monkeypatch.undo()
     assert _form(server_ctx, sha) == ("raw", len(data))
     assert _download(server, name) == data
     # the payloads it wrote are claims nobody commits: gc removes them after the grace period only
     assert not gc.collect(server_ctx, grace_seconds=3600).blob_rows_removed
     # the retried job finishes the work
-    report = packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    report = packing.pack_version(server_ctx, v.id)
     assert report.files_packed == 1
     assert _form(server_ctx, sha) == ("packed", 0)
     assert _download(server, name) == data
@@ -80,7 +81,7 @@ def test_death_after_the_commit_keeps_the_raw_bytes_until_gc(server: Server, ser
 
     monkeypatch.setattr(content, "release_raw", die)
     with pytest.raises(Died):
-        packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+        packing.pack_version(server_ctx, v.id)
     monkeypatch.undo()
     assert _form(server_ctx, sha) == ("packed", len(data))  # packed, raw object still held
     assert server_ctx.store.exists(sha)
@@ -97,15 +98,15 @@ def test_a_reader_that_missed_the_raw_bytes_reads_the_packed_form(server: Server
     v, data = _push(server, name, tmp_path, 3)
     sha = hashlib.sha256(data).hexdigest()
     stream = content.iter_range(server_ctx, sha)  # looked up while raw: not opened yet
-    packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    packing.pack_version(server_ctx, v.id)
     assert not server_ctx.store.exists(sha)
     assert b"".join(stream) == data
 
 
 def test_packing_twice_changes_nothing(server: Server, server_ctx: RegistryContext, name: str, tmp_path: Path) -> None:
     v, data = _push(server, name, tmp_path, 4)
-    first = packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
-    again = packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    first = packing.pack_version(server_ctx, v.id)
+    again = packing.pack_version(server_ctx, v.id)
     assert first.files_packed == 1 and again.files_packed == 0 and again.files_already_packed == 1
     assert again.stored_bytes == first.stored_bytes
     assert _download(server, name) == data
@@ -117,7 +118,7 @@ def test_cli_pack_and_storage(server: Server, name: str, tmp_path: Path) -> None
     import json
 
     v, data = _push(server, name, tmp_path, 5)
-    assert "queued" in server.cli("pack", str(v["ref"])).stdout
+    assert "queued" in server.cli("pack", v.ref).stdout
     report = json.loads(server.cli("storage", "--json").stdout)
     row = {m["model"]: m for m in report["models"]}[name]
     assert row["logical_bytes"] == row["stored_bytes"] == len(data)  # not packed yet: raw bytes count

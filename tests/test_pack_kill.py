@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
 
+from registry.client import Job
 from registry.models import Blob
 from registry.services import gc, runner
 
@@ -55,9 +56,9 @@ def _pull_exact(stack: Stack, ref: str, folder: Path) -> None:
         assert r.status_code == 206 and r.content == data[cut - 3000:cut + 5001]
 
 
-def _pack_job(stack: Stack, ref: str) -> dict[str, object] | None:
+def _pack_job(stack: Stack, ref: str) -> Job | None:
     with stack.client() as rc:
-        jobs = [j for j in rc.list_jobs(type="pack", limit=500) if j["params"].get("ref") == ref]
+        jobs = [j for j in rc.list_jobs(type="pack", limit=500) if j.params.get("ref") == ref]
     return jobs[0] if jobs else None
 
 
@@ -76,16 +77,16 @@ def test_worker_killed_inside_the_pack_of_a_file(stack: Stack, name: str, tmp_pa
     steady = stack.start_worker("steady")
     with stack.client() as rc:
         b = rc.push(base_dir, f"{name}-base", kind="base")
-    job = stack.wait_for(lambda: _pack_job(stack, b["ref"]), what="the base's pack job")
-    assert stack.wait_job(int(job["id"]))["state"] == "succeeded"  # type: ignore[arg-type]
+    job = stack.wait_for(lambda: _pack_job(stack, b.ref), what="the base's pack job")
+    assert stack.wait_job(job.id).state == "succeeded"
     steady.terminate()
     steady.wait(30)
 
     doomed = stack.start_worker("doomed", REGISTRY_PACK_SEGMENT_DELAY="2")
     with stack.client() as rc:
-        ft = rc.push(ft_dir, f"{name}-ft", kind="finetune", base=b["ref"])
-    job = stack.wait_for(lambda: _pack_job(stack, ft["ref"]), what="the fine-tune's pack job")
-    job_id = int(job["id"])  # type: ignore[arg-type]
+        ft = rc.push(ft_dir, f"{name}-ft", kind="finetune", base=b.ref)
+    job = stack.wait_for(lambda: _pack_job(stack, ft.ref), what="the fine-tune's pack job")
+    job_id = job.id
     with stack.server.context() as ctx:
         scratch = runner.attempt_dir(ctx, job_id, 1)
 
@@ -93,36 +94,37 @@ def test_worker_killed_inside_the_pack_of_a_file(stack: Stack, name: str, tmp_pa
         return any(p.is_file() for p in scratch.glob("pack-*/*"))
 
     stack.wait_for(inside_a_file, 120, "the doomed worker to code a segment")
-    _pull_exact(stack, ft["ref"], ft_dir)  # servable while it packs
+    _pull_exact(stack, ft.ref, ft_dir)  # servable while it packs
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.wait()
     with stack.client() as rc:
         running = rc.get_job(job_id)
-    assert running["state"] == "running" and str(running["worker"]).startswith("doomed@")
+    assert running.state == "running" and str(running.worker).startswith("doomed@")
     # killed inside the pack of a file: coded payloads in its scratch space, a file still raw
     assert inside_a_file() and "raw" in _forms(stack, ft_dir)
-    _pull_exact(stack, ft["ref"], ft_dir)  # servable after the kill
+    _pull_exact(stack, ft.ref, ft_dir)  # servable after the kill
 
     stack.start_worker("rescuer")
     done = stack.wait_job(job_id, timeout=300)
-    assert done["state"] == "succeeded" and done["attempts"] == 2, done
-    assert str(done["worker"]).startswith("rescuer@")
-    assert done["result"]["files_packed"] == 2  # type: ignore[index]
+    assert done.state == "succeeded" and done.attempts == 2, done
+    assert str(done.worker).startswith("rescuer@")
+    assert done.result is not None and done.result["files_packed"] == 2
     assert _forms(stack, ft_dir) == {"packed"}
     with stack.client() as rc:
-        v = rc.get_version(ft["ref"])
-    assert 0 < v["stored_bytes"] < 0.5 * v["size"]  # coded against its base
-    for f in v["files"]:
-        if f["path"].endswith(".safetensors"):
-            assert f["sha256"] not in stack.server.blob_files()  # raw bytes released
-    _pull_exact(stack, ft["ref"], ft_dir)
+        v = rc.get_version(ft.ref)
+    assert 0 < v.stored_bytes < 0.5 * v.size  # coded against its base
+    for f in v.files:
+        if f.path.endswith(".safetensors"):
+            assert f.sha256 not in stack.server.blob_files()  # raw bytes released
+    _pull_exact(stack, ft.ref, ft_dir)
 
     with stack.server.context() as ctx:
         report = gc.collect(ctx, grace_seconds=0)
     assert report.work_dirs_removed >= 1 and not scratch.exists()
     assert stack.server.leftovers() == (set(), set())
-    _pull_exact(stack, b["ref"], base_dir)  # gc kept what the packed files need
-    _pull_exact(stack, ft["ref"], ft_dir)
+    _pull_exact(stack, b.ref, base_dir)  # gc kept what the packed files need
+    _pull_exact(stack, ft.ref, ft_dir)
     with stack.client() as rc:
-        for ref in (b["ref"], ft["ref"]):
-            assert stack.wait_job(rc.verify(ref)["id"])["result"]["ok"] is True
+        for ref in (b.ref, ft.ref):
+            result = stack.wait_job(rc.verify(ref).id).result
+            assert result is not None and result["ok"] is True

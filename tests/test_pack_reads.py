@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
 
+from registry.client import Version
 from registry.models import Blob, BlobSegment, Chunk
 from registry.services import content, packing
 from registry.services.context import RegistryContext
@@ -37,7 +38,7 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _push(server: Server, name: str, folder: Path, tensors: dict[str, torch.Tensor],
-          metadata: dict[str, str] | None = None) -> tuple[dict[str, object], bytes]:
+          metadata: dict[str, str] | None = None) -> tuple[Version, bytes]:
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
     with server.client() as rc:
@@ -108,16 +109,16 @@ def _damage_keeping_crc(server_ctx: RegistryContext, sha: str) -> tuple[int, int
     return offset, length
 
 
-def _corrupt(server: Server, ref: object) -> bool:
+def _corrupt(server: Server, ref: str) -> bool:
     with server.client() as rc:
-        return bool(rc.get_version(str(ref))["corrupt"])
+        return rc.get_version(ref).corrupt
 
 
 def test_a_whole_download_hashes_what_the_crc_cannot_see(server: Server, server_ctx: RegistryContext, name: str,
                                                           tmp_path: Path) -> None:
     v, data = _push(server, name, tmp_path / "m", _tensors(1))
     sha = hashlib.sha256(data).hexdigest()
-    packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    packing.pack_version(server_ctx, v.id)
     assert content.is_packed(server_ctx, sha)
     assert httpx.get(_url(server, name)).content == data
     _damage_keeping_crc(server_ctx, sha)
@@ -127,14 +128,14 @@ def test_a_whole_download_hashes_what_the_crc_cannot_see(server: Server, server_
         for chunk in r.iter_bytes():
             got += chunk
     assert len(got) < len(data)  # cut before it completed: never a complete-looking wrong body
-    assert _corrupt(server, v["ref"])
+    assert _corrupt(server, v.ref)
 
 
 def test_a_range_checks_each_chunk_it_serves(server: Server, server_ctx: RegistryContext, name: str,
                                              tmp_path: Path) -> None:
     v, data = _push(server, name, tmp_path / "m", _tensors(2))
     sha = hashlib.sha256(data).hexdigest()
-    packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    packing.pack_version(server_ctx, v.id)
     offset, length = _damage_keeping_crc(server_ctx, sha)
     header = {"Range": f"bytes={offset + 50}-{offset + 300}"}
     try:
@@ -142,7 +143,7 @@ def test_a_range_checks_each_chunk_it_serves(server: Server, server_ctx: Registr
         assert r.status_code == 500, r.status_code  # refused before a byte of it was sent
     except httpx.RemoteProtocolError:
         pass  # or cut once the response had started
-    assert _corrupt(server, v["ref"])
+    assert _corrupt(server, v.ref)
     # bytes of the file outside the damaged chunk are still served exactly
     assert offset >= 1000
     r = httpx.get(_url(server, name), headers={"Range": f"bytes={offset - 1000}-{offset - 1}"})
@@ -160,20 +161,20 @@ def test_a_damaged_raw_object_is_never_packed(server: Server, server_ctx: Regist
     raw.write_bytes(bytes(damaged))
     objects = server.blob_files()
     with pytest.raises(content.ContentError, match="hash to"):
-        packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+        packing.pack_version(server_ctx, v.id)
     with server_ctx.db.read() as s:
         assert s.scalar(select(Blob.form).where(Blob.sha256 == sha)) == "raw"
     assert server.blob_files() == objects  # nothing was written to the store
     raw.write_bytes(data)  # restored: now it packs
-    assert packing.pack_version(server_ctx, int(v["id"])).files_packed == 1  # type: ignore[call-overload]
+    assert packing.pack_version(server_ctx, v.id).files_packed == 1
     assert httpx.get(_url(server, name)).content == data
 
 
 def test_a_damaged_chunk_is_not_reused(server: Server, server_ctx: RegistryContext, name: str, tmp_path: Path) -> None:
     tensors = _tensors(4)
     first, _ = _push(server, f"{name}-a", tmp_path / "a", tensors)
-    packing.pack_version(server_ctx, int(first["id"]))  # type: ignore[call-overload]
-    first_sha = str(first["files"][0]["sha256"])  # type: ignore[index]
+    packing.pack_version(server_ctx, first.id)
+    first_sha = first.files[0].sha256
     path, _, _ = _payload_path(server_ctx, first_sha, "BF16")
     payload = bytearray(path.read_bytes())
     payload[len(payload) // 2] ^= 0xFF
@@ -182,7 +183,7 @@ def test_a_damaged_chunk_is_not_reused(server: Server, server_ctx: RegistryConte
     again, data = _push(server, f"{name}-b", tmp_path / "b", tensors, metadata={"note": "re-upload"})
     sha = hashlib.sha256(data).hexdigest()
     with pytest.raises(content.ContentError):
-        packing.pack_version(server_ctx, int(again["id"]))  # type: ignore[call-overload]
+        packing.pack_version(server_ctx, again.id)
     assert not content.is_packed(server_ctx, sha) and server_ctx.store.exists(sha)  # kept raw
     assert httpx.get(_url(server, f"{name}-b")).content == data
 
@@ -197,7 +198,7 @@ def test_windows_of_segments(server: Server, server_ctx: RegistryContext, name: 
     tensors = {f"t{i:02d}": (same.clone() if i % 5 == 0 else torch.randn(64, 64, generator=g)) for i in range(40)}
     v, data = _push(server, name, tmp_path / "m", tensors)
     sha = hashlib.sha256(data).hexdigest()
-    report = packing.pack_version(server_ctx, int(v["id"]))  # type: ignore[call-overload]
+    report = packing.pack_version(server_ctx, v.id)
     assert report.files_packed == 1
     assert report.chunks_new == 1 + 32 + 1  # the header, 32 distinct tensors, the repeated one once
     assert content.is_packed(server_ctx, sha) and not server_ctx.store.exists(sha)

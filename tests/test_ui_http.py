@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ import pytest
 from registry.api.deps import COOKIE, CSRF_HEADER, csrf_token
 from registry.ui import vendor
 
-from .conftest import Server, free_port, make_server, wait_until
+from .conftest import Server, Stack, free_port, make_server, make_stack, wait_until
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 ASSET = re.compile(r"""(?:src|href)=["']([^"'#]+)["']""")
@@ -41,18 +42,19 @@ def _assets(html: str) -> list[str]:
 def test_root_redirects_to_the_ui_and_pages_render(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         base = rc.push(demo["base"], f"{name}-base")
-        lora = rc.push(demo["adapter-sql"], f"{name}-lora", base=base["ref"])
+        lora = rc.push(demo["adapter-sql"], f"{name}-lora", base=base.ref)
     r = httpx.get(server.url + "/", follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == "/ui"
     for path in ("/ui", "/ui/models", f"/ui/models/{name}-lora", f"/ui/models/{name}-lora/versions/1",
-                 f"/ui/models/{name}-lora/versions/latest", "/ui/bases", "/ui/jobs", "/ui/webhooks"):
+                 f"/ui/models/{name}-lora/versions/latest", "/ui/bases", "/ui/compressions", "/ui/jobs",
+                 "/ui/webhooks"):
         r = httpx.get(server.url + path)
         assert r.status_code == 200, (path, r.text[:500])
         assert r.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in r.headers["content-security-policy"]
     page = httpx.get(server.url + f"/ui/models/{name}-lora/versions/1").text
-    for f in lora["files"]:  # every file with its size, sha256 and a download link through the API
-        assert f["sha256"] in page and f"/api/v1/models/{name}-lora/versions/1/files/{f['path']}" in page
+    for f in lora.files:  # every file with its size, sha256 and a download link through the API
+        assert f.sha256 in page and f"/api/v1/models/{name}-lora/versions/1/files/{f.path}" in page
     assert f'href="/ui/models/{name}-base/versions/1"' in page  # the base, a link
     listing = httpx.get(server.url + "/ui/models", params={"q": name}).text
     assert listing.index(f"{name}-lora") < listing.index(f"{name}-base")  # newest first
@@ -75,7 +77,7 @@ def test_every_asset_a_page_or_the_docs_loads_is_served_here(server: Server) -> 
         seen.update(urls)
     assert {"/ui/static/vendor/swagger-ui-bundle.js", "/ui/static/vendor/redoc.standalone.js",
             "/ui/static/vendor/htmx.min.js"} <= seen
-    for url in seen - {"/ui/models", "/ui/jobs", "/docs", "/ui", "/ui/bases", "/ui/webhooks"}:
+    for url in seen - {"/ui/models", "/ui/jobs", "/docs", "/ui", "/ui/bases", "/ui/compressions", "/ui/webhooks"}:
         assert httpx.get(server.url + url).status_code == 200, url
     assert "/openapi.json" in httpx.get(server.url + "/docs").text
 
@@ -112,7 +114,7 @@ def test_page_actions_on_loopback_need_the_csrf_header(server: Server, demo: dic
     r = httpx.post(url, data={"alias": "prod", "version": "1"}, headers={CSRF_HEADER: csrf_token(None)})
     assert r.status_code == 200 and f"{name}@prod → {name}@1" in r.text
     with server.client() as rc:
-        assert [a["ref"] for a in rc.list_aliases(name)] == [f"{name}@1"]
+        assert [a.ref for a in rc.list_aliases(name)] == [f"{name}@1"]
     r = httpx.post(url, data={"alias": "Bad Alias!", "version": "1"}, headers={CSRF_HEADER: csrf_token(None)})
     assert r.status_code == 422 and "invalid_alias" in r.text  # the service's rule, as an HTML page
     r = httpx.post(server.url + f"/ui/models/{name}/versions/1/promote", headers={CSRF_HEADER: csrf_token(None)})
@@ -132,8 +134,8 @@ def test_login_is_not_needed_without_auth(server: Server) -> None:
 def test_models_newest_first_and_by_base(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         base = rc.push(demo["base"], f"{name}-a-base")
-        rc.push(demo["adapter-sql"], f"{name}-b-sql", base=base["ref"])
-        rc.push(demo["adapter-chat"], f"{name}-c-chat", base=base["ref"])
+        rc.push(demo["adapter-sql"], f"{name}-b-sql", base=base.ref)
+        rc.push(demo["adapter-chat"], f"{name}-c-chat", base=base.ref)
         rc.push(demo["base-v2"], f"{name}-a-base")
     api = server.url + "/api/v1/models"
     page = httpx.get(api, params={"prefix": name, "order": "newest", "limit": 2}).json()
@@ -178,6 +180,105 @@ def test_update_reports_of_a_version(server: Server, demo: dict[str, Path], name
     page = httpx.get(server.url + f"/ui/models/{name}/versions/1").text
     assert f'href="/ui/models/{name}/versions/2"' in page and '<td class="num nfr">0.25</td>' in page
     assert _err(httpx.get(server.url + f"/api/v1/models/{name}/versions/9/compat")) == (404, "version_not_found")
+
+
+# --------------------------------------------------------------------------- compressions (a worker runs the plans)
+
+
+@pytest.fixture(scope="module")
+def cstack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: list[str]) -> Stack:
+    return make_stack(request, tmp_path_factory, pg_databases, "sqla", workers=1)
+
+
+def _ref(pushed: Any) -> str:
+    return str(pushed["ref"] if isinstance(pushed, dict) else pushed.ref)
+
+
+def _job_result(stack: Stack, r: httpx.Response) -> dict[str, Any]:
+    assert r.status_code == 202, r.text  # queued
+    job = stack.wait_job(r.json()["id"], timeout=600)
+    assert _field(job, "state") == "succeeded", job
+    return dict(_field(job, "result"))
+
+
+def _field(obj: Any, key: str) -> Any:
+    return obj[key] if isinstance(obj, dict) else getattr(obj, key)
+
+
+def _cell(x: float, digits: int = 4) -> str:
+    """How the pages print a metric (registry.api.routers.ui.number): 4 significant digits."""
+    return f"{x:.{digits}g}"
+
+
+def test_compression_pages(cstack: Stack, demo: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """A plan whose members are served from it, and one whose member is not (budget 0: the demo
+    adapter is not rebuilt to its exact bytes): the list, the detail page (per member method,
+    parameters, stored bytes, error and error as served, served from the plan or not; the plan's
+    ratio), a member's plan_member_of edge and the plan version linking to the compression; the same
+    numbers the JSON API gives, and the JSON list filtered by plan version."""
+    from registry.demo import make_adapter
+
+    api = cstack.url + "/api/v1"
+    with cstack.client() as rc:
+        base = _ref(rc.push(demo["base"], f"{name}-base"))
+        folders = [demo["adapter-sql"], demo["adapter-chat"], make_adapter(tmp_path / "third", seed=3, init_seed=7)]
+        refs = [_ref(rc.push(f, f"{name}-{i}", base=base)) for i, f in enumerate(folders)]
+        exact = _ref(rc.push(demo["adapter-sql"], f"{name}-exact", base=base))
+    served = _job_result(cstack, httpx.post(api + "/compressions", json={
+        "members": refs, "max_error": 0.05, "name": f"{name}-plan", "collection": name, "prune": True}))
+    assert _field(cstack.wait_job(served["prune_job_id"], timeout=600), "state") == "succeeded"
+    kept = _job_result(cstack, httpx.post(api + "/compressions", json={
+        "members": [exact], "max_error": 0, "name": f"{name}-plan0", "collection": name}))
+    c = httpx.get(f"{api}/compressions/{served['compression_id']}").json()
+    c0 = httpx.get(f"{api}/compressions/{kept['compression_id']}").json()
+    assert all(m["pruned"] for m in c["members"]) and not c0["members"][0]["pruned"]
+    assert not c0["members"][0]["prunable"]
+
+    listing = httpx.get(cstack.url + "/ui/compressions", params={"collection": name}).text
+    assert listing.index(f'id="compression-{c0["id"]}"') < listing.index(f'id="compression-{c["id"]}"')  # newest first
+    assert f'href="/ui/compressions/{c["id"]}"' in listing
+    assert f'<td class="num ratio">{_cell(c["ratio"], 3)}</td>' in listing
+    assert "No compression plans" in httpx.get(cstack.url + "/ui/compressions", params={"collection": "none-such"}).text
+
+    page = httpx.get(cstack.url + f"/ui/compressions/{c['id']}")
+    assert page.status_code == 200 and 'aria-current="page">Compressions' in page.text
+    html = page.text
+    assert f'href="/ui/models/{name}-plan/versions/1"' in html and f'href="/ui/models/{name}-base/versions/1"' in html
+    assert re.search(f'<dd id="storage-ratio"[^>]*>{re.escape(_cell(c["ratio"]))}</dd>', html)
+    assert f'data-bytes="{c["stored_bytes"]}"' in html and f'data-bytes="{c["original_bytes"]}"' in html
+    members = html.split('<table class="members">')[1].split("<tbody>")[1].split("</tbody>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", members, re.S)
+    assert len(rows) == len(refs)
+    for m, row in zip(c["members"], rows, strict=True):
+        assert f'href="/ui/models/{m["ref"].replace("@", "/versions/")}"' in row
+        assert f"<td>{m['method']}</td>" in row and f'title="{m["stored_bytes"]} bytes"' in row
+        assert f">{_cell(m['error'])}</td>" in row and f">{_cell(m['served_error'])}</td>" in row
+        assert ">yes</span>" in row
+        if m["parameters"]:
+            assert "<details><summary>" in row
+    row0 = httpx.get(cstack.url + f"/ui/compressions/{c0['id']}").text
+    assert "no <span class=\"note\">(not within budget as served)</span>" in row0
+    assert f">{_cell(c0['members'][0]['served_error'])}</td>" in row0
+
+    # a member's plan_member_of edge and the plan version both link to the compression
+    member = httpx.get(cstack.url + f"/ui/models/{name}-1/versions/1").text
+    assert 'data-relation="plan_member_of"' in member and f'href="/ui/compressions/{c["id"]}"' in member
+    plan = httpx.get(cstack.url + f"/ui/models/{name}-plan/versions/1").text
+    assert f'<dd id="plan-of"><a href="/ui/compressions/{c["id"]}">' in plan
+    assert "/ui/compressions/" not in httpx.get(cstack.url + f"/ui/models/{name}-base/versions/1").text.split(
+        "<main>")[1]  # nothing to link for a version that is no plan and no member
+
+    # the JSON list by plan version: the one plan, none for an unknown version, 422 for no ref
+    assert [x["id"] for x in httpx.get(api + "/compressions", params={"version": f"{name}-plan@1"}).json()] == [c["id"]]
+    assert httpx.get(api + "/compressions", params={"version": f"{name}-plan@9"}).json() == []
+    assert httpx.get(api + "/compressions", params={"version": f"{name}-base@1"}).json() == []
+    assert _err(httpx.get(api + "/compressions", params={"version": "not a ref!"})) == (422, "invalid_ref")
+
+    # bad ids: the API's errors, as pages
+    r = httpx.get(cstack.url + "/ui/compressions/999999")
+    assert r.status_code == 404 and "compression_not_found" in r.text
+    r = httpx.get(cstack.url + "/ui/compressions/0")
+    assert r.status_code == 422 and "invalid_request" in r.text
 
 
 # --------------------------------------------------------------------------- auth required: tokens and the cookie
@@ -269,10 +370,10 @@ def test_the_cookie_goes_through_the_token_check(auth_server: Server, tokens: di
 def test_a_revoked_token_in_the_cookie_is_refused(auth_server: Server, tokens: dict[str, str]) -> None:
     with auth_server.client(tokens["admin"]) as admin:
         t = admin.create_token("ui-short", "read")
-    with _login(auth_server, t["token"]) as http:
+    with _login(auth_server, t.token) as http:
         assert http.get("/ui/models").status_code == 200
         with auth_server.client(tokens["admin"]) as admin:
-            admin.revoke_token(t["id"])
+            admin.revoke_token(t.id)
         r = http.get("/ui/models")
         assert r.status_code == 401 and "invalid_token" in r.text
         r = http.post("/ui/logout", follow_redirects=False)
@@ -289,18 +390,18 @@ def test_webhook_pages_are_for_admins(auth_server: Server, tokens: dict[str, str
         with auth_server.client(tokens["admin"]) as rc:
             hook = rc.create_webhook(f"http://127.0.0.1:{free_port()}/hook", ["model.*"], description="ui test")
             rc.create_model(name, "base")
-            (d,) = wait_until(lambda: rc.list_deliveries(hook["id"]), 120, "the dispatcher's delivery")
+            (d,) = wait_until(lambda: rc.list_deliveries(hook.id), 120, "the dispatcher's delivery")
     finally:
         dispatcher.terminate()
         dispatcher.wait(30)
-    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook['id']}", headers=admin)
-    assert page.status_code == 200 and f'id="delivery-{d["id"]}"' in page.text and "model.created" in page.text
-    page = httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=admin)
+    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook.id}", headers=admin)
+    assert page.status_code == 200 and f'id="delivery-{d.id}"' in page.text and "model.created" in page.text
+    page = httpx.get(auth_server.url + f"/ui/deliveries/{d.id}", headers=admin)
     assert page.status_code == 200 and "Not attempted yet" in page.text
-    r = httpx.post(auth_server.url + f"/ui/deliveries/{d['id']}/redeliver", headers=admin)
+    r = httpx.post(auth_server.url + f"/ui/deliveries/{d.id}/redeliver", headers=admin)
     assert r.status_code == 409 and "delivery_in_progress" in r.text
     read = {"Authorization": f"Bearer {tokens['read']}"}
-    assert httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=read).status_code == 403
+    assert httpx.get(auth_server.url + f"/ui/deliveries/{d.id}", headers=read).status_code == 403
     assert httpx.get(auth_server.url + "/ui/deliveries/999999", headers=admin).status_code == 404
 
 

@@ -313,5 +313,7 @@ def get_compression(ctx: RegistryContext, compression_id: int) -> dict[str, Any]
     return get_collection_row(ctx, Compression, compression_id, compression_view, "compression")
 
 
-def list_compressions(ctx: RegistryContext, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    return list_collection_rows(ctx, Compression, compression_view, collection, limit)
+def list_compressions(ctx: RegistryContext, collection: str | None = None, limit: int = 50,
+                      version: str | None = None) -> list[dict[str, Any]]:
+    """Plans, newest first; ``version``: only those whose plan file is the version that ref names."""
+    return list_collection_rows(ctx, Compression, compression_view, collection, limit, version)

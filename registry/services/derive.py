@@ -19,6 +19,7 @@ from .context import RegistryContext
 from .derived import materialize
 from .drafts import DraftSpec, resolve_body_ref
 from .recording import CommitOptions, ingest_folder
+from .refs import find
 from .runner import JobRun
 from .views import VersionView
 
@@ -151,10 +152,16 @@ def get_collection_row(ctx: RegistryContext, cls: type[Any], row_id: int,
 
 
 def list_collection_rows(ctx: RegistryContext, cls: Any, view: Callable[[Session, Any], dict[str, Any]],
-                         collection: str | None, limit: int) -> list[dict[str, Any]]:
-    """Rows of a collection table, newest first (``collection``: only that collection's; 1 … 500 rows)."""
+                         collection: str | None, limit: int, version: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a collection table, newest first (``collection``: only that collection's; ``version``:
+    only those recorded as the version that ref names, none when it names none; 1 … 500 rows)."""
     with ctx.db.read() as s:
         q = select(cls)
         if collection:
             q = q.where(cls.collection == collection)
+        if version is not None:
+            v = find(s, version)
+            if v is None:
+                return []
+            q = q.where(cls.version_id == v.id)
         return [view(s, row) for row in s.scalars(q.order_by(cls.id.desc()).limit(max(1, min(limit, 500))))]

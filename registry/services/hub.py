@@ -44,10 +44,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..errors import Conflict, NotFound, RegistryError
+from ..errors import Conflict, InvalidInput, NotFound, RegistryError
 from ..formats.paths import clean_path
 from ..formats.peft import ADAPTER_CONFIG_NAME, resolvable_config
-from ..models import Model, ModelVersion
+from ..models import Alias, Model, ModelVersion, VersionStatus
 from . import derived, integrity, names, refs
 from .context import RegistryContext
 from .derived import ServedFile
@@ -180,16 +180,19 @@ def _version(s: Session, model: Model, repo_id: str, revision: str) -> ModelVers
         raise _revision_not_found(repo_id, revision, why) from None
 
 
+def _model(s: Session, repo_id: str) -> Model:
+    name = model_name_of(repo_id)
+    model = None if name is None else s.scalar(refs.model_named(name))
+    if model is None:
+        raise _repo_not_found(repo_id)
+    return model
+
+
 def resolve(ctx: RegistryContext, repo_id: str, revision: str | None) -> HubVersion:
     """The version ``revision`` names in repo ``repo_id`` (rules: module docstring). Raises
     ``model_not_found``, ``version_not_found`` or ``ambiguous_revision``."""
-    name = model_name_of(repo_id)
-    if name is None:
-        raise _repo_not_found(repo_id)
     with ctx.db.read() as s:
-        model = s.scalar(refs.model_named(name))
-        if model is None:
-            raise _repo_not_found(repo_id)
+        model = _model(s, repo_id)
         v = _version(s, model, repo_id, revision or DEFAULT_REVISION)
         base_repo, base_commit = None, None
         if v.base_version_id is not None:
@@ -202,6 +205,43 @@ def resolve(ctx: RegistryContext, repo_id: str, revision: str | None) -> HubVers
                           kind=v.kind, storage_mode=v.storage_mode, status=v.status, created_at=v.created_at,
                           model_created_at=model.created_at, base_repo_id=base_repo, base_commit=base_commit,
                           tags=tags)
+
+
+@dataclass(frozen=True)
+class GitRef:
+    """A revision the Hub lists as a Git ref: ``name`` (what to pass as ``revision``), its full
+    ``ref`` and the commit it names now."""
+
+    name: str
+    ref: str
+    commit: str
+
+
+def git_refs(ctx: RegistryContext, repo_id: str) -> tuple[list[GitRef], list[GitRef]]:
+    """(branches, tags) of repo ``repo_id``: the movable revisions as branches, ``main`` first (when
+    it names a version: the alias ``main``, else the newest ready version) then every other alias by
+    name; the immutable ones as tags: every ready or candidate version by number, oldest first."""
+    with ctx.db.read() as s:
+        model = _model(s, repo_id)
+        branches = []
+        try:
+            v = _version(s, model, repo_id, DEFAULT_REVISION)
+            branches.append(GitRef(DEFAULT_REVISION, f"refs/heads/{DEFAULT_REVISION}", commit_of(v.version,
+                                                                                             v.content_sha256)))
+        except NotFound:
+            pass
+        rows = s.execute(select(Alias.name, ModelVersion.version, ModelVersion.content_sha256)
+                         .join(ModelVersion, ModelVersion.id == Alias.version_id)
+                         .where(Alias.model_id == model.id).order_by(Alias.name))
+        # an alias spelled like a commit or a content sha256 is never read as one (module docstring)
+        branches += [GitRef(a, f"refs/heads/{a}", commit_of(n, sha)) for a, n, sha in rows
+                     if a != DEFAULT_REVISION and not COMMIT_RE.fullmatch(a) and not CONTENT_RE.fullmatch(a)]
+        listed = (VersionStatus.ready.value, VersionStatus.candidate.value)
+        rows = s.execute(select(ModelVersion.version, ModelVersion.content_sha256)
+                         .where(ModelVersion.model_id == model.id, ModelVersion.status.in_(listed))
+                         .order_by(ModelVersion.version))
+        tags = [GitRef(str(n), f"refs/tags/{n}", commit_of(n, sha)) for n, sha in rows]
+        return branches, tags
 
 
 # ----------------------------------------------------------------------------- files
@@ -299,3 +339,28 @@ def tree(hv: HubVersion, all_files: list[HubFile], path: str | None, recursive: 
         if recursive or len(parts) == 1:
             out[f.path] = f
     return [out[k] for k in sorted(out)]
+
+
+MAX_PATHS = 1000  # one paths-info request (the Hub client sends all of its paths in one)
+
+
+def paths_info(hv: HubVersion, all_files: list[HubFile], paths: list[str]) -> list[HubFile | Folder]:
+    """The entries ``paths`` name, in the order asked, each once: a file, or a folder (a prefix of
+    some file's path). A path naming neither, and the root (``""``), are left out, as the Hub does;
+    a path that could leave the version is ``unsafe_path``; over :data:`MAX_PATHS`, ``too_many_paths``."""
+    if len(paths) > MAX_PATHS:
+        raise InvalidInput(f"{len(paths)} paths in one request; at most {MAX_PATHS}", code="too_many_paths",
+                           details={"count": len(paths), "limit": MAX_PATHS})
+    by_path = {f.path: f for f in all_files}
+    folders = {f.path.rsplit("/", depth)[0] for f in all_files for depth in range(1, f.path.count("/") + 1)}
+    out: dict[str, HubFile | Folder] = {}
+    for raw in paths:
+        path = raw.strip("/")
+        if not path:
+            continue
+        path = clean_path(path)
+        entry = by_path.get(path) or (Folder(path) if path in folders else None)
+        if entry is not None:
+            out.setdefault(path, entry)
+    return list(out.values())
+

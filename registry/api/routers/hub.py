@@ -6,6 +6,10 @@ is the Hub's, checked with its real client in ``tests/test_hub.py``):
 - ``GET /api/models/{repo_id}`` and ``/api/models/{repo_id}/revision/{revision}``: model info
   (``sha`` = the commit, ``siblings`` with sizes and LFS sha256s);
 - ``GET /api/models/{repo_id}/tree/{revision}[/{path}]``: the file tree (``recursive``, ``expand``);
+- ``POST /api/models/{repo_id}/paths-info/{revision}``: the tree entries of the paths asked for (the
+  client's form body ``paths=…&paths=…&expand=…``, or the same as a JSON object), those that exist;
+- ``GET /api/models/{repo_id}/refs``: the revisions as Git refs (aliases as branches, version
+  numbers as tags; :func:`registry.services.hub.git_refs`);
 - ``HEAD``/``GET /{repo_id}/resolve/{revision}/{path}``: a file. A revision other than the
   commit answers ``307`` with a relative ``Location`` naming the commit, so the client's ``GET``
   reads exactly the version its ``HEAD`` saw even if an alias moves in between; at the commit the
@@ -25,16 +29,18 @@ The rules for repo ids, revisions, commits and files are in :mod:`registry.servi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from ...errors import NotFound, RegistryError
+from ...errors import InvalidInput, NotFound, RegistryError
 from ...services import hub
 from ..deps import Ctx, Reader
 from ..ranges import file_response
@@ -150,14 +156,26 @@ def _tree_entry(hv: hub.HubVersion, e: hub.HubFile | hub.Folder, expand: bool) -
 
 
 def _api_fits(rest: list[str]) -> bool:
-    return (not rest or (len(rest) == 2 and rest[0] == "revision")
+    return (not rest or rest == ["refs"] or (len(rest) == 2 and rest[0] == "revision")
             or (len(rest) >= 2 and rest[0] == "tree"))
+
+
+def _git_ref(r: hub.GitRef) -> dict[str, str]:
+    return {"name": r.name, "ref": r.ref, "targetCommit": r.commit}
 
 
 @router.get("/api/models/{rest:path}")
 def models_api(request: Request, ctx: Ctx, _: Reader) -> Any:
-    """Model info (``/api/models/{repo}[/revision/{rev}]``) and trees (``…/tree/{rev}[/{path}]``)."""
+    """Model info (``/api/models/{repo}[/revision/{rev}]``), trees (``…/tree/{rev}[/{path}]``) and
+    refs (``…/refs``)."""
     repo_id, rest = _readings(ctx, request, _segments(request, "/api/models/"), _api_fits)
+    if rest == ["refs"]:
+        branches, tags = hub.git_refs(ctx, repo_id)
+        out: dict[str, Any] = {"branches": [_git_ref(b) for b in branches], "converts": [],
+                               "tags": [_git_ref(t) for t in tags]}
+        if _flag(request, "include_prs"):
+            out["pullRequests"] = []  # the registry has none
+        return out
     hv = hub.resolve(ctx, repo_id, rest[1] if rest else None)
     files = hub.files(ctx, hv)
     if not rest or rest[0] == "revision":
@@ -165,6 +183,62 @@ def models_api(request: Request, ctx: Ctx, _: Reader) -> Any:
     entries = hub.tree(hv, files, "/".join(rest[2:]) or None, _flag(request, "recursive"))
     expand = _flag(request, "expand")
     return [_tree_entry(hv, e, expand) for e in entries]
+
+
+def _paths_info_fits(rest: list[str]) -> bool:
+    return len(rest) == 2 and rest[0] == "paths-info" and bool(rest[1])
+
+
+def _paths_request(body: bytes, content_type: str) -> tuple[list[str], bool]:
+    """(paths, expand) of a paths-info body: the Hub client's form (``paths`` repeated, ``expand``
+    ``True``/``False``), or a JSON object ``{"paths": [...] or "...", "expand": bool}``."""
+    def bad(message: str) -> InvalidInput:
+        return InvalidInput(f"paths-info: {message}", code="invalid_request")
+
+    media = content_type.partition(";")[0].strip().lower()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("the body is not UTF-8") from None
+    if media == "application/json":
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise bad("the body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise bad("the body must be a JSON object")
+        paths, expand = doc.get("paths", []), doc.get("expand", False)
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise bad("paths must be a string or a list of strings")
+        if not isinstance(expand, bool):
+            raise bad("expand must be true or false")
+        return paths, expand
+    if media not in ("", "application/x-www-form-urlencoded"):
+        raise bad(f"a form (application/x-www-form-urlencoded) or JSON body, not {media}")
+    try:
+        form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))  # (the body is bounded)
+    except ValueError as e:
+        raise bad(f"not a form body ({e})") from None
+    flag = (form.get("expand") or ["false"])[-1].lower()
+    if flag not in ("true", "false", "1", "0", ""):
+        raise bad(f"expand must be true or false, not {flag!r}")
+    return form.get("paths", []), flag in ("true", "1")
+
+
+@router.post("/api/models/{rest:path}")
+async def paths_info(request: Request, ctx: Ctx, _: Reader) -> Any:
+    """Tree entries of the paths a client asks about (``HfApi.get_paths_info``, ``HfFileSystem.info``)."""
+    repo_id, rest = await run_in_threadpool(_readings, ctx, request, _segments(request, "/api/models/"),
+                                            _paths_info_fits)
+    # (the body is bounded like every JSON body: REGISTRY_MAX_JSON_BODY_BYTES, 413 above it)
+    paths, expand = _paths_request(await request.body(), request.headers.get("content-type", ""))
+
+    def entries() -> list[dict[str, Any]]:
+        hv = hub.resolve(ctx, repo_id, rest[1])
+        return [_tree_entry(hv, e, expand) for e in hub.paths_info(hv, hub.files(ctx, hv), paths)]
+
+    return await run_in_threadpool(entries)
 
 
 def _resolve_fits(rest: list[str]) -> bool:

@@ -25,8 +25,8 @@ from starlette.responses import RedirectResponse, Response
 
 from ... import ui as ui_package
 from ...errors import Unauthorized
-from ...models import MEMBERSHIP_RELATIONS, JobState
-from ...services import aliases, bases, catalog, compat, jobs, lineage, names, tokens, versions, webhooks
+from ...models import MEMBERSHIP_RELATIONS, JobState, Relation
+from ...services import aliases, bases, catalog, compat, compressions, jobs, lineage, names, tokens, versions, webhooks
 from ...services.jobtypes import JOB_TYPES
 from ...services.tokens import Principal
 from ...services.versions import VersionFilter
@@ -53,9 +53,10 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
             "base-uri 'self'")
 
 NAV: list[tuple[str, str, str]] = [
-    # (section, label, path): the header's links. A new section (compressions) adds a row here.
+    # (section, label, path): the header's links; a new section adds a row here.
     ("models", "Models", f"{PREFIX}/models"),
     ("bases", "Bases", f"{PREFIX}/bases"),
+    ("compressions", "Compressions", f"{PREFIX}/compressions"),
     ("jobs", "Jobs", f"{PREFIX}/jobs"),
     ("webhooks", "Webhooks", f"{PREFIX}/webhooks"),
 ]
@@ -98,6 +99,28 @@ def edge_label(relation: str, params: dict[str, Any]) -> str:
     return relation
 
 
+def plan_parameters(parameters: dict[str, Any]) -> str:
+    """A compression member's parameters in a line: the ranks kept and the commonest component codings
+    (own factors), or the basis, its p and the coefficients' coding (rmm); exact: nothing."""
+    if "basis" in parameters:
+        ps = sorted(set((parameters.get("p") or {}).values()))
+        p = "" if not ps else f"p={ps[0]}" if len(ps) == 1 else f"p={ps[0]}–{ps[-1]}"
+        return " · ".join(x for x in (f"basis {parameters['basis']}", p, parameters.get("basis_storage"),
+                                      f"coefficients {parameters.get('coefficients')}") if x)
+    modules = parameters.get("modules") or {}
+    if not modules:
+        return ""
+    ranks = sorted({m.get("rank", 0) for m in modules.values()})
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
+    counts: dict[str, int] = {}
+    for m in modules.values():
+        for label in m.get("components") or ([m["stored"]] if "stored" in m else []):
+            counts[label] = counts.get(label, 0) + 1
+    common = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    coding = ", ".join(f"{label} ×{n}" for label, n in common[:3]) + (", …" if len(common) > 3 else "")
+    return f"{rank} over {len(modules)} modules" + (f"; {coding}" if coding else "")
+
+
 def version_url(ref: str) -> str:
     name, _, v = ref.partition("@")
     return f"{PREFIX}/models/{quote(name)}/versions/{quote(v or 'latest')}"
@@ -109,6 +132,7 @@ def file_url(ref: str, path: str) -> str:
 
 
 templates.env.filters.update(bytes=human_bytes, num=number, version_url=version_url, edge_label=edge_label,
+                             plan_parameters=plan_parameters,
                              when=lambda d: "" if d is None else str(d)[:19].replace("T", " "),
                              pretty=lambda v: json.dumps(v, indent=2, sort_keys=True, default=str))
 templates.env.globals.update(nav=NAV, file_url=file_url, api=API)
@@ -256,9 +280,12 @@ def version_detail(request: Request, name: str, v: str, ctx: Ctx, who: Reader) -
     ref = version_ref(name, v)
     view = versions.get(ctx, ref)
     graph = lineage.graph(ctx, view.ref, direction="both", depth=25)
+    plans = {p.ref for p in view.parents if p.relation == Relation.plan_member_of.value} | {view.ref}
     return render(request, who, "version.html", section="models", v=view, graph=graph,
                   graph_elements=_elements(graph), reports=compat.update_reports(ctx, view.ref),
-                  predictions=compat.list_predictions(ctx, view.ref))
+                  predictions=compat.list_predictions(ctx, view.ref),
+                  compressions_of={ref: [c["id"] for c in compressions.list_compressions(ctx, version=ref)]
+                                   for ref in sorted(plans)})
 
 
 def _elements(graph: dict[str, Any]) -> list[dict[str, Any]]:
@@ -286,6 +313,25 @@ def bases_page(request: Request, ctx: Ctx, who: Reader, collection: str | None =
 @router.get("/bases/{basis_id}")
 def basis_detail(request: Request, basis_id: Id, ctx: Ctx, who: Reader) -> Response:
     return render(request, who, "basis.html", section="bases", b=bases.get_basis(ctx, basis_id))
+
+
+# --------------------------------------------------------------------------- compressions
+
+
+@router.get("/compressions")
+def compressions_page(request: Request, ctx: Ctx, who: Reader, collection: str | None = None) -> Response:
+    """Compression plans, newest first: members, methods, errors, stored over original bytes."""
+    items = compressions.list_compressions(ctx, _blank(collection), 100)
+    return render(request, who, "compressions.html", section="compressions", items=items,
+                  collection=_blank(collection) or "")
+
+
+@router.get("/compressions/{compression_id}")
+def compression_detail(request: Request, compression_id: Id, ctx: Ctx, who: Reader) -> Response:
+    """One plan: per member its method and parameters, stored bytes, error and error as served, and
+    whether it is served from the plan."""
+    return render(request, who, "compression.html", section="compressions",
+                  c=compressions.get_compression(ctx, compression_id))
 
 
 # --------------------------------------------------------------------------- jobs

@@ -9,7 +9,7 @@
   cytoscape.use(cytoscapeDagre);
   var colour = {
     adapter_of: "#2563eb", finetune_of: "#7c3aed", merge_of: "#d97706",
-    transfer_of: "#059669", basis_member_of: "#db2777", quantized_of: "#6b7280"
+    transfer_of: "#059669", basis_member_of: "#db2777", plan_member_of: "#0891b2", quantized_of: "#6b7280"
   };
   // A node is as large as its label (two lines: ref, then kind and status).
   function size(which) {
@@ -44,7 +44,7 @@
     ].concat(Object.keys(colour).map(function (r) {
       return { selector: "edge[relation = '" + r + "']",
                style: { "line-color": colour[r], "target-arrow-color": colour[r], "color": colour[r] } };
-    })).concat([{ selector: "edge[relation = 'transfer_of'], edge[relation = 'basis_member_of']",
+    })).concat([{ selector: "edge[relation = 'transfer_of'], edge[relation = 'basis_member_of'], edge[relation = 'plan_member_of']",
                   style: { "line-style": "dashed" } }])
   });
   var layout = cy.layout({ name: "dagre", rankDir: "TB", nodeSep: 40, rankSep: 90, edgeSep: 10, fit: true, padding: 20 });
