@@ -104,7 +104,6 @@ from . import codec, rmm, rmm_baselines
 from .adapters import (
     WEIGHTS_NAME,
     LoraAdapter,
-    all_finite,
     lora_scale,
     save_peft_adapter,
     unit_scale_config,
@@ -113,8 +112,6 @@ from .adapters import (
 from .errors import (
     CheckpointFormatError,
     CompressionParamsError,
-    IncompatibleAdaptersError,
-    NonFiniteError,
     WeightsError,
 )
 from .formatfile import read_format_file, varint
@@ -1400,32 +1397,16 @@ def _check_methods(methods: Any) -> tuple[str, ...]:
 
 
 def _check_adapters(adapters: Any) -> list[tuple[str, int, int]]:
+    """A non-empty list of finite LoraAdapters of one base (:func:`rmm.check_same_base`; ranks may
+    differ); returns the layout (module, in_features, out_features)."""
     if not isinstance(adapters, Sequence) or isinstance(adapters, str | bytes) or not adapters:
         raise CompressionParamsError("adapters must be a non-empty list of LoraAdapter")
     if not all(isinstance(a, LoraAdapter) for a in adapters):
         raise CompressionParamsError("adapters must be LoraAdapter objects")
-    ref = adapters[0]
-    layout = [(n, m.in_features, m.out_features) for n, m in ref.modules.items()]
-    problems = []
-    for idx, ad in enumerate(adapters[1:], start=1):
-        if set(ad.modules) != set(ref.modules):
-            diff = sorted(set(ad.modules) ^ set(ref.modules))
-            problems.append(f"adapter {idx} has different modules ({', '.join(diff[:5])})")
-            continue
-        shapes = [n for n, d_in, d_out in layout
-                  if (ad.modules[n].in_features, ad.modules[n].out_features) != (d_in, d_out)]
-        if shapes:
-            problems.append(f"adapter {idx} has other shapes for {', '.join(shapes[:5])}")
-        if ad.fan_in_fan_out != ref.fan_in_fan_out:
-            problems.append(f"adapter {idx} has fan_in_fan_out={ad.fan_in_fan_out}")
-    if problems:
-        raise IncompatibleAdaptersError("adapters are not of one base: " + "; ".join(problems))
-    for idx, ad in enumerate(adapters):
-        for n, m in ad.modules.items():
-            for which, t in (("lora_A", m.A), ("lora_B", m.B)):
-                if not all_finite(t):
-                    raise NonFiniteError(f"adapter {idx}: {n}.{which} holds NaN or Inf values")
-    return layout
+    names = rmm.check_same_base(adapters)
+    rmm.check_finite(adapters, names)
+    ref = adapters[0].modules
+    return [(n, ref[n].in_features, ref[n].out_features) for n in names]
 
 
 def _original_size(adapter: LoraAdapter) -> int:

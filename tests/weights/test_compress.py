@@ -301,6 +301,26 @@ def test_mixed_bases_are_refused(independent):
         compress.plan([independent[0], nan], 0.1)
 
 
+def test_one_base_is_one_rule_with_rmm(independent):
+    """compress and rmm refuse the same mixed collections with the same message (one rule,
+    rmm.check_same_base); only rmm also needs equal ranks."""
+    fewer = LoraAdapter.from_factors({k: v for k, v in independent[1].modules.items()
+                                      if k != "model.layers.0.mlp.up_proj"})
+    transposed = LoraAdapter.from_factors(independent[1].modules, fan_in_fan_out=True)
+    for odd in (fewer, transposed):
+        with pytest.raises(IncompatibleAdaptersError) as by_plan:
+            compress.plan([independent[0], odd], 0.1)
+        with pytest.raises(IncompatibleAdaptersError) as by_rmm:
+            rmm.fit_basis([independent[0], odd], p=1)
+        assert str(by_plan.value) == str(by_rmm.value)
+        assert "not of one base: adapter 1" in str(by_plan.value)
+    other_rank = make_lora_adapters(1, 3, shared_init=False, seed=9)[0]
+    with pytest.raises(IncompatibleAdaptersError, match="rank r of every module"):
+        rmm.fit_basis([independent[0], other_rank], p=1)
+    mixed = compress.plan([independent[0], other_rank], 0.1)  # ranks may differ in a plan
+    assert all(m.error <= 0.1 for m in mixed.members)
+
+
 def test_unknown_member_is_refused(plans):
     with pytest.raises(WeightsError, match="no member"):
         plans[0.1].reconstruct("nobody")
