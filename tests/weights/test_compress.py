@@ -301,6 +301,23 @@ def test_mixed_bases_are_refused(independent):
         compress.plan([independent[0], nan], 0.1)
 
 
+@pytest.mark.parametrize("budget", [0.05, 0.2])
+def test_every_module_keeps_its_share_of_the_budget(budget):
+    """A module whose delta is 20x smaller than the others is not spent as free error (a joint
+    allocation over the member's absolute error drops it entirely: relative error 1.0): every
+    module's own relative error, recomputed from the reconstruction, stays near the budget."""
+    small = "model.layers.0.self_attn.v_proj"
+    adapters = [LoraAdapter.from_factors({n: (m.A, m.B * 0.05) if n == small else (m.A, m.B)
+                                          for n, m in a.modules.items()})
+                for a in make_lora_adapters(3, 4, shared_init=False, seed=5)]
+    pl = compress.plan(adapters, budget)
+    for i, a in enumerate(adapters):
+        err = rmm_baselines.adapter_error(a, pl.reconstruct(i))
+        assert err.overall <= budget
+        assert err.max_module <= 1.25 * budget, err
+        assert pl.members[i].parameters["modules"][small]["rank"] >= 1
+
+
 def test_one_base_is_one_rule_with_rmm(independent):
     """compress and rmm refuse the same mixed collections with the same message (one rule,
     rmm.check_same_base); only rmm also needs equal ranks."""
