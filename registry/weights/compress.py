@@ -880,20 +880,22 @@ def _allocate(member: _Member, targets: Sequence[float]) -> _OwnChoice:
     for m in range(M):
         sel = member.comp_module == m
         if bool(sel.any()):
-            out[m] = _allocate_module(member.est_bytes[sel], member.est_err[sel], member.raw_bytes[m], targets[m])
+            out[m] = _allocate_module(member.est_bytes[sel], member.est_err[sel], member.raw_bytes[m],
+                                      member.modules[m].den2, targets[m])
     return _OwnChoice(out)
 
 
-def _allocate_module(eb: torch.Tensor, ee: torch.Tensor, raw: float, target: float) -> list[int] | None:
+def _allocate_module(eb: torch.Tensor, ee: torch.Tensor, raw: float, den2: float, target: float) -> list[int] | None:
     """One option per component (rows of ``eb``/``ee``: estimated bytes / squared error per option)
-    minimising the bytes with Σ error ≤ ``target``; None (raw) when that is cheaper or nothing fits.
+    minimising the bytes with Σ error ≤ ``target``; None (raw) when that is cheaper or nothing fits
+    (``raw``: bytes of the module stored exactly, ``den2``: ‖ΔW_m‖², which sets the scale of λ).
 
     Lagrangian: component c takes argmin_o bytes[c, o] + λ err[c, o]; the smallest λ whose total error
     fits is found by bisection (the error is non-increasing in λ). Then greedy: repeatedly move one
     component to a cheaper option, the move with the most bytes saved per unit of error added among
     those that still fit, until none fits."""
     C = eb.shape[0]
-    scale = raw / max(float(ee[:, _DROP].sum()), 1e-300)
+    scale = raw / max(den2, 1e-300)
 
     def solve(lam: float) -> tuple[torch.Tensor, float, float]:
         cost = eb + lam * ee
