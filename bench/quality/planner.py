@@ -209,6 +209,53 @@ def digits_suite(seeds: int, baseline: types.ModuleType | None, log: Log) -> lis
     return out
 
 
+NOISE_LEVELS = (0.01, 0.02, 0.03, 0.05, 0.08)
+NOISE_DRAWS = 8
+
+
+def noise_floor(seeds: int, log: Log) -> list[list[str]]:
+    """How much accuracy an adapter loses to *any* small perturbation of its factors: per task, random
+    Gaussian noise on the factors of its SVD form (b_j ⊗ δa + δb ⊗ a_j, every number's noise
+    proportional to its component's rms: what quantization does), scaled to a relative delta error e
+    of the whole adapter; NOISE_DRAWS draws per level (seeded). Rows: the task with the lowest mean
+    retention per collection."""
+    rows = []
+    for seed in range(seeds):
+        v1, tasks, colls = digits_collections(seed, log)
+        for init, adapters in colls.items():
+            gen = torch.Generator().manual_seed(seed)
+            worst: tuple[float, str, list[str]] | None = None
+            for t, a in zip(tasks, adapters, strict=True):
+                ds = {m: a.weight_delta(m, device="cpu").double() for m in a.module_names()}
+                own = models.accuracy(v1, t.test, {m: d.float() for m, d in ds.items()})
+                den = math.sqrt(sum(float(d.square().sum()) for d in ds.values()))
+                cells: list[str] = []
+                means: list[float] = []
+                for e in NOISE_LEVELS:
+                    vals = []
+                    for _ in range(NOISE_DRAWS):
+                        noise = {}
+                        for m, d in ds.items():
+                            u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+                            b, aa = u * sv.sqrt(), sv.sqrt()[:, None] * vh
+                            na = torch.randn(aa.shape, generator=gen, dtype=torch.float64) * aa.norm(
+                                dim=1, keepdim=True) / math.sqrt(aa.shape[1])
+                            nb = torch.randn(b.shape, generator=gen, dtype=torch.float64) * b.norm(
+                                dim=0, keepdim=True) / math.sqrt(b.shape[0])
+                            noise[m] = nb @ aa + b @ na
+                        scale = e * den / math.sqrt(sum(float(x.square().sum()) for x in noise.values()))
+                        vals.append(models.accuracy(v1, t.test, {m: (ds[m] + scale * noise[m]).float()
+                                                                 for m in ds}) / own)
+                    means.append(sum(vals) / len(vals))
+                    cells.append(f"{pct(means[-1])}% (min {pct(min(vals))}%)")
+                key = sum(means)
+                if worst is None or key < worst[0]:
+                    worst = (key, f"{t.name} (own {pct(own)}%)", cells)
+            assert worst is not None
+            rows.append([f"seed {seed}, {init}", worst[1], *worst[2]])
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- MiniLM
 
 
@@ -383,7 +430,7 @@ def minilm_report(colls: Sequence[Collection]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--suite", choices=("digits", "minilm", "all"), default="all")
+    ap.add_argument("--suite", choices=("digits", "minilm", "noise", "all"), default="all")
     ap.add_argument("--seeds", type=int, default=3, help="digits seeds 0..N-1")
     ap.add_argument("--baseline", default=BASELINE_REV, help="git revision of the baseline planner, or 'none'")
     ap.add_argument("--report", type=Path)
@@ -400,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         d = digits_suite(args.seeds, baseline, log)
         colls += d
         parts.append(digits_report(d))
+    if args.suite in ("noise", "all"):
+        rows = noise_floor(args.seeds, log)
+        parts.append("### Digits: the noise floor (retention under random factor noise, the most sensitive task)\n\n"
+                     + table(["collection", "task", *(f"e = {e:g}" for e in NOISE_LEVELS)], rows) + "\n")
     if args.suite in ("minilm", "all"):
         m = minilm_suite(baseline, log)
         colls += m
