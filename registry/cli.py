@@ -39,7 +39,8 @@ tag_app = typer.Typer(help="Key/value tags on versions.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens (acts on the configured registry database).", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 basis_app = typer.Typer(help="RMM bases: many adapters of one base in one reconstructable basis.", no_args_is_help=True)
-policy_app = typer.Typer(help="Automation policies (transfer on base update, refresh basis).", no_args_is_help=True)
+policy_app = typer.Typer(help="Automation policies (transfer on base update, refresh basis, compress collection).",
+                         no_args_is_help=True)
 app.add_typer(alias_app, name="alias")
 app.add_typer(tag_app, name="tag")
 app.add_typer(token_app, name="token")
@@ -435,8 +436,9 @@ def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> 
     out.print(f"[bold]{v['ref']}[/bold]  {v['kind']}  {v['status']}  {v['storage_mode']}"
               + ("  [yellow]archived[/yellow]" if v["archived"] else ""))
     content = v["content_sha256"]
-    if v["storage_mode"] == "derived:basis":  # pruned: the version's identity stays that of its pushed files
-        content += " (of the files as pushed; the files below are rebuilt from the basis, with their own sha256s)"
+    if v["storage_mode"] in ("derived:basis", "derived:plan"):  # pruned: its identity stays that of its pushed files
+        source = "basis" if v["storage_mode"] == "derived:basis" else "compression plan"
+        content += f" (of the files as pushed; the files below are rebuilt from the {source}, with their own sha256s)"
     for label, value in (("base", v["base"]), ("aliases", ", ".join(v["aliases"])),
                          ("tags", ", ".join(f"{k}={x}" for k, x in v["tags"].items())),
                          ("size", f"{_size(v['size'])} in {v['file_count']} files"),
@@ -655,6 +657,96 @@ def basis_ls(collection: Annotated[str | None, typer.Option()] = None) -> None:
     out.print(table)
 
 
+compress_app = typer.Typer(help="Compression plans: adapters of one base in the fewest bytes within an error budget.",
+                           no_args_is_help=True)
+app.add_typer(compress_app, name="compress")
+
+
+def _print_compression(c: dict[str, Any]) -> None:
+    out.print(f"compression {c['id']} -> {c['ref']} (base {c['base']}); max_error {c['max_error']}; "
+              f"{_size(c['stored_bytes'])} stored for {_size(c['original_bytes'])} of adapters ({c['ratio']:.3f})")
+    table = Table("position", "member", "method", "stored", "original", "error", "error as served",
+                  "served from the plan")
+    for m in c["members"]:
+        table.add_row(str(m["position"]), str(m["ref"]), m["method"], _size(m["stored_bytes"]),
+                      _size(m["original_bytes"]), f"{m['error']:.3e}", f"{m['served_error']:.3e}",
+                      "yes" if m["pruned"] else ("no" if m["prunable"] else "no (not within budget as served)"))
+    out.print(table)
+
+
+@compress_app.callback(invoke_without_command=True)
+def compress_cmd(
+    ctx: typer.Context,
+    members: Annotated[list[str] | None, typer.Option("--members", "-m", help="Adapter ref; repeatable.")] = None,
+    base: Annotated[str | None, typer.Option(help="Instead of -m: the adapters pinned to this base version "
+                                             "that still hold their own blobs.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="With --base: key=value or key; "
+                                                  "repeatable (AND).")] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Every member's relative delta error "
+                                                    "stays <= this (a fraction; 0: exact).")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="quantize, truncate or rmm; repeatable "
+                                                     "(default: all).")] = None,
+    name: Annotated[str | None, typer.Option(help="Model to hold the plan (default <base>-compressed).")] = None,
+    collection: Annotated[str | None, typer.Option()] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Then let the members give up their own blobs and "
+                                        "be served rebuilt from the plan.")] = False,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Plan the storage of adapters of one base: per member the fewest bytes whose error stays within
+    --max-error (a job). `registry compress show ID` shows a plan; `ls` and `prune` as for bases."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if max_error is None or (not members and base is None):
+        err.print("[red]error[/red]: give -m REF ... (or --base) and --max-error")
+        raise typer.Exit(2)
+    tags = {k: (v if sep else None) for k, sep, v in (t.partition("=") for t in tag or [])} or None
+    with _errors(), _client() as rc:
+        job = _wait(rc, rc.compress(members or None, max_error=max_error, base=base, tags=tags, methods=method,
+                                    name=name, collection=collection, prune=prune), wait)
+        compression_id = (job.get("result") or {}).get("compression_id") if wait else None
+        if compression_id is not None:
+            c = rc.get_compression(compression_id)
+            err.print(f"compression {c['id']}: {c['stored_bytes']} bytes stored for {c['original_bytes']} "
+                      f"({c['ratio']:.3f}); largest member error {max(m['error'] for m in c['members']):.3e}",
+                      markup=False, highlight=False)
+
+
+@compress_app.command("show")
+def compress_show(compression_id: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A plan: its version, budget, bytes and, per member, method, stored bytes and error."""
+    with _errors(), _client() as rc:
+        c = rc.get_compression(compression_id)
+    if as_json:
+        _print_json(c)
+        return
+    _print_compression(c)
+
+
+@compress_app.command("ls")
+def compress_ls(collection: Annotated[str | None, typer.Option()] = None) -> None:
+    """List compression plans, newest first."""
+    with _errors(), _client() as rc:
+        rows = rc.list_compressions(collection)
+    table = Table("id", "version", "members", "max_error", "stored", "original", "ratio", "max error", "created")
+    for c in rows:
+        table.add_row(str(c["id"]), str(c["ref"]), str(len(c["members"])), str(c["max_error"]),
+                      _size(c["stored_bytes"]), _size(c["original_bytes"]), f"{c['ratio']:.3f}",
+                      f"{max((m['error'] for m in c['members']), default=0.0):.2e}", str(c["created_at"])[:19])
+    out.print(table)
+
+
+@compress_app.command("prune")
+def compress_prune(
+    compression_id: int,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Only members within this error "
+                                                    "(default: the plan's budget).")] = None,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Let a plan's members give up their own blobs and be served rebuilt from the plan."""
+    with _errors(), _client() as rc:
+        _wait(rc, rc.prune_compression(compression_id, max_error), wait)
+
+
 @app.command("transfer")
 def transfer_cmd(
     ref: Annotated[str, typer.Argument(help="Fine-tune or adapter to transfer.")],
@@ -795,18 +887,26 @@ def promote(ref: str, alias: Annotated[str | None, typer.Option(help="Point this
 @policy_app.command("create")
 def policy_create(
     name: str,
-    type: Annotated[str, typer.Option("--type", help="transfer_on_base_update or refresh_basis.")],
+    type: Annotated[str, typer.Option("--type", help="transfer_on_base_update, refresh_basis or "
+                                      "compress_collection.")],
     base_model: Annotated[str, typer.Option("--base-model", help="The base model the policy watches.")],
     alpha: Annotated[float | None, typer.Option(help="transfer: scale of the diff.")] = None,
     p: Annotated[int | None, typer.Option("-p", help="refresh_basis: directions per module.")] = None,
     max_error: Annotated[float | None, typer.Option("--max-error", help="refresh_basis: error budget.")] = None,
     collection: Annotated[str | None, typer.Option(help="refresh_basis: model holding the basis versions.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="refresh_basis: only adapters with key=value.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="compress_collection: quantize, truncate, "
+                                                     "rmm; repeatable (default: all).")] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="compress_collection: members then give up their own "
+                                        "blobs.")] = False,
 ) -> None:
     """Create an automation policy."""
     params: dict[str, Any] = {}
     if type == "transfer_on_base_update":
         params["alpha"] = 1.0 if alpha is None else alpha
+    elif type == "compress_collection":
+        params.update({"max_error": max_error, "methods": method, "collection": collection, "tags": _kv(tag),
+                       "prune": prune})
     else:
         params.update({"p": p, "max_error": max_error, "collection": collection, "tags": _kv(tag)})
     with _errors(), _client() as rc:

@@ -361,6 +361,27 @@ class RegistryClient:
     def list_bases(self, collection: str | None = None) -> list[dict[str, Any]]:
         return self._json("GET", "/bases", params={"collection": collection} if collection else {})  # type: ignore[no-any-return]
 
+    def compress(self, members: list[str] | None = None, *, max_error: float, base: str | None = None,
+                 tags: dict[str, str | None] | None = None, methods: list[str] | None = None,
+                 name: str | None = None, collection: str | None = None, prune: bool = False) -> dict[str, Any]:
+        """Queue a compression plan over ``members`` (or the adapters of ``base`` carrying ``tags``):
+        every member within ``max_error``; ``prune``: then served rebuilt from the plan. Returns the
+        job (``wait_job`` for its result)."""
+        body = {"members": members, "base": base, "tags": tags, "max_error": max_error, "methods": methods,
+                "name": name, "collection": collection, "prune": prune}
+        return self._json("POST", "/compressions", json={k: v for k, v in body.items() if v is not None})  # type: ignore[no-any-return]
+
+    def get_compression(self, compression_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/compressions/{compression_id}")  # type: ignore[no-any-return]
+
+    def list_compressions(self, collection: str | None = None) -> list[dict[str, Any]]:
+        return self._json("GET", "/compressions", params={"collection": collection} if collection else {})  # type: ignore[no-any-return]
+
+    def prune_compression(self, compression_id: int, max_error: float | None = None) -> dict[str, Any]:
+        """Queue pruning of a plan's members (within ``max_error``, default the plan's budget): they
+        give up their own blobs and are served rebuilt from the plan (a job)."""
+        return self._json("POST", f"/compressions/{compression_id}/prune", json={"max_error": max_error})  # type: ignore[no-any-return]
+
     def transfer(self, finetune: str, target_base: str, alpha: float = 1.0, storage: str = "stored") -> dict[str, Any]:
         """Queue a fine-tuning transfer; the job's result is a candidate version (``storage``:
         "stored" keeps its weights, "derived" keeps only the recipe target + α(fine-tune − source))."""

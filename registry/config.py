@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     )
     mlflow_ui: bool = Field(True, description="Whether `registry up` starts the MLflow UI.")
     mlflow_ui_port: int = 5000
+    mlflow_ui_url: str | None = Field(
+        None, description="The MLflow UI's address as a browser reaches it (the web UI links runs there); default: "
+        "the tracking URI when it is http(s), else http://127.0.0.1:$REGISTRY_MLFLOW_UI_PORT.")
     public_url: str | None = Field(None, description="The registry's URL as MLflow and webhooks should show it.")
 
     # Webhooks
@@ -173,6 +176,12 @@ class Settings(BaseSettings):
     @property
     def resolved_mlflow_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def resolved_mlflow_ui_url(self) -> str:
+        uri = self.resolved_mlflow_uri
+        default = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{self.mlflow_ui_port}"
+        return (self.mlflow_ui_url or default).rstrip("/")
 
     @property
     def mlflow_artifact_root(self) -> str:

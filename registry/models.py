@@ -87,6 +87,7 @@ class StorageMode(enum.StrEnum):
     stored = "stored"  # the version's files are blobs
     derived_basis = "derived:basis"  # an adapter rebuilt from an RMM basis (its coefficients)
     derived_diff = "derived:diff"  # a transfer rebuilt as target base + alpha * (fine-tune - source base)
+    derived_plan = "derived:plan"  # an adapter rebuilt from a compression plan (its member blob)
 
 
 class Relation(enum.StrEnum):
@@ -96,6 +97,12 @@ class Relation(enum.StrEnum):
     transfer_of = "transfer_of"
     basis_member_of = "basis_member_of"
     quantized_of = "quantized_of"
+    plan_member_of = "plan_member_of"
+
+
+# Relations of a member to the version holding a collection's shared file (an RMM basis, a
+# compression plan): the member depends on it only once it gave up its own blobs.
+MEMBERSHIP_RELATIONS = (Relation.basis_member_of.value, Relation.plan_member_of.value)
 
 
 class Model(Base):
@@ -169,7 +176,8 @@ class ModelVersion(Base):
         Index("ix_versions_kind_id", "kind", "id"),
         CheckConstraint("version > 0", name="version_positive"),
         CheckConstraint("status in ('pending','ready','failed','candidate')", name="status"),
-        CheckConstraint("storage_mode in ('stored','derived:basis','derived:diff')", name="storage_mode"),
+        CheckConstraint("storage_mode in ('stored','derived:basis','derived:diff','derived:plan')",
+                        name="storage_mode"),
     )
 
     @property
@@ -514,6 +522,61 @@ class BasisMember(Base):
     __table_args__ = (Index("ix_basis_members_version", "version_id"),)
 
 
+class Compression(Base):
+    """A compression plan over adapter versions of one base (:mod:`registry.weights.compress`): per
+    member the fewest stored bytes within ``max_error``. Its file (``save_plan`` output, one
+    safetensors of uint8 blobs) is the registry version ``version_id`` (kind ``merge``); members
+    point at it with ``plan_member_of`` lineage edges."""
+
+    __tablename__ = "compressions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection: Mapped[str | None] = mapped_column(String(128))
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"))
+    max_error: Mapped[float] = mapped_column()
+    methods: Mapped[list[str]] = mapped_column(JSON, default=list)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # what the plan stores for all members
+    original_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # the members' adapter weights files
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+
+    members: Mapped[list[CompressionMember]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin", order_by="CompressionMember.position"
+    )
+
+    __table_args__ = (
+        Index("ix_compressions_collection", "collection", "id"),
+        Index("ix_compressions_version", "version_id"),
+    )
+
+
+class CompressionMember(Base):
+    """How one member is stored in a plan: ``method``, ``parameters``, ``stored_bytes`` and the
+    relative delta ``error`` of its reconstruction (recomputed from the stored plan file), and
+    ``served_error``, that of the PEFT files it is served as once pruned."""
+
+    __tablename__ = "compression_members"
+
+    compression_id: Mapped[int] = mapped_column(ForeignKey("compressions.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"))
+    method: Mapped[str] = mapped_column(String(32))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    original_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[float] = mapped_column()
+    # The error of the PEFT files the member would be served (registry.weights.peft_delta): the plan's
+    # error plus at most a rounding of the factors; a member is pruned only when this is within budget.
+    served_error: Mapped[float] = mapped_column()
+
+    __table_args__ = (Index("ix_compression_members_version", "version_id"),)
+
+
 class Policy(Base):
     """An automation rule evaluated by the dispatcher for every event."""
 
@@ -530,7 +593,7 @@ class Policy(Base):
 
     __table_args__ = (
         Index("ix_policies_base_model", "base_model"),
-        CheckConstraint("type in ('transfer_on_base_update','refresh_basis')", name="type"),
+        CheckConstraint("type in ('transfer_on_base_update','refresh_basis','compress_collection')", name="type"),
     )
 
 

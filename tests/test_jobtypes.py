@@ -38,6 +38,10 @@ OLD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("transfer", {"finetune": "ft@1", "target_base": "base@2", "alpha": 0.5}),
     ("merge", {"method": "ties", "inputs": ["a@1", "b@1"], "name": "m", "params": {"density": 0.5}, "rank": None}),
     ("prune", {"basis_id": 3, "max_error": 0.05}),
+    ("prune", {"compression_id": 2, "max_error": 0.05}),
+    ("compress", {"members": ["a@1", "b@1"], "max_error": 0.05}),
+    ("compress", {"query": {"base": "base@1", "tags": {}}, "max_error": 0.1, "methods": ["quantize"],
+                  "collection": "c", "prune": True}),
     ("verify", {"version_id": 7, "ref": "m@1"}),
     ("mlflow_sync", {"version_id": 7}),
     ("webhook", {"delivery_id": 4, "webhook_id": 2, "event_id": 9}),
@@ -66,6 +70,10 @@ def test_a_row_keeps_only_the_fields_its_creator_set() -> None:
     ("transfer", {"finetune": "ft@1", "target_base": "b@2", "alhpa": 2.0}),  # a field misspelt
     ("transfer", {"finetune": "ft@1", "target_base": "b@2", "storage": "s3"}),
     ("prune", {"basis_id": "three", "max_error": 0.1}),
+    ("prune", {"max_error": 0.1}),                                           # neither basis nor plan
+    ("prune", {"basis_id": 1, "compression_id": 2, "max_error": 0.1}),       # both
+    ("compress", {"members": ["a@1"]}),                                      # no budget
+    ("compress", {"max_error": 0.1}),                                        # neither members nor query
     ("basis", {"p": 1}),                                                     # neither members nor query
     ("basis", {"members": ["a@1"], "query": {"base": "b@1"}, "p": 1}),       # both
 ])

@@ -17,7 +17,7 @@ from .conftest import new_pg_database
 TABLES = {"models", "model_versions", "aliases", "lineage_edges", "blobs", "version_files", "model_tags",
           "version_tags", "api_tokens", "drafts", "draft_files", "upload_sessions", "events", "jobs", "merge_bases",
           "basis_members", "policies", "webhooks", "webhook_deliveries", "prediction_sets", "derived_files",
-          "chunks", "blob_segments"}
+          "chunks", "blob_segments", "compressions", "compression_members"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -21,8 +21,8 @@ Id = Annotated[int, Path(ge=1, le=MAX_ID, description="A numeric id (1 … 2³¹
 """An id in the URL path (``/jobs/{job_id}``)."""
 
 
-def _id_cursor(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
-               ) -> int | None:
+def parse_id_cursor(cursor: str | None) -> int | None:
+    """A keyset cursor that is an id (``next_cursor`` of a list ordered by id), else 422 ``invalid_cursor``."""
     if cursor is None:
         return None
     value = names.ascii_uint(cursor) if len(cursor) <= 10 else None
@@ -30,6 +30,11 @@ def _id_cursor(cursor: Annotated[str | None, Query(description="`next_cursor` of
         raise InvalidInput(f"bad cursor {cursor[:40]!r}: pass the next_cursor of the previous page",
                            code="invalid_cursor")
     return value
+
+
+def _id_cursor(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+               ) -> int | None:
+    return parse_id_cursor(cursor)
 
 
 IdCursor = Annotated[int | None, Depends(_id_cursor)]

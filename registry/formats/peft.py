@@ -4,10 +4,26 @@ Used at ingest to decide, from ``adapter_config.json`` and the safetensors heade
 an adapter is a LoRA the registry can represent exactly and which base tensors it
 touches, so that its shapes can be checked against the pinned base version's fingerprint.
 The weight math itself (loading factors, scales) lives in :mod:`registry.weights.adapters`.
+
+**Served adapter configs** (:func:`resolvable_config`; the rule lives here and nowhere else): a
+pushed ``adapter_config.json`` names its base as the pusher had it (often a local path). Two
+promises meet here, and both hold:
+
+- the native API (``registry pull``, ``/api/v1/models/…/files/…``) returns every stored file
+  byte-exact: the sha256 the pusher computed is the one the registry serves, ``adapter_config.json``
+  included;
+- the Hugging Face Hub-compatible view (:mod:`registry.services.hub`), which PEFT tooling loads
+  straight from the registry, serves an adapter pinned to a base with a *generated*
+  ``adapter_config.json``: the same JSON object (every key, in its order) with
+  ``base_model_name_or_path`` set to the base's repo id and ``revision`` to the base version's
+  commit, so ``AutoPeftModel…from_pretrained`` loads exactly the pinned base from the registry. It is
+  a file of its own: its own sha256 (the ETag), size and bytes, computed from the stored config on
+  request (deterministic: the same stored file and base give the same bytes).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +35,7 @@ from . import jsonfile
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+BASE_KEYS = ("base_model_name_or_path", "revision")  # where PEFT reads the base (and its revision) from
 _FACTOR_SUFFIXES = {
     ".lora_A.weight": ("linear", "A"),
     ".lora_B.weight": ("linear", "B"),
@@ -170,3 +187,21 @@ def check_against_base(spec: AdapterSpec, base_index: dict[str, Any]) -> list[di
             problems.append({"key": key, "problem": "shape mismatch", "adapter_shape": expected,
                              "base_shape": list(entry[1])})
     return problems
+
+
+def resolvable_config(raw: bytes, base_repo_id: str, base_revision: str) -> bytes:
+    """``adapter_config.json`` naming its base as the registry resolves it (the rule in the module
+    docstring): ``raw`` with :data:`BASE_KEYS` set to ``base_repo_id`` and ``base_revision``, other
+    keys and their order kept, written as PEFT writes configs (2-space indent) plus a newline.
+    Returns ``raw`` itself when it already says so (or is not a JSON object: nothing to rewrite)."""
+    try:
+        cfg = jsonfile.parse(raw)
+    except jsonfile.JsonError:
+        return raw
+    if not isinstance(cfg, dict):
+        return raw
+    want = dict(zip(BASE_KEYS, (base_repo_id, base_revision), strict=True))
+    if all(cfg.get(k) == v for k, v in want.items()):
+        return raw
+    cfg.update(want)
+    return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

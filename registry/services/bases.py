@@ -13,18 +13,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput
 from ..models import BasisMember, LineageEdge, MergeBasis, ModelVersion, VersionTag
 from . import jobs, names
 from .context import RegistryContext
 from .derive import (
     check_number,
+    collection_base_model,
+    collection_versions,
     deduplicated,
+    get_collection_row,
     input_version,
     job_run,
     lineage_doc,
+    list_collection_rows,
     local_copy,
-    model_of,
     provenance_entry,
     record,
     ref_of,
@@ -75,13 +78,7 @@ def request_basis(ctx: RegistryContext, members: list[str], *, p: int | None = N
         raise InvalidInput(f"a basis needs 2 to {MAX_MEMBERS} member adapters", code="invalid_members")
 
     def build(s: Session) -> BasisParams:
-        versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in members]
-        if len({v.id for v in versions}) != len(versions):
-            raise InvalidInput("members must be distinct versions", code="invalid_members")
-        bases = {v.base_version_id for v in versions}
-        if len(bases) != 1:
-            raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
-                               details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
+        versions = collection_versions(s, members)
         _check_fit(versions, p)
         return BasisParams(members=[v.ref for v in versions], p=p, max_error=max_error, name=name,
                            collection=collection)
@@ -131,7 +128,7 @@ def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
 
     ctx, prm = run.ctx, run.params
     with ctx.db.read() as s:
-        model_name = prm.name or f"{_base_model(s, prm)}-rmm"
+        model_name = prm.name or f"{collection_base_model(s, prm.members, prm.query)}-rmm"
     head = {"operation": "rmm_basis", "method": "rmm", "p": prm.p, "max_error": prm.max_error,
             "job_id": run.job_id}
     with job_run(run, model_name, "rmm basis", head) as mr:
@@ -199,28 +196,9 @@ def compute_basis(run: JobRun[BasisParams]) -> dict[str, Any]:
     return result
 
 
-def _base_model(s: Session, prm: BasisParams) -> str:
-    """The model of the members' base (a basis goes to ``<it>-rmm`` unless named), from the request."""
-    from .refs import resolve
-
-    if prm.query is not None:
-        return model_of(prm.query.base)
-    first = resolve(s, (prm.members or [""])[0])
-    base = s.get(ModelVersion, first.base_version_id) if first.base_version_id is not None else None
-    return str(base.model.name) if base is not None else model_of(first.ref)
-
-
 def get_basis(ctx: RegistryContext, basis_id: int) -> dict[str, Any]:
-    with ctx.db.read() as s:
-        b = s.get(MergeBasis, basis_id)
-        if b is None:
-            raise NotFound(f"basis {basis_id} not found", code="basis_not_found")
-        return basis_view(s, b)
+    return get_collection_row(ctx, MergeBasis, basis_id, basis_view, "basis")
 
 
 def list_bases(ctx: RegistryContext, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    with ctx.db.read() as s:
-        q = select(MergeBasis)
-        if collection:
-            q = q.where(MergeBasis.collection == collection)
-        return [basis_view(s, b) for b in s.scalars(q.order_by(MergeBasis.id.desc()).limit(max(1, min(limit, 500))))]
+    return list_collection_rows(ctx, MergeBasis, basis_view, collection, limit)

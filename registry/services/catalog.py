@@ -7,13 +7,13 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..errors import Conflict
+from ..errors import Conflict, InvalidInput
 from ..models import Alias, Model, ModelTag, ModelVersion, VersionStatus
 from . import names
 from .context import RegistryContext
 from .events import emit
-from .refs import get_model
-from .sql import check_limit
+from .refs import find, get_model
+from .sql import check_limit, newest_first
 from .views import ModelView
 
 
@@ -77,11 +77,19 @@ def update_model(ctx: RegistryContext, name: str, description: str | None) -> Mo
         return _views(s, [m])[0]
 
 
+ORDERS = ("name", "newest")
+"""How a model list is sorted: by name, or newest first (by creation)."""
+
+
 def list_models(ctx: RegistryContext, *, prefix: str | None = None, kind: str | None = None,
-                tag: dict[str, str | None] | None = None, limit: int = 50,
-                cursor: str | None = None) -> tuple[list[ModelView], str | None]:
-    """Models by name (keyset-paginated on the unique name)."""
+                tag: dict[str, str | None] | None = None, base: str | None = None, order: str = "name",
+                limit: int = 50, cursor: str | int | None = None) -> tuple[list[ModelView], str | None]:
+    """Models by name (keyset-paginated on the unique name: ``cursor`` is the last name) or newest
+    first (``order="newest"``, keyset-paginated on the id: ``cursor`` is the last id, an int).
+    ``base``: only models with a live version pinned to the base version that ref names."""
     check_limit(limit)
+    if order not in ORDERS:
+        raise InvalidInput(f"order must be one of {', '.join(ORDERS)}", code="invalid_order")
     with ctx.db.read() as s:
         q = select(Model)
         if prefix:
@@ -93,8 +101,18 @@ def list_models(ctx: RegistryContext, *, prefix: str | None = None, kind: str | 
             if value is not None:
                 cond = cond & (ModelTag.value == value)
             q = q.where(select(ModelTag.model_id).where(cond).exists())
+        if base is not None:
+            pinned_to = find(s, base)
+            if pinned_to is None:
+                return [], None
+            q = q.where(select(ModelVersion.id).where(
+                ModelVersion.model_id == Model.id, ModelVersion.base_version_id == pinned_to.id,
+                ModelVersion.archived_at.is_(None)).exists())
+        if order == "newest":
+            rows, more = newest_first(s, q, Model.id, limit, cursor if isinstance(cursor, int) else None)
+            return _views(s, rows), (str(rows[-1].id) if more else None)
         if cursor:
-            q = q.where(Model.name > cursor)
+            q = q.where(Model.name > str(cursor))
         rows = list(s.scalars(q.order_by(Model.name).limit(limit + 1)))
         more = len(rows) > limit
         rows = rows[:limit]

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..errors import Conflict, InvalidInput, NotFound
-from ..models import PredictionSet
+from ..models import LineageEdge, ModelVersion, PredictionSet
 from . import names
 from .context import RegistryContext
 from .events import emit
@@ -115,3 +115,33 @@ def compare(ctx: RegistryContext, old: str, new: str, dataset: str) -> dict[str,
         else:
             metrics = generative_compat(a.data["scores"], b.data["scores"]).as_dict()
     return {"old": old_ref, "new": new_ref, "dataset": dataset, "kind": a.kind, "metrics": metrics}
+
+
+def update_reports(ctx: RegistryContext, ref: str) -> list[dict[str, Any]]:
+    """The compatibility reports of the updates a version takes part in: from it to each live version
+    of its model that a lineage edge makes its successor (a transfer candidate of it, say), and from
+    each same-model parent to it; one report (:func:`compare`) per dataset both sides have predictions
+    for, with the successor's status. A pair whose sets cannot be compared carries the reason instead."""
+    with ctx.db.read() as s:
+        v = resolve(s, ref)
+        same_model = (ModelVersion.model_id == v.model_id) & ModelVersion.archived_at.is_(None)
+        after = s.scalars(select(ModelVersion).join(LineageEdge, LineageEdge.child_id == ModelVersion.id)
+                          .where(LineageEdge.parent_id == v.id, same_model).order_by(ModelVersion.version))
+        before = s.scalars(select(ModelVersion).join(LineageEdge, LineageEdge.parent_id == ModelVersion.id)
+                           .where(LineageEdge.child_id == v.id, same_model).order_by(ModelVersion.version))
+        pairs = [(p, v) for p in dict.fromkeys(before)] + [(v, c) for c in dict.fromkeys(after)]
+        ids = {x.id for pair in pairs for x in pair}
+        datasets: dict[int, set[str]] = {i: set() for i in ids}
+        for vid, dataset in s.execute(select(PredictionSet.version_id, PredictionSet.dataset)
+                                      .where(PredictionSet.version_id.in_(ids))):
+            datasets[vid].add(dataset)
+        todo = [(old.ref, new.ref, new.status, d) for old, new in pairs
+                for d in sorted(datasets[old.id] & datasets[new.id])]
+    reports = []
+    for old_ref, new_ref, status, dataset in todo:
+        try:
+            reports.append({**compare(ctx, old_ref, new_ref, dataset), "new_status": status})
+        except InvalidInput as e:
+            reports.append({"old": old_ref, "new": new_ref, "dataset": dataset, "new_status": status,
+                            "error": e.message})
+    return reports

@@ -4,7 +4,7 @@ loading them for the weight math, and recording the output as a version with its
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..errors import Conflict, InvalidInput
+from ..errors import Conflict, InvalidInput, NotFound
 from ..models import Model, ModelVersion
 from ..provenance import Provenance, RunHandle
+from .context import RegistryContext
 from .derived import materialize
 from .drafts import DraftSpec, resolve_body_ref
 from .recording import CommitOptions, ingest_folder
+from .refs import find
 from .runner import JobRun
 from .views import VersionView
 
@@ -38,6 +40,32 @@ def input_version(s: Session, ref: str, *, kinds: Sequence[str], what: str) -> M
         raise InvalidInput(f"{what} {v.ref} is {v.status}, not ready", code=f"invalid_{what}",
                            details={"ref": v.ref, "status": v.status})
     return v
+
+
+def collection_versions(s: Session, refs: Sequence[str]) -> list[ModelVersion]:
+    """The members of a collection named in a request (an RMM basis, a compression plan): live,
+    ready adapters (422 ``unknown_member`` / ``invalid_member``), distinct (``invalid_members``),
+    pinned to one base version (``mixed_bases``)."""
+    versions = [input_version(s, ref, kinds=("adapter",), what="member") for ref in refs]
+    if len({v.id for v in versions}) != len(versions):
+        raise InvalidInput("members must be distinct versions", code="invalid_members")
+    bases = {v.base_version_id for v in versions}
+    if len(bases) != 1:
+        raise InvalidInput("members must be adapters of the same base version", code="mixed_bases",
+                           details={"bases": sorted(ref_of(s, b) for b in bases if b is not None)})
+    return versions
+
+
+def collection_base_model(s: Session, members: Sequence[str] | None, query: Any) -> str:
+    """The model of a collection's base (a basis, a plan goes to a model named after it unless named),
+    from the job's request: the ``query``'s base, else the first member's base."""
+    from .refs import resolve
+
+    if query is not None:
+        return model_of(query.base)
+    first = resolve(s, (list(members or []) or [""])[0])
+    base = s.get(ModelVersion, first.base_version_id) if first.base_version_id is not None else None
+    return str(base.model.name) if base is not None else model_of(first.ref)
 
 
 def check_number(name: str, value: float | None, *, low: float | None = None, high: float | None = None) -> None:
@@ -111,3 +139,29 @@ def model_of(ref: str) -> str:
 def lineage_doc(output_model: str, operation: str, inputs: list[dict[str, Any]],
                 params: dict[str, Any]) -> dict[str, Any]:
     return {"output_model": output_model, "operation": operation, "inputs": inputs, "params": params}
+
+
+def get_collection_row(ctx: RegistryContext, cls: type[Any], row_id: int,
+                       view: Callable[[Session, Any], dict[str, Any]], what: str) -> dict[str, Any]:
+    """One row of a collection table (a basis, a compression) as its view; 404 ``<what>_not_found``."""
+    with ctx.db.read() as s:
+        row = s.get(cls, row_id)
+        if row is None:
+            raise NotFound(f"{what} {row_id} not found", code=f"{what}_not_found")
+        return view(s, row)
+
+
+def list_collection_rows(ctx: RegistryContext, cls: Any, view: Callable[[Session, Any], dict[str, Any]],
+                         collection: str | None, limit: int, version: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a collection table, newest first (``collection``: only that collection's; ``version``:
+    only those recorded as the version that ref names, none when it names none; 1 … 500 rows)."""
+    with ctx.db.read() as s:
+        q = select(cls)
+        if collection:
+            q = q.where(cls.collection == collection)
+        if version is not None:
+            v = find(s, version)
+            if v is None:
+                return []
+            q = q.where(cls.version_id == v.id)
+        return [view(s, row) for row in s.scalars(q.order_by(cls.id.desc()).limit(max(1, min(limit, 500))))]

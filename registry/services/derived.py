@@ -1,10 +1,10 @@
 """Files a version serves without storing them: derived versions and format views.
 
 A version's **native** files are either blobs (``stored``) or generated (``derived:basis``: an
-adapter rebuilt from an RMM basis; ``derived:diff``: a transfer rebuilt as target + α(fine-tune −
-source)). Any adapter version can also be served in the **delta** format (dense per-module
-deltas) and the **merged** format (base + adapter as full model weights, sharded with an index
-for large models). Generated files are:
+adapter rebuilt from an RMM basis; ``derived:plan``: an adapter rebuilt from a compression plan;
+``derived:diff``: a transfer rebuilt as target + α(fine-tune − source)). Any adapter version can
+also be served in the **delta** format (dense per-module deltas) and the **merged** format (base +
+adapter as full model weights, sharded with an index for large models). Generated files are:
 
 - *defined once*: the first time a (version, format) is asked for (or when a derived version is
   created), the files are generated in full, hashed, and their sha256 and size recorded
@@ -36,7 +36,7 @@ from sqlalchemy import select
 
 from ..errors import InvalidInput, NotFound
 from ..formats.paths import clean_path
-from ..models import DerivedFile, ModelVersion, VersionFile
+from ..models import DerivedFile, ModelVersion, StorageMode, VersionFile
 from ..storage.cache import GeneratedCache
 from .context import RegistryContext
 from .materialize import link_blobs, write_checked
@@ -286,20 +286,77 @@ def _merged_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Gene
     return gen
 
 
-def _basis_member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
-    """An adapter rebuilt from its RMM basis: x̂_i = μ + U_p C[:, i] (on the CPU, deterministic)."""
-    from ..weights.adapters import save_peft_adapter
+# ----------------------------------------------------------------------------- collection members
+
+
+@dataclass(frozen=True)
+class MemberSource:
+    """How a pruned member of a collection is rebuilt: its recipe's ``recipe_key`` names the version
+    holding the collection's file (one safetensors file: an RMM basis, a compression plan);
+    ``load(file)`` reads that file, ``rebuild(loaded, position)`` gives member ``position`` as a
+    LoraAdapter (on the CPU, deterministic: the same bytes on every call)."""
+
+    recipe_key: str
+    load: Callable[[Path], Any]
+    rebuild: Callable[[Any, int], Any]
+
+
+def _load_basis(file: Path) -> Any:
     from ..weights.rmm import load_basis
 
+    return load_basis(file)
+
+
+def _load_plan(file: Path) -> Any:
+    from ..weights.compress import load_plan
+
+    return load_plan(file)
+
+
+MEMBER_SOURCES: dict[str, MemberSource] = {
+    # x̂_i = μ + U_p C[:, i]
+    StorageMode.derived_basis.value: MemberSource("basis_version_id", _load_basis,
+                                                  lambda basis, i: basis.reconstruct(i, device="cpu")),
+    # member i's blob of the plan decoded (see registry.weights.compress)
+    StorageMode.derived_plan.value: MemberSource("plan_version_id", _load_plan, lambda plan, i: plan.reconstruct(i)),
+}
+
+
+def collection_file(ctx: RegistryContext, version_id: int, work: Path) -> Path:
+    """The one safetensors file of the version holding a collection (materialised under ``work``)."""
+    folder = work / f"collection-{version_id}"
+    if not folder.exists():
+        materialize(ctx, version_id, folder)
+    files = sorted(folder.rglob("*.safetensors"))
+    if len(files) != 1:
+        raise InvalidInput(f"version {version_id} holds {len(files)} safetensors files, not one collection file",
+                           code="invalid_collection")
+    return files[0]
+
+
+def rebuild_members(mode: str, file: Path, positions: list[int], work: Path) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """Members ``positions`` of the collection ``file`` as their PEFT files (path -> bytes), one at a
+    time: what pruning records and what serving regenerates come from this one function."""
+    from ..weights.adapters import save_peft_adapter
+
+    src = MEMBER_SOURCES[mode]
+    loaded = src.load(file)
+    for position in positions:
+        out = work / f"member-{position}"
+        shutil.rmtree(out, ignore_errors=True)
+        save_peft_adapter(src.rebuild(loaded, position), out)
+        yield position, {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
+    """A pruned member rebuilt from its collection's file (its other files stay blobs); the
+    generated files sit where the pushed adapter's were (the recipe's ``prefix``)."""
     recipe = v.recipe or {}
-    basis_dir = work / f"basis-{recipe['basis_version_id']}"
-    if not basis_dir.exists():
-        materialize(ctx, recipe["basis_version_id"], basis_dir)
-    files = [p for p in basis_dir.rglob("*.safetensors")]
-    basis = load_basis(files[0])
-    out = work / f"member-{v.id}"
-    save_peft_adapter(basis.reconstruct(int(recipe["position"]), device="cpu"), out)
-    return StaticFiles({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    file = collection_file(ctx, int(recipe[MEMBER_SOURCES[v.storage_mode].recipe_key]), work)
+    _, files = next(rebuild_members(v.storage_mode, file, [int(recipe["position"])], work / f"rebuilt-{v.id}"))
+    prefix = str(recipe.get("prefix") or "")
+    return StaticFiles({prefix + p: data for p, data in files.items()})
 
 
 def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path) -> Any:
@@ -341,8 +398,8 @@ def _diff_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Genera
 
 def native_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
     """Generated native files of a derived version (its stored side files are blobs)."""
-    if v.storage_mode == "derived:basis":
-        return _basis_member_generator(ctx, v, work)
+    if v.storage_mode in MEMBER_SOURCES:
+        return _member_generator(ctx, v, work)
     if v.storage_mode == "derived:diff":
         return _diff_generator(ctx, v, work)
     raise InvalidInput(f"{v.ref} is stored, not derived", code="not_derived")

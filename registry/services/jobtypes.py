@@ -32,6 +32,11 @@ class JobParams(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
+def _exactly_one(params: JobParams, a: str, b: str, job: str) -> None:
+    if (getattr(params, a) is None) == (getattr(params, b) is None):
+        raise ValueError(f"a {job} job takes exactly one of {a} or {b}")
+
+
 class BasisQuery(JobParams):
     """A collection named by a query, resolved when the job runs: the live, ready adapters pinned
     to ``base`` that carry ``tags`` (a tag whose value is None matches any value)."""
@@ -53,8 +58,7 @@ class BasisParams(JobParams):
 
     @model_validator(mode="after")
     def _one_source(self) -> BasisParams:
-        if (self.members is None) == (self.query is None):
-            raise ValueError("a basis job takes exactly one of members or query")
+        _exactly_one(self, "members", "query", "basis")
         return self
 
 
@@ -74,8 +78,36 @@ class MergeParams(JobParams):
 
 
 class PruneParams(JobParams):
-    basis_id: int
+    """Members of an RMM basis (``basis_id``) or of a compression plan (``compression_id``) within
+    ``max_error`` give up their own blobs."""
+
+    basis_id: int | None = None
+    compression_id: int | None = None
     max_error: float
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PruneParams:
+        _exactly_one(self, "basis_id", "compression_id", "prune")
+        return self
+
+
+class CompressParams(JobParams):
+    """A compression plan over ``members`` (refs), or over the collection ``query`` finds when the
+    job runs (a compress_collection policy); ``prune``: the members then give up their own blobs
+    (a prune job queued when the plan is recorded)."""
+
+    members: list[str] | None = None
+    query: BasisQuery | None = None
+    max_error: float
+    methods: list[str] | None = None
+    name: str | None = None
+    collection: str | None = None
+    prune: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CompressParams:
+        _exactly_one(self, "members", "query", "compress")
+        return self
 
 
 class VerifyParams(JobParams):
@@ -114,6 +146,7 @@ JOB_TYPES: dict[str, JobType] = {
     "transfer": JobType(TransferParams, math=True, handler="registry.services.transfers:compute_transfer"),
     "merge": JobType(MergeParams, math=True, handler="registry.services.merges:compute_merge"),
     "prune": JobType(PruneParams, math=True, handler="registry.services.pruning:prune"),
+    "compress": JobType(CompressParams, math=True, handler="registry.services.compressions:compress"),
     "verify": JobType(VerifyParams, math=False, handler="registry.services.verify:verify"),
     "pack": JobType(PackParams, math=False, handler="registry.services.packing:pack_job"),
     "mlflow_sync": JobType(MlflowSyncParams, math=False, handler="registry.services.provenance:sync_version"),

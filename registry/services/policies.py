@@ -9,6 +9,11 @@ version of X becomes ready, refit the RMM basis of the collection "adapters pinn
 version [with these tags]". A refresh already waiting in the queue absorbs later triggers (its
 members are resolved when it runs).
 
+``compress_collection`` (base model X, max_error, methods, collection, tags, prune): the same
+trigger and collection (of the adapters that still hold their own blobs), re-planned with the
+compression planner (:mod:`registry.services.compressions`); with ``prune`` the plan's members then
+give up their own blobs.
+
 Jobs get idempotency keys derived from (policy, event[, dependent]), so re-dispatching an event
 after a crash never creates a job twice. Promotion stays a user action: policies only create
 candidates and bases.
@@ -16,6 +21,7 @@ candidates and bases.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import select
@@ -23,16 +29,16 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..errors import Conflict, InvalidInput, NotFound
-from ..models import Event, Job, JobState, Model, ModelVersion, Policy
-from . import jobs, names
+from ..models import Event, Job, JobState, Model, ModelVersion, Policy, VersionTag
+from . import compressions, jobs, names
 from .bases import check_p_or_budget
 from .context import RegistryContext
 from .derive import check_number
 from .dispatcher import subscriber
-from .jobtypes import BasisParams, BasisQuery, TransferParams
+from .jobtypes import BasisParams, BasisQuery, JobParams, TransferParams
 from .names import FULL_MODEL_KINDS
 
-TYPES = ("transfer_on_base_update", "refresh_basis")
+TYPES = ("transfer_on_base_update", "refresh_basis", "compress_collection")
 TRIGGERS = ("version.created", "version.promoted")
 
 
@@ -49,14 +55,21 @@ def _check_params(type_: str, params: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(kinds, list) or not kinds or not set(kinds) <= {"finetune", "adapter"}:
             raise InvalidInput("kinds must be a non-empty list of finetune/adapter", code="invalid_parameter")
         return {"alpha": float(alpha), "kinds": sorted(kinds)}
-    p, max_error = params.get("p"), params.get("max_error")
-    check_p_or_budget(p, max_error)
     tags = params.get("tags") or {}
-    if not isinstance(tags, dict):
-        raise InvalidInput("tags must be an object", code="invalid_parameter")
+    if not isinstance(tags, dict) or not all(isinstance(v, str | None) for v in tags.values()):
+        raise InvalidInput("tags must be an object of strings (or null: any value)", code="invalid_parameter")
     collection = params.get("collection")
     if collection is not None:
         names.model_name(collection)
+    if type_ == "compress_collection":
+        max_error, methods = compressions.check_request(params.get("max_error"), params.get("methods"))
+        prune = params.get("prune", False)
+        if not isinstance(prune, bool):
+            raise InvalidInput("prune must be true or false", code="invalid_parameter")
+        return {"max_error": max_error, "methods": methods, "tags": tags, "collection": collection,
+                "name": collection, "prune": prune}
+    p, max_error = params.get("p"), params.get("max_error")
+    check_p_or_budget(p, max_error)
     return {"p": p, "max_error": max_error, "tags": tags, "collection": collection, "name": collection}
 
 
@@ -103,6 +116,7 @@ def on_event(s: Session, ev: Event, settings: Settings) -> list[Job]:
         created += _transfers_for_new_base(s, ev, v, settings)
     if v.kind == "adapter" and v.base_version_id is not None:
         created += _refresh_bases(s, ev, v, settings)
+        created += _compress_collections(s, ev, v, settings)
     return created
 
 
@@ -135,32 +149,52 @@ def _transfers_for_new_base(s: Session, ev: Event, new: ModelVersion, settings: 
     return out
 
 
-def _refresh_bases(s: Session, ev: Event, adapter: ModelVersion, settings: Settings) -> list[Job]:
+def _collection_policies(s: Session, adapter: ModelVersion, type_: str,
+                         job_type: str) -> Iterator[tuple[Policy, ModelVersion]]:
+    """(policy, base) for each active policy of ``type_`` on the base model of ``adapter`` whose tags
+    the adapter carries and that has no ``job_type`` job waiting in the queue (the waiting one will
+    see this adapter too: its members are resolved when it runs)."""
     base = s.get(ModelVersion, adapter.base_version_id)
     if base is None:
-        return []
+        return
     base_model = s.scalar(select(Model.name).where(Model.id == base.model_id))
-    policies = list(s.scalars(select(Policy).where(Policy.type == "refresh_basis", Policy.base_model == base_model,
+    policies = list(s.scalars(select(Policy).where(Policy.type == type_, Policy.base_model == base_model,
                                                    Policy.active.is_(True))))
-    out: list[Job] = []
+    have: dict[str, str] | None = None
     for p in policies:
         tags = p.params.get("tags") or {}
         if tags:
-            from ..models import VersionTag
-
-            have = {t.key: t.value for t in s.scalars(select(VersionTag).where(VersionTag.version_id == adapter.id))}
+            if have is None:
+                have = {t.key: t.value for t in s.scalars(select(VersionTag).where(
+                    VersionTag.version_id == adapter.id))}
             if any(k not in have or (val is not None and have[k] != val) for k, val in tags.items()):
                 continue
-        waiting = s.scalar(select(Job.id).where(Job.policy_id == p.id, Job.type == "basis",
+        waiting = s.scalar(select(Job.id).where(Job.policy_id == p.id, Job.type == job_type,
                                                 Job.state == JobState.queued.value).limit(1))
-        if waiting is not None:
-            continue  # the queued refresh will see this adapter too
-        job, created = jobs.create(
-            s, BasisParams(query=BasisQuery(base=base.ref, tags=tags), p=p.params.get("p"),
-                           max_error=p.params.get("max_error"), collection=p.params.get("collection") or p.name,
-                           name=p.params.get("name")),
-            settings=settings, created_by=f"policy:{p.name}", idempotency_key=f"policy:{p.id}:event:{ev.id}",
-            event_id=ev.id, policy_id=p.id, max_attempts=settings.job_max_attempts)
-        if created:
-            out.append(job)
+        if waiting is None:
+            yield p, base
+
+
+def _queue(s: Session, ev: Event, p: Policy, params: JobParams, settings: Settings) -> list[Job]:
+    job, created = jobs.create(s, params, settings=settings, created_by=f"policy:{p.name}",
+                               idempotency_key=f"policy:{p.id}:event:{ev.id}", event_id=ev.id, policy_id=p.id,
+                               max_attempts=settings.job_max_attempts)
+    return [job] if created else []
+
+
+def _refresh_bases(s: Session, ev: Event, adapter: ModelVersion, settings: Settings) -> list[Job]:
+    out: list[Job] = []
+    for p, base in _collection_policies(s, adapter, "refresh_basis", "basis"):
+        out += _queue(s, ev, p, BasisParams(
+            query=BasisQuery(base=base.ref, tags=p.params.get("tags") or {}), p=p.params.get("p"),
+            max_error=p.params.get("max_error"), collection=p.params.get("collection") or p.name,
+            name=p.params.get("name")), settings)
+    return out
+
+
+def _compress_collections(s: Session, ev: Event, adapter: ModelVersion, settings: Settings) -> list[Job]:
+    out: list[Job] = []
+    for p, base in _collection_policies(s, adapter, "compress_collection", "compress"):
+        params = {**p.params, "collection": p.params.get("collection") or p.name}
+        out += _queue(s, ev, p, compressions.policy_params(base.ref, p.params.get("tags") or {}, params), settings)
     return out

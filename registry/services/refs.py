@@ -87,3 +87,12 @@ def resolve(session: Session, ref: Ref | str, *, include_archived: bool = True) 
         what = "no ready version" if r.version is None and r.alias is None else "not found"
         raise NotFound(f"{r}: {what}", code="version_not_found", details={"ref": str(r)})
     return v
+
+
+def find(session: Session, ref: str) -> ModelVersion | None:
+    """The version a ref used as a filter names (``?base=``), or None when it names none: a filter on
+    a version that does not exist matches nothing (a malformed ref is still ``invalid_ref``)."""
+    try:
+        return resolve(session, ref)
+    except NotFound:
+        return None

@@ -9,12 +9,12 @@ from sqlalchemy.orm import Session, defaultload
 
 from ..errors import Conflict, InvalidInput, NotFound
 from ..formats.paths import clean_path
-from ..models import Alias, LineageEdge, Model, ModelVersion, VersionStatus, VersionTag, utcnow
+from ..models import MEMBERSHIP_RELATIONS, Alias, LineageEdge, Model, ModelVersion, VersionStatus, VersionTag, utcnow
 from . import names
 from .context import RegistryContext
 from .derived import ServedFile, served_files
 from .events import emit
-from .refs import parse_ref, resolve
+from .refs import find, parse_ref, resolve
 from .sql import check_limit, newest_first
 from .views import VersionView, version_view, version_views
 
@@ -70,9 +70,8 @@ def search(ctx: RegistryContext, f: VersionFilter) -> tuple[list[VersionView], i
                 tagged = tagged.where(VersionTag.value == value)
             q = q.where(ModelVersion.id.in_(tagged))
         if f.base is not None:
-            try:
-                base = resolve(s, f.base)
-            except NotFound:
+            base = find(s, f.base)
+            if base is None:
                 return [], None
             q = q.where(ModelVersion.base_version_id == base.id)
         rows, more = newest_first(s, q, ModelVersion.id, f.limit, f.cursor)
@@ -102,8 +101,8 @@ def dependents(s: Session, version: ModelVersion) -> list[str]:
     """Refs of live versions pinned to ``version`` (adapters, fine-tunes) or derived from it."""
     child = select(ModelVersion.id).where(
         ModelVersion.base_version_id == version.id, ModelVersion.archived_at.is_(None))
-    # Every edge child depends on its parent, except a basis member that still holds its own bytes.
-    stored_member = (LineageEdge.relation == "basis_member_of") & LineageEdge.child_id.in_(
+    # Every edge child depends on its parent, except a basis/plan member that still holds its own bytes.
+    stored_member = LineageEdge.relation.in_(MEMBERSHIP_RELATIONS) & LineageEdge.child_id.in_(
         select(ModelVersion.id).where(ModelVersion.storage_mode == "stored"))
     edge_children = select(LineageEdge.child_id).where(LineageEdge.parent_id == version.id, ~stored_member)
     rows = s.execute(

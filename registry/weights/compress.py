@@ -1392,16 +1392,22 @@ class CompressionPlan:
 # Validation
 
 
-def _check_budget(max_error: Any) -> float:
+def check_budget(max_error: Any) -> float:
+    """``max_error`` as :func:`plan` takes it: a number in [0, 1) (a fraction: 0.05 is 5 %; at 1 an
+    empty adapter would qualify); :class:`CompressionParamsError` otherwise. Public so that a caller
+    can refuse a request before it loads any adapter."""
     if isinstance(max_error, bool) or not isinstance(max_error, int | float):
         raise CompressionParamsError(f"max_error must be a number, got {max_error!r}")
     value = float(max_error)
-    if not math.isfinite(value) or value < 0:
-        raise CompressionParamsError(f"max_error must be a finite number >= 0, got {max_error!r}")
+    if not math.isfinite(value) or not 0 <= value < 1:
+        raise CompressionParamsError(f"max_error must be a finite number in [0, 1) (a fraction: 0.05 is 5 %), "
+                                     f"got {max_error!r}")
     return value
 
 
-def _check_methods(methods: Any) -> tuple[str, ...]:
+def check_methods(methods: Any) -> tuple[str, ...]:
+    """``methods`` as :func:`plan` takes them (known names, in :data:`METHODS` order);
+    :class:`CompressionParamsError` otherwise."""
     if isinstance(methods, str) or not isinstance(methods, Iterable):
         raise CompressionParamsError(f"methods must be a sequence of names from {METHODS}, got {methods!r}")
     given = tuple(methods)
@@ -1451,8 +1457,8 @@ def plan(
     :class:`IncompatibleAdaptersError` for adapters of different bases, :class:`NonFiniteError` for
     NaN/Inf factors.
     """
-    eps = _check_budget(max_error)
-    meths = _check_methods(methods)
+    eps = check_budget(max_error)
+    meths = check_methods(methods)
     layout = _check_adapters(adapters)
     n = len(adapters)
     labels = [f"m{i}" for i in range(n)] if names is None else [str(x) for x in names]

@@ -268,7 +268,7 @@ def test_load_plan_refuses_malformed_files(tmp_path, plans):
 # refusals
 
 
-@pytest.mark.parametrize("budget", [-0.1, float("nan"), float("inf"), "0.1", None, True, [0.1]])
+@pytest.mark.parametrize("budget", [-0.1, float("nan"), float("inf"), 1.0, 5, "0.1", None, True, [0.1]])
 def test_bad_budgets_are_refused(independent, budget):
     with pytest.raises(CompressionParamsError, match="max_error"):
         compress.plan(independent, budget)

@@ -37,6 +37,14 @@ def list_predictions(name: str, v: str, ctx: Ctx, _: Reader) -> list[dict[str, A
     return compat.list_predictions(ctx, version_ref(name, v))
 
 
+@router.get("/models/{name}/versions/{v}/compat", responses=errors(404, 422))
+def version_updates(name: str, v: str, ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
+    """The compatibility reports of the updates this version takes part in (to its same-model
+    successors in the lineage, transfer candidates included, and from its same-model parents), one
+    per dataset both sides have predictions for."""
+    return compat.update_reports(ctx, version_ref(name, v))
+
+
 @router.get("/compat", responses=errors(404, 422))
 def compare(old: str, new: str, dataset: str, ctx: Ctx, _: Reader) -> dict[str, Any]:
     """MUSCLE metrics of the update old -> new: NFR, PFR, NFR_mc, accuracies, BTC (or D-based rates)."""

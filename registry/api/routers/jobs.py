@@ -72,7 +72,7 @@ class MergeCreate(BaseModel):
 
 class PolicyCreate(BaseModel):
     name: str
-    type: str = Field(description="transfer_on_base_update or refresh_basis.")
+    type: str = Field(description="transfer_on_base_update, refresh_basis or compress_collection.")
     base_model: str
     params: dict[str, Any] = Field(default_factory=dict)
 

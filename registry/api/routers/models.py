@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from ...services import aliases, catalog
 from ..deps import Ctx, Reader, Writer
+from ..params import parse_id_cursor
 from ..responses import AUTHENTICATED, errors
 from ..schemas import AliasOut, AliasSet, ModelCreate, ModelOut, ModelPage, ModelUpdate, TagValue
 from .common import parse_tag_filters
@@ -19,13 +20,23 @@ def create_model(body: ModelCreate, ctx: Ctx, who: Writer) -> object:
     return catalog.create_model(ctx, body.name, body.kind, body.description, body.tags, actor=who.name)
 
 
+def model_page(ctx: Ctx, prefix: str | None, kind: str | None, tag: list[str], base: str | None, order: str,
+               limit: int, cursor: str | None) -> dict[str, object]:
+    """One page of models (the API's and the web UI's): ``cursor`` is a name, or an id when newest first."""
+    items, nxt = catalog.list_models(ctx, prefix=prefix, kind=kind, tag=parse_tag_filters(tag), base=base,
+                                     order=order, limit=limit,
+                                     cursor=parse_id_cursor(cursor) if order == "newest" else cursor)
+    return {"items": items, "next_cursor": nxt}
+
+
 @router.get("", response_model=ModelPage, responses=errors(422))
 def list_models(ctx: Ctx, _: Reader, prefix: str | None = None, kind: str | None = None,
                 tag: list[str] = Query(default=[], description="key=value or key; repeat to AND"),
+                base: str | None = Query(None, description="Only models with a live version pinned to this base "
+                                         "version (a ref)."),
+                order: str = Query("name", description="`name`, or `newest` (first; the cursor is then an id)."),
                 limit: int = 50, cursor: str | None = None) -> object:
-    items, nxt = catalog.list_models(ctx, prefix=prefix, kind=kind, tag=parse_tag_filters(tag), limit=limit,
-                                     cursor=cursor)
-    return {"items": items, "next_cursor": nxt}
+    return model_page(ctx, prefix, kind, tag, base, order, limit, cursor)
 
 
 @router.get("/{name}", response_model=ModelOut, responses=errors(404, 422))
