@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         colls += m
         parts.append(minilm_report(m))
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    head = (f"Command: `python -m bench.quality.planner --suite {args.suite} --seeds {args.seeds}`"
+    seeds = f" --seeds {args.seeds}" if args.suite != "minilm" else ""
+    head = (f"Command: `python -m bench.quality.planner --suite {args.suite}{seeds}`"
             + (f" (baseline planner: commit {args.baseline})" if baseline else "")
             + f"; {time.perf_counter() - t0:.0f} s, 1 torch thread, load average at the end {load}.\n")
     text = head + "\n" + "\n".join(parts)
