@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from registry.client import RegistryClient  # noqa: E402
+from registry.client import FileEntry, RegistryClient  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,15 +66,15 @@ def make_adapter(folder: Path, layers: int, hidden: int, r: int, seed: int) -> P
     return folder
 
 
-def download(url: str, ref: str, files: list[dict[str, object]]) -> float:
+def download(url: str, ref: str, files: list[FileEntry]) -> float:
     name, v = ref.split("@")
     t = time.perf_counter()
     for f in files:
         h = hashlib.sha256()
-        with httpx.stream("GET", f"{url}/api/v1/models/{name}/versions/{v}/files/{f['path']}", timeout=900) as r:
+        with httpx.stream("GET", f"{url}/api/v1/models/{name}/versions/{v}/files/{f.path}", timeout=900) as r:
             for chunk in r.iter_bytes(4 << 20):
                 h.update(chunk)
-        assert h.hexdigest() == f["sha256"], f["path"]
+        assert h.hexdigest() == f.sha256, f.path
     return time.perf_counter() - t
 
 
@@ -104,41 +104,41 @@ def main() -> None:
         rc = RegistryClient(url)
         b1 = rc.push(make_base(args.data / "b1", layers, hidden, 0.5), "bench-base")
         refs = [rc.push(make_adapter(args.data / f"a{i}", layers, hidden, args.rank, i), f"bench-lora-{i}",
-                        base=b1["ref"])["ref"] for i in range(args.adapters)]
+                        base=b1.ref).ref for i in range(args.adapters)]
         member = rc.get_version(refs[0])
-        t_stored_adapter = best(lambda: download(url, member["ref"], member["files"]), args.repeat)
-        job = rc.wait_job(rc.create_basis(refs, p=args.adapters - 1)["id"], timeout=3600)
-        rc.wait_job(rc.prune(job["result"]["basis_id"], max_error=0.0)["id"], timeout=3600)
+        t_stored_adapter = best(lambda: download(url, member.ref, member.files), args.repeat)
+        job = rc.wait_job(rc.create_basis(refs, p=args.adapters - 1).id, timeout=3600)
+        rc.wait_job(rc.prune(job.result["basis_id"], max_error=0.0).id, timeout=3600)
         derived_member = rc.get_version(refs[0])
-        assert derived_member["storage_mode"] == "derived:basis"
-        download(url, derived_member["ref"], derived_member["files"])  # warm-up (imports)
-        t_derived_adapter = best(lambda: download(url, derived_member["ref"], derived_member["files"]), args.repeat)
+        assert derived_member.storage_mode == "derived:basis"
+        download(url, derived_member.ref, derived_member.files)  # warm-up (imports)
+        t_derived_adapter = best(lambda: download(url, derived_member.ref, derived_member.files), args.repeat)
 
         planned = [rc.push(make_adapter(args.data / f"p{i}", layers, hidden, args.rank, 100 + i), f"bench-plan-{i}",
-                           base=b1["ref"])["ref"] for i in range(args.adapters)]
+                           base=b1.ref).ref for i in range(args.adapters)]
         t0 = time.perf_counter()
-        plan_job = rc.wait_job(rc.compress(planned, max_error=args.plan_budget, prune=True)["id"], timeout=7200)
+        plan_job = rc.wait_job(rc.compress(planned, max_error=args.plan_budget, prune=True).id, timeout=7200)
         t_plan = time.perf_counter() - t0
-        rc.wait_job(plan_job["result"]["prune_job_id"], timeout=7200)
-        plan = rc.get_compression(plan_job["result"]["compression_id"])
+        rc.wait_job(plan_job.result["prune_job_id"], timeout=7200)
+        plan = rc.get_compression(plan_job.result["compression_id"])
         plan_member = rc.get_version(planned[0])
-        assert plan_member["storage_mode"] == "derived:plan"
-        download(url, plan_member["ref"], plan_member["files"])  # warm-up
-        t_plan_adapter = best(lambda: download(url, plan_member["ref"], plan_member["files"]), args.repeat)
+        assert plan_member.storage_mode == "derived:plan"
+        download(url, plan_member.ref, plan_member.files)  # warm-up
+        t_plan_adapter = best(lambda: download(url, plan_member.ref, plan_member.files), args.repeat)
 
-        ft = rc.push(make_base(args.data / "ft", layers, hidden, 0.75), "bench-ft", base=b1["ref"])
+        ft = rc.push(make_base(args.data / "ft", layers, hidden, 0.75), "bench-ft", base=b1.ref)
         b2 = rc.push(make_base(args.data / "b2", layers, hidden, 0.25), "bench-base")
-        derived = rc.get_version(rc.wait_job(rc.transfer(ft["ref"], b2["ref"], storage="derived")["id"],
-                                             timeout=3600)["result"]["ref"])
-        assert derived["storage_mode"] == "derived:diff"
+        derived = rc.get_version(rc.wait_job(rc.transfer(ft.ref, b2.ref, storage="derived").id,
+                                             timeout=3600).result["ref"])
+        assert derived.storage_mode == "derived:diff"
         # the stored equivalent: the same bytes pushed as an ordinary stored version
-        rc.pull(derived["ref"], args.data / "copy")
+        rc.pull(derived.ref, args.data / "copy")
         stored = rc.push(args.data / "copy", "bench-stored-copy")
-        assert {f["sha256"] for f in stored["files"]} == {f["sha256"] for f in derived["files"]}
-        t_stored_model = best(lambda: download(url, stored["ref"], stored["files"]), args.repeat)
-        download(url, derived["ref"], derived["files"][:1])
-        t_derived_model = best(lambda: download(url, derived["ref"], derived["files"]), args.repeat)
-        a_mb, m_mb = member["size"] / 2**20, stored["size"] / 2**20
+        assert {f.sha256 for f in stored.files} == {f.sha256 for f in derived.files}
+        t_stored_model = best(lambda: download(url, stored.ref, stored.files), args.repeat)
+        download(url, derived.ref, derived.files[:1])
+        t_derived_model = best(lambda: download(url, derived.ref, derived.files), args.repeat)
+        a_mb, m_mb = member.size / 2**20, stored.size / 2**20
         print(f"\nembedded server on loopback, cache off, best of {args.repeat}; {os.cpu_count()} CPU cores; "
               f"{args.adapters} adapters r={args.rank} ({a_mb:.1f} MiB each), model {m_mb:.0f} MiB fp16\n")
         print("| download | stored (s) | derived (s) | derived / stored | goal |")
@@ -149,11 +149,11 @@ def main() -> None:
               f"{t_plan_adapter:.3f} | {t_plan_adapter / t_stored_adapter:.2f}× | – |")
         print(f"| transfer rebuilt as target + (fine-tune − source) | {t_stored_model:.2f} | {t_derived_model:.2f} | "
               f"{t_derived_model / t_stored_model:.2f}× | ≤ 1.5× |")
-        print(f"\ncompression plan of {args.adapters} adapters: {plan['stored_bytes']} bytes stored for "
-              f"{plan['original_bytes']} ({plan['ratio']:.3f}), max served error "
-              f"{max(m['served_error'] for m in plan['members']):.4f}, planned in {t_plan:.1f} s (job, end to end)")
-        print(f"\nstorage: stored transfer {stored['size'] / 2**20:.0f} MiB of blobs; derived transfer keeps "
-              f"{derived['summary']['derived']['stored_bytes'] / 2**20:.2f} MiB (side files, shared with its inputs)")
+        print(f"\ncompression plan of {args.adapters} adapters: {plan.stored_bytes} bytes stored for "
+              f"{plan.original_bytes} ({plan.ratio:.3f}), max served error "
+              f"{max(m.served_error for m in plan.members):.4f}, planned in {t_plan:.1f} s (job, end to end)")
+        print(f"\nstorage: stored transfer {stored.size / 2**20:.0f} MiB of blobs; derived transfer keeps "
+              f"{derived.summary['derived']['stored_bytes'] / 2**20:.2f} MiB (side files, shared with its inputs)")
     finally:
         srv.stop()
         shutil.rmtree(args.data, ignore_errors=True)

@@ -125,7 +125,7 @@ def main() -> None:
                 for e in entries:
                     base = refs.get(f"{label}:{e.base}") if e.base else None
                     v = rc.push(e.folder, e.name, kind=e.kind, base=base)
-                    refs[f"{label}:{e.name}"] = v["ref"]
+                    refs[f"{label}:{e.name}"] = v.ref
         srv = servers["packed"]
         ctx = RegistryContext.open(Settings(home=srv.home, database_url=srv.database_url))
         rows = []
@@ -135,14 +135,14 @@ def main() -> None:
                 for e in entries:
                     v = rc.get_version(refs[f"packed:{e.name}"])
                     t, c = time.perf_counter(), time.process_time()
-                    report = packing.pack_version(ctx, v["id"])
+                    report = packing.pack_version(ctx, v.id)
                     wall, cpu = time.perf_counter() - t, time.process_time() - c
                     cpu_total += cpu
                     wall_total += wall
                     bytes_total += report.logical_bytes
-                    v = rc.get_version(v["ref"])
+                    v = rc.get_version(v.ref)
                     rows.append((e, v, wall, cpu, report))
-                total = rc.storage()["total"]
+                total = rc.storage().total
         finally:
             ctx.close()
         print(f"\nPacked storage through the registry ({args.corpus} corpus); {os.cpu_count()} CPU cores\n")
@@ -150,12 +150,12 @@ def main() -> None:
         print("|---|---|---|---:|---:|---:|---:|")
         for e, v, _wall, cpu, report in rows:
             refd = ", ".join(report.references[:1]) or "–"
-            print(f"| {e.name} | {e.kind} | {refd} | {v['size'] / 1e6:.1f} | {v['stored_bytes'] / 1e6:.2f} | "
-                  f"{v['stored_bytes'] / v['size']:.3f} | {v['size'] / 1e6 / max(cpu, 1e-9):.0f} |")
-        print(f"| **total** | | | {total['logical_bytes'] / 1e6:.1f} | {total['stored_bytes'] / 1e6:.2f} | "
-              f"{total['ratio']:.3f} | {bytes_total / 1e6 / max(cpu_total, 1e-9):.0f} |")
-        print(f"\nstore after packing: {total['object_bytes'] / 1e6:.1f} MB in {total['objects']} objects "
-              f"({total['chunks']} chunks)")
+            print(f"| {e.name} | {e.kind} | {refd} | {v.size / 1e6:.1f} | {v.stored_bytes / 1e6:.2f} | "
+                  f"{v.stored_bytes / v.size:.3f} | {v.size / 1e6 / max(cpu, 1e-9):.0f} |")
+        print(f"| **total** | | | {total.logical_bytes / 1e6:.1f} | {total.stored_bytes / 1e6:.2f} | "
+              f"{total.ratio:.3f} | {bytes_total / 1e6 / max(cpu_total, 1e-9):.0f} |")
+        print(f"\nstore after packing: {total.object_bytes / 1e6:.1f} MB in {total.objects} objects "
+              f"({total.chunks} chunks)")
 
         # downloads: the biggest fine-tune's weights, raw (A) against packed (B)
         e = max((x for x in entries if x.kind == "finetune"), key=lambda x: _size(x.folder))

@@ -103,7 +103,12 @@ def warm(paths: list[Path]) -> None:
                     pass
 
 
+CPU_READS: list[float] = []  # CPU time of each read_safe_open (user + system of this process)
+
+
 def read_safe_open(paths: list[Path]) -> float:
+    t = os.times()
+    c0 = t.user + t.system
     t0 = time.perf_counter()
     for p in paths:
         ck = open_checkpoint(p)
@@ -111,7 +116,10 @@ def read_safe_open(paths: list[Path]) -> float:
             with safe_open(str(f), framework="pt") as h:
                 for name in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
                     h.get_tensor(name).clone()
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    t = os.times()
+    CPU_READS.append(t.user + t.system - c0)
+    return dt
 
 
 def read_raw(paths: list[Path]) -> float:
@@ -152,12 +160,21 @@ else:
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"): return int(line.split()[1]) * 1024
+kernel_rss = kernel_s = 0.0
+if args["op"] == "merge":
+    # One-off per process: load the compiled kernels (if this tree has them) with a tiny merge, so
+    # that the timing and the RSS growth below are the merge's own (reported separately).
+    before, t0 = status("VmRSS"), time.perf_counter()
+    M.merge_tensors("ties", torch.zeros(64), [torch.ones(64)] * 3, {"density": 0.2})
+    kernel_s, kernel_rss = time.perf_counter() - t0, status("VmRSS") - before
 # Peak RSS of this process only: reset the high-water mark after imports (ru_maxrss would also
 # carry the parent's RSS across fork+exec), then read VmHWM at the end.
 open("/proc/self/clear_refs", "w").write("5")
 base_rss = status("VmRSS")
 def rss(): return status("VmHWM")
 prof = cProfile.Profile() if args.get("profile") else None
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
+cpu0 = ru0.ru_utime + ru0.ru_stime
 t0 = time.perf_counter()
 if prof: prof.enable()
 if args["op"] == "transfer":
@@ -169,18 +186,26 @@ else:
     extra = {}
 if prof: prof.disable()
 dt = time.perf_counter() - t0
-out = {"seconds": dt, "rss_growth": rss() - base_rss, "base_rss": base_rss, **extra}
+ru = resource.getrusage(resource.RUSAGE_SELF)
+out = {"seconds": dt, "cpu": ru.ru_utime + ru.ru_stime - cpu0, "rss_growth": rss() - base_rss,
+       "base_rss": base_rss, "kernel_s": kernel_s,
+       "kernel_rss": kernel_rss, **extra}
 if prof:
     s = io.StringIO(); pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12); out["profile"] = s.getvalue()
 print("RESULT " + json.dumps(out))
 """
 
 
-def child(args: dict[str, object]) -> dict[str, object]:
+def child(args: dict[str, object], src: str | None = None) -> dict[str, object]:
+    """Run one measured operation in a fresh process; ``src``: import ``registry`` from that tree
+    (a checkout of the code before a change: the baseline of a before/after comparison)."""
     out = Path(str(args["out"]))
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # previous outputs' dirty pages: not this run's cost
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False)
+    env = {**os.environ, "PYTHONPATH": src or str(ROOT)}
+    # -P: no current directory on sys.path, so ``registry`` comes from PYTHONPATH (this tree or ``src``)
+    res = subprocess.run([sys.executable, "-P", "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+                         check=False, env=env)
     shutil.rmtree(out, ignore_errors=True)
     if res.returncode != 0:
         raise SystemExit(f"child failed:\n{res.stdout}\n{res.stderr}")
@@ -201,6 +226,9 @@ def main() -> None:
     ap.add_argument("--merge-repeat", type=int, default=2)
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the measured subprocesses")
+    ap.add_argument("--baseline-src", default=None,
+                    help="a source tree of the code before a change (e.g. `git worktree add /tmp/base main`): "
+                         "its merge is timed in the same run, interleaved")
     a = ap.parse_args()
 
     paths = generate(a.regen)
@@ -282,9 +310,12 @@ def main() -> None:
         }
         read4: list[float] = []
         mgs: list[dict[str, object]] = []
+        olds: list[dict[str, object]] = []
         for _ in range(a.merge_repeat):
             read4.append(read_safe_open(mg_inputs))
             mgs.append(child(mg_args))
+            if a.baseline_src:
+                olds.append(child(mg_args, a.baseline_src))
         t_mg = [float(str(r["seconds"])) for r in mgs]
         rss_mg = max(float(str(r["rss_growth"])) for r in mgs)
         print(f"\n### TIES merge, 3 inputs + base (density 0.2, per-tensor trim; {a.merge_repeat} runs)\n")
@@ -299,6 +330,23 @@ def main() -> None:
             f"**{min(t_mg) / min(read4):.1f}x** |"
         )
         print(f"| peak RSS growth of merge (max) | {mb(rss_mg)} | | {rss_mg / largest:.2f}x largest tensor |")
+        k_s, k_rss = max(float(str(r["kernel_s"])) for r in mgs), max(float(str(r["kernel_rss"])) for r in mgs)
+        print(f"| one-off per process, before the timing: load the compiled kernels | {k_s:.2f} s | | "
+              f"{mb(k_rss)} RSS |")
+        if olds:
+            t_old = [float(str(r["seconds"])) for r in olds]
+            rss_old = max(float(str(r["rss_growth"])) for r in olds)
+            print(f"| baseline tree {a.baseline_src}: merge_checkpoints('ties') | {min(t_old):.2f} s | "
+                  f"{statistics.median(t_old):.2f} s | **{min(t_old) / min(read4):.1f}x** |")
+            print(f"| baseline tree: peak RSS growth of merge (max) | {mb(rss_old)} | | "
+                  f"{rss_old / largest:.2f}x largest tensor |")
+            print(f"\nbaseline merge runs: {[round(x, 2) for x in t_old]} s")
+        c_read = min(CPU_READS[-a.merge_repeat:])
+        c_mg = min(float(str(r["cpu"])) for r in mgs)
+        print(f"\nCPU time (user + system; not stretched by other processes): read 4 checkpoints {c_read:.2f} s, "
+              f"merge {c_mg:.2f} s = **{c_mg / c_read:.1f}x**" + (
+                  f"; baseline merge {min(float(str(r['cpu'])) for r in olds):.2f} s = "
+                  f"**{min(float(str(r['cpu'])) for r in olds) / c_read:.1f}x**" if olds else ""))
         print(f"\nruns: merge {[round(x, 2) for x in t_mg]} s; read {[round(x, 2) for x in read4]} s")
 
     print(f"\nload average at end of timings: {os.getloadavg()[0]:.2f} (1 min)")

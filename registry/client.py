@@ -1,15 +1,27 @@
-"""Python client for the registry's HTTP API.
+"""Python client for the registry's HTTP API: typed results, one exception per error kind, sync and async.
 
-    from registry.client import RegistryClient
+    from registry.client import AsyncRegistryClient, NotFound, RegistryClient
 
     with RegistryClient("http://127.0.0.1:8080", token=None) as rc:
-        v = rc.push("demo/base", name="demo-base")                  # -> {"ref": "demo-base@1", ...}
-        rc.push("demo/adapter-sql", name="sql-lora", base=v["ref"])
+        v = rc.push("demo/base", name="demo-base")                  # -> Version(ref="demo-base@1", ...)
+        rc.push("demo/adapter-sql", name="sql-lora", base=v.ref)
         rc.pull("sql-lora@1", "out/sql-lora")                        # verifies every sha256
-        rc.search_versions(kind="adapter", base="demo-base@1")
+        rc.search_versions(kind="adapter", base="demo-base@1").items
 
-Errors from the server raise :class:`RegistryAPIError` (``status``, ``code``, ``message``,
-``details``); an unreachable server raises :class:`RegistryConnectionError`.
+    async with AsyncRegistryClient() as arc:                         # the same methods, awaited
+        v = await arc.get_version("sql-lora@1")
+
+Results are pydantic models: the API's own response schemas (``registry.api.schemas``), under the
+names below (``Version``, ``Job``, ``Webhook``, …), so the shape of every answer lives in one
+place. Errors raise the exceptions of :mod:`registry.client_errors` (re-exported here): all are
+:class:`RegistryClientError`; what the server refused is a :class:`RegistryAPIError` chosen by the
+status (:class:`NotFound`, :class:`Conflict`, :class:`InvalidInput`, :class:`Unauthorized`,
+:class:`Forbidden`, …), a failed job :class:`JobFailed`, an unreachable server
+:class:`ServerUnreachable` (``RegistryConnectionError``).
+
+Every method is written once, as a flow of effects (:mod:`registry.transport`) that
+:class:`RegistryClient` (``httpx.Client``) and :class:`AsyncRegistryClient` (``httpx.AsyncClient``)
+run; pages are iterators (``iter_versions``), async iterators on the async client.
 
 A server that cannot be reached (connection errors, 502/503/504) is retried with exponential backoff
 for up to ``retry_seconds`` (``REGISTRY_CLIENT_RETRY_SECONDS``, 120) per outage, with a message on
@@ -35,101 +47,112 @@ from urllib.parse import quote
 
 import httpx
 
+from .api import schemas
+from .client_errors import (
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    DataCorrupt,
+    Forbidden,
+    Gone,
+    InvalidInput,
+    JobFailed,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    RegistryAPIError,
+    RegistryClientError,
+    RegistryConnectionError,
+    RequestTimeout,
+    ServerError,
+    ServerUnreachable,
+    Unauthorized,
+    Unavailable,
+)
 from .config import get_settings
+from .formats import oci
 from .formats.inspect import content_hash
+from .transport import (
+    AsyncDriver,
+    Blocking,
+    Core,
+    Flow,
+    Send,
+    Sleep,
+    Stream,
+    SyncDriver,
+    check,
+    operation,
+    paged,
+    parse,
+    transient,
+    unreachable,
+)
+
+__all__ = [
+    "AsyncRegistryClient", "RegistryClient", "iter_folder",
+    # results
+    "Alias", "Basis", "CompatReport", "Compression", "Delivery", "DeliveryDetail", "Draft", "DraftFile", "Event",
+    "FileEntry", "Health", "Job", "Lineage", "Model", "ModelPage", "OciExport", "Policy", "Predictions", "Redelivery",
+    "StorageReport", "Token", "UpdateReport", "Upload", "Version", "VersionPage", "Webhook", "WebhookCreated",
+    # errors
+    "BadRequest", "ChecksumMismatch", "Conflict", "DataCorrupt", "Forbidden", "Gone", "InvalidInput", "JobFailed",
+    "NotFound", "PayloadTooLarge", "RangeNotSatisfiable", "RegistryAPIError", "RegistryClientError",
+    "RegistryConnectionError", "RequestTimeout", "ServerError", "ServerUnreachable", "Unauthorized", "Unavailable",
+]
+
+# The results: the API's response schemas.
+Alias = schemas.AliasOut
+Basis = schemas.BasisOut
+CompatReport = schemas.CompatOut
+Compression = schemas.CompressionOut
+Delivery = schemas.DeliveryOut
+DeliveryDetail = schemas.DeliveryDetail
+Draft = schemas.DraftOut
+DraftFile = schemas.DraftFileOut
+Event = schemas.EventOut
+FileEntry = schemas.FileOut
+Health = schemas.HealthOut
+Job = schemas.JobOut
+Lineage = schemas.LineageOut
+Model = schemas.ModelOut
+ModelPage = schemas.ModelPage
+Policy = schemas.PolicyOut
+Predictions = schemas.PredictionsOut
+Redelivery = schemas.RedeliveryOut
+StorageReport = schemas.StorageOut
+Token = schemas.TokenOut
+UpdateReport = schemas.UpdateReportOut
+Upload = schemas.UploadOut
+Version = schemas.VersionOut
+VersionPage = schemas.VersionPage
+Webhook = schemas.WebhookOut
+WebhookCreated = schemas.WebhookCreated
+OciExport = oci.OciExport
 
 CHUNK = 4 << 20
 RESUMABLE_THRESHOLD = 64 << 20  # files larger than this go through resumable upload sessions
 UPLOAD_CHUNK = 64 << 20
-RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or a restarting server: worth another try
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-RETRY_FIRST_DELAY = 0.5  # seconds; doubles after each failure of an outage
-RETRY_MAX_DELAY = 5.0
 OFFSET_RESYNCS = 20  # 409 offset_mismatch answers in a row before a resumable upload gives up
-# Raised before the request reached the server: safe to repeat whatever the request does.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_transient = transient  # the retry rule (tests/test_faults.py checks it)
 
 # httpcore reads responses 64 KiB at a time; 1 MiB reads move large downloads ~40% faster on
 # loopback (bench/RESULTS.md). Only ever raised, never lowered.
 try:
+    import httpcore._async.http11 as _ah11
     import httpcore._sync.http11 as _h11
 
-    _h11.HTTP11Connection.READ_NUM_BYTES = max(_h11.HTTP11Connection.READ_NUM_BYTES, 1 << 20)
+    for _conn in (_h11.HTTP11Connection, _ah11.AsyncHTTP11Connection):
+        _conn.READ_NUM_BYTES = max(_conn.READ_NUM_BYTES, 1 << 20)
 except (ImportError, AttributeError):  # pragma: no cover - other httpcore layouts
     pass
 
 Progress = Callable[[str, int], None]  # (phase, bytes) -> None; phases: "hash", "upload", "download"
-
-
-class RegistryAPIError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-
-class JobFailed(RegistryAPIError):
-    """A job ended ``failed`` or ``cancelled`` (``status`` 0: no HTTP error; ``code`` is the job's
-    error code, ``message`` says which job and why)."""
-
-
-class RegistryConnectionError(Exception):
-    pass
+LocalFile = tuple[str, Path, str | None]  # (path in the version, local file, its sha256 when known)
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _transient(error: BaseException, idempotent: bool) -> bool:
-    """Whether a failed request may be repeated: never after a 4xx; after a connection that was
-    never made, always; after one that broke (or a 502/503/504), only if repeating it is harmless."""
-    if isinstance(error, NOT_SENT):
-        return True
-    if isinstance(error, httpx.TransportError):
-        return idempotent
-    if isinstance(error, RegistryAPIError):
-        return idempotent and error.status in RETRY_STATUSES
-    return False
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, RegistryAPIError):
-        return f"{error.status} {error.code}"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-class _Retry:
-    """Backoff for one operation: delays of 0.5, 1, 2, 4, 5, 5 ... seconds, until ``budget``
-    seconds have passed since the first failure of the current outage (a success resets it)."""
-
-    def __init__(self, budget: float, what: str, notify: Callable[[str], None], url: str) -> None:
-        self.budget, self.what, self.notify, self.url = budget, what, notify, url
-        self.reset()
-
-    def reset(self) -> None:
-        self._since: float | None = None
-        self._failures = 0
-
-    def wait(self, error: BaseException) -> None:
-        """Sleep before the next try; raise the client's exception for ``error`` when the budget is spent."""
-        now = time.monotonic()
-        if self._since is None:
-            self._since = now
-        left = self.budget - (now - self._since)
-        if left <= 0:
-            if isinstance(error, httpx.TransportError):
-                tried = f" (retried for {self.budget:.0f}s)" if self.budget else ""
-                raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {_describe(error)}"
-                                              f"{tried}") from error
-            raise error
-        delay = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** self._failures, left)
-        self._failures += 1
-        self.notify(f"registry: {self.what}: {_describe(error)}; retrying in {delay:.1f}s "
-                    f"(gives up in {left:.0f}s)")
-        time.sleep(delay)
 
 
 def _q(segment: str) -> str:
@@ -141,6 +164,10 @@ def _version_path(ref: str) -> str:
     return f"/models/{_q(name)}/versions/{_q(selector or 'latest')}"
 
 
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _hash_file(path: Path, progress: Progress | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -149,6 +176,22 @@ def _hash_file(path: Path, progress: Progress | None = None) -> str:
             if progress:
                 progress("hash", len(chunk))
     return h.hexdigest()
+
+
+def _hash_prefix(path: Path) -> tuple[Any, int]:
+    """(sha256 object over the bytes of ``path``, their count); (empty, 0) when it does not exist."""
+    h = hashlib.sha256()
+    n = 0
+    if path.exists():
+        with open(path, "rb") as f:
+            while chunk := f.read(4 * CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+    return h, n
+
+
+def _holds(target: Path, size: int, sha256: str) -> bool:
+    return target.exists() and target.stat().st_size == size and _hash_file(target) == sha256
 
 
 def iter_folder(folder: Path) -> list[tuple[str, Path]]:
@@ -170,12 +213,12 @@ def iter_folder(folder: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-class RegistryClient:
-    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 300.0,
-                 retry_seconds: float | None = None, on_retry: Callable[[str], None] | None = None) -> None:
-        """``retry_seconds``: how long to keep retrying an unreachable server per outage (default
-        ``REGISTRY_CLIENT_RETRY_SECONDS``; 0: fail at once). ``on_retry`` receives each "retrying
-        in Ns" message (default: printed on stderr)."""
+class Operations(Core):
+    """Every API operation, once (a flow per method); the drivers make them sync or async."""
+
+    def _setup(self, url: str | None, token: str | None, retry_seconds: float | None,
+               on_retry: Callable[[str], None] | None) -> dict[str, Any]:
+        """Settings shared by both clients; returns the httpx client's keyword arguments."""
         settings = get_settings()
         self.url = (url or settings.client_url).rstrip("/")
         self.retry_seconds = settings.client_retry_seconds if retry_seconds is None else retry_seconds
@@ -184,307 +227,323 @@ class RegistryClient:
         headers = {"User-Agent": "registry-client"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.url + "/api/v1", headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=10.0))
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> RegistryClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ plumbing
-
-    def _raise_for(self, r: httpx.Response) -> None:
-        if r.status_code < 400:
-            return
-        try:
-            err = r.json()["error"]
-            raise RegistryAPIError(r.status_code, err.get("code", "error"), err.get("message", ""), err.get("details"))
-        except (ValueError, KeyError, TypeError):
-            raise RegistryAPIError(r.status_code, "http_error", r.text[:500]) from None
-
-    def _retry(self, what: str) -> _Retry:
-        return _Retry(self.retry_seconds, what, self._on_retry, self.url)
-
-    def _attempt(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """One request; raises httpx.TransportError or RegistryAPIError."""
-        r = self._http.request(method, path, **kw)
-        self._raise_for(r)
-        return r
-
-    def _req(self, method: str, path: str, *, idempotent: bool | None = None, what: str | None = None,
-             **kw: Any) -> httpx.Response:
-        """A request, retried while the server is unreachable when that is safe (see ``_transient``;
-        ``idempotent`` defaults to the method's HTTP semantics). A callable ``content`` is called
-        for a fresh body on every try."""
-        idem = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
-        retry = self._retry(what or f"{method} {path}")
-        body = kw.get("content")
-        while True:
-            if callable(body):
-                kw["content"] = body()
-            try:
-                return self._attempt(method, path, **kw)
-            except (httpx.TransportError, RegistryAPIError) as e:
-                if not _transient(e, idem):
-                    if isinstance(e, httpx.TransportError):
-                        raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
-                    raise
-                retry.wait(e)
-
-    def _json(self, method: str, path: str, **kw: Any) -> Any:
-        r = self._req(method, path, **kw)
-        return None if r.status_code == 204 else r.json()
-
-    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        params = dict(params)
-        while True:
-            page = self._json("GET", path, params=params)
-            yield from page["items"]
-            if not page.get("next_cursor"):
-                return
-            params["cursor"] = page["next_cursor"]
+        return {"base_url": self.url + "/api/v1", "headers": headers}
 
     # ------------------------------------------------------------------ models
 
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/health")  # type: ignore[no-any-return]
+    @operation
+    def health(self) -> Flow[Health]:
+        return (yield from self.call(Health, "GET", "/health"))
 
+    @operation
     def create_model(self, name: str, kind: str, description: str = "",
-                     tags: dict[str, str] | None = None) -> dict[str, Any]:
-        return self._json("POST", "/models", json={"name": name, "kind": kind, "description": description,
-                                                    "tags": tags or {}})  # type: ignore[no-any-return]
+                     tags: dict[str, str] | None = None) -> Flow[Model]:
+        return (yield from self.call(Model, "POST", "/models", json={
+            "name": name, "kind": kind, "description": description, "tags": tags or {}}))
 
-    def get_model(self, name: str) -> dict[str, Any]:
-        return self._json("GET", f"/models/{_q(name)}")  # type: ignore[no-any-return]
+    @operation
+    def get_model(self, name: str) -> Flow[Model]:
+        return (yield from self.call(Model, "GET", f"/models/{_q(name)}"))
 
+    @operation
     def list_models(self, prefix: str | None = None, kind: str | None = None, tags: list[str] | None = None,
-                    limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
-        params = {k: v for k, v in {"prefix": prefix, "kind": kind, "tag": tags or None, "limit": limit,
-                                    "cursor": cursor}.items() if v is not None}
-        return self._json("GET", "/models", params=params)  # type: ignore[no-any-return]
+                    limit: int = 50, cursor: str | None = None) -> Flow[ModelPage]:
+        params = _params(prefix=prefix, kind=kind, tag=tags or None, limit=limit, cursor=cursor)
+        return (yield from self.call(ModelPage, "GET", "/models", params=params))
 
-    def set_model_tag(self, name: str, key: str, value: str) -> dict[str, Any]:
-        return self._json("PUT", f"/models/{_q(name)}/tags/{_q(key)}", json={"value": value})  # type: ignore[no-any-return]
+    @operation
+    def set_model_tag(self, name: str, key: str, value: str) -> Flow[Model]:
+        return (yield from self.call(Model, "PUT", f"/models/{_q(name)}/tags/{_q(key)}", json={"value": value}))
 
     # ------------------------------------------------------------------ versions
 
-    def get_version(self, ref: str) -> dict[str, Any]:
-        return self._json("GET", _version_path(ref))  # type: ignore[no-any-return]
+    @operation
+    def get_version(self, ref: str) -> Flow[Version]:
+        return (yield from self.call(Version, "GET", _version_path(ref)))
 
+    @operation
     def search_versions(self, *, model: str | None = None, prefix: str | None = None, kind: str | None = None,
                         tags: list[str] | None = None, base: str | None = None, status: str | None = None,
-                        archived: bool = False, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+                        archived: bool = False, limit: int = 50, cursor: str | None = None) -> Flow[VersionPage]:
         """One page of versions matching every filter (``tags``: ``key=value`` or ``key``)."""
-        params = {k: v for k, v in {"model": model, "prefix": prefix, "kind": kind, "tag": tags or None,
-                                    "base": base, "status": status, "archived": archived or None,
-                                    "limit": limit, "cursor": cursor}.items() if v is not None}
-        return self._json("GET", "/versions", params=params)  # type: ignore[no-any-return]
+        params = _params(model=model, prefix=prefix, kind=kind, tag=tags or None, base=base, status=status,
+                         archived=archived or None, limit=limit, cursor=cursor)
+        return (yield from self.call(VersionPage, "GET", "/versions", params=params))
 
-    def iter_versions(self, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Every version matching the filters, following ``next_cursor``."""
-        params = {k: v for k, v in filters.items() if v is not None}
+    @paged
+    def iter_versions(self, **filters: Any) -> Callable[[str | None], Flow[tuple[list[Version], str | None]]]:
+        """Every version matching the filters (those of ``search_versions``), following ``next_cursor``."""
+        params = _params(**filters)
         if "tags" in params:
             params["tag"] = params.pop("tags")
-        return self._pages("/versions", params)
 
-    def archive(self, ref: str) -> dict[str, Any]:
-        return self._json("DELETE", _version_path(ref))  # type: ignore[no-any-return]
+        def page(cursor: str | None) -> Flow[tuple[list[Version], str | None]]:
+            got = yield from self.call(VersionPage, "GET", "/versions", params={**params, **_params(cursor=cursor)})
+            return got.items, got.next_cursor
 
-    def set_tags(self, ref: str, tags: dict[str, str]) -> dict[str, Any]:
-        return self._json("POST", _version_path(ref) + "/tags", json={"tags": tags})  # type: ignore[no-any-return]
+        return page
 
-    def delete_tag(self, ref: str, key: str) -> dict[str, Any]:
-        return self._json("DELETE", _version_path(ref) + f"/tags/{_q(key)}")  # type: ignore[no-any-return]
+    @operation
+    def archive(self, ref: str) -> Flow[Version]:
+        return (yield from self.call(Version, "DELETE", _version_path(ref)))
 
-    def lineage(self, ref: str, direction: str = "both", depth: int = 25) -> dict[str, Any]:
-        return self._json("GET", _version_path(ref) + "/lineage",
-                          params={"direction": direction, "depth": depth})  # type: ignore[no-any-return]
+    @operation
+    def set_tags(self, ref: str, tags: dict[str, str]) -> Flow[Version]:
+        return (yield from self.call(Version, "POST", _version_path(ref) + "/tags", json={"tags": tags}))
 
-    def set_alias(self, name: str, alias: str, version: str | int) -> dict[str, Any]:
-        return self._json("PUT", f"/models/{_q(name)}/aliases/{_q(alias)}",
-                          json={"version": str(version)})  # type: ignore[no-any-return]
+    @operation
+    def delete_tag(self, ref: str, key: str) -> Flow[Version]:
+        return (yield from self.call(Version, "DELETE", _version_path(ref) + f"/tags/{_q(key)}"))
 
-    def delete_alias(self, name: str, alias: str) -> None:
-        self._json("DELETE", f"/models/{_q(name)}/aliases/{_q(alias)}")
+    @operation
+    def lineage(self, ref: str, direction: str = "both", depth: int = 25) -> Flow[Lineage]:
+        return (yield from self.call(Lineage, "GET", _version_path(ref) + "/lineage",
+                                     params={"direction": direction, "depth": depth}))
 
-    def list_aliases(self, name: str) -> list[dict[str, Any]]:
-        return self._json("GET", f"/models/{_q(name)}/aliases")  # type: ignore[no-any-return]
+    @operation
+    def set_alias(self, name: str, alias: str, version: str | int) -> Flow[Alias]:
+        return (yield from self.call(Alias, "PUT", f"/models/{_q(name)}/aliases/{_q(alias)}",
+                                     json={"version": str(version)}))
 
-    def events(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        return self._json("GET", "/events", params={"after": after, "limit": limit})["items"]  # type: ignore[no-any-return]
+    @operation
+    def delete_alias(self, name: str, alias: str) -> Flow[None]:
+        yield from self.call(None, "DELETE", f"/models/{_q(name)}/aliases/{_q(alias)}")
 
-    def promote(self, ref: str, alias: str | None = None) -> dict[str, Any]:
+    @operation
+    def list_aliases(self, name: str) -> Flow[list[Alias]]:
+        return (yield from self.call(list[Alias], "GET", f"/models/{_q(name)}/aliases"))
+
+    @operation
+    def events(self, after: int = 0, limit: int = 100) -> Flow[list[Event]]:
+        page = yield from self.call(schemas.EventPage, "GET", "/events", params={"after": after, "limit": limit})
+        return page.items
+
+    @operation
+    def promote(self, ref: str, alias: str | None = None) -> Flow[Version]:
         """Candidate -> ready, optionally pointing ``alias`` at it."""
-        return self._json("POST", _version_path(ref) + "/promote", json={"alias": alias})  # type: ignore[no-any-return]
+        return (yield from self.call(Version, "POST", _version_path(ref) + "/promote", json={"alias": alias}))
 
     # ------------------------------------------------------------------ jobs and derived artifacts
 
-    def get_job(self, job_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/jobs/{job_id}")  # type: ignore[no-any-return]
+    @operation
+    def get_job(self, job_id: int) -> Flow[Job]:
+        return (yield from self.call(Job, "GET", f"/jobs/{job_id}"))
 
-    def list_jobs(self, state: str | None = None, type: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        params = {k: v for k, v in {"state": state, "type": type, "limit": limit}.items() if v is not None}
-        return self._json("GET", "/jobs", params=params)["items"]  # type: ignore[no-any-return]
+    @operation
+    def list_jobs(self, state: str | None = None, type: str | None = None, limit: int = 50) -> Flow[list[Job]]:
+        page = yield from self.call(schemas.JobPage, "GET", "/jobs", params=_params(state=state, type=type,
+                                                                                    limit=limit))
+        return page.items
 
+    @paged
+    def iter_jobs(self, state: str | None = None, type: str | None = None,
+                  limit: int = 100) -> Callable[[str | None], Flow[tuple[list[Job], str | None]]]:
+        """Every job matching the filters, newest first, ``limit`` per request."""
+        params = _params(state=state, type=type, limit=limit)
+
+        def page(cursor: str | None) -> Flow[tuple[list[Job], str | None]]:
+            got = yield from self.call(schemas.JobPage, "GET", "/jobs", params={**params, **_params(cursor=cursor)})
+            return got.items, got.next_cursor
+
+        return page
+
+    @operation
     def wait_job(self, job_id: int, timeout: float = 3600, poll: float = 0.5,
-                 on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll a job until it succeeds or fails (raises :class:`JobFailed` on failure)."""
+                 on_update: Callable[[Job], None] | None = None) -> Flow[Job]:
+        """Poll a job until it succeeds (its result) or fails (raises :class:`JobFailed`)."""
         deadline = time.monotonic() + timeout
         while True:
-            job = self.get_job(job_id)
+            job = yield from Operations.get_job(self, job_id)
             if on_update:
                 on_update(job)
-            if job["state"] == "succeeded":
+            if job.state == "succeeded":
                 return job
-            if job["state"] in ("failed", "cancelled"):
-                err = job.get("error") or {}
-                raise JobFailed(0, err.get("code", "job_failed"), f"job {job_id} {job['state']}: "
+            if job.state in ("failed", "cancelled"):
+                err = job.error or {}
+                raise JobFailed(0, err.get("code", "job_failed"), f"job {job_id} {job.state}: "
                                 f"{err.get('message', '')}", err.get("details"))
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
-            time.sleep(poll)
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout}s")
+            yield Sleep(poll)
 
+    @operation
     def create_basis(self, members: list[str], *, p: int | None = None, max_error: float | None = None,
-                     name: str | None = None, collection: str | None = None) -> dict[str, Any]:
+                     name: str | None = None, collection: str | None = None) -> Flow[Job]:
         """Queue an RMM basis job; returns the job (``wait_job`` for its result)."""
-        return self._json("POST", "/bases", json={"members": members, "p": p, "max_error": max_error, "name": name,
-                                                   "collection": collection})  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", "/bases", json={
+            "members": members, "p": p, "max_error": max_error, "name": name, "collection": collection}))
 
-    def get_basis(self, basis_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/bases/{basis_id}")  # type: ignore[no-any-return]
+    @operation
+    def get_basis(self, basis_id: int) -> Flow[Basis]:
+        return (yield from self.call(Basis, "GET", f"/bases/{basis_id}"))
 
-    def list_bases(self, collection: str | None = None) -> list[dict[str, Any]]:
-        return self._json("GET", "/bases", params={"collection": collection} if collection else {})  # type: ignore[no-any-return]
+    @operation
+    def list_bases(self, collection: str | None = None) -> Flow[list[Basis]]:
+        return (yield from self.call(list[Basis], "GET", "/bases", params=_params(collection=collection or None)))
 
+    @operation
     def compress(self, members: list[str] | None = None, *, max_error: float, base: str | None = None,
                  tags: dict[str, str | None] | None = None, methods: list[str] | None = None,
-                 name: str | None = None, collection: str | None = None, prune: bool = False) -> dict[str, Any]:
+                 name: str | None = None, collection: str | None = None, prune: bool = False) -> Flow[Job]:
         """Queue a compression plan over ``members`` (or the adapters of ``base`` carrying ``tags``):
         every member within ``max_error``; ``prune``: then served rebuilt from the plan. Returns the
         job (``wait_job`` for its result)."""
         body = {"members": members, "base": base, "tags": tags, "max_error": max_error, "methods": methods,
                 "name": name, "collection": collection, "prune": prune}
-        return self._json("POST", "/compressions", json={k: v for k, v in body.items() if v is not None})  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", "/compressions", json={k: v for k, v in body.items()
+                                                                          if v is not None}))
 
-    def get_compression(self, compression_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/compressions/{compression_id}")  # type: ignore[no-any-return]
+    @operation
+    def get_compression(self, compression_id: int) -> Flow[Compression]:
+        return (yield from self.call(Compression, "GET", f"/compressions/{compression_id}"))
 
-    def list_compressions(self, collection: str | None = None) -> list[dict[str, Any]]:
-        return self._json("GET", "/compressions", params={"collection": collection} if collection else {})  # type: ignore[no-any-return]
+    @operation
+    def list_compressions(self, collection: str | None = None) -> Flow[list[Compression]]:
+        return (yield from self.call(list[Compression], "GET", "/compressions",
+                                     params=_params(collection=collection or None)))
 
-    def prune_compression(self, compression_id: int, max_error: float | None = None) -> dict[str, Any]:
+    @operation
+    def prune_compression(self, compression_id: int, max_error: float | None = None) -> Flow[Job]:
         """Queue pruning of a plan's members (within ``max_error``, default the plan's budget): they
         give up their own blobs and are served rebuilt from the plan (a job)."""
-        return self._json("POST", f"/compressions/{compression_id}/prune", json={"max_error": max_error})  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", f"/compressions/{compression_id}/prune",
+                                     json={"max_error": max_error}))
 
-    def transfer(self, finetune: str, target_base: str, alpha: float = 1.0, storage: str = "stored") -> dict[str, Any]:
+    @operation
+    def transfer(self, finetune: str, target_base: str, alpha: float = 1.0, storage: str = "stored") -> Flow[Job]:
         """Queue a fine-tuning transfer; the job's result is a candidate version (``storage``:
         "stored" keeps its weights, "derived" keeps only the recipe target + α(fine-tune − source))."""
-        return self._json("POST", "/transfers", json={"finetune": finetune, "target_base": target_base,
-                                                       "alpha": alpha, "storage": storage})  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", "/transfers", json={
+            "finetune": finetune, "target_base": target_base, "alpha": alpha, "storage": storage}))
 
-    def prune(self, basis_id: int, max_error: float | None = None) -> dict[str, Any]:
+    @operation
+    def prune(self, basis_id: int, max_error: float | None = None) -> Flow[Job]:
         """Queue pruning of a basis' members within the error budget (a job)."""
-        return self._json("POST", f"/bases/{basis_id}/prune", json={"max_error": max_error})  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", f"/bases/{basis_id}/prune", json={"max_error": max_error}))
 
-    def verify(self, ref: str) -> dict[str, Any]:
+    @operation
+    def verify(self, ref: str) -> Flow[Job]:
         """Queue a checksum verification of every file of a version (a job)."""
-        return self._json("POST", _version_path(ref) + "/verify")  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", _version_path(ref) + "/verify"))
 
-    def pack(self, ref: str) -> dict[str, Any]:
+    @operation
+    def pack(self, ref: str) -> Flow[Job]:
         """Queue packing a version losslessly (a job)."""
-        return self._json("POST", _version_path(ref) + "/pack")  # type: ignore[no-any-return]
+        return (yield from self.call(Job, "POST", _version_path(ref) + "/pack"))
 
-    def storage(self) -> dict[str, Any]:
+    @operation
+    def storage(self) -> Flow[StorageReport]:
         """Logical vs physical bytes per model and in total."""
-        return self._json("GET", "/storage")  # type: ignore[no-any-return]
+        return (yield from self.call(StorageReport, "GET", "/storage"))
 
+    @operation
     def merge(self, method: str, inputs: list[str], name: str, params: dict[str, Any] | None = None,
-              rank: int | None = None) -> dict[str, Any]:
-        return self._json("POST", "/merges", json={"method": method, "inputs": inputs, "name": name,
-                                                    "params": params or {}, "rank": rank})  # type: ignore[no-any-return]
+              rank: int | None = None) -> Flow[Job]:
+        return (yield from self.call(Job, "POST", "/merges", json={
+            "method": method, "inputs": inputs, "name": name, "params": params or {}, "rank": rank}))
 
+    @operation
     def create_policy(self, name: str, type: str, base_model: str,
-                      params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._json("POST", "/policies", json={"name": name, "type": type, "base_model": base_model,
-                                                      "params": params or {}})  # type: ignore[no-any-return]
+                      params: dict[str, Any] | None = None) -> Flow[Policy]:
+        return (yield from self.call(Policy, "POST", "/policies", json={
+            "name": name, "type": type, "base_model": base_model, "params": params or {}}))
 
-    def list_policies(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/policies")  # type: ignore[no-any-return]
+    @operation
+    def list_policies(self) -> Flow[list[Policy]]:
+        return (yield from self.call(list[Policy], "GET", "/policies"))
 
-    def delete_policy(self, name: str) -> None:
-        self._json("DELETE", f"/policies/{_q(name)}")
+    @operation
+    def delete_policy(self, name: str) -> Flow[None]:
+        yield from self.call(None, "DELETE", f"/policies/{_q(name)}")
 
     # ------------------------------------------------------------------ webhooks
 
-    def create_webhook(self, url: str, events: list[str], secret: str | None = None,
-                       description: str = "") -> dict[str, Any]:
-        """Subscribe ``url`` to events matching the patterns; the result holds ``secret`` (shown once)."""
-        return self._json("POST", "/webhooks", json={"url": url, "events": events, "secret": secret,
-                                                      "description": description})  # type: ignore[no-any-return]
+    @operation
+    def create_webhook(self, url: str, events: list[str], secret: str | None = None, description: str = "",
+                       signature_scheme: str = "registry") -> Flow[WebhookCreated]:
+        """Subscribe ``url`` to events matching the patterns; the result holds ``secret`` (shown once).
+        ``signature_scheme``: "registry" (``X-Registry-Signature``) or "standard-webhooks"."""
+        return (yield from self.call(WebhookCreated, "POST", "/webhooks", json={
+            "url": url, "events": events, "secret": secret, "description": description,
+            "signature_scheme": signature_scheme}))
 
-    def list_webhooks(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/webhooks")  # type: ignore[no-any-return]
+    @operation
+    def list_webhooks(self) -> Flow[list[Webhook]]:
+        return (yield from self.call(list[Webhook], "GET", "/webhooks"))
 
-    def get_webhook(self, webhook_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/webhooks/{webhook_id}")  # type: ignore[no-any-return]
+    @operation
+    def get_webhook(self, webhook_id: int) -> Flow[Webhook]:
+        return (yield from self.call(Webhook, "GET", f"/webhooks/{webhook_id}"))
 
+    @operation
     def update_webhook(self, webhook_id: int, *, url: str | None = None, events: list[str] | None = None,
-                       active: bool | None = None, description: str | None = None) -> dict[str, Any]:
-        body = {k: v for k, v in {"url": url, "events": events, "active": active,
-                                  "description": description}.items() if v is not None}
-        return self._json("PATCH", f"/webhooks/{webhook_id}", json=body)  # type: ignore[no-any-return]
+                       active: bool | None = None, description: str | None = None) -> Flow[Webhook]:
+        body = _params(url=url, events=events, active=active, description=description)
+        return (yield from self.call(Webhook, "PATCH", f"/webhooks/{webhook_id}", json=body))
 
-    def delete_webhook(self, webhook_id: int) -> None:
-        self._json("DELETE", f"/webhooks/{webhook_id}")
+    @operation
+    def delete_webhook(self, webhook_id: int) -> Flow[None]:
+        yield from self.call(None, "DELETE", f"/webhooks/{webhook_id}")
 
-    def list_deliveries(self, webhook_id: int, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    @operation
+    def list_deliveries(self, webhook_id: int, status: str | None = None, limit: int = 50) -> Flow[list[Delivery]]:
         """A webhook's deliveries, newest first (without the per-attempt log: see get_delivery)."""
-        params = {k: v for k, v in {"status": status, "limit": limit}.items() if v is not None}
-        return self._json("GET", f"/webhooks/{webhook_id}/deliveries", params=params)["items"]  # type: ignore[no-any-return]
+        page = yield from self.call(schemas.DeliveryPage, "GET", f"/webhooks/{webhook_id}/deliveries",
+                                    params=_params(status=status, limit=limit))
+        return page.items
 
-    def get_delivery(self, delivery_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/deliveries/{delivery_id}")  # type: ignore[no-any-return]
+    @operation
+    def get_delivery(self, delivery_id: int) -> Flow[DeliveryDetail]:
+        return (yield from self.call(DeliveryDetail, "GET", f"/deliveries/{delivery_id}"))
 
-    def redeliver(self, delivery_id: int) -> dict[str, Any]:
-        """Send a delivery again; returns ``{"delivery", "job"}``."""
-        return self._json("POST", f"/deliveries/{delivery_id}/redeliver")  # type: ignore[no-any-return]
+    @operation
+    def redeliver(self, delivery_id: int) -> Flow[Redelivery]:
+        """Send a delivery again; returns the delivery and the job that sends it."""
+        return (yield from self.call(Redelivery, "POST", f"/deliveries/{delivery_id}/redeliver"))
 
+    @operation
     def store_predictions(self, ref: str, dataset: str, *, predictions: list[Any] | None = None,
                           labels: list[Any] | None = None, scores: list[float] | None = None,
-                          kind: str = "classification", replace: bool = False) -> dict[str, Any]:
+                          kind: str = "classification", replace: bool = False) -> Flow[Predictions]:
         """Store a version's predictions on a labelled dataset (for compatibility reports)."""
         body = {"dataset": dataset, "kind": kind, "predictions": predictions, "labels": labels, "scores": scores,
                 "replace": replace}
-        return self._json("POST", _version_path(ref) + "/predictions", json=body)  # type: ignore[no-any-return]
+        return (yield from self.call(Predictions, "POST", _version_path(ref) + "/predictions", json=body))
 
-    def compat(self, old: str, new: str, dataset: str) -> dict[str, Any]:
+    @operation
+    def update_reports(self, ref: str) -> Flow[list[UpdateReport]]:
+        """The compatibility reports of the updates ``ref`` takes part in (to its same-model successors
+        and from its same-model parents), one per dataset both sides have predictions for."""
+        return (yield from self.call(list[UpdateReport], "GET", _version_path(ref) + "/compat"))
+
+    @operation
+    def compat(self, old: str, new: str, dataset: str) -> Flow[CompatReport]:
         """MUSCLE metrics (negative flip rate, ...) of updating ``old`` to ``new``."""
-        return self._json("GET", "/compat", params={"old": old, "new": new, "dataset": dataset})  # type: ignore[no-any-return]
+        return (yield from self.call(CompatReport, "GET", "/compat",
+                                     params={"old": old, "new": new, "dataset": dataset}))
 
     # ------------------------------------------------------------------ tokens
 
-    def create_token(self, name: str, scope: str = "read", expires_days: int | None = None) -> dict[str, Any]:
-        return self._json("POST", "/tokens", json={"name": name, "scope": scope,
-                                                    "expires_days": expires_days})  # type: ignore[no-any-return]
+    @operation
+    def create_token(self, name: str, scope: str = "read", expires_days: int | None = None) -> Flow[Token]:
+        return (yield from self.call(Token, "POST", "/tokens", json={
+            "name": name, "scope": scope, "expires_days": expires_days}))
 
-    def list_tokens(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/tokens")  # type: ignore[no-any-return]
+    @operation
+    def list_tokens(self) -> Flow[list[Token]]:
+        return (yield from self.call(list[Token], "GET", "/tokens"))
 
-    def revoke_token(self, token_id: int) -> dict[str, Any]:
-        return self._json("DELETE", f"/tokens/{token_id}")  # type: ignore[no-any-return]
+    @operation
+    def revoke_token(self, token_id: int) -> Flow[Token]:
+        return (yield from self.call(Token, "DELETE", f"/tokens/{token_id}"))
 
     # ------------------------------------------------------------------ push
 
+    @operation
     def push(self, folder: str | Path, name: str, *, kind: str | None = None, base: str | None = None,
              tags: dict[str, str] | None = None, aliases: list[str] | None = None, description: str = "",
              parents: list[dict[str, Any]] | None = None, dedup: bool = True,
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Progress | None = None) -> Flow[Version]:
         """Upload a folder (or one file) as the next version of ``name``; returns the version.
 
         Each file is hashed first; with ``dedup`` bytes the registry already holds are linked, not
@@ -495,19 +554,30 @@ class RegistryClient:
         files = iter_folder(Path(folder))
         if not files:
             raise ValueError(f"{folder}: no files to push")
+        return (yield from self._push_files([(rel, path, None) for rel, path in files], name, kind=kind, base=base,
+                                            tags=tags, aliases=aliases, description=description, parents=parents,
+                                            dedup=dedup, progress=progress))
+
+    def _push_files(self, files: list[LocalFile], name: str, *, kind: str | None, base: str | None,
+                    tags: dict[str, str] | None, aliases: list[str] | None, description: str,
+                    parents: list[dict[str, Any]] | None, dedup: bool, progress: Progress | None) -> Flow[Version]:
+        """Push ``files`` (path in the version, local file, sha256 if known: then it is not hashed
+        again, and the server checks the bytes against it)."""
         # Repeated after a broken connection too: at worst an empty draft is left, invisible, removed by gc.
-        draft = self._json("POST", "/drafts", idempotent=True, what="start of the push", json={
+        draft = yield from self.call(Draft, "POST", "/drafts", idempotent=True, what="start of the push", json={
             "model": name, "kind": kind, "base": base, "tags": tags or {}, "aliases": aliases or [],
             "description": description, "parents": parents or []})
         manifest: dict[str, str] = {}
         try:
-            for rel, path in files:
-                sha = _hash_file(path, progress) if dedup else None
+            for rel, path, known in files:
+                sha = known
+                if sha is None and dedup:
+                    sha = yield Blocking(lambda path=path: _hash_file(path, progress))  # type: ignore[misc]
                 size = path.stat().st_size
                 if sha is not None:
                     try:  # linking a path again replaces the link: safe to repeat
-                        self._json("POST", f"/drafts/{draft['id']}/links", idempotent=True, what=f"link of {rel}",
-                                   json={"path": rel, "sha256": sha, "size": size})
+                        yield from self.request("POST", f"/drafts/{draft.id}/links", idempotent=True,
+                                                what=f"link of {rel}", json={"path": rel, "sha256": sha, "size": size})
                         manifest[rel] = sha
                         if progress:
                             progress("upload", size)
@@ -516,17 +586,18 @@ class RegistryClient:
                         if e.code != "blob_not_found":
                             raise
                 if size > RESUMABLE_THRESHOLD:
-                    got = self._upload_resumable(draft["id"], rel, path, size, sha, progress)
+                    got = yield from self._upload_resumable(draft.id, rel, path, size, sha, progress)
                 else:
-                    got = self._upload_simple(draft["id"], rel, path, sha, progress)
-                manifest[rel] = got["sha256"]
-            return self._commit_draft(draft["id"], name, manifest)
-        except BaseException:
-            with contextlib.suppress(Exception):  # best effort; gc removes abandoned drafts anyway
-                self._http.delete(f"/drafts/{draft['id']}", timeout=10)
+                    got = yield from self._upload_simple(draft.id, rel, path, sha, progress)
+                manifest[rel] = got.sha256
+            return (yield from self._commit_draft(draft.id, name, manifest))
+        except BaseException as e:
+            if not isinstance(e, GeneratorExit):
+                with contextlib.suppress(Exception):  # best effort; gc removes abandoned drafts anyway
+                    yield Send("DELETE", f"/drafts/{draft.id}", timeout=10)
             raise
 
-    def _commit_draft(self, draft_id: str, name: str, manifest: dict[str, str]) -> dict[str, Any]:
+    def _commit_draft(self, draft_id: str, name: str, manifest: dict[str, str]) -> Flow[Version]:
         """Commit a draft; after a lost answer find out whether the commit happened. The server deletes
         the draft in the transaction that creates the version, so a draft that still exists was not
         committed (commit again), and a draft that is gone was, into the newest version of ``name``
@@ -536,49 +607,48 @@ class RegistryClient:
         retried = False
         while True:
             try:
-                return self._attempt("POST", f"/drafts/{draft_id}/commit").json()  # type: ignore[no-any-return]
+                return parse(Version, check((yield Send("POST", f"/drafts/{draft_id}/commit"))))
             except (httpx.TransportError, RegistryAPIError) as e:
                 if retried and isinstance(e, RegistryAPIError) and e.code in ("draft_not_found", "duplicate_content"):
                     # an earlier try committed meanwhile (or, with the draft still there, a true duplicate)
-                    found = None if self._draft_exists(draft_id) else self._version_holding(name, chash)
+                    exists = yield from self._draft_exists(draft_id)
+                    found = None if exists else (yield from self._version_holding(name, chash))
                     if found is not None:
                         return found
                     raise
-                if not _transient(e, idempotent=True):
-                    if isinstance(e, httpx.TransportError):
-                        raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
-                    raise
-                retry.wait(e)
+                if not transient(e, idempotent=True):
+                    raise self._fail(e) from e
+                yield from retry.wait(e)
                 retried = True
-                if self._draft_exists(draft_id):
+                if (yield from self._draft_exists(draft_id)):
                     continue
-                found = self._version_holding(name, chash)
+                found = yield from self._version_holding(name, chash)
                 if found is not None:
-                    self._on_retry(f"registry: commit: {found['ref']} was committed before the connection broke")
+                    self._on_retry(f"registry: commit: {found.ref} was committed before the connection broke")
                     return found
-                raise RegistryAPIError(404, "draft_not_found", f"draft {draft_id} is gone and no version of "
-                                       f"{name} holds its files (aborted or expired meanwhile); push again") from e
+                raise NotFound(404, "draft_not_found", f"draft {draft_id} is gone and no version of "
+                               f"{name} holds its files (aborted or expired meanwhile); push again") from e
 
-    def _draft_exists(self, draft_id: str) -> bool:
+    def _draft_exists(self, draft_id: str) -> Flow[bool]:
         try:
-            self._json("GET", f"/drafts/{draft_id}", what="draft lookup")
+            yield from self.request("GET", f"/drafts/{draft_id}", what="draft lookup")
             return True
         except RegistryAPIError as e:
             if e.status == 404:
                 return False
             raise
 
-    def _version_holding(self, name: str, chash: str) -> dict[str, Any] | None:
+    def _version_holding(self, name: str, chash: str) -> Flow[Version | None]:
         """The newest live version of ``name`` whose files are exactly those of content sha256 ``chash``."""
         try:
-            page = self.search_versions(model=name, limit=20)
+            page = yield from Operations.search_versions(self, model=name, limit=20)
         except RegistryAPIError as e:
             if e.status == 404:
                 return None
             raise
-        for v in page["items"]:
-            if v["content_sha256"] == chash:
-                return self.get_version(v["ref"])
+        for v in page.items:
+            if v.content_sha256 == chash:
+                return (yield from Operations.get_version(self, v.ref))
         return None
 
     def _read_chunks(self, path: Path, start: int, length: int, progress: Progress | None,
@@ -598,7 +668,7 @@ class RegistryClient:
                 yield chunk
 
     def _upload_simple(self, draft_id: str, rel: str, path: Path, sha: str | None,
-                       progress: Progress | None) -> dict[str, Any]:
+                       progress: Progress | None) -> Flow[DraftFile]:
         """One PUT (idempotent: a repeat replaces the file in the draft); a retry sends the file again."""
         size = path.stat().st_size
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
@@ -619,11 +689,11 @@ class RegistryClient:
             sent = 0
             return self._read_chunks(path, 0, size, count)
 
-        return self._json("PUT", f"/drafts/{draft_id}/files/{quote(rel)}", headers=headers, content=body,  # type: ignore[no-any-return]
-                          what=f"upload of {rel}")
+        return (yield from self.call(DraftFile, "PUT", f"/drafts/{draft_id}/files/{quote(rel)}", headers=headers,
+                                     content=body, what=f"upload of {rel}"))
 
     def _upload_resumable(self, draft_id: str, rel: str, path: Path, size: int, sha: str | None,
-                          progress: Progress | None) -> dict[str, Any]:
+                          progress: Progress | None) -> Flow[DraftFile]:
         """Chunks at explicit offsets. After a broken connection (or a restarted server) ask for the
         offset the server holds and continue from there; a session commit whose answer was lost is
         checked against the draft; a session that vanished starts the file again."""
@@ -646,13 +716,17 @@ class RegistryClient:
                     pass
                 hashed = upto
 
-        def open_session() -> str:
-            # Repeated after a broken connection too: an unused session is removed with its draft.
-            up = self._json("POST", f"/drafts/{draft_id}/uploads", idempotent=True, what=f"upload of {rel}",
-                            json={"path": rel, "size": size})
-            return str(up["id"])
+        def received(upload_id: str) -> Flow[int]:
+            up = yield from self.call(Upload, "GET", f"/uploads/{upload_id}", what=f"upload of {rel}")
+            return int(up.received)
 
-        upload_id = open_session()
+        def open_session() -> Flow[str]:
+            # Repeated after a broken connection too: an unused session is removed with its draft.
+            up = yield from self.call(Upload, "POST", f"/drafts/{draft_id}/uploads", idempotent=True,
+                                      what=f"upload of {rel}", json={"path": rel, "size": size})
+            return str(up.id)
+
+        upload_id = yield from open_session()
         offset, resyncs = 0, 0
         while True:
             if offset < size:
@@ -666,88 +740,91 @@ class RegistryClient:
                     report(start + sent)
 
                 try:
-                    r = self._attempt("PATCH", f"/uploads/{upload_id}",
-                                      content=self._read_chunks(path, offset, length, count, trial),
-                                      headers={"Upload-Offset": str(offset), "Content-Length": str(length),
-                                               "Content-Type": "application/octet-stream"})
-                    received = int(r.json()["received"])
+                    r = check((yield Send("PATCH", f"/uploads/{upload_id}",
+                                          content=self._read_chunks(path, offset, length, count, trial),
+                                          headers={"Upload-Offset": str(offset), "Content-Length": str(length),
+                                                   "Content-Type": "application/octet-stream"})))
+                    now_at = int(parse(Upload, r).received)
                     retry.reset()
                     resyncs = 0
                 except (httpx.TransportError, RegistryAPIError) as e:
                     if isinstance(e, RegistryAPIError) and e.code == "offset_mismatch" and resyncs < OFFSET_RESYNCS:
                         resyncs += 1
-                    elif not _transient(e, idempotent=True):  # a chunk at an explicit offset: safe to resend
-                        if isinstance(e, httpx.TransportError):
-                            raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
-                        raise
+                    elif not transient(e, idempotent=True):  # a chunk at an explicit offset: safe to resend
+                        raise self._fail(e) from e
                     else:
-                        retry.wait(e)
-                    received = int(self._json("GET", f"/uploads/{upload_id}", what=f"upload of {rel}")["received"])
-                if hasher is not None and trial is not None and sent == length and received == offset + length:
-                    hasher, hashed = trial, received
+                        yield from retry.wait(e)
+                    now_at = yield from received(upload_id)
+                if hasher is not None and trial is not None and sent == length and now_at == offset + length:
+                    hasher, hashed = trial, now_at
                 else:
-                    rehash(received)
-                offset = received
+                    yield Blocking(lambda upto=now_at: rehash(upto))  # type: ignore[misc]
+                offset = now_at
                 report(offset)
                 continue
-            rehash(size)
+            yield Blocking(lambda: rehash(size))
             digest = sha or (hasher.hexdigest() if hasher is not None else "")
             try:
-                return self._attempt("POST", f"/uploads/{upload_id}/commit",  # type: ignore[no-any-return]
-                                     json={"sha256": digest}).json()
+                return parse(DraftFile, check((yield Send("POST", f"/uploads/{upload_id}/commit",
+                                                          json={"sha256": digest}))))
             except (httpx.TransportError, RegistryAPIError) as e:
                 if isinstance(e, RegistryAPIError) and e.code == "upload_incomplete":
                     pass  # the server holds fewer bytes than it acknowledged: resend from its offset
-                elif not _transient(e, idempotent=True):
-                    if isinstance(e, httpx.TransportError):
-                        raise RegistryConnectionError(f"cannot reach the registry at {self.url}: {e}") from e
-                    raise
+                elif not transient(e, idempotent=True):
+                    raise self._fail(e) from e
                 else:
-                    retry.wait(e)
+                    yield from retry.wait(e)
             try:  # did the session commit happen? An open session did not: continue it.
-                offset = int(self._json("GET", f"/uploads/{upload_id}", what=f"upload of {rel}")["received"])
+                offset = yield from received(upload_id)
                 report(offset)
                 continue
             except RegistryAPIError as e:
                 if e.code != "upload_not_found":
                     raise
-            draft = self._json("GET", f"/drafts/{draft_id}", what=f"upload of {rel}")
-            done = next((f for f in draft["files"] if f["path"] == rel and f["sha256"] == digest), None)
+            draft = yield from self.call(Draft, "GET", f"/drafts/{draft_id}", what=f"upload of {rel}")
+            done = next((f for f in draft.files if f.path == rel and f.sha256 == digest), None)
             if done is not None:
-                return {**done, "deduplicated": False}
+                return DraftFile(path=done.path, sha256=done.sha256, size=done.size, deduplicated=False)
             self._on_retry(f"registry: upload of {rel}: the server lost the upload session; sending the file again")
-            upload_id, offset = open_session(), 0
+            upload_id, offset = (yield from open_session()), 0
             report(0)
 
     # ------------------------------------------------------------------ pull
 
-    def list_files(self, ref: str, format: str = "native") -> list[dict[str, Any]]:
-        return self._json("GET", _version_path(ref) + "/files", params={"format": format})  # type: ignore[no-any-return]
+    @operation
+    def list_files(self, ref: str, format: str = "native") -> Flow[list[FileEntry]]:
+        return (yield from self.call(list[FileEntry], "GET", _version_path(ref) + "/files",
+                                     params={"format": format}))
 
+    @operation
     def pull(self, ref: str, dest: str | Path, *, files: list[str] | None = None, format: str = "native",
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Progress | None = None) -> Flow[Version]:
         """Download a version into ``dest``, verifying every file's sha256. ``format``: native
         (as stored or derived), or for adapters ``delta`` (dense per-module deltas) / ``merged``
         (base + adapter as full weights). Files already present with the right hash are skipped;
         interrupted downloads resume from their ``.part`` file."""
         from .formats.paths import clean_path
 
-        version = self.get_version(ref)
+        version = yield from Operations.get_version(self, ref)
         dest = Path(dest)
-        listing = version["files"] if format == "native" else self.list_files(version["ref"], format)
-        wanted = listing if files is None else [f for f in listing if f["path"] in set(files)]
+        if format == "native":
+            listing = version.files or []
+        else:
+            listing = yield from Operations.list_files(self, version.ref, format)
+        wanted = listing if files is None else [f for f in listing if f.path in set(files)]
         for f in wanted:
-            target = dest / clean_path(f["path"])
-            if target.exists() and target.stat().st_size == f["size"] and _hash_file(target) == f["sha256"]:
+            target = dest / clean_path(f.path)
+            if (yield Blocking(lambda t=target, f=f: _holds(t, f.size, f.sha256))):  # type: ignore[misc]
                 if progress:
-                    progress("download", f["size"])
+                    progress("download", f.size)
                 continue
-            self.download_file(version["ref"], f["path"], target, expected_sha256=f["sha256"], progress=progress,
-                               format=format)
+            yield from Operations.download_file(self, version.ref, f.path, target, expected_sha256=f.sha256,
+                                                progress=progress, format=format)
         return version
 
+    @operation
     def download_file(self, ref: str, path: str, target: str | Path, *, expected_sha256: str | None = None,
-                      progress: Progress | None = None, format: str = "native") -> str:
+                      progress: Progress | None = None, format: str = "native") -> Flow[str]:
         """Download one file to ``target`` (resuming ``target.part``); returns its verified sha256.
         A broken connection or a restarting server is retried, continuing the ``.part`` file."""
         target = Path(target)
@@ -765,48 +842,153 @@ class RegistryClient:
             reported = upto
 
         while True:
-            h = hashlib.sha256()
-            start = 0
-            if part.exists():
-                with open(part, "rb") as f:
-                    while chunk := f.read(4 * CHUNK):
-                        h.update(chunk)
-                        start += len(chunk)
+            h, start = yield Blocking(lambda: _hash_prefix(part))
             report(start)
             headers = {"Range": f"bytes={start}-", "If-Range": f'"{known_sha}"'} if start and known_sha else {}
-            server_sha = None
+            server_sha: str | None = None
+            out: Any = None
+
+            def sink(r: httpx.Response) -> Callable[[bytes], None] | None:
+                nonlocal out, h, start, server_sha, known_sha
+                if r.status_code == 416:
+                    return None
+                server_sha = r.headers.get("x-checksum-sha256")
+                known_sha = known_sha or server_sha
+                if r.status_code != 206:
+                    h, start = hashlib.sha256(), 0
+                    report(0)
+                out = open(part, "ab" if r.status_code == 206 else "wb")  # noqa: SIM115 - closed below
+
+                def write(chunk: bytes) -> None:
+                    nonlocal start
+                    out.write(chunk)
+                    h.update(chunk)
+                    start += len(chunk)
+                    report(start)
+
+                return write
+
             try:
-                with self._http.stream("GET", url, headers=headers) as r:
-                    if r.status_code == 416:  # the .part is already complete (or bogus): start over
-                        part.unlink(missing_ok=True)
-                        continue
-                    if r.status_code >= 400:
-                        r.read()
-                        self._raise_for(r)
-                    server_sha = r.headers.get("x-checksum-sha256")
-                    known_sha = known_sha or server_sha
-                    if r.status_code != 206:
-                        h, start = hashlib.sha256(), 0
-                        report(0)
-                    with open(part, "ab" if r.status_code == 206 else "wb") as out:
-                        for chunk in r.iter_bytes(CHUNK):
-                            out.write(chunk)
-                            h.update(chunk)
-                            start += len(chunk)
-                            report(start)
+                r = yield Stream(url, headers, sink)
+                if r.status_code == 416:  # the .part is already complete (or bogus): start over
+                    part.unlink(missing_ok=True)
+                    continue
+                check(r)
                 retry.reset()
             except (httpx.TransportError, RegistryAPIError) as e:
-                if not _transient(e, idempotent=True):
-                    if isinstance(e, httpx.TransportError):
-                        raise RegistryConnectionError(f"download of {ref}:{path} interrupted: {e}") from e
-                    raise
-                retry.wait(e)
+                if not transient(e, idempotent=True):
+                    raise (unreachable(self.url, e) if isinstance(e, httpx.TransportError) else e) from e
+                yield from retry.wait(e)
                 continue
+            finally:
+                if out is not None:
+                    out.close()
             actual = h.hexdigest()
             want = expected_sha256 or server_sha
             if want and actual != want:
                 part.unlink(missing_ok=True)
-                raise RegistryAPIError(0, "checksum_mismatch", f"{path}: downloaded bytes hash to {actual}, "
-                                       f"expected {want}")
+                raise ChecksumMismatch(0, "checksum_mismatch", f"{path}: downloaded bytes hash to {actual}, "
+                                       f"expected {want}", {"path": path, "actual": actual, "expected": want})
             os.replace(part, target)
-            return actual
+            return str(actual)
+
+    # ------------------------------------------------------------------ OCI image layouts
+
+    @operation
+    def export_oci(self, ref: str, dest: str | Path, *, progress: Progress | None = None) -> Flow[OciExport]:
+        """Write version ``ref`` as an OCI image layout in ``dest`` (a new or empty folder, or an
+        earlier export of the same version) using the CNCF ModelPack media types: one raw layer per
+        file (its blob is the file, so layer digests are the files' sha256s; the path in the
+        ``org.cncf.model.filepath`` annotation), the ModelPack config, and the version's metadata
+        (kind, base, tags, lineage) in the manifest's annotations. Every blob is verified."""
+        version = yield from Operations.get_version(self, ref)
+        layout = oci.Layout(Path(dest))
+        layout.create()
+        for f in version.files or []:
+            blob = layout.blob_path(f.sha256)
+            if (yield Blocking(lambda b=blob, f=f: _holds(b, f.size, f.sha256))):  # type: ignore[misc]
+                if progress:
+                    progress("download", f.size)
+                continue
+            yield from Operations.download_file(self, version.ref, f.path, blob, expected_sha256=f.sha256,
+                                                progress=progress)
+        return layout.write(oci.VersionMeta(
+            ref=version.ref, name=version.model, version=version.version, kind=version.kind, base=version.base,
+            description=version.description, tags=version.tags,
+            parents=[p.model_dump(mode="json") for p in version.parents], content_sha256=version.content_sha256,
+            created_at=version.created_at, created_by=version.created_by,
+            files=[oci.FileMeta(path=f.path, sha256=f.sha256, size=f.size) for f in version.files or []]))
+
+    @operation
+    def import_oci(self, src: str | Path, *, name: str | None = None, tag: str | None = None,
+                   base: str | None = None, lineage: bool = True, aliases: list[str] | None = None,
+                   progress: Progress | None = None) -> Flow[Version]:
+        """Push the model of an OCI image layout (``registry export --oci``, or any ModelPack
+        artifact with raw layers) as a new version, byte-exact: each layer becomes the file at its
+        ``org.cncf.model.filepath``; every blob is checked against its digest first (and the
+        server checks what it receives again).
+        ``name`` defaults to the exported model's; ``tag`` picks a manifest when the layout holds
+        several; with ``lineage`` (default) the exported base and parents are kept (``base``
+        replaces the base), without it neither."""
+        art = oci.read(Path(src), tag)
+        meta = art.meta
+        for layer in art.layers:  # a layout is only valid with every blob matching its digest
+            actual = yield Blocking(lambda b=layer.blob: _hash_file(b, progress))  # type: ignore[misc]
+            if actual != layer.sha256:
+                raise oci.LayoutError(f"the blob of {layer.path} does not match its digest sha256:{layer.sha256} "
+                                      f"(it hashes to {actual})")
+        files: list[LocalFile] = [(layer.path, layer.blob, layer.sha256) for layer in art.layers]
+        return (yield from self._push_files(
+            files, name or meta.name, kind=meta.kind, base=base or (meta.base if lineage else None), tags=meta.tags,
+            aliases=aliases, description=meta.description, parents=meta.parents if lineage else [], dedup=True,
+            progress=progress))
+
+
+class RegistryClient(Operations, SyncDriver):
+    """The registry's API over ``httpx.Client``."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 300.0,
+                 retry_seconds: float | None = None, on_retry: Callable[[str], None] | None = None) -> None:
+        """``retry_seconds``: how long to keep retrying an unreachable server per outage (default
+        ``REGISTRY_CLIENT_RETRY_SECONDS``; 0: fail at once). ``on_retry`` receives each "retrying
+        in Ns" message (default: printed on stderr)."""
+        kw = self._setup(url, token, retry_seconds, on_retry)
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), **kw)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # Plain sync helpers for code written against the client before it ran flows (new methods are
+    # flows: ``@operation`` + ``self.call(Model, method, path, ...)``, which the async client gets too).
+    def _req(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return self.drive(self.request(method, path, **kw))
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        r = self._req(method, path, **kw)
+        return None if r.status_code == 204 else r.json()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRegistryClient(Operations, AsyncDriver):
+    """The same API over ``httpx.AsyncClient``: every method of :class:`RegistryClient`, awaited
+    (``iter_versions`` is an async iterator). Hashing runs in a thread; progress callbacks may be
+    called from it."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 300.0,
+                 retry_seconds: float | None = None, on_retry: Callable[[str], None] | None = None) -> None:
+        kw = self._setup(url, token, retry_seconds, on_retry)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), **kw)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -604,10 +604,16 @@ class Webhook(Base):
     url: Mapped[str] = mapped_column(String(2048))
     events: Mapped[list[str]] = mapped_column(JSON, default=list)
     secret: Mapped[str] = mapped_column(String(256))
+    # how deliveries are signed: "registry" (X-Registry-Signature) or "standard-webhooks"
+    # (webhook-id / webhook-timestamp / webhook-signature); services/webhooks.py holds the rule
+    signature_scheme: Mapped[str] = mapped_column(String(32), default="registry")
     active: Mapped[bool] = mapped_column(default=True)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(128))
+
+    __table_args__ = (CheckConstraint("signature_scheme in ('registry','standard-webhooks')",
+                                      name="signature_scheme"),)
 
 
 class WebhookDelivery(Base):

@@ -255,10 +255,10 @@ class Stack:
             self.others.append(subprocess.Popen([sys.executable, "-m", "registry", "dispatcher"], env=self.env,
                                                 stdout=f, stderr=subprocess.STDOUT))
 
-    def wait_job(self, job_id: int, timeout: float = 120) -> dict[str, object]:
+    def wait_job(self, job_id: int, timeout: float = 120):  # type: ignore[no-untyped-def]  # -> registry.client.Job
         with self.client() as rc:
             try:
-                return rc.wait_job(job_id, timeout=timeout, poll=0.2)  # type: ignore[no-any-return]
+                return rc.wait_job(job_id, timeout=timeout, poll=0.2)
             except Exception:
                 self.dump_logs()
                 raise

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry.client import RegistryAPIError
+from registry.client import NotFound, RegistryAPIError
 from registry.demo import Shape, make_adapter, make_base, random_weights, save_checkpoint
 
 from .conftest import Server
@@ -33,22 +33,22 @@ def test_push_pull_round_trip_is_byte_identical(server: Server, demo: dict[str, 
                                                 tmp_path: Path) -> None:
     with server.client() as rc:
         v = rc.push(demo["base"], name, tags={"stage": "dev"}, aliases=["production"], description="toy base")
-        assert v["ref"] == f"{name}@1"
-        assert v["kind"] == "base" and v["status"] == "ready" and v["storage_mode"] == "stored"
-        assert v["tags"] == {"stage": "dev"} and v["aliases"] == ["production"]
-        assert v["summary"]["tensors"] == len(random_weights()) and v["fingerprint"]
+        assert v.ref == f"{name}@1"
+        assert v.kind == "base" and v.status == "ready" and v.storage_mode == "stored"
+        assert v.tags == {"stage": "dev"} and v.aliases == ["production"]
+        assert v.summary["tensors"] == len(random_weights()) and v.fingerprint
         rc.pull(f"{name}@production", tmp_path / "out")
     assert _tree(tmp_path / "out") == _tree(demo["base"])
-    for f in v["files"]:
-        assert f["sha256"] == hashlib.sha256((demo["base"] / f["path"]).read_bytes()).hexdigest()
+    for f in v.files:
+        assert f.sha256 == hashlib.sha256((demo["base"] / f.path).read_bytes()).hexdigest()
 
 
 def test_sharded_model(server: Server, tmp_path: Path, name: str) -> None:
     folder = make_base(tmp_path / "sharded", seed=5, shards=3)
     with server.client() as rc:
         v = rc.push(folder, name)
-        assert v["summary"]["sharded"] is True and v["summary"]["weight_files"] == 3
-        assert v["fingerprint"] == rc.push(make_base(tmp_path / "single", seed=6), name)["fingerprint"]
+        assert v.summary["sharded"] is True and v.summary["weight_files"] == 3
+        assert v.fingerprint == rc.push(make_base(tmp_path / "single", seed=6), name).fingerprint
         rc.pull(f"{name}@1", tmp_path / "out")
     assert _tree(tmp_path / "out") == _tree(folder)
 
@@ -56,112 +56,113 @@ def test_sharded_model(server: Server, tmp_path: Path, name: str) -> None:
 def test_adapter_pinned_to_base_and_lineage(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         base = rc.push(demo["base"], name + "-base")
-        a1 = rc.push(demo["adapter-sql"], name + "-sql", base=base["ref"])
-        a2 = rc.push(demo["adapter-chat"], name + "-chat", base=base["ref"], kind="adapter")
-        ft = rc.push(demo["finetune"], name + "-ft", base=base["ref"])
+        a1 = rc.push(demo["adapter-sql"], name + "-sql", base=base.ref)
+        a2 = rc.push(demo["adapter-chat"], name + "-chat", base=base.ref, kind="adapter")
+        ft = rc.push(demo["finetune"], name + "-ft", base=base.ref)
         merged = rc.push(demo["base-v2"], name + "-merge", kind="merge",
-                         parents=[{"ref": ft["ref"], "relation": "merge_of", "params": {"weight": 0.5}},
-                                  {"ref": base["ref"], "relation": "merge_of", "params": {"weight": 0.5}}])
-        assert a1["kind"] == "adapter" and a1["base"] == base["ref"]
-        assert a1["parents"] == [{"ref": base["ref"], "relation": "adapter_of", "params": {}}]
-        assert a1["summary"]["r"] == 8 and a1["summary"]["modules"] == 4
-        assert ft["kind"] == "finetune" and ft["parents"][0]["relation"] == "finetune_of"
-        assert {p["ref"] for p in merged["parents"]} == {ft["ref"], base["ref"]}
+                         parents=[{"ref": ft.ref, "relation": "merge_of", "params": {"weight": 0.5}},
+                                  {"ref": base.ref, "relation": "merge_of", "params": {"weight": 0.5}}])
+        assert a1.kind == "adapter" and a1.base == base.ref
+        assert [p.model_dump() for p in a1.parents] == [{"ref": base.ref, "relation": "adapter_of", "params": {}}]
+        assert a1.summary["r"] == 8 and a1.summary["modules"] == 4
+        assert ft.kind == "finetune" and ft.parents[0].relation == "finetune_of"
+        assert {p.ref for p in merged.parents} == {ft.ref, base.ref}
 
-        down = rc.lineage(base["ref"], direction="down")
-        assert {n["ref"] for n in down["nodes"]} == {base["ref"], a1["ref"], a2["ref"], ft["ref"], merged["ref"]}
-        assert {(e["child"], e["relation"]) for e in down["edges"] if e["parent"] == base["ref"]} == {
-            (a1["ref"], "adapter_of"), (a2["ref"], "adapter_of"), (ft["ref"], "finetune_of"),
-            (merged["ref"], "merge_of")}
-        up = rc.lineage(merged["ref"], direction="up")
-        assert {n["ref"] for n in up["nodes"]} == {merged["ref"], ft["ref"], base["ref"]}
-        assert ({"child": merged["ref"], "parent": ft["ref"], "relation": "merge_of", "params": {"weight": 0.5}}
-                in up["edges"])
-        pinned = rc.search_versions(base=base["ref"], kind="adapter")["items"]
-        assert {v["ref"] for v in pinned} == {a1["ref"], a2["ref"]}
+        down = rc.lineage(base.ref, direction="down")
+        assert {n.ref for n in down.nodes} == {base.ref, a1.ref, a2.ref, ft.ref, merged.ref}
+        assert {(e.child, e.relation) for e in down.edges if e.parent == base.ref} == {
+            (a1.ref, "adapter_of"), (a2.ref, "adapter_of"), (ft.ref, "finetune_of"),
+            (merged.ref, "merge_of")}
+        up = rc.lineage(merged.ref, direction="up")
+        assert {n.ref for n in up.nodes} == {merged.ref, ft.ref, base.ref}
+        assert ({"child": merged.ref, "parent": ft.ref, "relation": "merge_of", "params": {"weight": 0.5}}
+                in [e.model_dump() for e in up.edges])
+        pinned = rc.search_versions(base=base.ref, kind="adapter").items
+        assert {v.ref for v in pinned} == {a1.ref, a2.ref}
 
 
 def test_aliases_and_latest(server: Server, tmp_path: Path, name: str) -> None:
     with server.client() as rc:
-        refs = [rc.push(make_base(tmp_path / f"b{i}", seed=100 + i), name)["ref"] for i in range(3)]
+        refs = [rc.push(make_base(tmp_path / f"b{i}", seed=100 + i), name).ref for i in range(3)]
         assert refs == [f"{name}@1", f"{name}@2", f"{name}@3"]
-        assert rc.get_version(name)["version"] == 3
-        assert rc.get_version(f"{name}@latest")["version"] == 3
+        assert rc.get_version(name).version == 3
+        assert rc.get_version(f"{name}@latest").version == 3
         rc.set_alias(name, "production", 2)
-        assert rc.get_version(f"{name}@production")["version"] == 2
+        assert rc.get_version(f"{name}@production").version == 2
         rc.set_alias(name, "production", f"{name}@1")  # moves
-        assert rc.get_version(f"{name}@production")["version"] == 1
-        assert rc.list_aliases(name) == [{"model": name, "alias": "production", "version": 1, "ref": f"{name}@1"}]
-        assert rc.get_model(name)["aliases"] == {"production": 1}
+        assert rc.get_version(f"{name}@production").version == 1
+        assert [a.model_dump() for a in rc.list_aliases(name)] == [
+            {"model": name, "alias": "production", "version": 1, "ref": f"{name}@1"}]
+        assert rc.get_model(name).aliases == {"production": 1}
         rc.delete_alias(name, "production")
-        with pytest.raises(RegistryAPIError) as e:
+        with pytest.raises(NotFound) as e:
             rc.get_version(f"{name}@production")
-        assert e.value.status == 404
+        assert e.value.status == 404 and isinstance(e.value, RegistryAPIError)
         # archiving the newest moves "latest" back
         rc.archive(f"{name}@3")
-        assert rc.get_version(name)["version"] == 2
-        assert rc.get_version(f"{name}@3")["archived"] is True  # still resolvable by number
+        assert rc.get_version(name).version == 2
+        assert rc.get_version(f"{name}@3").archived is True  # still resolvable by number
         m = rc.get_model(name)
-        assert m["latest_version"] == 2 and m["version_count"] == 2
+        assert m.latest_version == 2 and m.version_count == 2
 
 
 def test_search_filters_and_pagination(server: Server, tmp_path: Path, name: str) -> None:
     with server.client() as rc:
         base = rc.push(make_base(tmp_path / "base", seed=1), name + "-base", tags={"family": name})
         for i in range(7):
-            rc.push(make_adapter(tmp_path / f"a{i}", seed=i), f"{name}-lora-{i % 3}", base=base["ref"],
+            rc.push(make_adapter(tmp_path / f"a{i}", seed=i), f"{name}-lora-{i % 3}", base=base.ref,
                     tags={"family": name, "task": f"t{i % 2}", "parity": "even" if i % 2 == 0 else "odd"})
-        all_family = rc.search_versions(tags=[f"family={name}"], limit=100)["items"]
+        all_family = rc.search_versions(tags=[f"family={name}"], limit=100).items
         assert len(all_family) == 8
-        assert [v["id"] for v in all_family] == sorted((v["id"] for v in all_family), reverse=True)
-        adapters = rc.search_versions(tags=[f"family={name}"], kind="adapter", limit=100)["items"]
+        assert [v.id for v in all_family] == sorted((v.id for v in all_family), reverse=True)
+        adapters = rc.search_versions(tags=[f"family={name}"], kind="adapter", limit=100).items
         assert len(adapters) == 7
-        t0_even = rc.search_versions(tags=[f"family={name}", "task=t0", "parity=even"], limit=100)["items"]
-        assert len(t0_even) == 4 and all(v["tags"]["task"] == "t0" for v in t0_even)
-        assert rc.search_versions(tags=[f"family={name}", "task=t0", "parity=odd"])["items"] == []
-        assert len(rc.search_versions(prefix=f"{name}-lora-1", limit=100)["items"]) == 2
-        assert len(rc.search_versions(model=f"{name}-lora-0", limit=100)["items"]) == 3
-        has_task = rc.search_versions(tags=[f"family={name}", "task"], limit=100)["items"]
+        t0_even = rc.search_versions(tags=[f"family={name}", "task=t0", "parity=even"], limit=100).items
+        assert len(t0_even) == 4 and all(v.tags["task"] == "t0" for v in t0_even)
+        assert rc.search_versions(tags=[f"family={name}", "task=t0", "parity=odd"]).items == []
+        assert len(rc.search_versions(prefix=f"{name}-lora-1", limit=100).items) == 2
+        assert len(rc.search_versions(model=f"{name}-lora-0", limit=100).items) == 3
+        has_task = rc.search_versions(tags=[f"family={name}", "task"], limit=100).items
         assert len(has_task) == 7
 
         pages, cursor = [], None
         while True:
             page = rc.search_versions(tags=[f"family={name}"], limit=3, cursor=cursor)
-            pages.append([v["ref"] for v in page["items"]])
-            cursor = page["next_cursor"]
+            pages.append([v.ref for v in page.items])
+            cursor = page.next_cursor
             if cursor is None:
                 break
         assert [len(p) for p in pages] == [3, 3, 2]
-        assert [r for p in pages for r in p] == [v["ref"] for v in all_family]
-        assert list(v["ref"] for v in rc.iter_versions(tags=[f"family={name}"], limit=2)) == [
-            v["ref"] for v in all_family]
+        assert [r for p in pages for r in p] == [v.ref for v in all_family]
+        assert list(v.ref for v in rc.iter_versions(tags=[f"family={name}"], limit=2)) == [
+            v.ref for v in all_family]
 
         models = rc.list_models(prefix=f"{name}-lora-", limit=2)
-        assert [m["name"] for m in models["items"]] == [f"{name}-lora-0", f"{name}-lora-1"]
-        assert [m["name"] for m in rc.list_models(prefix=f"{name}-lora-", cursor=models["next_cursor"])["items"]] == [
+        assert [m.name for m in models.items] == [f"{name}-lora-0", f"{name}-lora-1"]
+        assert [m.name for m in rc.list_models(prefix=f"{name}-lora-", cursor=models.next_cursor).items] == [
             f"{name}-lora-2"]
 
 
 def test_tags_on_versions_and_models(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         v = rc.push(demo["base"], name)
-        assert rc.set_tags(v["ref"], {"eval.mmlu": "0.61", "owner": "ml-platform"})["tags"] == {
+        assert rc.set_tags(v.ref, {"eval.mmlu": "0.61", "owner": "ml-platform"}).tags == {
             "eval.mmlu": "0.61", "owner": "ml-platform"}
-        assert rc.delete_tag(v["ref"], "owner")["tags"] == {"eval.mmlu": "0.61"}
-        assert rc.search_versions(tags=["eval.mmlu=0.61"], model=name)["items"][0]["ref"] == v["ref"]
-        assert rc.set_model_tag(name, "team", "nlp")["tags"] == {"team": "nlp"}
-        assert [m["name"] for m in rc.list_models(tags=["team=nlp"], prefix=name)["items"]] == [name]
+        assert rc.delete_tag(v.ref, "owner").tags == {"eval.mmlu": "0.61"}
+        assert rc.search_versions(tags=["eval.mmlu=0.61"], model=name).items[0].ref == v.ref
+        assert rc.set_model_tag(name, "team", "nlp").tags == {"team": "nlp"}
+        assert [m.name for m in rc.list_models(tags=["team=nlp"], prefix=name).items] == [name]
 
 
 def test_range_etag_and_head(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         v = rc.push(demo["base"], name)
-    f = next(f for f in v["files"] if f["path"] == "model.safetensors")
+    f = next(f for f in v.files if f.path == "model.safetensors")
     data = (demo["base"] / "model.safetensors").read_bytes()
     url = f"{server.url}/api/v1/models/{name}/versions/1/files/model.safetensors"
     full = httpx.get(url)
     assert full.status_code == 200 and full.content == data
-    assert full.headers["etag"] == f'"{f["sha256"]}"' and full.headers["x-checksum-sha256"] == f["sha256"]
+    assert full.headers["etag"] == f'"{f.sha256}"' and full.headers["x-checksum-sha256"] == f.sha256
     assert int(full.headers["content-length"]) == len(data)
     assert "immutable" in full.headers["cache-control"]
     parts = []
@@ -190,7 +191,7 @@ def test_dedup_links_identical_files(server: Server, tmp_path: Path, name: str) 
         before = server.blob_files()
         (folder / "README.md").write_text("only this file is new\n")
         v2 = rc.push(folder, name)
-        assert v2["version"] == 2
+        assert v2.version == 2
     # one new blob (the README); the weights and configs were linked, not stored again
     assert len(server.blob_files() - before) == 1
 
@@ -225,10 +226,10 @@ def test_resumable_upload_session(server: Server, tmp_path: Path, name: str) -> 
 def test_events_are_written_with_changes(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         start = rc.events(limit=1000)
-        after = start[-1]["id"] if start else 0
+        after = start[-1].id if start else 0
         v = rc.push(demo["base"], name, aliases=["staging"])
-        rc.set_tags(v["ref"], {"k": "v"})
-        types = [(e["type"], e["model"]) for e in rc.events(after=after, limit=1000) if e["model"] == name]
+        rc.set_tags(v.ref, {"k": "v"})
+        types = [(e.type, e.model) for e in rc.events(after=after, limit=1000) if e.model == name]
     assert types == [("version.created", name), ("alias.set", name), ("version.tags_set", name)]
 
 
@@ -249,7 +250,7 @@ def test_cli_round_trip(server: Server, demo: dict[str, Path], name: str, tmp_pa
     assert f"{name}@canary -> {name}@1" in server.cli("alias", "ls", name).stdout
     assert "eval=ok" in server.cli("tag", "set", f"{name}@1", "eval=ok").stdout
     bad = server.cli("show", "no-such-model-x", check=False)
-    assert bad.returncode == 1 and "model_not_found" in bad.stderr
+    assert bad.returncode == 3 and "model_not_found" in bad.stderr  # 3: not found
 
 
 def test_version_json_matches_response_model() -> None:

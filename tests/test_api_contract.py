@@ -114,7 +114,7 @@ def people(auth_server: Server) -> dict[str, str]:
     out = {"admin": admin}
     with auth_server.client(admin) as rc:
         for who, scope in (("alice", "write"), ("bob", "write"), ("reader", "read")):
-            out[who] = rc.create_token(who, scope)["token"]
+            out[who] = rc.create_token(who, scope).token
     return out
 
 
@@ -205,7 +205,7 @@ def test_openapi_declares_errors_and_bearer(sqlite_server: Server) -> None:
 def test_range_not_satisfiable_is_an_error_body(sqlite_server: Server, tmp_path: Path) -> None:
     folder = make_base(tmp_path / "b", seed=3)
     with sqlite_server.client() as rc:
-        ref = rc.push(folder, "contract-range")["ref"]
+        ref = rc.push(folder, "contract-range").ref
     size = (folder / "config.json").stat().st_size
     name, v = ref.split("@")
     r = httpx.get(f"{sqlite_server.url}/api/v1/models/{name}/versions/{v}/files/config.json",

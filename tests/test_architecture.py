@@ -97,8 +97,9 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 
 
 def test_weights_import_only_torch_safetensors_and_the_standard_library() -> None:
-    # numpy for byte-level views, zstandard as the lossless codec's entropy coder (weights/packing.py)
-    allowed = {"torch", "safetensors", "numpy", "zstandard"} | set(sys.stdlib_module_names)
+    # numpy for byte-level views, zstandard as the lossless codec's entropy coder (weights/packing.py),
+    # numba for the compiled CPU kernels (weights/kernels.py: RMM fit, merge thresholds)
+    allowed = {"torch", "safetensors", "numpy", "zstandard", "numba"} | set(sys.stdlib_module_names)
     bad = []
     for m in MODULES:
         if not m.startswith("registry.weights"):

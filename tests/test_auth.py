@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry.client import RegistryAPIError
+from registry.client import Forbidden, RegistryAPIError
 
 from .conftest import Server, make_server, server_env
 
@@ -45,29 +45,29 @@ def test_missing_and_invalid_tokens(auth_server: Server) -> None:
 
 def test_scopes(auth_server: Server, tokens: dict[str, str], demo: dict[str, Path], name: str) -> None:
     with auth_server.client(tokens["read"]) as ro:
-        assert ro.search_versions()["items"] is not None
-        with pytest.raises(RegistryAPIError) as e:
+        assert ro.search_versions().items is not None
+        with pytest.raises(Forbidden) as e:
             ro.push(demo["base"], name)
         assert (e.value.status, e.value.code) == (403, "insufficient_scope")
         assert e.value.details == {"needed": "write", "has": "read"}
     with auth_server.client(tokens["write"]) as rw:
         v = rw.push(demo["base"], name)
-        assert v["created_by"] == "t-write"
+        assert v.created_by == "t-write"
         with pytest.raises(RegistryAPIError) as e:
             rw.list_tokens()
         assert e.value.status == 403
     with auth_server.client(tokens["admin"]) as admin:
         t = admin.create_token("ci-bot", "write")
-        assert t["token"].startswith("rgt_") and t["scope"] == "write"
-        assert "token" not in admin.list_tokens()[0] or admin.list_tokens()[0]["token"] is None
-        admin.revoke_token(t["id"])
-    r = httpx.get(auth_server.url + "/api/v1/versions", headers={"Authorization": f"Bearer {t['token']}"})
+        assert t.token.startswith("rgt_") and t.scope == "write"
+        assert admin.list_tokens()[0].token is None  # the secret only in the answer that creates it
+        admin.revoke_token(t.id)
+    r = httpx.get(auth_server.url + "/api/v1/versions", headers={"Authorization": f"Bearer {t.token}"})
     assert _err(r) == (401, "invalid_token")
 
 
 def test_cli_uses_registry_token(auth_server: Server, tokens: dict[str, str], demo: dict[str, Path], name: str) -> None:
     denied = auth_server.cli("push", str(demo["adapter-sql"]), "--name", name, check=False)
-    assert denied.returncode == 1 and "missing_token" in denied.stderr
+    assert denied.returncode == 6 and "missing_token" in denied.stderr  # 6: authentication
     ok = auth_server.cli("ls", "--models", token=tokens["read"])
     assert ok.returncode == 0
 

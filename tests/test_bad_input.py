@@ -55,7 +55,7 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 def base_ref(server: Server, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = make_base(tmp_path_factory.mktemp("bad-base") / "b", seed=42)
     with server.client() as rc:
-        return str(rc.push(folder, "bad-input-base")["ref"])
+        return str(rc.push(folder, "bad-input-base").ref)
 
 
 class Api:
@@ -1146,7 +1146,7 @@ CASES += [
 def tiny_ref(server: Server, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = save_checkpoint(tmp_path_factory.mktemp("tiny") / "t", random_weights(TINY, seed=5), TINY)
     with server.client() as rc:
-        return str(rc.push(folder, "bad-input-tiny")["ref"])
+        return str(rc.push(folder, "bad-input-tiny").ref)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -15,12 +15,12 @@ def test_20_concurrent_pushes(server: Server, tmp_path: Path, name: str) -> None
 
     def push(folder: Path) -> int:
         with server.client() as rc:
-            return int(rc.push(folder, name)["version"])
+            return int(rc.push(folder, name).version)
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         versions = list(pool.map(push, folders))
     assert sorted(versions) == list(range(1, 21))
     with server.client() as rc:
-        listed = [v["version"] for v in rc.iter_versions(model=name, limit=7)]
+        listed = [v.version for v in rc.iter_versions(model=name, limit=7)]
         assert listed == list(range(20, 0, -1))
-        assert rc.get_model(name)["latest_version"] == 20
+        assert rc.get_model(name).latest_version == 20

@@ -237,11 +237,11 @@ def _db_count(srv: Server, sql: str, **params: Any) -> int:
         engine.dispose()
 
 
-def _blobs_intact(srv: Server, version: dict[str, Any]) -> bool:
-    """Every file of the version is in the blob store with the bytes its sha256 names."""
-    for f in version["files"]:
-        blob = srv.blob_dir / "sha256" / f["sha256"][:2] / f["sha256"][2:4] / f["sha256"]
-        if not blob.exists() or sha256(blob) != f["sha256"]:
+def _blobs_intact(srv: Server, version: Any) -> bool:
+    """Every file of the version (a registry.client.Version) is in the blob store with the bytes its sha256 names."""
+    for f in version.files:
+        blob = srv.blob_dir / "sha256" / f.sha256[:2] / f.sha256[2:4] / f.sha256
+        if not blob.exists() or sha256(blob) != f.sha256:
             return False
     return True
 
@@ -330,7 +330,7 @@ def test_kill_mid_commit(commit_server: Server, tmp_path: Path, name: str) -> No
         with srv.client() as rc:
             v = rc.get_version(f"{model}@1")
             intact = _blobs_intact(srv, v)
-            rc.pull(v["ref"], tmp_path / "out" / model)
+            rc.pull(v.ref, tmp_path / "out" / model)
         assert intact and tree_hashes(tmp_path / "out" / model) == tree_hashes(folder)
         assert _db_count(srv, "select count(*) from drafts where model_name = :n", n=model) == 0
         waits = sum("retrying in" in m for m in messages[seen:])
@@ -429,7 +429,7 @@ def test_pull_survives_a_restart(drill_server: Server, tmp_path: Path, name: str
     def run() -> None:
         try:
             with retrying_client(srv, messages) as rc:
-                rc.pull(v["ref"], tmp_path / "out", progress=progress)
+                rc.pull(v.ref, tmp_path / "out", progress=progress)
             done["ok"] = True
         except BaseException as e:  # noqa: BLE001 - reported below
             done["error"] = e
@@ -479,7 +479,7 @@ def test_lost_commit_answer_makes_one_version(drill_server: Server, demo: dict[s
     with retrying_client(drill_server, messages) as rc:
         broken = _lose_answer(rc, _is_commit, after_sending=after_sending)
         v = rc.push(demo["base"], name)
-    assert broken and v["ref"] == f"{name}@1"
+    assert broken and v.ref == f"{name}@1"
     assert [x["ref"] for x in _versions(drill_server, name)] == [f"{name}@1"]
     assert any("retrying in" in m for m in messages), messages
     assert any("was committed before the connection broke" in m for m in messages) == after_sending
@@ -497,7 +497,7 @@ def test_lost_upload_commit_answer(drill_server: Server, tmp_path: Path, name: s
         broken = _lose_answer(rc, lambda m, p: m == "POST" and p.startswith("/uploads/"), after_sending=after_sending)
         v = rc.push(folder, name, dedup=False)
         assert broken
-        rc.pull(v["ref"], tmp_path / "out")
+        rc.pull(v.ref, tmp_path / "out")
     assert tree_hashes(tmp_path / "out") == tree_hashes(folder)
 
 

@@ -40,7 +40,7 @@ def test_gc_removes_only_unreferenced_old_blobs(sqlite_server: Server, demo: dic
     srv = sqlite_server
     with srv.client() as rc:
         v = rc.push(demo["base"], name)
-    referenced = {f["sha256"] for f in v["files"]}
+    referenced = {f.sha256 for f in v.files}
     old_orphan = _object(srv, b"orphan from a crashed commit", 2 * 3600)
     young_orphan = _object(srv, b"bytes of a commit in flight", 10)
     # an old blob row nothing references (e.g. left by a purge), with its object
@@ -62,5 +62,5 @@ def test_gc_removes_only_unreferenced_old_blobs(sqlite_server: Server, demo: dic
     assert old_orphan not in files and unref not in files
     assert young_orphan in files and referenced <= files
     with srv.client() as rc:
-        rc.pull(v["ref"], tmp_path / "out")  # still complete
+        rc.pull(v.ref, tmp_path / "out")  # still complete
     assert _gc(srv)["removed"] == []

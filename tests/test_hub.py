@@ -619,12 +619,12 @@ def test_hub_client_loads_derived_versions(hstack: Stack, tiny: dict[str, Path],
         b1 = _field(rc.push(tiny["base"], "hubd-base"), "ref")
         members = [_field(rc.push(tiny[f"lora{i}"], f"acme--hubd-lora{i}", base=b1), "ref") for i in range(3)]
         basis = hstack.wait_job(_field(rc.create_basis(members, p=2, name="hubd-rmm"), "id"))
-        pruned = hstack.wait_job(_field(rc.prune(basis["result"]["basis_id"], max_error=0.0), "id"))
-        assert len(pruned["result"]["pruned"]) == 3, pruned
+        pruned = hstack.wait_job(_field(rc.prune(basis.result["basis_id"], max_error=0.0), "id"))
+        assert len(pruned.result["pruned"]) == 3, pruned
         ft = _field(rc.push(tiny["finetune"], "hubd-ft", base=b1), "ref")
         b2 = _field(rc.push(tiny["base-v2"], "hubd-base"), "ref")
         job = hstack.wait_job(_field(rc.transfer(ft, b2, storage="derived"), "id"))
-        cand = job["result"]["ref"]
+        cand = job.result["ref"]
     member = _version(hstack.url, members[1])
     moved = _version(hstack.url, cand)
     assert member["storage_mode"] == "derived:basis" and moved["storage_mode"] == "derived:diff"

@@ -10,20 +10,22 @@ from pathlib import Path
 import httpx
 import pytest
 
+from registry.client import Event, Job, Version
+
 from .conftest import Server
 
 
-def _push(srv: Server, demo: dict[str, Path], name: str) -> tuple[dict[str, object], Path, str]:
+def _push(srv: Server, demo: dict[str, Path], name: str) -> tuple[Version, Path, str]:
     with srv.client() as rc:
         v = rc.push(demo["base"], name)
-    f = next(f for f in v["files"] if f["path"].endswith(".safetensors"))
-    sha = f["sha256"]
-    return v, srv.blob_dir / "sha256" / sha[:2] / sha[2:4] / sha, f["path"]
+    f = next(f for f in v.files if f.path.endswith(".safetensors"))
+    sha = f.sha256
+    return v, srv.blob_dir / "sha256" / sha[:2] / sha[2:4] / sha, f.path
 
 
-def _corrupt_events(srv: Server, ref: str) -> list[dict[str, object]]:
+def _corrupt_events(srv: Server, ref: str) -> list[Event]:
     with srv.client() as rc:
-        return [e for e in rc.events(limit=1000) if e["type"] == "version.corrupt" and e["payload"].get("ref") == ref]
+        return [e for e in rc.events(limit=1000) if e.type == "version.corrupt" and (e.payload or {}).get("ref") == ref]
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -45,20 +47,20 @@ def test_missing_or_short_blob_is_a_loud_error(sqlite_server: Server, demo: dict
     r2 = httpx.get(url, headers={"Range": "bytes=0-9"})
     assert r2.status_code == 500
     with srv.client() as rc:
-        assert rc.get_version(v["ref"])["corrupt"] is True
-    assert len(_corrupt_events(srv, str(v["ref"]))) == 1  # once, however often it is read
+        assert rc.get_version(v.ref).corrupt is True
+    assert len(_corrupt_events(srv, str(v.ref))) == 1  # once, however often it is read
 
     shutil.copyfile(backup, blob)  # the operator restores the bytes; a verify clears the mark
     with srv.client() as rc:
-        job = rc.verify(v["ref"])
-    srv_job = _wait_verify(srv, job["id"])
-    assert srv_job["result"]["ok"] is True
+        job = rc.verify(v.ref)
+    srv_job = _wait_verify(srv, job.id)
+    assert srv_job.result is not None and srv_job.result["ok"] is True
     with srv.client() as rc:
-        assert rc.get_version(v["ref"])["corrupt"] is False
+        assert rc.get_version(v.ref).corrupt is False
     assert httpx.get(url).status_code == 200
 
 
-def _wait_verify(srv: Server, job_id: int) -> dict[str, object]:
+def _wait_verify(srv: Server, job_id: int) -> Job:
     import subprocess
     import sys
 
@@ -69,7 +71,7 @@ def _wait_verify(srv: Server, job_id: int) -> dict[str, object]:
         f"ctx = RegistryContext.open(); print(runner.run(ctx, {job_id}, 'test'))")], env=srv.env, check=True,
         capture_output=True, text=True)
     with srv.client() as rc:
-        return rc.get_job(job_id)  # type: ignore[no-any-return]
+        return rc.get_job(job_id)
 
 
 def test_same_size_wrong_bytes_cut_the_response(sqlite_server: Server, demo: dict[str, Path], name: str) -> None:
@@ -85,5 +87,5 @@ def test_same_size_wrong_bytes_cut_the_response(sqlite_server: Server, demo: dic
         received = b"".join(r.iter_bytes())
         raise AssertionError(f"a complete-looking body of {len(received)} bytes was served")
     with srv.client() as rc:
-        assert rc.get_version(v["ref"])["corrupt"] is True
-    assert len(_corrupt_events(srv, str(v["ref"]))) == 1
+        assert rc.get_version(v.ref).corrupt is True
+    assert len(_corrupt_events(srv, str(v.ref))) == 1

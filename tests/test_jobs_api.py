@@ -41,17 +41,17 @@ def family(server: Server, demo: dict[str, Path], tmp_path_factory: pytest.TempP
 
     scratch = tmp_path_factory.mktemp("family")
     with server.client() as rc:
-        base = rc.push(demo["base"], "jobs-base")["ref"]
-        other = rc.push(demo["base-v2"], "jobs-other-base")["ref"]
+        base = rc.push(demo["base"], "jobs-base").ref
+        other = rc.push(demo["base-v2"], "jobs-other-base").ref
         return {
             "base": base, "other": other,
-            "a": rc.push(demo["adapter-sql"], "jobs-a", base=base)["ref"],
-            "b": rc.push(demo["adapter-chat"], "jobs-b", base=base)["ref"],
-            "c": rc.push(demo["adapter-chat"], "jobs-c", base=other)["ref"],
-            "ft": rc.push(demo["finetune"], "jobs-ft", base=base)["ref"],
-            "r4": rc.push(make_adapter(scratch / "r4", seed=4, r=4), "jobs-r4", base=base)["ref"],
-            "rp": rc.push(_rank_pattern_adapter(scratch / "rp"), "jobs-rp", base=base)["ref"],
-            "rp2": rc.push(_rank_pattern_adapter(scratch / "rp2"), "jobs-rp2", base=base)["ref"],
+            "a": rc.push(demo["adapter-sql"], "jobs-a", base=base).ref,
+            "b": rc.push(demo["adapter-chat"], "jobs-b", base=base).ref,
+            "c": rc.push(demo["adapter-chat"], "jobs-c", base=other).ref,
+            "ft": rc.push(demo["finetune"], "jobs-ft", base=base).ref,
+            "r4": rc.push(make_adapter(scratch / "r4", seed=4, r=4), "jobs-r4", base=base).ref,
+            "rp": rc.push(_rank_pattern_adapter(scratch / "rp"), "jobs-rp", base=base).ref,
+            "rp2": rc.push(_rank_pattern_adapter(scratch / "rp2"), "jobs-rp2", base=base).ref,
         }
 
 
@@ -174,13 +174,13 @@ def test_compatibility_report(server: Server, family: dict[str, str]) -> None:
         rc.store_predictions(family["a"], "eval-set", predictions=old, labels=labels)
         rc.store_predictions(family["b"], "eval-set", predictions=new, labels=labels)
         r = rc.compat(family["a"], family["b"], "eval-set")
-        m = r["metrics"]
+        m = r.metrics
         assert m["nfr"] == pytest.approx(0.1) and m["pfr"] == pytest.approx(0.2)
         assert m["accuracy_v1"] == pytest.approx(0.7) and m["accuracy_v2"] == pytest.approx(0.8)
         assert m["btc"] == pytest.approx(1 - 0.1 / 0.7)
         rc.store_predictions(family["a"], "gen", kind="generative", scores=[0.5, 0.9, 0.2])
         rc.store_predictions(family["b"], "gen", kind="generative", scores=[0.6, 0.8, 0.2])
-        g = rc.compat(family["a"], family["b"], "gen")["metrics"]
+        g = rc.compat(family["a"], family["b"], "gen").metrics
         assert g["pfr"] == pytest.approx(1 / 3) and g["nfr"] == pytest.approx(1 / 3)
     a_name, a_v = family["a"].split("@")
     api = f"{server.url}/api/v1"

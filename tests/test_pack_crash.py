@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
 
+from registry.client import Version
 from registry.config import Settings
 from registry.models import Blob
 from registry.services import content, gc, packing
@@ -33,7 +34,7 @@ def ctx(srv: Server) -> Iterator[RegistryContext]:
     c.close()
 
 
-def _push(srv: Server, name: str, tmp_path: Path, seed: int) -> tuple[dict[str, object], bytes]:
+def _push(srv: Server, name: str, tmp_path: Path, seed: int) -> tuple[Version, bytes]:
     folder = tmp_path / f"v{seed}"
     folder.mkdir()
     g = torch.Generator().manual_seed(seed)
@@ -70,14 +71,14 @@ def test_death_before_the_commit_leaves_the_file_raw(srv: Server, ctx: RegistryC
 
     monkeypatch.setattr(packing, "_commit", die)
     with pytest.raises(Died):
-        packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+        packing.pack_version(ctx, v.id)
     monkeypatch.undo()
     assert _form(ctx, sha) == ("raw", len(data))
     assert _download(srv, name) == data
     # the payloads it wrote are claims nobody commits: gc removes them after the grace period only
     assert not gc.collect(ctx, grace_seconds=3600).blob_rows_removed
     # the retried job finishes the work
-    report = packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+    report = packing.pack_version(ctx, v.id)
     assert report.files_packed == 1
     assert _form(ctx, sha) == ("packed", 0)
     assert _download(srv, name) == data
@@ -94,7 +95,7 @@ def test_death_after_the_commit_keeps_the_raw_bytes_until_gc(srv: Server, ctx: R
 
     monkeypatch.setattr(content, "release_raw", die)
     with pytest.raises(Died):
-        packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+        packing.pack_version(ctx, v.id)
     monkeypatch.undo()
     assert _form(ctx, sha) == ("packed", len(data))  # packed, raw object still held
     assert ctx.store.exists(sha)
@@ -111,15 +112,15 @@ def test_a_reader_that_missed_the_raw_bytes_reads_the_packed_form(srv: Server, c
     v, data = _push(srv, name, tmp_path, 3)
     sha = hashlib.sha256(data).hexdigest()
     stream = content.iter_range(ctx, sha)  # looked up while raw: not opened yet
-    packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+    packing.pack_version(ctx, v.id)
     assert not ctx.store.exists(sha)
     assert b"".join(stream) == data
 
 
 def test_packing_twice_changes_nothing(srv: Server, ctx: RegistryContext, name: str, tmp_path: Path) -> None:
     v, data = _push(srv, name, tmp_path, 4)
-    first = packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
-    again = packing.pack_version(ctx, int(v["id"]))  # type: ignore[call-overload]
+    first = packing.pack_version(ctx, v.id)
+    again = packing.pack_version(ctx, v.id)
     assert first.files_packed == 1 and again.files_packed == 0 and again.files_already_packed == 1
     assert again.stored_bytes == first.stored_bytes
     assert _download(srv, name) == data
@@ -131,7 +132,7 @@ def test_cli_pack_and_storage(srv: Server, name: str, tmp_path: Path) -> None:
     import json
 
     v, data = _push(srv, name, tmp_path, 5)
-    assert "queued" in srv.cli("pack", str(v["ref"])).stdout
+    assert "queued" in srv.cli("pack", v.ref).stdout
     report = json.loads(srv.cli("storage", "--json").stdout)
     row = {m["model"]: m for m in report["models"]}[name]
     assert row["logical_bytes"] == row["stored_bytes"] == len(data)  # not packed yet: raw bytes count

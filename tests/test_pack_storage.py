@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from registry.client import Job
 from registry.config import Settings
 from registry.demo import Shape, make_adapter, make_finetune, random_weights, save_checkpoint
 from registry.services.context import RegistryContext
@@ -47,16 +48,16 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _pack_jobs_done(stack: Stack, ref: str) -> list[dict[str, object]]:
-    def done() -> list[dict[str, object]] | None:
+def _pack_jobs_done(stack: Stack, ref: str) -> list[Job]:
+    def done() -> list[Job] | None:
         with stack.client() as rc:
-            jobs = [j for j in rc.list_jobs(type="pack", limit=500) if j["params"].get("ref") == ref]
-        if jobs and all(j["state"] in ("succeeded", "failed") for j in jobs):
+            jobs = [j for j in rc.list_jobs(type="pack", limit=500) if j.params.get("ref") == ref]
+        if jobs and all(j.state in ("succeeded", "failed") for j in jobs):
             return jobs
         return None
 
     jobs = stack.wait_for(done, what=f"pack jobs of {ref}")
-    assert all(j["state"] == "succeeded" for j in jobs), jobs
+    assert all(j.state == "succeeded" for j in jobs), jobs
     return jobs
 
 
@@ -79,17 +80,17 @@ def test_pull_is_byte_exact_and_finetunes_cost_their_delta(packed: Stack, models
                                                           tmp_path: Path) -> None:
     with packed.client() as rc:
         b = rc.push(models["base"], f"{name}-base", kind="base")
-        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b["ref"])
-    for ref in (b["ref"], ft["ref"]):
+        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b.ref)
+    for ref in (b.ref, ft.ref):
         _pack_jobs_done(packed, ref)
     with packed.client() as rc:
-        b, ft = rc.get_version(b["ref"]), rc.get_version(ft["ref"])
-        assert 0 < ft["stored_bytes"] < 0.6 * ft["size"], ft  # bf16 fine-tune coded against its base
-        assert 0 < b["stored_bytes"] <= b["size"]
+        b, ft = rc.get_version(b.ref), rc.get_version(ft.ref)
+        assert 0 < ft.stored_bytes < 0.6 * ft.size, ft  # bf16 fine-tune coded against its base
+        assert 0 < b.stored_bytes <= b.size
         for v, folder in ((b, models["base"]), (ft, models["ft"])):
-            got = rc.pull(v["ref"], tmp_path / v["ref"].replace("@", "-"))
-            for f in got["files"]:
-                assert _sha(tmp_path / v["ref"].replace("@", "-") / f["path"]) == _sha(folder / f["path"])
+            got = rc.pull(v.ref, tmp_path / v.ref.replace("@", "-"))
+            for f in got.files:
+                assert _sha(tmp_path / v.ref.replace("@", "-") / f.path) == _sha(folder / f.path)
         # a range decodes only what it overlaps, and is exact
         data = (models["ft"] / "model.safetensors").read_bytes()
         url = f"{packed.url}/api/v1/models/{name}-ft/versions/1/files/model.safetensors"
@@ -97,25 +98,25 @@ def test_pull_is_byte_exact_and_finetunes_cost_their_delta(packed: Stack, models
             r = httpx.get(url, headers={"Range": f"bytes={start}-{end}"})
             assert r.status_code == 206 and r.content == data[start:end + 1]
         report = rc.storage()
-    row = {m["model"]: m for m in report["models"]}[f"{name}-ft"]
-    assert row["stored_bytes"] == ft["stored_bytes"] and row["logical_bytes"] == ft["size"]
-    out = packed.server.cli("pack", ft["ref"], "--wait").stdout  # already packed: nothing to do
-    assert f"{ft['ref']}: 0 files packed" in out and "stored" in out
+    row = {m.model: m for m in report.models}[f"{name}-ft"]
+    assert row.stored_bytes == ft.stored_bytes and row.logical_bytes == ft.size
+    out = packed.server.cli("pack", ft.ref, "--wait").stdout  # already packed: nothing to do
+    assert f"{ft.ref}: 0 files packed" in out and "stored" in out
     # the raw objects were released once the packed form read back
-    sha = next(f["sha256"] for f in ft["files"] if f["path"] == "model.safetensors")
+    sha = next(f.sha256 for f in ft.files if f.path == "model.safetensors")
     assert sha not in packed.server.blob_files()
 
 
 def test_identical_tensors_are_stored_once(packed: Stack, models: dict[str, Path], name: str) -> None:
     with packed.client() as rc:
         b = rc.push(models["base"], f"{name}-base", kind="base")
-        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b["ref"])
-        again = rc.push(models["ft-resharded"], f"{name}-ft", kind="finetune", base=b["ref"])
-    for ref in (b["ref"], ft["ref"], again["ref"]):
+        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b.ref)
+        again = rc.push(models["ft-resharded"], f"{name}-ft", kind="finetune", base=b.ref)
+    for ref in (b.ref, ft.ref, again.ref):
         _pack_jobs_done(packed, ref)
     with packed.client() as rc:
-        again = rc.get_version(again["ref"])
-    assert again["stored_bytes"] <= 0.01 * again["size"], again
+        again = rc.get_version(again.ref)
+    assert again.stored_bytes <= 0.01 * again.size, again
 
 
 def test_packed_versions_are_inputs_of_every_job_type(packed: Stack, models: dict[str, Path], name: str,
@@ -123,21 +124,21 @@ def test_packed_versions_are_inputs_of_every_job_type(packed: Stack, models: dic
     with packed.client() as rc:
         b = rc.push(models["base"], f"{name}-base", kind="base")
         b2 = rc.push(models["base-v2"], f"{name}-base", kind="base")
-        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b["ref"])
-        a = rc.push(models["adapter-a"], f"{name}-a", kind="adapter", base=b["ref"])
-        a2 = rc.push(models["adapter-b"], f"{name}-b", kind="adapter", base=b["ref"])
+        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b.ref)
+        a = rc.push(models["adapter-a"], f"{name}-a", kind="adapter", base=b.ref)
+        a2 = rc.push(models["adapter-b"], f"{name}-b", kind="adapter", base=b.ref)
     for v in (b, b2, ft, a, a2):
-        _pack_jobs_done(packed, v["ref"])
+        _pack_jobs_done(packed, v.ref)
     with packed.client() as rc:
-        jobs = [rc.transfer(ft["ref"], b2["ref"]),
-                rc.merge("ties", [a["ref"], a2["ref"]], f"{name}-merged", params={"density": 0.5}, rank=8),
-                rc.create_basis([a["ref"], a2["ref"]], p=1)]
+        jobs = [rc.transfer(ft.ref, b2.ref),
+                rc.merge("ties", [a.ref, a2.ref], f"{name}-merged", params={"density": 0.5}, rank=8),
+                rc.create_basis([a.ref, a2.ref], p=1)]
     for j in jobs:
-        done = packed.wait_job(j["id"], timeout=300)
-        assert done["state"] == "succeeded", done
+        done = packed.wait_job(j.id, timeout=300)
+        assert done.state == "succeeded", done
     with packed.client() as rc:
-        out = rc.get_version(packed.wait_job(jobs[0]["id"])["result"]["ref"])
-        rc.pull(out["ref"], tmp_path / "transfer")
+        out = rc.get_version(packed.wait_job(jobs[0].id).result["ref"])
+        rc.pull(out.ref, tmp_path / "transfer")
 
 
 def test_verify_finds_a_damaged_payload(packed: Stack, name: str, tmp_path: Path) -> None:
@@ -147,10 +148,10 @@ def test_verify_finds_a_damaged_payload(packed: Stack, name: str, tmp_path: Path
     save_file({"w": torch.randn(256, 256, generator=g).to(torch.bfloat16)}, str(folder / "model.safetensors"))
     with packed.client() as rc:
         b = rc.push(folder, f"{name}-solo", kind="base")
-    _pack_jobs_done(packed, b["ref"])
+    _pack_jobs_done(packed, b.ref)
     with packed.client() as rc:
-        assert packed.wait_job(rc.verify(b["ref"])["id"])["result"]["ok"] is True
-    sha = b["files"][0]["sha256"]
+        assert packed.wait_job(rc.verify(b.ref).id).result["ok"] is True
+    sha = b.files[0].sha256
     with _context(packed) as ctx, ctx.db.read() as s:
         from sqlalchemy import select
 
@@ -165,9 +166,9 @@ def test_verify_finds_a_damaged_payload(packed: Stack, name: str, tmp_path: Path
         raw[len(raw) // 2] ^= 0xFF
         p.write_bytes(bytes(raw))  # type: ignore[union-attr]
     with packed.client() as rc:
-        result = packed.wait_job(rc.verify(b["ref"])["id"])["result"]
+        result = packed.wait_job(rc.verify(b.ref).id).result
         assert result["ok"] is False
-        assert rc.get_version(b["ref"])["corrupt"] is True
+        assert rc.get_version(b.ref).corrupt is True
     try:  # never served as the file: a 500 before the body, or the connection cut mid-body
         r = httpx.get(f"{packed.url}/api/v1/models/{name}-solo/versions/1/files/model.safetensors")
         assert r.status_code == 500, r.status_code
@@ -180,7 +181,7 @@ def test_downloads_stay_exact_while_packing(packed: Stack, models: dict[str, Pat
     want = hashlib.sha256(data).hexdigest()
     with packed.client() as rc:
         b = rc.push(models["base"], f"{name}-base", kind="base")
-        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b["ref"])
+        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b.ref)
     url = f"{packed.url}/api/v1/models/{name}-ft/versions/1/files/model.safetensors"
     bad: list[str] = []
     stop = threading.Event()
@@ -194,8 +195,8 @@ def test_downloads_stay_exact_while_packing(packed: Stack, models: dict[str, Pat
     t = threading.Thread(target=pull_loop)
     t.start()
     try:
-        _pack_jobs_done(packed, b["ref"])
-        _pack_jobs_done(packed, ft["ref"])
+        _pack_jobs_done(packed, b.ref)
+        _pack_jobs_done(packed, ft.ref)
     finally:
         stop.set()
         t.join()
@@ -213,20 +214,20 @@ def test_gc_keeps_what_packed_files_need(packed: Stack, models: dict[str, Path],
     save_file(t, str(folder / "model.safetensors"), metadata={"note": name})
     with packed.client() as rc:
         b = rc.push(folder, f"{name}-base", kind="base")
-        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b["ref"])
+        ft = rc.push(models["ft"], f"{name}-ft", kind="finetune", base=b.ref)
     for v in (b, ft):
-        _pack_jobs_done(packed, v["ref"])
+        _pack_jobs_done(packed, v.ref)
     with _context(packed) as ctx:
         from sqlalchemy import delete
 
         from registry.models import VersionFile
 
         with ctx.db.write() as s:  # the base's file gone (as if its version had been deleted)
-            s.execute(delete(VersionFile).where(VersionFile.version_id == b["id"],
+            s.execute(delete(VersionFile).where(VersionFile.version_id == b.id,
                                                 VersionFile.path == "model.safetensors"))
         report = gc.collect(ctx, grace_seconds=0)
         assert report.blob_rows_removed >= 1
     with packed.client() as rc:
-        got = rc.pull(ft["ref"], tmp_path / "ft")
-    for f in got["files"]:
-        assert _sha(tmp_path / "ft" / f["path"]) == _sha(models["ft"] / f["path"])
+        got = rc.pull(ft.ref, tmp_path / "ft")
+    for f in got.files:
+        assert _sha(tmp_path / "ft" / f.path) == _sha(models["ft"] / f.path)

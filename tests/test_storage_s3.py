@@ -70,14 +70,14 @@ def test_push_pull_through_s3(s3_server: Server, s3_endpoint: str, demo: dict[st
     import httpx
 
     with s3_server.client() as rc:
-        assert rc.health()["storage"] == "s3"
+        assert rc.health().storage == "s3"
         base = rc.push(demo["base"], name)
-        rc.push(demo["adapter-sql"], name + "-sql", base=base["ref"])
-        rc.pull(base["ref"], tmp_path / "out")
-    for f in base["files"]:
-        assert (tmp_path / "out" / f["path"]).read_bytes() == (demo["base"] / f["path"]).read_bytes()
+        rc.push(demo["adapter-sql"], name + "-sql", base=base.ref)
+        rc.pull(base.ref, tmp_path / "out")
+    for f in base.files:
+        assert (tmp_path / "out" / f.path).read_bytes() == (demo["base"] / f.path).read_bytes()
     store = S3BlobStore("registry-test", prefix="api/", endpoint_url=s3_endpoint)
-    assert {f["sha256"] for f in base["files"]} <= {o.sha256 for o in store.list_objects()}
+    assert {f.sha256 for f in base.files} <= {o.sha256 for o in store.list_objects()}
     url = f"{s3_server.url}/api/v1/models/{name}/versions/1/files/model.safetensors"
     data = (demo["base"] / "model.safetensors").read_bytes()
     assert httpx.get(url, headers={"Range": "bytes=100-199"}).content == data[100:200]
@@ -95,24 +95,24 @@ def test_packed_files_on_s3(s3_server: Server, demo: dict[str, Path], name: str,
 
     with s3_server.client() as rc:
         base = rc.push(demo["base"], name)
-        ft = rc.push(demo["finetune"], name + "-ft", kind="finetune", base=base["ref"])
+        ft = rc.push(demo["finetune"], name + "-ft", kind="finetune", base=base.ref)
     settings = Settings(home=s3_server.home, database_url=s3_server.database_url, storage="s3",
                         s3_bucket="registry-test", s3_endpoint_url=s3_server.env["REGISTRY_S3_ENDPOINT_URL"],
                         s3_prefix="api/")
     ctx = RegistryContext.open(settings)
     try:
-        report = packing.pack_version(ctx, ft["id"])
-        assert report.files_packed >= 1 and report.also_packed == [base["ref"]]
-        weights = next(f for f in ft["files"] if f["path"].endswith(".safetensors"))
-        assert not ctx.store.exists(weights["sha256"])
+        report = packing.pack_version(ctx, ft.id)
+        assert report.files_packed >= 1 and report.also_packed == [base.ref]
+        weights = next(f for f in ft.files if f.path.endswith(".safetensors"))
+        assert not ctx.store.exists(weights.sha256)
     finally:
         ctx.close()
     with s3_server.client() as rc:
-        rc.pull(ft["ref"], tmp_path / "ft")
-        assert rc.get_version(ft["ref"])["stored_bytes"] < ft["size"]
-    for f in ft["files"]:
-        assert (tmp_path / "ft" / f["path"]).read_bytes() == (demo["finetune"] / f["path"]).read_bytes()
-    data = (demo["finetune"] / weights["path"]).read_bytes()
-    r = httpx.get(f"{s3_server.url}/api/v1/models/{name}-ft/versions/1/files/{weights['path']}",
+        rc.pull(ft.ref, tmp_path / "ft")
+        assert rc.get_version(ft.ref).stored_bytes < ft.size
+    for f in ft.files:
+        assert (tmp_path / "ft" / f.path).read_bytes() == (demo["finetune"] / f.path).read_bytes()
+    data = (demo["finetune"] / weights.path).read_bytes()
+    r = httpx.get(f"{s3_server.url}/api/v1/models/{name}-ft/versions/1/files/{weights.path}",
                   headers={"Range": "bytes=10-99999"})
     assert r.status_code == 206 and r.content == data[10:100000]

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import pytest
 
-from registry.client import RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
+from registry.client import Job, RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
 
 from .conftest import RedisProcess, _reachable, free_port, need_postgres, new_pg_database, wait_healthy, wait_until
 
@@ -317,7 +317,7 @@ class Load:
         def attempt(url: str) -> str:
             with RegistryClient(url, token="", timeout=REQUEST_TIMEOUT) as rc:
                 try:
-                    return str(rc.push(folder, model, base=self.base)["ref"])
+                    return str(rc.push(folder, model, base=self.base).ref)
                 except RegistryAPIError as e:
                     if e.code == "duplicate_content":  # an earlier attempt committed before its process died
                         return str(e.details["existing"])
@@ -503,15 +503,8 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, topo: Topolog
     return wait_until(predicate, timeout, what, poll=0.5, on_timeout=topo.dump_logs)
 
 
-def _all_jobs(rc: RegistryClient) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        page = rc._json("GET", "/jobs", params={"limit": 1000, **({"cursor": cursor} if cursor else {})})
-        out += page["items"]
-        cursor = page.get("next_cursor")
-        if not cursor:
-            return out
+def _all_jobs(rc: RegistryClient) -> list[Job]:
+    return list(rc.iter_jobs(limit=1000))
 
 
 def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
@@ -530,14 +523,14 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     make_finetune(data / "ft-0", base_w, seed=4999)
     stats = Stats()
     with RegistryClient(topo.apis[0].url, token="") as rc:
-        base = rc.push(data / "base", "drill-base")["ref"]
-        base_v2 = rc.push(data / "base-v2", "drill-base")["ref"]
-        ft0 = rc.push(data / "ft-0", "drill-finetune-0", base=base)["ref"]
+        base = rc.push(data / "base", "drill-base").ref
+        base_v2 = rc.push(data / "base-v2", "drill-base").ref
+        ft0 = rc.push(data / "ft-0", "drill-finetune-0", base=base).ref
     # warm-up: the workers' first jobs import MLflow and create its store; wait for them, so the
     # chaos below meets a running system rather than one still starting
     with RegistryClient(topo.apis[1].url, token="") as rc:
         # (each version: its MLflow sync, and its pack: REGISTRY_PACK=auto, the default, runs in the drill)
-        _wait(lambda: sorted((j["type"], j["state"]) for j in _all_jobs(rc))
+        _wait(lambda: sorted((j.type, j.state) for j in _all_jobs(rc))
               == [("mlflow_sync", "succeeded")] * 3 + [("pack", "succeeded")] * 3, 240,
               "the setup versions' MLflow syncs and packs", topo)
     setup_s = time.monotonic() - started
@@ -568,9 +561,9 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     rc = RegistryClient(topo.apis[1].url, token="")
     terminal = ("succeeded", "failed", "cancelled")
 
-    def acked_jobs_done() -> list[dict[str, Any]] | None:
+    def acked_jobs_done() -> list[Job] | None:
         js = [rc.get_job(j) for j in load.jobs]
-        return js if all(j["state"] in terminal for j in js) else None
+        return js if all(j.state in terminal for j in js) else None
 
     phases: dict[str, float] = {}
     mark = time.monotonic()
@@ -583,20 +576,20 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     jobs = _wait(acked_jobs_done, 180, "every acknowledged job to finish", topo)
     phase("jobs")
     for j in jobs:
-        if j["state"] == "succeeded":
-            ref = j["result"]["ref"]
+        if j.state == "succeeded":
+            ref = j.result["ref"]
             out = rc.get_version(ref)
-            status = "candidate" if j["type"] == "transfer" else "ready"
-            load.versions.setdefault(ref, Expected(ref, f"job {j['type']}", status, None, j["id"]))
+            status = "candidate" if j.type == "transfer" else "ready"
+            load.versions.setdefault(ref, Expected(ref, f"job {j.type}", status, None, j.id))
             if load.versions[ref].files is None:
-                load.versions[ref].files = {f["path"]: f["sha256"] for f in out["files"]}
+                load.versions[ref].files = {f.path: f.sha256 for f in out.files}
 
     # nothing stuck: every job (mlflow syncs included) reaches a final state
-    _wait(lambda: not [j for j in _all_jobs(rc) if j["state"] not in terminal], 180,
+    _wait(lambda: not [j for j in _all_jobs(rc) if j.state not in terminal], 180,
           "no queued or running job", topo)
     phase("queue empty")
 
-    listed = {v["ref"]: v for v in rc.iter_versions(prefix="drill-", limit=200)}
+    listed = {v.ref: v for v in rc.iter_versions(prefix="drill-", limit=200)}
     intact: Counter[str] = Counter()
     lost: list[str] = []
     for ref, exp in sorted(load.versions.items()):
@@ -604,8 +597,8 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
         if v is None:
             lost.append(f"{ref}: not listed")
             continue
-        if v["status"] != exp.status:
-            lost.append(f"{ref}: status {v['status']}, expected {exp.status}")
+        if v.status != exp.status:
+            lost.append(f"{ref}: status {v.status}, expected {exp.status}")
             continue
         dest = tmp_path / "final" / ref.replace("@", "_")
         try:
@@ -621,14 +614,14 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
 
     phase("pull all")
     # every version passes a verification job (stored blobs re-read from S3)
-    verify_jobs = {ref: rc.verify(ref)["id"] for ref in listed}
-    _wait(lambda: all(rc.get_job(j)["state"] in terminal for j in verify_jobs.values()), 180,
+    verify_jobs = {ref: rc.verify(ref).id for ref in listed}
+    _wait(lambda: all(rc.get_job(j).state in terminal for j in verify_jobs.values()), 180,
           "verification of every version", topo)
     corrupt = []
     for ref, j in verify_jobs.items():
         job = rc.get_job(j)
-        if job["state"] != "succeeded" or not job["result"]["ok"]:
-            corrupt.append(f"{ref}: {job['state']} {job.get('result') or job.get('error')}")
+        if job.state != "succeeded" or not job.result["ok"]:
+            corrupt.append(f"{ref}: {job.state} {job.result or job.error}")
     phase("verify all")
     all_jobs = _all_jobs(rc)
     rc.close()
@@ -651,8 +644,8 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     engine.dispose()
 
     # ------------------------------------------------------------------ the table
-    job_states = Counter((load.jobs[j["id"]], j["state"]) for j in jobs)
-    retried_jobs = sum(1 for j in jobs if j["attempts"] > 1)
+    job_states = Counter((load.jobs[j.id], j.state) for j in jobs)
+    retried_jobs = sum(1 for j in jobs if j.attempts > 1)
     unacked = sorted(set(listed) - set(load.versions))
     rows = []
     for op in sorted(set(stats.tried) | {"pull"}):
@@ -680,7 +673,7 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
               f"  S3 objects {len(objects)}, blob rows {len(blob_rows)} ({packed_files} packed files): needed objects "
               f"missing {len(needed - objects)}, objects without a row {len(objects - blob_rows)} (left for gc)",
               f"  jobs whose worker was SIGKILLed mid-run: {load.killed_mid_job}",
-              f"  jobs by type/state: {dict(Counter((j['type'], j['state']) for j in all_jobs))}"]
+              f"  jobs by type/state: {dict(Counter((j.type, j.state) for j in all_jobs))}"]
     print("\n".join(lines))
     for msg in stats.errors[:30]:
         print("  error:", msg)
@@ -688,16 +681,16 @@ def test_failure_drill(topology: Topology, tmp_path: Path) -> None:
     assert not lost, lost
     assert not corrupt, corrupt
     assert stats.pulls_corrupt == 0
-    assert all(j["state"] == "succeeded" for j in jobs), [(j["id"], j["state"], j["error"]) for j in jobs
-                                                          if j["state"] != "succeeded"]
+    assert all(j.state == "succeeded" for j in jobs), [(j.id, j.state, j.error) for j in jobs
+                                                          if j.state != "succeeded"]
     assert sum(stats.http5xx.values()) == 0, stats.errors
     assert sum(stats.hangs.values()) == 0 and sum(stats.gave_up.values()) == 0, stats.errors
     assert stats.acked["push adapter"] > 0 and stats.acked["pull"] > 0 and load.jobs
     assert sum(p.kills for p in topo.procs()) == 4
     assert not needed - objects and referenced <= blob_rows  # every recorded raw file and payload is in the bucket
     for j in jobs:
-        if j["id"] in load.killed_mid_job:
-            assert j["attempts"] >= 2, j
+        if j.id in load.killed_mid_job:
+            assert j.attempts >= 2, j
     # the dispatcher's kill lost no event and duplicated none: one MLflow sync per version
-    syncs = Counter(j["params"]["version_id"] for j in all_jobs if j["type"] == "mlflow_sync")
+    syncs = Counter(j.params["version_id"] for j in all_jobs if j.type == "mlflow_sync")
     assert len(syncs) == len(listed) and set(syncs.values()) == {1}, syncs

@@ -131,11 +131,11 @@ def ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
         r = httpx.post(stack.url + "/api/v1/compressions", headers={"Authorization": f"Bearer {tokens['admin']}"},
                        json={"members": ["chat-lora@1", "ops-lora@1"], "max_error": 0.05, "prune": True})
         assert r.status_code == 202, r.text
-        queued.append(r.json())
+        queued.append(rc.get_job(r.json()["id"]))
         try:
             for job in queued:
-                done = rc.wait_job(job["id"], timeout=900, poll=0.5)
-            rc.wait_job(done["result"]["prune_job_id"], timeout=900, poll=0.5)  # the plan's members, served from it
+                done = rc.wait_job(job.id, timeout=900, poll=0.5)
+            rc.wait_job(done.result["prune_job_id"], timeout=900, poll=0.5)  # the plan's members, served from it
         except Exception:
             stack.dump_logs()
             raise
@@ -222,21 +222,21 @@ def test_version_page_files_run_and_update_report(ui: UI) -> None:
         chat = rc.get_version("demo-chat@2")
     page = ui.page()
     page.goto(ui.url + "/ui/models/tri-merge/versions/1")
-    expect(page.locator("#size")).to_have_attribute("data-bytes", str(merged["size"]))
-    expect(page.locator("#stored")).to_have_attribute("data-bytes", str(merged["stored_bytes"]))
-    assert page.locator("#mlflow-run").get_attribute("href") == f"{MLFLOW_UI}/#/runs/{merged['mlflow_run_id']}"
-    for f in merged["files"]:
-        row = page.locator("#files tr", has_text=f["path"])
-        expect(row.locator("code.sha")).to_have_text(f["sha256"])
+    expect(page.locator("#size")).to_have_attribute("data-bytes", str(merged.size))
+    expect(page.locator("#stored")).to_have_attribute("data-bytes", str(merged.stored_bytes))
+    assert page.locator("#mlflow-run").get_attribute("href") == f"{MLFLOW_UI}/#/runs/{merged.mlflow_run_id}"
+    for f in merged.files:
+        row = page.locator("#files tr", has_text=f.path)
+        expect(row.locator("code.sha")).to_have_text(f.sha256)
         with page.expect_download() as dl:
             row.locator("a.download").click()  # through the API, with the cookie
-        assert hashlib.sha256(Path(dl.value.path()).read_bytes()).hexdigest() == f["sha256"]
+        assert hashlib.sha256(Path(dl.value.path()).read_bytes()).hexdigest() == f.sha256
     page.goto(ui.url + "/ui/models/demo-chat/versions/1")  # a fine-tune and its transfer candidate
     report = page.locator("#compat tbody tr")
     expect(report).to_have_count(1)
     expect(report).to_contain_text("demo-chat@2")
     expect(report.locator("td.nfr")).to_have_text("0.25")  # one negative flip in four, by hand
-    assert chat["status"] in ("candidate", "ready")
+    assert chat.status in ("candidate", "ready")
     page.close()
 
 
@@ -251,14 +251,14 @@ def test_promote_a_candidate_and_move_an_alias(ui: UI) -> None:
     expect(page.locator("#flash")).to_have_text("promoted demo-chat@2: ready")
     expect(page.locator("#v2 button.promote")).to_have_count(0)
     with ui.api() as rc:
-        assert rc.get_version("demo-chat@2")["status"] == "ready"
+        assert rc.get_version("demo-chat@2").status == "ready"
     for target in ("1", "2"):  # set it, then move it
         page.fill("#alias-form input[name=alias]", "production")
         page.select_option("#alias-form select[name=version]", target)
         page.click("#alias-form button[type=submit]")
         expect(page.locator(f"#v{target} td.aliases")).to_have_text("production")
         with ui.api() as rc:
-            assert rc.get_version("demo-chat@production")["version"] == int(target)
+            assert rc.get_version("demo-chat@production").version == int(target)
     expect(page.locator("#v1 td.aliases")).to_have_text("")
     page.fill("#alias-form input[name=alias]", "Not An Alias")  # refused by the API's rule, said on the page
     page.click("#alias-form button[type=submit]")
@@ -271,11 +271,11 @@ def test_bases_page(ui: UI) -> None:
         (b,) = rc.list_bases()
     page = ui.page()
     page.goto(ui.url + "/ui/bases")
-    page.click(f"#bases a:text-is('#{b['id']}')")
-    expect(page.locator("#storage-ratio")).to_have_text(f"{b['storage_ratio']:.4g}")
+    page.click(f"#bases a:text-is('#{b.id}')")
+    expect(page.locator("#storage-ratio")).to_have_text(f"{b.storage_ratio:.4g}")
     expect(page.locator("#p")).to_have_text("1")
-    for m in b["members"]:
-        expect(page.locator("#members tr", has_text=m["ref"])).to_contain_text(f"{m['error']:.4g}")
+    for m in b.members:
+        expect(page.locator("#members tr", has_text=m.ref)).to_contain_text(f"{m.error:.4g}")
     page.close()
 
 
@@ -346,23 +346,23 @@ def test_jobs_page_shows_a_running_jobs_progress_and_errors_then_a_redelivery(ui
         page = ui.page()
         page.goto(ui.url + "/ui/jobs?type=webhook")
         page.evaluate("window.stillThisPage = true")
-        row = page.locator(f"#job-{job['id']}")
+        row = page.locator(f"#job-{job.id}")
         # attempt 1 got a 500 and is retried; attempt 2 is held open by the receiver: running
         expect(row).to_have_attribute("data-state", "running")
         expect(row.locator("td.error")).to_contain_text("HTTP 500")
         expect(row).to_contain_text("2/")  # the second attempt
         with ui.api() as rc:
-            now = rc.get_job(job["id"])
-        assert now["state"] == "running" and now["attempts"] == 2
-        expect(row.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", str(round(now["progress"] * 100)))
-        expect(row.locator("td.message")).to_have_text(now["message"])
+            now = rc.get_job(job.id)
+        assert now.state == "running" and now.attempts == 2
+        expect(row.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", str(round(now.progress * 100)))
+        expect(row.locator("td.message")).to_have_text(now.message)
         receiver.release.set()
         expect(row).to_have_attribute("data-state", "succeeded")  # without a reload: the table polls
         expect(row.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "100")
         assert page.evaluate("window.stillThisPage") is True
         # the delivery and its two attempts, then a redelivery from the page
         page.goto(ui.url + "/ui/webhooks")
-        page.click(f"#webhooks a:text-is('#{hook['id']}')")
+        page.click(f"#webhooks a:text-is('#{hook.id}')")
         delivery = page.locator("#deliveries tbody tr").first
         expect(delivery).to_have_attribute("data-status", "succeeded")
         expect(delivery.locator("td.attempts")).to_have_text("2")

@@ -42,7 +42,7 @@ def _assets(html: str) -> list[str]:
 def test_root_redirects_to_the_ui_and_pages_render(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         base = rc.push(demo["base"], f"{name}-base")
-        lora = rc.push(demo["adapter-sql"], f"{name}-lora", base=base["ref"])
+        lora = rc.push(demo["adapter-sql"], f"{name}-lora", base=base.ref)
     r = httpx.get(server.url + "/", follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == "/ui"
     for path in ("/ui", "/ui/models", f"/ui/models/{name}-lora", f"/ui/models/{name}-lora/versions/1",
@@ -53,8 +53,8 @@ def test_root_redirects_to_the_ui_and_pages_render(server: Server, demo: dict[st
         assert r.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in r.headers["content-security-policy"]
     page = httpx.get(server.url + f"/ui/models/{name}-lora/versions/1").text
-    for f in lora["files"]:  # every file with its size, sha256 and a download link through the API
-        assert f["sha256"] in page and f"/api/v1/models/{name}-lora/versions/1/files/{f['path']}" in page
+    for f in lora.files:  # every file with its size, sha256 and a download link through the API
+        assert f.sha256 in page and f"/api/v1/models/{name}-lora/versions/1/files/{f.path}" in page
     assert f'href="/ui/models/{name}-base/versions/1"' in page  # the base, a link
     listing = httpx.get(server.url + "/ui/models", params={"q": name}).text
     assert listing.index(f"{name}-lora") < listing.index(f"{name}-base")  # newest first
@@ -114,7 +114,7 @@ def test_page_actions_on_loopback_need_the_csrf_header(server: Server, demo: dic
     r = httpx.post(url, data={"alias": "prod", "version": "1"}, headers={CSRF_HEADER: csrf_token(None)})
     assert r.status_code == 200 and f"{name}@prod → {name}@1" in r.text
     with server.client() as rc:
-        assert [a["ref"] for a in rc.list_aliases(name)] == [f"{name}@1"]
+        assert [a.ref for a in rc.list_aliases(name)] == [f"{name}@1"]
     r = httpx.post(url, data={"alias": "Bad Alias!", "version": "1"}, headers={CSRF_HEADER: csrf_token(None)})
     assert r.status_code == 422 and "invalid_alias" in r.text  # the service's rule, as an HTML page
     r = httpx.post(server.url + f"/ui/models/{name}/versions/1/promote", headers={CSRF_HEADER: csrf_token(None)})
@@ -134,8 +134,8 @@ def test_login_is_not_needed_without_auth(server: Server) -> None:
 def test_models_newest_first_and_by_base(server: Server, demo: dict[str, Path], name: str) -> None:
     with server.client() as rc:
         base = rc.push(demo["base"], f"{name}-a-base")
-        rc.push(demo["adapter-sql"], f"{name}-b-sql", base=base["ref"])
-        rc.push(demo["adapter-chat"], f"{name}-c-chat", base=base["ref"])
+        rc.push(demo["adapter-sql"], f"{name}-b-sql", base=base.ref)
+        rc.push(demo["adapter-chat"], f"{name}-c-chat", base=base.ref)
         rc.push(demo["base-v2"], f"{name}-a-base")
     api = server.url + "/api/v1/models"
     page = httpx.get(api, params={"prefix": name, "order": "newest", "limit": 2}).json()
@@ -370,10 +370,10 @@ def test_the_cookie_goes_through_the_token_check(auth_server: Server, tokens: di
 def test_a_revoked_token_in_the_cookie_is_refused(auth_server: Server, tokens: dict[str, str]) -> None:
     with auth_server.client(tokens["admin"]) as admin:
         t = admin.create_token("ui-short", "read")
-    with _login(auth_server, t["token"]) as http:
+    with _login(auth_server, t.token) as http:
         assert http.get("/ui/models").status_code == 200
         with auth_server.client(tokens["admin"]) as admin:
-            admin.revoke_token(t["id"])
+            admin.revoke_token(t.id)
         r = http.get("/ui/models")
         assert r.status_code == 401 and "invalid_token" in r.text
         r = http.post("/ui/logout", follow_redirects=False)
@@ -390,18 +390,18 @@ def test_webhook_pages_are_for_admins(auth_server: Server, tokens: dict[str, str
         with auth_server.client(tokens["admin"]) as rc:
             hook = rc.create_webhook(f"http://127.0.0.1:{free_port()}/hook", ["model.*"], description="ui test")
             rc.create_model(name, "base")
-            (d,) = wait_until(lambda: rc.list_deliveries(hook["id"]), 120, "the dispatcher's delivery")
+            (d,) = wait_until(lambda: rc.list_deliveries(hook.id), 120, "the dispatcher's delivery")
     finally:
         dispatcher.terminate()
         dispatcher.wait(30)
-    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook['id']}", headers=admin)
-    assert page.status_code == 200 and f'id="delivery-{d["id"]}"' in page.text and "model.created" in page.text
-    page = httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=admin)
+    page = httpx.get(auth_server.url + f"/ui/webhooks/{hook.id}", headers=admin)
+    assert page.status_code == 200 and f'id="delivery-{d.id}"' in page.text and "model.created" in page.text
+    page = httpx.get(auth_server.url + f"/ui/deliveries/{d.id}", headers=admin)
     assert page.status_code == 200 and "Not attempted yet" in page.text
-    r = httpx.post(auth_server.url + f"/ui/deliveries/{d['id']}/redeliver", headers=admin)
+    r = httpx.post(auth_server.url + f"/ui/deliveries/{d.id}/redeliver", headers=admin)
     assert r.status_code == 409 and "delivery_in_progress" in r.text
     read = {"Authorization": f"Bearer {tokens['read']}"}
-    assert httpx.get(auth_server.url + f"/ui/deliveries/{d['id']}", headers=read).status_code == 403
+    assert httpx.get(auth_server.url + f"/ui/deliveries/{d.id}", headers=read).status_code == 403
     assert httpx.get(auth_server.url + "/ui/deliveries/999999", headers=admin).status_code == 404
 
 

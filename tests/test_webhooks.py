@@ -4,6 +4,7 @@ pattern matching; and the SSRF guard, as a unit and through an API that refuses 
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -19,7 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from registry.client import RegistryAPIError
+from registry.client import Delivery, RegistryAPIError
+from registry.client import InvalidInput as InvalidInputError
 from registry.config import Settings
 from registry.errors import InvalidInput
 from registry.services import webhooks
@@ -111,10 +113,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                       REGISTRY_WEBHOOK_MAX_ATTEMPTS="3")
 
 
-def _delivery(stack: Stack, webhook_id: int, status: str | None = None) -> dict[str, Any] | None:
+def _delivery(stack: Stack, webhook_id: int, status: str | None = None) -> Delivery | None:
     with stack.client() as rc:
         rows = rc.list_deliveries(webhook_id)
-    return next((d for d in rows if status is None or d["status"] == status), None)
+    return next((d for d in rows if status is None or d.status == status), None)
 
 
 # --------------------------------------------------------------------------- through the stack
@@ -124,23 +126,23 @@ def test_signed_delivery_of_a_new_version(stack: Stack, receiver: Receiver, demo
                                           name: str) -> None:
     with stack.client() as rc:
         hook = rc.create_webhook(f"{receiver.url}/ok/{name}", ["version.*"], description="ci")
-        secret = hook["secret"]
+        secret = hook.secret
         assert secret.startswith("whsec_") and len(secret) > 40
-        assert hook["active"] and hook["events"] == ["version.*"]
+        assert hook.active and hook.events == ["version.*"]
         try:
-            assert all("secret" not in w for w in rc.list_webhooks())
-            assert "secret" not in rc.get_webhook(hook["id"])
+            assert all("secret" not in w.model_dump() for w in rc.list_webhooks())
+            assert "secret" not in rc.get_webhook(hook.id).model_dump()
             v = rc.push(demo["base"], name)
             req = stack.wait_for(lambda: next(iter(receiver.of(name)), None), 60, "the webhook request")
-            d = stack.wait_for(lambda: _delivery(stack, hook["id"], "succeeded"), 30, "a succeeded delivery")
-            detail = rc.get_delivery(d["id"])
+            d = stack.wait_for(lambda: _delivery(stack, hook.id, "succeeded"), 30, "a succeeded delivery")
+            detail = rc.get_delivery(d.id)
         finally:
-            rc.delete_webhook(hook["id"])
+            rc.delete_webhook(hook.id)
 
     h = req.headers
     assert h["content-type"] == "application/json"
     assert h["x-registry-event"] == "version.created"
-    assert h["x-registry-delivery"] == str(d["id"])
+    assert h["x-registry-delivery"] == str(d.id)
     assert h["x-registry-signature"].startswith("sha256=")
     assert verify_signature(secret, h["x-registry-timestamp"], req.body, h["x-registry-signature"])
     assert not verify_signature("whsec_wrong-secret-xxxxxxxx", h["x-registry-timestamp"], req.body,
@@ -148,15 +150,78 @@ def test_signed_delivery_of_a_new_version(stack: Stack, receiver: Receiver, demo
     assert not verify_signature(secret, h["x-registry-timestamp"], req.body + b" ", h["x-registry-signature"])
     body = req.json()
     assert list(body) == sorted(body) and b", " not in req.body  # compact, stable key order
-    assert body["type"] == "version.created" and body["model"] == name and body["version_id"] == v["id"]
+    assert body["type"] == "version.created" and body["model"] == name and body["version_id"] == v.id
     assert body["payload"]["ref"] == f"{name}@1" and body["payload"]["kind"] == "base"
-    assert body["id"] == d["event_id"] and body["created_at"]
+    assert body["id"] == d.event_id and body["created_at"]
 
-    assert detail["status"] == "succeeded" and detail["attempts"] == 1 and detail["event_type"] == "version.created"
-    assert detail["last_status_code"] == 200 and detail["delivered_at"] and detail["next_attempt_at"] is None
-    (entry,) = detail["log"]
+    assert detail.status == "succeeded" and detail.attempts == 1 and detail.event_type == "version.created"
+    assert detail.last_status_code == 200 and detail.delivered_at and detail.next_attempt_at is None
+    (entry,) = detail.log
     assert entry["attempt"] == 1 and entry["status_code"] == 200 and entry["duration_ms"] >= 0
     assert len(receiver.of(name)) == 1  # other events of this model (model.created...) did not match
+    assert not {"webhook-id", "webhook-signature", "webhook-timestamp"} & set(h)  # the default scheme only
+
+
+def test_standard_webhooks_delivery_passes_the_reference_verifier(stack: Stack, receiver: Receiver,
+                                                                   demo: dict[str, Path], name: str) -> None:
+    """A webhook with signature_scheme standard-webhooks: the standardwebhooks package (the
+    specification's reference verifier) accepts every attempt of its delivery, and the message id
+    stays the same across retries."""
+    from standardwebhooks.webhooks import Webhook as Verifier
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    with stack.client() as rc:
+        hook = rc.create_webhook(f"{receiver.url}/flaky/{name}?fail=1", ["version.created"],
+                                 signature_scheme="standard-webhooks")
+        try:
+            assert hook.signature_scheme == "standard-webhooks" and hook.secret.startswith("whsec_")
+            assert rc.get_webhook(hook.id).signature_scheme == "standard-webhooks"
+            v = rc.push(demo["base"], name)
+            d = stack.wait_for(lambda: _delivery(stack, hook.id, "succeeded"), 60, "a delivery after one retry")
+        finally:
+            rc.delete_webhook(hook.id)
+    reqs = receiver.of(name)
+    assert len(reqs) == 2  # a 500, then the retry
+    for req in reqs:
+        h = req.headers
+        assert h["webhook-id"] == f"msg_{hook.id}_{d.event_id}" and h["webhook-signature"].startswith("v1,")
+        assert int(h["webhook-timestamp"]) > 0 and h["x-registry-event"] == "version.created"
+        assert "x-registry-signature" not in h
+        body = Verifier(hook.secret).verify(req.body, h)  # raises unless the signature is the spec's
+        assert body["version_id"] == v.id and body["payload"]["ref"] == f"{name}@1"
+        with pytest.raises(WebhookVerificationError):
+            Verifier(hook.secret).verify(req.body + b" ", h)
+        other = "whsec_" + base64.b64encode(b"another secret of 24+ bytes!").decode()
+        with pytest.raises(WebhookVerificationError):
+            Verifier(other).verify(req.body, h)
+
+
+def test_standard_webhooks_secret_rules(stack: Stack, receiver: Receiver, name: str) -> None:
+    """A standard-webhooks secret is whsec_ + base64 of 24-64 bytes (given or generated); anything
+    else, or an unknown scheme, is a 422 and no webhook."""
+    mine = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    url = f"{receiver.url}/ok/{name}"
+    with stack.client() as rc:
+        before = {w.id for w in rc.list_webhooks()}
+        for secret, scheme, code in ((None, "hmac-md5", "invalid_signature_scheme"),
+                                     ("s" * 20, "standard-webhooks", "invalid_webhook_secret"),
+                                     ("whsec_not base64!", "standard-webhooks", "invalid_webhook_secret"),
+                                     ("whsec_" + base64.b64encode(b"short").decode(), "standard-webhooks",
+                                      "invalid_webhook_secret"),
+                                     ("whsec_" + base64.b64encode(bytes(65)).decode(), "standard-webhooks",
+                                      "invalid_webhook_secret")):
+            with pytest.raises(InvalidInputError) as e:
+                rc.create_webhook(url, ["*"], secret=secret, signature_scheme=scheme)
+            assert e.value.code == code, (secret, scheme)
+        assert {w.id for w in rc.list_webhooks()} == before
+        hook = rc.create_webhook(url, ["*"], secret=mine, signature_scheme="standard-webhooks")
+        rc.delete_webhook(hook.id)
+    assert hook.secret == mine
+    p = stack.server.cli("webhook", "create", url, "-e", "*", "--signature-scheme", "standard-webhooks", "--json")
+    created = json.loads(p.stdout)
+    assert created["signature_scheme"] == "standard-webhooks" and created["secret"].startswith("whsec_")
+    assert len(base64.b64decode(created["secret"].removeprefix("whsec_"))) == 32
+    stack.server.cli("webhook", "rm", str(created["id"]))
 
 
 def test_failing_receiver_is_retried_until_it_succeeds(stack: Stack, receiver: Receiver, demo: dict[str, Path],
@@ -165,20 +230,20 @@ def test_failing_receiver_is_retried_until_it_succeeds(stack: Stack, receiver: R
         hook = rc.create_webhook(f"{receiver.url}/flaky/{name}?fail=2", ["version.created"])
         try:
             rc.push(demo["base"], name)
-            d = stack.wait_for(lambda: _delivery(stack, hook["id"], "succeeded"), 60, "a delivery after retries")
-            detail = rc.get_delivery(d["id"])
+            d = stack.wait_for(lambda: _delivery(stack, hook.id, "succeeded"), 60, "a delivery after retries")
+            detail = rc.get_delivery(d.id)
         finally:
-            rc.delete_webhook(hook["id"])
-    assert detail["attempts"] == 3
-    assert [e["status_code"] for e in detail["log"]] == [500, 500, 200]
-    assert [e["attempt"] for e in detail["log"]] == [1, 2, 3]
-    assert detail["log"][0]["error"] == "HTTP 500" and detail["log"][0]["response"] == "receiver says no"
+            rc.delete_webhook(hook.id)
+    assert detail.attempts == 3
+    assert [e["status_code"] for e in detail.log] == [500, 500, 200]
+    assert [e["attempt"] for e in detail.log] == [1, 2, 3]
+    assert detail.log[0]["error"] == "HTTP 500" and detail.log[0]["response"] == "receiver says no"
     reqs = receiver.of(name)
     assert len(reqs) == 3
-    assert {r.headers["x-registry-delivery"] for r in reqs} == {str(d["id"])}
+    assert {r.headers["x-registry-delivery"] for r in reqs} == {str(d.id)}
     assert {r.body for r in reqs} == {reqs[0].body}  # the same bytes every time; each freshly signed
     for r in reqs:
-        assert verify_signature(hook["secret"], r.headers["x-registry-timestamp"], r.body,
+        assert verify_signature(hook.secret, r.headers["x-registry-timestamp"], r.body,
                                 r.headers["x-registry-signature"])
 
 
@@ -188,33 +253,33 @@ def test_failed_delivery_then_redeliver(stack: Stack, receiver: Receiver, demo: 
         hook = rc.create_webhook(f"{receiver.url}/switch/{name}", ["version.created"])
         try:
             rc.push(demo["base"], name)
-            d = stack.wait_for(lambda: _delivery(stack, hook["id"], "failed"), 60, "a failed delivery")
-            failed = rc.get_delivery(d["id"])
-            assert failed["attempts"] == 3 and [e["status_code"] for e in failed["log"]] == [500, 500, 500]
-            assert failed["last_status_code"] == 500 and failed["next_attempt_at"] is None
+            d = stack.wait_for(lambda: _delivery(stack, hook.id, "failed"), 60, "a failed delivery")
+            failed = rc.get_delivery(d.id)
+            assert failed.attempts == 3 and [e["status_code"] for e in failed.log] == [500, 500, 500]
+            assert failed.last_status_code == 500 and failed.next_attempt_at is None
             job = rc.list_jobs(type="webhook", limit=200)
-            (j,) = [j for j in job if j["params"] == {"delivery_id": d["id"], "webhook_id": hook["id"],
-                                                      "event_id": d["event_id"]}]
-            assert j["state"] == "failed" and j["attempts"] == 3
+            (j,) = [j for j in job if j.params == {"delivery_id": d.id, "webhook_id": hook.id,
+                                                      "event_id": d.event_id}]
+            assert j.state == "failed" and j.attempts == 3
 
             receiver.modes[name] = "slow"
-            again = rc.redeliver(d["id"])
-            assert again["delivery"]["status"] == "pending" and again["job"]["id"] != j["id"]
+            again = rc.redeliver(d.id)
+            assert again.delivery.status == "pending" and again.job.id != j.id
             with pytest.raises(RegistryAPIError) as e:
-                rc.redeliver(d["id"])  # the first redelivery is still queued or running
+                rc.redeliver(d.id)  # the first redelivery is still queued or running
             assert e.value.status == 409 and e.value.code == "delivery_in_progress"
-            stack.wait_job(again["job"]["id"], 60)
-            done = rc.get_delivery(d["id"])
+            stack.wait_job(again.job.id, 60)
+            done = rc.get_delivery(d.id)
             with pytest.raises(RegistryAPIError) as e:
                 rc.redeliver(10**9)
             assert e.value.status == 404
         finally:
-            rc.delete_webhook(hook["id"])
-    assert done["status"] == "succeeded" and done["attempts"] == 4
-    assert [e["status_code"] for e in done["log"]] == [500, 500, 500, 200]
-    assert done["log"][-1]["job_id"] == again["job"]["id"]
+            rc.delete_webhook(hook.id)
+    assert done.status == "succeeded" and done.attempts == 4
+    assert [e["status_code"] for e in done.log] == [500, 500, 500, 200]
+    assert done.log[-1]["job_id"] == again.job.id
     reqs = receiver.of(name)
-    assert len(reqs) == 4 and {r.headers["x-registry-delivery"] for r in reqs} == {str(d["id"])}
+    assert len(reqs) == 4 and {r.headers["x-registry-delivery"] for r in reqs} == {str(d.id)}
     assert reqs[-1].body == reqs[0].body
 
 
@@ -249,8 +314,8 @@ def test_patterns_select_events(stack: Stack, receiver: Receiver, demo: dict[str
                            "the job event at the job.* webhook")
             stack.wait_for(lambda: len(receiver.of(versions_key)) == 3, 60, "both versions and the alias")
         finally:
-            rc.delete_webhook(job_hook["id"])
-            rc.delete_webhook(version_hook["id"])
+            rc.delete_webhook(job_hook.id)
+            rc.delete_webhook(version_hook.id)
     job_bodies = [r.json() for r in receiver.of(jobs_key)]
     assert all(b["type"] in ("job.succeeded", "job.failed") for b in job_bodies)  # no version or alias events
     assert loop not in {b["id"] for b in job_bodies}
@@ -259,7 +324,7 @@ def test_patterns_select_events(stack: Stack, receiver: Receiver, demo: dict[str
     assert failed["payload"] == {"job_id": 0, "job_type": "transfer", "error": {"code": "x", "message": name}}
     version_types = sorted(r.json()["type"] for r in receiver.of(versions_key))
     assert version_types == ["alias.set", "version.created", "version.created"]
-    assert {r.json()["version_id"] for r in receiver.of(versions_key)} == {v1["id"], v2["id"]}
+    assert {r.json()["version_id"] for r in receiver.of(versions_key)} == {v1.id, v2.id}
 
 
 def test_cli_and_updates(stack: Stack, receiver: Receiver, demo: dict[str, Path], name: str) -> None:
@@ -267,28 +332,28 @@ def test_cli_and_updates(stack: Stack, receiver: Receiver, demo: dict[str, Path]
                          "--secret", "s" * 20)
     assert "secret: " + "s" * 20 in p.stdout
     with stack.client() as rc:
-        (hook,) = [w for w in rc.list_webhooks() if w["url"].endswith(f"/ok/{name}")]
-        assert hook["events"] == ["version.*", "alias.set"]
-        assert rc.update_webhook(hook["id"], active=False)["active"] is False
+        (hook,) = [w for w in rc.list_webhooks() if w.url.endswith(f"/ok/{name}")]
+        assert hook.events == ["version.*", "alias.set"]
+        assert rc.update_webhook(hook.id, active=False).active is False
         with pytest.raises(RegistryAPIError) as e:
-            rc.update_webhook(hook["id"], events=[])
+            rc.update_webhook(hook.id, events=[])
         assert e.value.status == 422 and e.value.code == "invalid_webhook_events"
         v = rc.push(demo["base"], name)
         # once its provenance job exists, version.created went through the dispatcher (while inactive)
-        stack.wait_for(lambda: any(j["params"].get("version_id") == v["id"]
+        stack.wait_for(lambda: any(j.params.get("version_id") == v.id
                                    for j in rc.list_jobs(type="mlflow_sync", limit=200)), 60, "dispatch")
-        rc.update_webhook(hook["id"], active=True)
+        rc.update_webhook(hook.id, active=True)
         rc.set_alias(name, "stable", 1)
-        stack.wait_for(lambda: _delivery(stack, hook["id"], "succeeded"), 60, "the alias delivery")
+        stack.wait_for(lambda: _delivery(stack, hook.id, "succeeded"), 60, "the alias delivery")
     assert [r.json()["type"] for r in receiver.of(name)] == ["alias.set"]  # inactive: version.created skipped
     listed = json.loads(stack.server.cli("webhook", "ls", "--json").stdout)
-    assert [w["url"] for w in listed if w["id"] == hook["id"]] == [f"{receiver.url}/ok/{name}"]
+    assert [w["url"] for w in listed if w["id"] == hook.id] == [f"{receiver.url}/ok/{name}"]
     assert all("secret" not in w for w in listed)
-    (d,) = json.loads(stack.server.cli("webhook", "deliveries", str(hook["id"]), "--json").stdout)
+    (d,) = json.loads(stack.server.cli("webhook", "deliveries", str(hook.id), "--json").stdout)
     assert d["event_type"] == "alias.set" and d["status"] == "succeeded"
-    stack.server.cli("webhook", "rm", str(hook["id"]))
+    stack.server.cli("webhook", "rm", str(hook.id))
     with stack.client() as rc, pytest.raises(RegistryAPIError) as e:
-        rc.get_webhook(hook["id"])
+        rc.get_webhook(hook.id)
     assert e.value.status == 404 and e.value.code == "webhook_not_found"
 
 
@@ -380,6 +445,39 @@ def test_signature_helpers() -> None:
     old = ts - 3600
     assert not verify_signature("k" * 16, old, body, sign("k" * 16, old, body))  # replayed
     assert verify_signature("k" * 16, old, body, sign("k" * 16, old, body), tolerance_seconds=7200)
+
+
+def test_standard_signature_is_the_reference_signers() -> None:
+    """sign_standard against the standardwebhooks package's signer and verifier (an independent
+    implementation of the specification), over bodies of every byte and secrets of every size."""
+    import random
+    from datetime import UTC, datetime
+
+    from standardwebhooks.webhooks import Webhook as Reference
+
+    rng = random.Random(0)
+    for n in (24, 32, 64):
+        secret = "whsec_" + base64.b64encode(rng.randbytes(n)).decode()
+        for size in (0, 1, 100, 5000):
+            body = rng.randbytes(size)
+            ts = rng.randrange(1, 2**32)
+            msg = f"msg_{rng.randrange(1, 10**6)}_{rng.randrange(1, 10**6)}"
+            assert webhooks.sign_standard(secret, msg, ts, body) == Reference(secret).sign(
+                msg, datetime.fromtimestamp(ts, UTC), body)
+    now = int(time.time())
+    secret = "whsec_" + base64.b64encode(rng.randbytes(32)).decode()
+    body = b'{"id":7,"type":"version.created"}'
+    headers = webhooks.delivery_headers("standard-webhooks", secret, webhook_id=3, delivery_id=9, event_id=7,
+                                        event_type="version.created", body=body, timestamp=now)
+    assert headers["webhook-id"] == "msg_3_7" and headers["X-Registry-Delivery"] == "9"
+    assert Reference(secret).verify(body, headers) == {"id": 7, "type": "version.created"}
+    legacy = webhooks.delivery_headers("registry", "k" * 16, webhook_id=3, delivery_id=9, event_id=7,
+                                       event_type="version.created", body=body, timestamp=now)
+    assert verify_signature("k" * 16, legacy["X-Registry-Timestamp"], body, legacy["X-Registry-Signature"])
+    assert "webhook-signature" not in legacy
+    for bad in ("s" * 40, "whsec_", "whsec_!!!!", "whsec_" + base64.b64encode(bytes(23)).decode()):
+        with pytest.raises(InvalidInput):
+            webhooks.standard_key(bad)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import create_engine, text
 
+from registry.client import Basis, Job
 from registry.demo import make_adapter
 from registry.weights.adapters import load_peft_adapter
 from registry.weights.rmm import load_basis
@@ -45,36 +46,36 @@ def test_refresh_basis_policy(stack: Stack, demo: dict[str, Path], name: str, tm
     with stack.client() as rc:
         rc.create_policy(f"{name}-refresh", "refresh_basis", f"{name}-base", {"p": 1, "collection": f"{name}-rmm"})
         base = rc.push(demo["base"], f"{name}-base")
-        refs = {k: rc.push(folder, f"{name}-{k}", base=base["ref"])["ref"] for k, folder in members.items()}
+        refs = {k: rc.push(folder, f"{name}-{k}", base=base.ref).ref for k, folder in members.items()}
 
-        def full_basis() -> dict[str, Any] | None:
-            return next((b for b in rc.list_bases(f"{name}-rmm") if len(b["members"]) == 3), None)
+        def full_basis() -> Basis | None:
+            return next((b for b in rc.list_bases(f"{name}-rmm") if len(b.members) == 3), None)
 
         b = stack.wait_for(full_basis, 180, "a basis over all three adapters")
-        assert b["status"] == "ready" and b["p"] == 1 and b["base"] == base["ref"]
+        assert b.status == "ready" and b.p == 1 and b.base == base.ref
         r, n = 8, 3
-        assert b["storage_ratio"] == pytest.approx((1 * (r + n) + r) / (r * n))
-        rc.pull(b["ref"], tmp_path / "basis")
-        job = rc.get_job(b["job_id"])
-        lineage = rc.lineage(b["ref"], direction="down")
+        assert b.storage_ratio == pytest.approx((1 * (r + n) + r) / (r * n))
+        rc.pull(b.ref, tmp_path / "basis")
+        job = rc.get_job(b.job_id)
+        lineage = rc.lineage(b.ref, direction="down")
     basis = load_basis(tmp_path / "basis" / "basis.safetensors")
-    by_ref = {m["ref"]: m for m in b["members"]}
+    by_ref = {m.ref: m for m in b.members}
     for key, folder in members.items():
         m = by_ref[refs[key]]
-        rebuilt = basis.reconstruct(m["position"])
-        assert _dense_error(load_peft_adapter(folder), rebuilt) == pytest.approx(m["error"], rel=1e-4, abs=1e-7)
-        assert m["error"] > 1e-3  # p = 1 < n - 1: a real approximation
-    edges = {(e["child"], e["relation"]) for e in lineage["edges"]}
+        rebuilt = basis.reconstruct(m.position)
+        assert _dense_error(load_peft_adapter(folder), rebuilt) == pytest.approx(m.error, rel=1e-4, abs=1e-7)
+        assert m.error > 1e-3  # p = 1 < n - 1: a real approximation
+    edges = {(e.child, e.relation) for e in lineage.edges}
     assert edges == {(ref, "basis_member_of") for ref in refs.values()}
 
-    run = _mlflow(stack).get_run(job["mlflow_run_id"])
+    run = _mlflow(stack).get_run(job.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "rmm" and run.data.params["p"] == "1"
     members_param = json.loads(run.data.params["members"])
     assert {m["ref"] for m in members_param} == set(refs.values())
     assert all(len(m["sha256"]) == 64 for m in members_param)
-    assert run.data.metrics["storage_ratio"] == pytest.approx(b["storage_ratio"])
-    assert run.data.metrics["error_max"] == pytest.approx(max(m["error"] for m in b["members"]))
+    assert run.data.metrics["storage_ratio"] == pytest.approx(b.storage_ratio)
+    assert run.data.metrics["error_max"] == pytest.approx(max(m.error for m in b.members))
     assert "lineage.json" in {a.path for a in _mlflow(stack).list_artifacts(run.info.run_id)}
 
 
@@ -82,31 +83,31 @@ def test_transfer_policy_creates_candidates(stack: Stack, demo: dict[str, Path],
     with stack.client() as rc:
         rc.create_policy(f"{name}-upgrade", "transfer_on_base_update", f"{name}-base", {"alpha": 1.0})
         b1 = rc.push(demo["base"], f"{name}-base")
-        ft = rc.push(demo["finetune"], f"{name}-ft", base=b1["ref"])
-        ad = rc.push(demo["adapter-sql"], f"{name}-sql", base=b1["ref"])
+        ft = rc.push(demo["finetune"], f"{name}-ft", base=b1.ref)
+        ad = rc.push(demo["adapter-sql"], f"{name}-sql", base=b1.ref)
         b2 = rc.push(demo["base-v2"], f"{name}-base")
 
-        def transfers_done() -> list[dict[str, Any]] | None:
-            jobs = [j for j in rc.list_jobs(type="transfer", limit=200) if j["params"]["target_base"] == b2["ref"]]
-            return jobs if len(jobs) == 2 and all(j["state"] == "succeeded" for j in jobs) else None
+        def transfers_done() -> list[Job] | None:
+            jobs = [j for j in rc.list_jobs(type="transfer", limit=200) if j.params["target_base"] == b2.ref]
+            return jobs if len(jobs) == 2 and all(j.state == "succeeded" for j in jobs) else None
 
         jobs = stack.wait_for(transfers_done, 180, "two transfer candidates")
-        results = {j["params"]["finetune"]: j["result"]["ref"] for j in jobs}
-        ft2 = rc.get_version(results[ft["ref"]])
-        ad2 = rc.get_version(results[ad["ref"]])
-        assert ft2["ref"] == f"{name}-ft@2" and ad2["ref"] == f"{name}-sql@2"
+        results = {j.params["finetune"]: j.result["ref"] for j in jobs}
+        ft2 = rc.get_version(results[ft.ref])
+        ad2 = rc.get_version(results[ad.ref])
+        assert ft2.ref == f"{name}-ft@2" and ad2.ref == f"{name}-sql@2"
         for cand, src, rel in ((ft2, ft, "finetune_of"), (ad2, ad, "adapter_of")):
-            assert cand["status"] == "candidate" and cand["base"] == b2["ref"]
-            parents = {(p["ref"], p["relation"]) for p in cand["parents"]}
-            assert parents == {(src["ref"], "transfer_of"), (b2["ref"], rel)}
-            assert cand["mlflow_run_id"]
+            assert cand.status == "candidate" and cand.base == b2.ref
+            parents = {(p.ref, p.relation) for p in cand.parents}
+            assert parents == {(src.ref, "transfer_of"), (b2.ref, rel)}
+            assert cand.mlflow_run_id
         # the adapter's diff is the adapter: same bytes, re-pinned
-        assert {f["sha256"] for f in ad2["files"]} == {f["sha256"] for f in ad["files"]}
+        assert {f.sha256 for f in ad2.files} == {f.sha256 for f in ad.files}
         # candidates are not "latest" until a user promotes them
-        assert rc.get_version(f"{name}-ft")["version"] == 1
-        rc.promote(ft2["ref"], alias="production")
-        assert rc.get_version(f"{name}-ft")["version"] == 2
-        rc.pull(ft2["ref"], tmp_path / "candidate")
+        assert rc.get_version(f"{name}-ft").version == 1
+        rc.promote(ft2.ref, alias="production")
+        assert rc.get_version(f"{name}-ft").version == 2
+        rc.pull(ft2.ref, tmp_path / "candidate")
     expected = tmp_path / "expected"
     transfer(demo["finetune"], demo["base"], demo["base-v2"], expected, 1.0, device="cpu")
     got, want = load_file(tmp_path / "candidate" / "model.safetensors"), load_file(expected / "model.safetensors")
@@ -122,21 +123,21 @@ def test_transfer_policy_creates_candidates(stack: Stack, demo: dict[str, Path],
 def test_operations_by_request(stack: Stack, demo: dict[str, Path], name: str) -> None:
     with stack.client() as rc:
         base = rc.push(demo["base"], f"{name}-base")
-        a = rc.push(demo["adapter-sql"], f"{name}-a", base=base["ref"])
-        c = rc.push(demo["adapter-chat"], f"{name}-c", base=base["ref"])
-        job = stack.wait_job(rc.create_basis([a["ref"], c["ref"]], max_error=0.0, name=f"{name}-basis")["id"])
-        basis = rc.get_basis(job["result"]["basis_id"])
-        assert all(m["error"] < 1e-5 for m in basis["members"])  # budget 0 → exact
-        merged = stack.wait_job(rc.merge("ties", [a["ref"], c["ref"]], f"{name}-merged", {"density": 0.5})["id"])
-        mv = rc.get_version(merged["result"]["ref"])
-        assert mv["kind"] == "adapter" and mv["base"] == base["ref"]
-        assert {(p["ref"], p["relation"]) for p in mv["parents"]} == {
-            (a["ref"], "merge_of"), (c["ref"], "merge_of"), (base["ref"], "adapter_of")}
+        a = rc.push(demo["adapter-sql"], f"{name}-a", base=base.ref)
+        c = rc.push(demo["adapter-chat"], f"{name}-c", base=base.ref)
+        job = stack.wait_job(rc.create_basis([a.ref, c.ref], max_error=0.0, name=f"{name}-basis").id)
+        basis = rc.get_basis(job.result["basis_id"])
+        assert all(m.error < 1e-5 for m in basis.members)  # budget 0 → exact
+        merged = stack.wait_job(rc.merge("ties", [a.ref, c.ref], f"{name}-merged", {"density": 0.5}).id)
+        mv = rc.get_version(merged.result["ref"])
+        assert mv.kind == "adapter" and mv.base == base.ref
+        assert {(p.ref, p.relation) for p in mv.parents} == {
+            (a.ref, "merge_of"), (c.ref, "merge_of"), (base.ref, "adapter_of")}
         v2 = rc.push(demo["base-v2"], f"{name}-base")
-        t = stack.wait_job(rc.transfer(a["ref"], v2["ref"])["id"])
-        assert rc.get_version(t["result"]["ref"])["status"] == "candidate"
+        t = stack.wait_job(rc.transfer(a.ref, v2.ref).id)
+        assert rc.get_version(t.result["ref"]).status == "candidate"
         # every version is in the MLflow Model Registry with its registry ref
-        stack.wait_for(lambda: all(j["state"] == "succeeded" for j in rc.list_jobs(type="mlflow_sync", limit=500)),
+        stack.wait_for(lambda: all(j.state == "succeeded" for j in rc.list_jobs(type="mlflow_sync", limit=500)),
                        60, "mlflow sync")
     mv_tags = [v.tags for v in _mlflow(stack).search_model_versions(f"name='{name}-merged'")]
     assert mv_tags and mv_tags[0]["registry.ref"] == f"{name}-merged@1"
@@ -171,22 +172,22 @@ def test_worker_killed_mid_job_is_retried_elsewhere(bare_stack: Stack, demo: dic
     slow = stack.start_worker("doomed", REGISTRY_JOB_START_DELAY="60")
     with stack.client() as rc:
         base = rc.push(demo["base"], f"{name}-base")
-        ft = rc.push(demo["finetune"], f"{name}-ft", base=base["ref"])
+        ft = rc.push(demo["finetune"], f"{name}-ft", base=base.ref)
         v2 = rc.push(demo["base-v2"], f"{name}-base")
-        job = rc.transfer(ft["ref"], v2["ref"])
-        stack.wait_for(lambda: rc.get_job(job["id"])["state"] == "running", 60, "the doomed worker to start the job")
-        assert rc.get_job(job["id"])["worker"].startswith("doomed@")
+        job = rc.transfer(ft.ref, v2.ref)
+        stack.wait_for(lambda: rc.get_job(job.id).state == "running", 60, "the doomed worker to start the job")
+        assert rc.get_job(job.id).worker.startswith("doomed@")
         os.kill(slow.pid, signal.SIGKILL)
         slow.wait()
         stack.start_worker("rescuer")
-        done = stack.wait_job(job["id"], timeout=120)
-        assert done["state"] == "succeeded" and done["attempts"] == 2
-        assert done["worker"].startswith("rescuer@")
-        versions = [v["ref"] for v in rc.iter_versions(model=f"{name}-ft")]
+        done = stack.wait_job(job.id, timeout=120)
+        assert done.state == "succeeded" and done.attempts == 2
+        assert done.worker.startswith("rescuer@")
+        versions = [v.ref for v in rc.iter_versions(model=f"{name}-ft")]
         assert versions == [f"{name}-ft@2", f"{name}-ft@1"]  # exactly one candidate
         time.sleep(2 * 3)  # a redelivered message (Redis) must not make a second one
-        assert [v["ref"] for v in rc.iter_versions(model=f"{name}-ft")] == versions
-        rc.pull(done["result"]["ref"], tmp_path / "rescued")  # verifies every sha256
+        assert [v.ref for v in rc.iter_versions(model=f"{name}-ft")] == versions
+        rc.pull(done.result["ref"], tmp_path / "rescued")  # verifies every sha256
     orphan_objects, unreferenced_rows = _orphans(stack)
     assert orphan_objects == set() and unreferenced_rows == set()
     # the retried job's output is exactly the transfer of its inputs
@@ -204,14 +205,14 @@ def test_broker_outage_loses_no_event(bare_stack: Stack, demo: dict[str, Path], 
     with stack.client() as rc:
         rc.create_policy(f"{name}-up", "transfer_on_base_update", f"{name}-base", {})
         base = rc.push(demo["base"], f"{name}-base")
-        ft = rc.push(demo["finetune"], f"{name}-ft", base=base["ref"])
+        ft = rc.push(demo["finetune"], f"{name}-ft", base=base.ref)
         stack.redis.stop()
         v2 = rc.push(demo["base-v2"], f"{name}-base")  # the event is committed with the version
         time.sleep(2)
-        pending = [j for j in rc.list_jobs(type="transfer", limit=100) if j["params"]["target_base"] == v2["ref"]]
-        assert len(pending) == 1 and pending[0]["state"] == "queued"  # created from the outbox, not yet sent
+        pending = [j for j in rc.list_jobs(type="transfer", limit=100) if j.params["target_base"] == v2.ref]
+        assert len(pending) == 1 and pending[0].state == "queued"  # created from the outbox, not yet sent
         stack.redis.start()
-        done = stack.wait_job(pending[0]["id"], timeout=120)
-        assert done["result"]["ref"] == f"{name}-ft@2"
-        parents = {(p["ref"], p["relation"]) for p in rc.get_version(done["result"]["ref"])["parents"]}
-        assert parents == {(ft["ref"], "transfer_of"), (v2["ref"], "finetune_of")}
+        done = stack.wait_job(pending[0].id, timeout=120)
+        assert done.result["ref"] == f"{name}-ft@2"
+        parents = {(p.ref, p.relation) for p in rc.get_version(done.result["ref"]).parents}
+        assert parents == {(ft.ref, "transfer_of"), (v2.ref, "finetune_of")}

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import torch
 
-from registry.client import RegistryClient
+from registry.client import Job, RegistryClient
 from registry.weights.adapters import LoraAdapter, load_peft_adapter
 from registry.weights.compat import classification_compat
 from registry.weights.merge import merge_adapters
@@ -151,7 +151,7 @@ class ApiBackend(DirectBackend):
         self.poll = poll
         self.proc: subprocess.Popen[bytes] | None = None
         self.rc: RegistryClient | None = None
-        self.jobs: list[dict[str, Any]] = []
+        self.jobs: list[Job] = []
         self.stored: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ server
@@ -202,7 +202,7 @@ class ApiBackend(DirectBackend):
         return self.rc
 
     def _wait(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        done = [self.client.wait_job(j["id"], poll=self.poll, timeout=600) for j in jobs]
+        done = [self.client.wait_job(j.id, poll=self.poll, timeout=600) for j in jobs]
         self.jobs.extend(done)
         return done
 
@@ -216,7 +216,7 @@ class ApiBackend(DirectBackend):
     def push(self, folder: Path, name: str, *, kind: str, base: Pushed | None = None,
              tags: dict[str, str] | None = None) -> Pushed:
         v = self.client.push(folder, name=name, kind=kind, base=base.ref if base else None, tags=tags)
-        return Pushed(v["ref"], folder)
+        return Pushed(v.ref, folder)
 
     def adapter(self, pushed: Pushed) -> LoraAdapter:
         """The adapter as the registry serves it (pulled, then loaded); checked against the local folder."""
@@ -231,10 +231,10 @@ class ApiBackend(DirectBackend):
         jobs = [self.client.create_basis(refs, p=rq.p, max_error=rq.max_error, name=name) for rq in requests]
         out = {}
         for rq, job in zip(requests, self._wait(jobs), strict=True):
-            ref = job["result"]["ref"]
-            if job["result"].get("deduplicated"):
+            ref = job.result["ref"]
+            if job.result.get("deduplicated"):
                 ref += " (deduplicated: same bytes as an earlier basis)"
-            basis = load_basis(self._pull(job["result"]["ref"]) / "basis.safetensors")
+            basis = load_basis(self._pull(job.result["ref"]) / "basis.safetensors")
             direct = fit_basis(adapters, p=rq.p, max_error=rq.max_error, names=refs)
             self.check.note("RMM basis: member delta error, API vs direct", max(
                 abs(a.overall - b.overall) for a, b in zip(basis.member_errors(), direct.member_errors(), strict=True)))
@@ -250,7 +250,7 @@ class ApiBackend(DirectBackend):
                 for rq in requests]
         out = {}
         for rq, job in zip(requests, self._wait(jobs), strict=True):
-            ref = job["result"]["ref"]
+            ref = job.result["ref"]
             merged = load_peft_adapter(self._pull(ref))
             direct = merge_adapters(rq.method, adapters, rq.params, rank=rank)
             assert isinstance(direct, LoraAdapter)
@@ -261,17 +261,17 @@ class ApiBackend(DirectBackend):
 
     def transfer_finetune(self, finetune: Pushed, source: Pushed, target: Pushed) -> tuple[State, str, dict[str, Any]]:
         job = self._wait([self.client.transfer(finetune.ref, target.ref)])[0]
-        ref = job["result"]["ref"]
+        ref = job.result["ref"]
         state = load_checkpoint(self._pull(ref))
         direct, _, rep = super().transfer_finetune(finetune, source, target)
         self.check.note("transfer: v2 + Δ tensors, API vs direct (max |diff|)",
                         max(float((state[k] - direct[k]).abs().max()) for k in direct))
-        diag = dict(job["result"].get("diagnostics") or {})
+        diag = dict(job.result.get("diagnostics") or {})
         return state, ref, diag or rep
 
     def transfer_adapter(self, adapter: Pushed, target: Pushed) -> tuple[LoraAdapter, str]:
         job = self._wait([self.client.transfer(adapter.ref, target.ref)])[0]
-        ref = job["result"]["ref"]
+        ref = job.result["ref"]
         return load_peft_adapter(self._pull(ref)), ref
 
     def store_predictions(self, ref: str, dataset: str, predictions: list[int], labels: list[int]) -> None:
@@ -286,32 +286,17 @@ class ApiBackend(DirectBackend):
         api = self.client.compat(old[0], new[0], dataset)
         local = classification_compat(old[1], new[1], labels).as_dict()
         self.check.note("MUSCLE: rc.compat vs registry.weights.compat (max |diff| over NFR, PFR, NFR_mc)",
-                        max(abs(float(_metric(api, k)) - float(local[k])) for k in ("nfr", "pfr", "nfr_mc")))
-        return local | {"api": api}
+                        max(abs(float(api.metrics[k]) - float(local[k])) for k in ("nfr", "pfr", "nfr_mc")))
+        return local | {"api": api.model_dump(mode="json")}
 
     def job_seconds(self) -> dict[str, tuple[int, float]]:
         """Per job type: (jobs, summed worker seconds from the jobs' own started/finished stamps)."""
-        from datetime import datetime
-
-        def when(stamp: str) -> datetime:
-            return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
         out: dict[str, tuple[int, float]] = {}
         for j in self.jobs:
-            if j.get("started_at") and j.get("finished_at"):
-                n, sec = out.get(j["type"], (0, 0.0))
-                out[j["type"]] = (n + 1, sec + (when(j["finished_at"]) - when(j["started_at"])).total_seconds())
+            if j.started_at and j.finished_at:
+                n, sec = out.get(j.type, (0, 0.0))
+                out[j.type] = (n + 1, sec + (j.finished_at - j.started_at).total_seconds())
         return out
-
-
-def _metric(api: dict[str, Any], key: str) -> Any:
-    """A metric from the compat response (flat, or nested under ``metrics``)."""
-    if key in api:
-        return api[key]
-    for v in api.values():
-        if isinstance(v, dict) and key in v:
-            return v[key]
-    raise KeyError(f"compat response has no {key!r}: {sorted(api)}")
 
 
 def as_int_list(t: torch.Tensor) -> list[int]:

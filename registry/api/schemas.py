@@ -216,3 +216,230 @@ class TokenOut(BaseModel):
     revoked: bool
     last_used_at: datetime | None
     token: str | None = Field(None, description="The secret; only in the response that creates it.")
+
+
+# --------------------------------------------------------------------------- jobs, bases, policies
+# (the response bodies of every operation: registry.client parses its results with these models)
+
+
+class JobOut(BaseModel):
+    id: int
+    type: str
+    state: str
+    queue: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    progress: float
+    message: str
+    attempts: int
+    max_attempts: int
+    idempotency_key: str | None
+    celery_task_id: str | None
+    worker: str | None
+    mlflow_run_id: str | None
+    event_id: int | None
+    policy_id: int | None
+    created_by: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class BasisMemberOut(BaseModel):
+    position: int
+    ref: str
+    error: float | None
+    module_errors: dict[str, Any] | None = None
+
+
+class BasisOut(BaseModel):
+    id: int
+    collection: str | None
+    method: str
+    status: str
+    p: int | None
+    max_error: float | None
+    storage_ratio: float | None
+    summary: dict[str, Any] | None
+    job_id: int | None
+    mlflow_run_id: str | None
+    created_at: datetime | None
+    ref: str | None
+    base: str | None
+    members: list[BasisMemberOut]
+
+
+class PolicyOut(BaseModel):
+    id: int
+    name: str
+    type: str
+    base_model: str
+    params: dict[str, Any]
+    active: bool
+    created_at: datetime | None
+    created_by: str | None
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    events: list[str]
+    active: bool
+    description: str
+    signature_scheme: str = Field("registry", description="registry or standard-webhooks.")
+    created_at: datetime | None
+    created_by: str | None
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="The signing secret; shown only in this response.")
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    webhook_id: int
+    event_id: int
+    event_type: str | None
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime | None
+    delivered_at: datetime | None
+
+
+class DeliveryDetail(DeliveryOut):
+    log: list[dict[str, Any]]
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+class RedeliveryOut(BaseModel):
+    delivery: DeliveryOut
+    job: JobOut
+
+
+# --------------------------------------------------------------------------- system, compatibility
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    database: str
+    storage: str
+    auth: str
+
+
+class EventOut(BaseModel):
+    id: int
+    type: str
+    model: str | None
+    version_id: int | None
+    payload: dict[str, Any] | None
+    created_at: datetime | None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+
+
+class ModelStorageOut(BaseModel):
+    model: str
+    versions: int
+    logical_bytes: int
+    stored_bytes: int
+    ratio: float
+
+
+class StorageTotalOut(BaseModel):
+    logical_bytes: int
+    stored_bytes: int
+    ratio: float
+    objects: int
+    object_bytes: int
+    packed_files: int
+    chunks: int
+    chunk_bytes: int
+
+
+class StorageOut(BaseModel):
+    models: list[ModelStorageOut]
+    total: StorageTotalOut
+    pack: str
+
+
+class PredictionsOut(BaseModel):
+    ref: str
+    dataset: str
+    kind: str
+    count: int
+    created_at: datetime | None = None
+
+
+class CompatOut(BaseModel):
+    old: str
+    new: str
+    dataset: str
+    kind: str
+    metrics: dict[str, Any]
+
+
+class UpdateReportOut(BaseModel):
+    """One update a version takes part in (old -> new on a dataset): the MUSCLE metrics, or why the
+    two prediction sets cannot be compared (``error``)."""
+
+    old: str
+    new: str
+    dataset: str
+    new_status: str
+    kind: str | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- compression plans
+
+
+class CompressionMemberOut(BaseModel):
+    position: int
+    ref: str | None
+    method: str
+    parameters: dict[str, Any]
+    stored_bytes: int
+    original_bytes: int
+    error: float
+    served_error: float
+    prunable: bool
+    pruned: bool
+
+
+class CompressionOut(BaseModel):
+    id: int
+    collection: str | None
+    ref: str | None
+    base: str | None
+    max_error: float
+    methods: list[str]
+    stored_bytes: int
+    original_bytes: int
+    ratio: float
+    summary: dict[str, Any] | None
+    job_id: int | None
+    mlflow_run_id: str | None
+    created_at: datetime | None
+    created_by: str | None
+    members: list[CompressionMemberOut]

@@ -336,12 +336,16 @@ def collection_file(ctx: RegistryContext, version_id: int, work: Path) -> Path:
 
 def rebuild_members(mode: str, file: Path, positions: list[int], work: Path) -> Iterator[tuple[int, dict[str, bytes]]]:
     """Members ``positions`` of the collection ``file`` as their PEFT files (path -> bytes), one at a
-    time: what pruning records and what serving regenerates come from this one function."""
+    time: what pruning records and what serving regenerates come from this one function (for a
+    basis: :meth:`registry.weights.rmm.RmmBasis.member_files`, which serving streams)."""
     from ..weights.adapters import save_peft_adapter
 
     src = MEMBER_SOURCES[mode]
     loaded = src.load(file)
     for position in positions:
+        if mode == StorageMode.derived_basis.value:  # the bytes _member_generator streams
+            yield position, _joined(loaded.member_files(position))
+            continue
         out = work / f"member-{position}"
         shutil.rmtree(out, ignore_errors=True)
         save_peft_adapter(src.rebuild(loaded, position), out)
@@ -349,25 +353,45 @@ def rebuild_members(mode: str, file: Path, positions: list[int], work: Path) -> 
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _joined(member: Any) -> dict[str, bytes]:
+    """A basis member's PEFT files (:class:`registry.weights.rmm.MemberFiles`) as path -> bytes."""
+    from ..weights.adapters import CONFIG_NAME, WEIGHTS_NAME
+    from ..weights.checkpoint import safetensors_range
+
+    lay = member.layout
+    return {CONFIG_NAME: member.config, WEIGHTS_NAME: b"".join(safetensors_range(lay, 0, lay.total_size, member.read))}
+
+
 def _member_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:
     """A pruned member rebuilt from its collection's file (its other files stay blobs); the
     generated files sit where the pushed adapter's were (the recipe's ``prefix``)."""
     recipe = v.recipe or {}
     file = collection_file(ctx, int(recipe[MEMBER_SOURCES[v.storage_mode].recipe_key]), work)
-    _, files = next(rebuild_members(v.storage_mode, file, [int(recipe["position"])], work / f"rebuilt-{v.id}"))
     prefix = str(recipe.get("prefix") or "")
+    if v.storage_mode == StorageMode.derived_basis.value:
+        # streamed module by module as its bytes are sent, reading only this member's share of the
+        # basis (μ, U, its row of C): the bytes rebuild_members gives, without a folder written and read
+        from ..weights.adapters import CONFIG_NAME, WEIGHTS_NAME
+        from ..weights.rmm import load_member_files
+
+        member = load_member_files(file, int(recipe["position"]))
+        return Composite([SafetensorsFiles({prefix + WEIGHTS_NAME: member.layout}, member.read),
+                          StaticFiles({prefix + CONFIG_NAME: member.config})])
+    _, files = next(rebuild_members(v.storage_mode, file, [int(recipe["position"])], work / f"rebuilt-{v.id}"))
     return StaticFiles({prefix + p: data for p, data in files.items()})
 
 
-def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path) -> Any:
+def plan_transfer_files(ctx: RegistryContext, ids: tuple[int, int, int], alpha: float, work: Path,
+                        diagnostics: bool = True) -> Any:
     """The streaming plan of m_t + α (m'_s − m_s) for the versions ``ids`` = (fine-tune, source
-    base, target base), any storage mode (materialised under ``work``)."""
+    base, target base), any storage mode (materialised under ``work``); ``diagnostics=False``
+    (serving) skips the report's base-shift sums."""
     from ..weights.transfer_stream import plan_transfer
 
     dirs = [materialize(ctx, vid, work / label) for vid, label in zip(ids, ("finetune", "source", "target"),
                                                                         strict=True)]
     return plan_transfer(dirs[0], dirs[1], dirs[2], alpha, max_shard_bytes=ctx.settings.merged_shard_bytes,
-                         device="cpu")
+                         device="cpu", diagnostics=diagnostics)
 
 
 class _DiffFiles(Generator):
@@ -393,7 +417,7 @@ def _diff_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Genera
     r = v.recipe or {}
     return _DiffFiles(plan_transfer_files(
         ctx, (r["finetune_version_id"], r["source_version_id"], r["target_version_id"]),
-        float(r.get("alpha", 1.0)), work))
+        float(r.get("alpha", 1.0)), work, diagnostics=False))
 
 
 def native_generator(ctx: RegistryContext, v: ModelVersion, work: Path) -> Generator:

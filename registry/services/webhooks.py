@@ -16,7 +16,13 @@ A worker runs :func:`deliver`: it POSTs the event as compact JSON with sorted ke
 with the headers ``X-Registry-Event`` (type), ``X-Registry-Delivery`` (delivery id; the same on
 every retry and redelivery, so receivers can de-duplicate), ``X-Registry-Timestamp`` (unix
 seconds) and ``X-Registry-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>``.
-Receivers check it with :func:`verify_signature`. Redirects are not followed. A 2xx response
+Receivers check it with :func:`verify_signature`. A webhook created with ``signature_scheme
+"standard-webhooks"`` is signed per the Standard Webhooks specification instead (what its
+off-the-shelf verifiers check): ``webhook-id`` (``msg_<webhook id>_<event id>``, the same on every
+retry and redelivery), ``webhook-timestamp`` (unix seconds) and ``webhook-signature: v1,<base64
+HMAC-SHA256(base64-decoded secret, "<id>.<timestamp>.<body>")>``, with a ``whsec_<base64>``
+secret; ``X-Registry-Event`` and ``X-Registry-Delivery`` come along. :func:`delivery_headers` is
+the one place that says which headers a delivery carries. Redirects are not followed. A 2xx response
 marks the delivery ``succeeded``; anything else (status, timeout, connection error) is logged in
 the delivery's ``log`` and retried after ``webhook_backoff_seconds * 2**(attempt-1)`` (at most
 1 h) until ``webhook_max_attempts``, after which the delivery is ``failed``. :func:`redeliver`
@@ -37,6 +43,8 @@ and the connection.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import hashlib
 import hmac
@@ -70,6 +78,11 @@ MAX_LOG_ENTRIES = 100
 MAX_BACKOFF_SECONDS = 3600.0
 RESPONSE_EXCERPT = 500
 SIGNATURE_PREFIX = "sha256="
+# How deliveries are signed (Webhook.signature_scheme): the registry's own scheme (the default) or
+# the Standard Webhooks specification (https://www.standardwebhooks.com).
+SIGNATURE_SCHEMES = ("registry", "standard-webhooks")
+STANDARD_SECRET_PREFIX = "whsec_"
+STANDARD_SECRET_BYTES = (24, 64)  # the specification's recommended key sizes
 _PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,64}")
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
 # The event types the registry emits today (documentation; patterns are not checked against it).
@@ -89,6 +102,49 @@ def sign(secret: str, timestamp: int | str, body: bytes | str) -> str:
     raw = body.encode() if isinstance(body, str) else body
     mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + raw, hashlib.sha256)
     return SIGNATURE_PREFIX + mac.hexdigest()
+
+
+def standard_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret ``whsec_<base64>``: the decoded bytes. Raises
+    ``invalid_webhook_secret`` for anything else (wrong prefix, not base64, 24-64 bytes)."""
+    low, high = STANDARD_SECRET_BYTES
+    body = secret[len(STANDARD_SECRET_PREFIX):] if isinstance(secret, str) else ""
+    try:
+        if not secret.startswith(STANDARD_SECRET_PREFIX):
+            raise ValueError
+        key = base64.b64decode(body, validate=True)
+    except (ValueError, binascii.Error, AttributeError):
+        raise InvalidInput(f"a standard-webhooks secret is {STANDARD_SECRET_PREFIX!r} followed by the base64 of "
+                           f"{low}-{high} random bytes", code="invalid_webhook_secret") from None
+    if not low <= len(key) <= high:
+        raise InvalidInput(f"a standard-webhooks secret must decode to {low}-{high} bytes, not {len(key)}",
+                           code="invalid_webhook_secret")
+    return key
+
+
+def sign_standard(secret: str, msg_id: str, timestamp: int | str, body: bytes | str) -> str:
+    """``v1,`` + base64 HMAC-SHA256(``standard_key(secret)``, ``f"{msg_id}.{timestamp}.{body}"``):
+    the ``webhook-signature`` of the Standard Webhooks specification."""
+    raw = body.encode() if isinstance(body, str) else body
+    mac = hmac.new(standard_key(secret), f"{msg_id}.{timestamp}.".encode() + raw, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode("ascii")
+
+
+def standard_message_id(webhook_id: int, event_id: int) -> str:
+    """``webhook-id``: one per (webhook, event), repeated on every retry and redelivery."""
+    return f"msg_{webhook_id}_{event_id}"
+
+
+def delivery_headers(scheme: str, secret: str, *, webhook_id: int, delivery_id: int, event_id: int,
+                     event_type: str, body: bytes, timestamp: int) -> dict[str, str]:
+    """The headers a delivery carries, signed per the webhook's ``scheme``."""
+    headers = {"Content-Type": "application/json", "User-Agent": f"registry-webhooks/{__version__}",
+               "X-Registry-Event": event_type, "X-Registry-Delivery": str(delivery_id)}
+    if scheme == "standard-webhooks":
+        msg_id = standard_message_id(webhook_id, event_id)
+        return {**headers, "webhook-id": msg_id, "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign_standard(secret, msg_id, timestamp, body)}
+    return {**headers, "X-Registry-Timestamp": str(timestamp), "X-Registry-Signature": sign(secret, timestamp, body)}
 
 
 def verify_signature(secret: str, timestamp: int | str, body: bytes | str, signature: str,
@@ -196,7 +252,7 @@ def resolve_target(url: str, allow_private: bool) -> list[Address]:
 
 def webhook_view(w: Webhook, secret: bool = False) -> dict[str, Any]:
     out = {"id": w.id, "url": w.url, "events": list(w.events), "active": w.active, "description": w.description,
-           "created_at": w.created_at, "created_by": w.created_by}
+           "signature_scheme": w.signature_scheme, "created_at": w.created_at, "created_by": w.created_by}
     if secret:
         out["secret"] = w.secret
     return out
@@ -216,7 +272,19 @@ def check_patterns(events: Any) -> list[str]:
     return out
 
 
-def _check_secret(secret: str | None) -> str:
+def _check_scheme(scheme: Any) -> str:
+    if scheme not in SIGNATURE_SCHEMES:
+        raise InvalidInput(f"signature_scheme must be one of {', '.join(SIGNATURE_SCHEMES)}",
+                           code="invalid_signature_scheme")
+    return str(scheme)
+
+
+def _check_secret(secret: str | None, scheme: str = "registry") -> str:
+    if scheme == "standard-webhooks":
+        if secret is None:
+            return STANDARD_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        standard_key(secret)
+        return secret
     if secret is None:
         return "whsec_" + secrets.token_urlsafe(32)
     if not isinstance(secret, str) or not 16 <= len(secret) <= 256 or not secret.isprintable():
@@ -230,16 +298,19 @@ def _check_url(ctx: RegistryContext, url: str) -> str:
 
 
 def create_webhook(ctx: RegistryContext, url: str, events: list[str], secret: str | None = None,
-                   description: str = "", actor: str | None = None) -> dict[str, Any]:
-    """Subscribe ``url`` to the events matching ``events``. The response holds the signing
-    secret; it is never shown again."""
+                   description: str = "", actor: str | None = None,
+                   signature_scheme: str = "registry") -> dict[str, Any]:
+    """Subscribe ``url`` to the events matching ``events``, its deliveries signed per
+    ``signature_scheme``. The response holds the signing secret; it is never shown again."""
     patterns = check_patterns(events)
-    key = _check_secret(secret)
+    scheme = _check_scheme(signature_scheme)
+    key = _check_secret(secret, scheme)
     if not isinstance(description, str) or len(description) > 2000:
         raise InvalidInput("description must be at most 2000 characters", code="invalid_parameter")
     _check_url(ctx, url)
     with ctx.db.write() as s:
-        w = Webhook(url=url, events=patterns, secret=key, active=True, description=description, created_by=actor)
+        w = Webhook(url=url, events=patterns, secret=key, signature_scheme=scheme, active=True,
+                    description=description, created_by=actor)
         s.add(w)
         s.flush()
         return webhook_view(w, secret=True)
@@ -453,6 +524,7 @@ def deliver(run: JobRun[WebhookParams]) -> dict[str, Any]:
         if w is None or ev is None:
             return {"delivery_id": delivery_id, "skipped": "webhook or event no longer exists"}
         url, secret, active, event_type, event_id, webhook_id = w.url, w.secret, w.active, ev.type, ev.id, w.id
+        scheme = w.signature_scheme
         body = event_body(ev)
     if not active:  # deactivated after the event: not sent, not counted as an attempt
         with ctx.db.write() as s:
@@ -461,10 +533,8 @@ def deliver(run: JobRun[WebhookParams]) -> dict[str, Any]:
                 d.status, d.last_error, d.next_attempt_at = "failed", "webhook is inactive", None
         return {"delivery_id": delivery_id, "skipped": "webhook is inactive"}
 
-    ts = int(time.time())
-    headers = {"Content-Type": "application/json", "User-Agent": f"registry-webhooks/{__version__}",
-               "X-Registry-Event": event_type, "X-Registry-Delivery": str(delivery_id),
-               "X-Registry-Timestamp": str(ts), "X-Registry-Signature": sign(secret, ts, body)}
+    headers = delivery_headers(scheme, secret, webhook_id=webhook_id, delivery_id=delivery_id, event_id=event_id,
+                               event_type=event_type, body=body, timestamp=int(time.time()))
     started = time.monotonic()
     entry: dict[str, Any] = {"job_id": run.job_id, "job_attempt": run.attempt, "url": url}
     try:

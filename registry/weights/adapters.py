@@ -65,6 +65,9 @@ __all__ = [
     "get_pattern_key",
     "load_peft_adapter",
     "lora_scale",
+    "peft_config_bytes",
+    "peft_factor",
+    "peft_tensor_names",
     "save_peft_adapter",
     "write_safetensors",
 ]
@@ -461,6 +464,28 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata:
         raise
 
 
+def peft_config_bytes(adapter: LoraAdapter) -> tuple[bytes, dict[str, float]]:
+    """The ``adapter_config.json`` bytes :func:`save_peft_adapter` writes for ``adapter`` and the
+    scale s it unfolds per module (only the modules' ranks and the adapter's config are read)."""
+    config, scales = _save_config(adapter)
+    return (json.dumps(config, indent=2) + "\n").encode("utf-8"), scales
+
+
+def peft_tensor_names(module: str) -> tuple[str, str]:
+    """The file's tensor names of a module's (A, B)."""
+    return _PREFIX + module + _SUFFIX_A, _PREFIX + module + _SUFFIX_B
+
+
+def peft_factor(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """A folded factor as :func:`save_peft_adapter` stores it: t / √s in the compute dtype, rounded
+    once to ``dtype`` (contiguous, CPU)."""
+    root = math.sqrt(scale)
+    x = t.detach().to("cpu")
+    if root != 1.0:  # divide in the compute dtype, round once to the source dtype
+        x = x.to(_compute_dtype(x.dtype)) / root
+    return x.to(dtype).contiguous()
+
+
 def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str]) -> None:
     """Write ``adapter`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -475,15 +500,10 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike[str]) -> Non
         raise WeightsError("cannot save rank-0 modules in PEFT layout")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config, scales = _save_config(adapter)
+    config, scales = peft_config_bytes(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in adapter.modules.items():
-        root = math.sqrt(scales[name])
-        for suffix, t in ((_SUFFIX_A, mod.A), (_SUFFIX_B, mod.B)):
-            x = t.detach().to("cpu")
-            if root != 1.0:  # divide in the compute dtype, round once to the source dtype
-                x = x.to(_compute_dtype(x.dtype)) / root
-            tensors[_PREFIX + name + suffix] = x.to(adapter.dtype).contiguous()
+        for key, t in zip(peft_tensor_names(name), (mod.A, mod.B), strict=True):
+            tensors[key] = peft_factor(t, scales[name], adapter.dtype)
     write_safetensors(tensors, folder / WEIGHTS_NAME, {"format": "pt"})
-    _atomic_write(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
-
+    _atomic_write(folder / CONFIG_NAME, config)

@@ -27,9 +27,16 @@ the CPU), and can be drawn chunk by chunk.
 
 Streaming: everything after the top-k threshold is elementwise per position, so each tensor is
 processed in flat chunks of ``_CHUNK`` elements (the n task-vector chunks stacked ``[n, chunk]``);
-TIES first finds each input's threshold with a two-pass (four for float64) 16-bit radix histogram
-over the same chunks. Memory per tensor is a few ``n × chunk`` buffers whatever its size; chunking
-never changes a bit.
+TIES first finds each input's exact threshold with a 16-bit radix histogram over the same chunks.
+Memory per tensor is a few ``n × chunk`` buffers whatever its size; chunking never changes a bit.
+
+On the CPU with up to 4 inputs the chunks go through compiled kernels (:mod:`.kernels`): one fused
+pass per chunk (trim, sign election, disjoint mean, the same float operations in the same order as
+the torch ops, so the same bits), and a threshold that usually needs a single histogram pass
+(:func:`_kernel_thresholds`: the top 16 bits plus a per-digit count of elements with lower bits set
+decide it exactly unless those elements straddle the k-th; bf16/fp16 checkpoints almost never need
+the second pass, float32 ones usually do). Elsewhere (CUDA, 5+ inputs) the same computation runs as
+torch ops: two histogram passes (four for float64), then the merge pass.
 
 Arithmetic in float32 (float64 when an input is float64); the merged tensor is rounded once to the
 base tensor's dtype. For LoRA adapters the merge runs in delta space (:func:`merge_adapters`);
@@ -46,6 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapters import LoraAdapter
@@ -154,12 +162,13 @@ def _stream_merge(
     store = torch.empty(n * min(chunk, max(numel, 1)), dtype=cd, device=dev)
     where = f"tensor {name!r}"
 
-    def load(lo: int, cnt: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def load(lo: int, cnt: int, raw: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(base chunk, [n, cnt] task vectors τ_i; ``raw``: the inputs x_i themselves)."""
         taus = store[: n * cnt].view(n, cnt)
         b = base(lo, cnt) if base is not None else None
         for i, src in enumerate(inputs):
             x = src(lo, cnt)
-            if b is None:
+            if b is None or raw:
                 taus[i].copy_(x)
             else:
                 torch.sub(x, b, out=taus[i])
@@ -168,16 +177,18 @@ def _stream_merge(
     density = p.density if p.density is not None else 1.0
     k = int(density * numel)
     magnitude = m.trim == "magnitude" and density < 1.0 and k < numel
-    thresholds: list[torch.Tensor] = []
-    need: list[int] = []
-    if magnitude and k > 0:
-        thresholds, need = _radix_thresholds(load, ranges, n, k, cd, dev, where)
     gens = []
     if m.trim == "random" and density < 1.0:
         gens = [torch.Generator(device="cpu").manual_seed(tensor_seed(p.seed or 0, name, i)) for i in range(n)]
     assert p.weights is not None
     w = torch.tensor(p.weights, dtype=cd, device=dev).view(n, 1)
     lam = p.lam if p.lam is not None else 1.0
+    if dev.type == "cpu" and n <= _KERNEL_MAX_INPUTS:
+        return _stream_merge_cpu(m, p, name, ranges, load, n, k, magnitude, gens, density, w, lam, cd, emit)
+    thresholds: list[torch.Tensor] = []
+    need: list[int] = []
+    if magnitude and k > 0:
+        thresholds, need = _radix_thresholds(load, ranges, n, k, cd, dev, where)
     task_sq, update_sq = [0.0] * n, 0.0
     for lo, cnt in ranges:
         b, taus = load(lo, cnt)
@@ -221,6 +232,147 @@ def _stream_merge(
         update_sq += u_sq
         emit(lo, update, b, math.sqrt(b_sq if b is not None else 0.0) + math.sqrt(u_sq))
     return task_sq, update_sq
+
+
+#: the compiled CPU kernels sum the n inputs from +0 in input order, which is how torch (and so
+#: PEFT) sums a stack of up to 4 rows whatever its length; from 5 rows torch's order depends on
+#: the length and the CPU's vector width, so the torch path runs
+_KERNEL_MAX_INPUTS = 4
+
+
+def _stream_merge_cpu(
+    m: MergeMethod,
+    p: MergeParams,
+    name: str,
+    ranges: Sequence[tuple[int, int]],
+    load: Callable[[int, int, bool], tuple[torch.Tensor | None, torch.Tensor]],
+    n: int,
+    k: int,
+    magnitude: bool,
+    gens: Sequence[torch.Generator],
+    density: float,
+    w: torch.Tensor,
+    lam: float,
+    cd: torch.dtype,
+    emit: Emit,
+) -> tuple[list[float], float]:
+    """:func:`_stream_merge` on the CPU with the compiled kernels (:mod:`registry.weights.kernels`):
+    one fused pass per chunk for trim + sign election + disjoint mean (bit-for-bit the torch path),
+    and the TIES threshold from :func:`_kernel_thresholds` (usually one histogram pass)."""
+    from . import kernels
+
+    where = f"tensor {name!r}"
+    thr: np.ndarray | None = None
+    need = np.zeros(n, dtype=np.int64)
+    if magnitude:
+        if k == 0:  # PEFT keeps no entry (signed zeros, as tensor * 0-mask)
+            thr = np.full(n, np.inf, dtype=np.float64 if cd == torch.float64 else np.float32)
+        else:
+            thr, need = _kernel_thresholds(load, ranges, n, k, cd, where)
+    wn = w.view(-1).numpy()
+    task_sq, update_sq = [0.0] * n, 0.0
+    for lo, cnt in ranges:
+        b, xs = load(lo, cnt, True)
+        sq = np.zeros(n + 1)
+        if gens:  # DARE: τ_i · m_i / density in torch (the masks are torch's Bernoulli draws), zero base
+            b_sq = _finite_sq(b, f"{where} of the base") if b is not None else 0.0
+            if b is not None:
+                xs.sub_(b)
+            for i in range(n):
+                task_sq[i] += _finite_sq(xs[i], f"{where} of input {i}")
+                mask = torch.bernoulli(torch.full((cnt,), density, dtype=cd), generator=gens[i])
+                xs[i].mul_(mask).div_(density)
+            xb = None
+        else:
+            b_sq, xb = 0.0, (None if b is None else b.numpy())
+        update = torch.empty(cnt, dtype=cd)
+        bad = kernels.combine(xs.numpy(), xb, wn, thr, need, m.elect, p.majority_sign == "frequency",
+                              update.numpy(), sq)
+        if bad:
+            raise NonFiniteError(f"{where} of the base holds NaN or Inf values" if bad == n + 1
+                                 else f"{where} of input {bad - 1} holds NaN or Inf values")
+        if not gens:
+            b_sq = float(sq[n])
+            for i in range(n):
+                task_sq[i] += float(sq[i])
+        if lam != 1.0:
+            update = lam * update
+        u_sq = float(torch.dot(update, update))
+        update_sq += u_sq
+        emit(lo, update, b, math.sqrt(b_sq) + math.sqrt(u_sq))
+    return task_sq, update_sq
+
+
+def _kernel_thresholds(
+    load: Callable[[int, int, bool], tuple[torch.Tensor | None, torch.Tensor]],
+    ranges: Sequence[tuple[int, int]],
+    n: int,
+    k: int,
+    cd: torch.dtype,
+    where: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per input, the exact TIES threshold T_i and how many elements equal to T_i to keep: the same
+    top-k set as :func:`_radix_thresholds`, usually from a single pass.
+
+    Pass 1 histograms the top 16 bits of |τ_i| (sign cleared: 15 exponent/mantissa bits for
+    float32) and counts, per digit, the elements with a non-zero bit below it ("dirty"). The digit d
+    holding the k-th largest magnitude splits the elements into ``above`` (larger digits, kept),
+    the digit's dirty elements (all larger than T = d·2^shift) and its clean ones (exactly T). When
+    ``above + dirty ≤ k`` the top-k set is "everything > T plus the first k − above − dirty elements
+    equal to T" -- exact, no further pass. That is the usual case for bf16/fp16 checkpoints, whose
+    differences rarely need more than the top 16 bits; otherwise (float32 inputs) the remaining
+    16-bit digits are selected as in :func:`_radix_thresholds`, one more pass per digit."""
+    from . import kernels
+
+    width = 64 if cd == torch.float64 else 32
+    npd = np.float64 if width == 64 else np.float32
+    nbits = np.int64 if width == 64 else np.int32
+    hist = np.zeros((n, _DIGITS), dtype=np.int64)
+    dirty = np.zeros((n, _DIGITS), dtype=np.int64)
+    prefix = np.zeros(n, dtype=np.int64)
+    shift = width - 16
+    for lo, cnt in ranges:
+        b, xs = load(lo, cnt, True)
+        kernels.magnitude_histogram(xs.numpy(), None if b is None else b.numpy(), shift, width, prefix, hist, dirty)
+    above = np.zeros(n, dtype=np.int64)
+    left = []
+    for i in range(n):
+        digit, larger = _pick_digit(hist[i], k - int(above[i]), where, i)
+        above[i] += larger
+        prefix[i] = digit
+        if above[i] + dirty[i, digit] <= k:
+            above[i] += dirty[i, digit]  # every dirty element of the digit exceeds T: kept
+            prefix[i] <<= shift
+        else:
+            left.append(i)
+    while left and shift > 0:
+        hist[:] = 0
+        prefix_shift, shift = shift, shift - 16
+        for lo, cnt in ranges:
+            b, xs = load(lo, cnt, True)
+            kernels.magnitude_histogram(xs.numpy(), None if b is None else b.numpy(), shift, prefix_shift, prefix,
+                                        hist, dirty)
+        for i in left:
+            digit, larger = _pick_digit(hist[i], k - int(above[i]), where, i)
+            above[i] += larger
+            prefix[i] = (prefix[i] << 16) | digit
+        if shift == 0:
+            break
+    for i in left:
+        prefix[i] <<= shift
+    thr = np.array([np.array([x], dtype=np.int64).astype(nbits).view(npd)[0] for x in prefix], dtype=npd)
+    return thr, k - above
+
+
+def _pick_digit(counts: np.ndarray, want: int, where: str, i: int) -> tuple[int, int]:
+    """The digit holding the ``want``-th largest element of a 16-bit digit histogram, and how many
+    elements have larger digits."""
+    cum = np.cumsum(counts[::-1])  # cum[j] = #elements whose digit >= 0xFFFF - j
+    j = int(np.searchsorted(cum, want))
+    if j >= _DIGITS:
+        raise NonFiniteError(f"{where} of input {i} holds NaN or Inf values")
+    digit = _DIGITS - 1 - j
+    return digit, int(cum[j]) - int(counts[digit])
 
 
 def _radix_thresholds(

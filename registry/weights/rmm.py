@@ -42,9 +42,13 @@ it gives the original values) at twice the bytes of a float16 source; ``storage_
 torch.float16`` halves the bytes for ≈1e-3 relative error. :meth:`RmmBasis.storage_ratio` counts
 numbers (the paper's measure), :meth:`RmmBasis.byte_ratio` bytes.
 
-Where it runs: every function takes ``device`` (default ``REGISTRY_DEVICE``). On CPU the hot path
-is ~2.5 M independent 7 × 7 eigendecompositions for a 7B-shaped collection of 8 rank-16 LoRAs,
-LAPACK one matrix at a time (see bench/RESULTS.md); on CUDA torch batches them.
+Where it runs: every function takes ``device`` (default ``REGISTRY_DEVICE``). The hot path is one
+small eigendecomposition per position (~2.5 M of 7 × 7 for a 7B-shaped collection of 8 rank-16 LoRAs).
+On the CPU steps 1-3 and the residuals behind the member errors run in one compiled pass per module
+factor (:func:`registry.weights.kernels.rmm_positions`: a lane-parallel Jacobi solver, 128 positions
+per SIMD block, split over torch's thread count); torch's LAPACK path solves one matrix per call
+(≈3 µs each here, see bench/RESULTS.md). On other devices (CUDA) and for half-precision storage the
+torch path runs (``torch.linalg.eigh`` batched).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,19 +66,32 @@ from typing import Any
 
 import torch
 
-from .adapters import LoraAdapter, LoraModule, all_finite, write_safetensors
+from .adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    LoraModule,
+    all_finite,
+    peft_config_bytes,
+    peft_factor,
+    peft_tensor_names,
+    write_safetensors,
+)
+from .checkpoint import SafetensorsLayout, TensorSpec, safetensors_layout
 from .device import resolve_device
 from .errors import CheckpointFormatError, IncompatibleAdaptersError, NonFiniteError, WeightsError
-from .formatfile import read_format_file
+from .formatfile import FormatFile
 
 __all__ = [
     "FORMAT_VERSION",
     "MemberError",
+    "MemberFiles",
     "ModuleBasis",
     "RmmBasis",
     "add_member",
     "fit_basis",
     "load_basis",
+    "load_member_files",
     "save_basis",
     "storage_ratio",
 ]
@@ -253,15 +270,47 @@ class RmmBasis:
         Â = x̂_Aᵀ (r × in) and B̂ = x̂_B (out × r), with the member's config and source dtype."""
         i = self.index(member)
         dev = resolve_device(device)
-        modules: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = {
-            name: mb.factors(i, dev) for name, mb in self.modules.items()
-        }
+        names = list(self.modules)
+
+        def some(lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [self.modules[name].factors(i, dev) for name in names[lo:hi]]
+
+        # modules are independent: on the CPU they are rebuilt on torch's threads, each alone
+        parts = _split(len(names), some, minimum=2) if dev.type == "cpu" else [some(0, len(names))]
+        built = [f for part in parts for f in part]
+        modules: dict[str, LoraModule | tuple[torch.Tensor, torch.Tensor]] = dict(zip(names, built, strict=True))
         return LoraAdapter.from_factors(
             modules,
             config=copy.deepcopy(self.configs[i]),
             dtype=self.dtypes[i],
             fan_in_fan_out=self.fan_in_fan_out,
         )
+
+    def member_files(
+        self, member: int | str, module: Callable[[str], tuple[ModuleBasis, int]] | None = None
+    ) -> MemberFiles:
+        """Member i's PEFT folder, byte for byte what ``save_peft_adapter(self.reconstruct(i))``
+        writes, without writing it: the config bytes now, the safetensors file as a layout plus a
+        reader that rebuilds one module at a time, when its bytes are first asked for (CPU).
+        ``module(name)`` -> (that module's basis, the member's index in it) (default: this basis's)."""
+        i = self.index(member)
+        shapes = {  # placeholders of the right shapes: the config depends only on ranks and config
+            name: (torch.empty(mb.rank, mb.in_features), torch.empty(mb.out_features, mb.rank))
+            for name, mb in self.modules.items()
+        }
+        like = LoraAdapter.from_factors(shapes, config=copy.deepcopy(self.configs[i]), dtype=self.dtypes[i],
+                                        fan_in_fan_out=self.fan_in_fan_out)
+        config, scales = peft_config_bytes(like)
+        owner: dict[str, str] = {}
+        specs: list[TensorSpec] = []
+        for name, mb in self.modules.items():
+            a, b = peft_tensor_names(name)
+            owner[a] = owner[b] = name
+            specs += [TensorSpec(a, self.dtypes[i], (mb.rank, mb.in_features)),
+                      TensorSpec(b, self.dtypes[i], (mb.out_features, mb.rank))]
+        layout = safetensors_layout(specs, {"format": "pt"})
+        get = module if module is not None else (lambda name: (self.modules[name], i))
+        return MemberFiles(get, self.dtypes[i], config, layout, owner, scales)
 
     def storage_ratio(self) -> float:
         """Σ_m P_m (p_m(r_m + n) + r_m) / Σ_m P_m r_m n: numbers stored by the basis over numbers
@@ -281,6 +330,35 @@ class RmmBasis:
     def member_errors(self) -> list[MemberError]:
         """Per member, the relative delta error of its reconstruction (computed at fit time)."""
         return list(self.errors)
+
+
+class MemberFiles:
+    """One member's PEFT files (see :meth:`RmmBasis.member_files`): ``config`` (the
+    ``adapter_config.json`` bytes), ``layout`` (of ``adapter_model.safetensors``) and
+    :meth:`read` (bytes ``[lo, hi)`` of one stored tensor; the module's two factors are rebuilt
+    together and kept until another module is read)."""
+
+    def __init__(self, module: Callable[[str], tuple[ModuleBasis, int]], dtype: torch.dtype, config: bytes,
+                 layout: SafetensorsLayout, owner: Mapping[str, str], scales: Mapping[str, float]) -> None:
+        self._module, self.dtype, self.config, self.layout = module, dtype, config, layout
+        self._owner, self._scales = dict(owner), dict(scales)
+        self._held: dict[str, torch.Tensor] = {}
+
+    @property
+    def files(self) -> dict[str, int]:
+        """File name -> size."""
+        return {CONFIG_NAME: len(self.config), WEIGHTS_NAME: self.layout.total_size}
+
+    def read(self, name: str, lo: int, hi: int) -> bytes:
+        if name not in self._held:
+            module = self._owner[name]
+            mb, i = self._module(module)
+            a, b = mb.factors(i, torch.device("cpu"))
+            na, nb = peft_tensor_names(module)
+            scale = self._scales[module]
+            self._held = {na: peft_factor(a, scale, self.dtype).view(torch.uint8).reshape(-1),
+                          nb: peft_factor(b, scale, self.dtype).view(torch.uint8).reshape(-1)}
+        return self._held[name][lo:hi].numpy().tobytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,23 +470,34 @@ def _forget_pool() -> None:  # a forked child (e.g. a Celery worker) must not re
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _split(total: int, work: Callable[[int, int], Any], align: int = 1, minimum: int | None = None) -> list[Any]:
+    """``work(lo, hi)`` over ``[0, total)``, split into contiguous ranges (multiples of ``align``)
+    across torch's intra-op thread count on a shared pool, when ``total`` reaches ``minimum``
+    (default 2 · _MIN_CHUNK); results in range order. Each call must compute its range on its
+    own, so the split never changes a result."""
+    global _POOL
+    workers = torch.get_num_threads()
+    if workers < 2 or total < (2 * _MIN_CHUNK if minimum is None else minimum):
+        return [work(0, total)]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmm")
+        pool = _POOL
+    step = -(-total // workers)
+    step = -(-step // align) * align
+    return list(pool.map(lambda lo: work(lo, min(total, lo + step)), range(0, total, step)))
+
+
 def _eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched symmetric eigendecomposition (ascending). On CPU, torch runs a batch through LAPACK
     one matrix at a time on one thread, so the batch is split across torch's intra-op thread count
     (each matrix is still solved alone, so the split does not change any result)."""
-    global _POOL
-    workers = torch.get_num_threads()
-    if G.device.type != "cpu" or workers < 2 or G.shape[0] < 2 * _MIN_CHUNK:
+    if G.device.type != "cpu":
         evals, evecs = torch.linalg.eigh(G)
         return evals, evecs
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmm-eigh")
-        pool = _POOL
     evals = G.new_empty(G.shape[:-1])
     evecs = torch.empty_like(G)
-    chunks = zip(G.chunk(workers), evals.chunk(workers), evecs.chunk(workers), strict=True)
-    list(pool.map(lambda c: torch.linalg.eigh(c[0], out=(c[1], c[2])), chunks))
+    _split(G.shape[0], lambda lo, hi: torch.linalg.eigh(G[lo:hi], out=(evals[lo:hi], evecs[lo:hi])))
     return evals, evecs
 
 
@@ -452,13 +541,20 @@ def _principal_directions(X: torch.Tensor, mu: torch.Tensor, k: int) -> tuple[to
 
 
 def _fit_module(
-    A: torch.Tensor, B: torch.Tensor, k: int, storage_dtype: torch.dtype
-) -> ModuleBasis:
+    A: torch.Tensor, B: torch.Tensor, k: int, storage_dtype: torch.dtype, residuals: bool = False,
+    compiled: bool = True,
+) -> tuple[ModuleBasis, tuple[torch.Tensor, torch.Tensor] | None]:
     """Steps 1-3 for all positions of one module at once; A [n, r, in], B [n, out, r] (float32).
 
-    Positions are stacked as X [in + out, r, n]; μ in float32, U and C in float64, all rounded to
-    ``storage_dtype``. For a half-precision storage dtype C is recomputed as U_kᵀ(X − μ) from the
-    rounded μ and U_k (the least-squares coefficients for the stored basis)."""
+    On the CPU (``k ≥ 1``, float32/float64 storage; ``compiled=False`` forces the torch path) by the
+    compiled kernel
+    :func:`registry.weights.kernels.rmm_positions`, which also returns, when ``residuals``, the
+    residuals (A − Â, B − B̂) of the stored basis (float32, the factors' shapes); else ``None``.
+    Elsewhere positions are stacked as X [in + out, r, n]; μ in float32, U and C in float64, all
+    rounded to ``storage_dtype``. For a half-precision storage dtype C is recomputed as U_kᵀ(X − μ)
+    from the rounded μ and U_k (the least-squares coefficients for the stored basis)."""
+    if compiled and A.device.type == "cpu" and k > 0 and storage_dtype in (_F32, _F64):
+        return _fit_module_cpu(A, B, k, storage_dtype, residuals)
     d = A.shape[2]
     X = torch.cat([A.permute(2, 1, 0), B.permute(1, 2, 0)])  # [P, r, n]
     mu = X.mean(dim=-1, keepdim=True)  # step 1
@@ -469,7 +565,7 @@ def _fit_module(
     if storage_dtype not in (_F32, _F64):  # re-fit C to the rounded μ and U (least squares)
         C = U.to(_F64).mT @ (X.to(_F64) - mu.to(_F64))
     C = C.to(storage_dtype)
-    return ModuleBasis(
+    mb = ModuleBasis(
         mu_A=mu[:d, :, 0].T.contiguous(),
         U_A=U[:d].permute(2, 1, 0).contiguous(),
         C_A=C[:d].permute(2, 1, 0).contiguous(),
@@ -477,6 +573,42 @@ def _fit_module(
         U_B=U[d:].permute(2, 0, 1).contiguous(),
         C_B=C[d:].permute(2, 1, 0).contiguous(),
     )
+    return mb, None
+
+
+def _fit_module_cpu(
+    A: torch.Tensor, B: torch.Tensor, k: int, dtype: torch.dtype, residuals: bool
+) -> tuple[ModuleBasis, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`_fit_module` by the compiled kernel, writing straight into the stored layouts: the
+    kernel sees each factor's positions as strided views [P, r, n] / [P, r] / [P, r, k] / [P, k, n]."""
+    from . import kernels
+
+    n, r, d = A.shape
+    m = B.shape[1]
+    mb = ModuleBasis(
+        mu_A=torch.empty(r, d, dtype=dtype), U_A=torch.empty(k, r, d, dtype=dtype),
+        C_A=torch.empty(n, k, d, dtype=dtype), mu_B=torch.empty(m, r, dtype=dtype),
+        U_B=torch.empty(k, m, r, dtype=dtype), C_B=torch.empty(n, k, m, dtype=dtype),
+    )
+    EA = torch.empty(n, r, d, dtype=_F32) if residuals else None
+    EB = torch.empty(n, m, r, dtype=_F32) if residuals else None
+    Q = _helmert(n, _F64, torch.device("cpu")).numpy()
+    parts = [  # (X, μ, U, C, E) as [P, ...] views of each factor's positions
+        (A.permute(2, 1, 0), mb.mu_A.T, mb.U_A.permute(2, 1, 0), mb.C_A.permute(2, 1, 0),
+         None if EA is None else EA.permute(2, 1, 0)),
+        (B.permute(1, 2, 0), mb.mu_B, mb.U_B.permute(1, 2, 0), mb.C_B.permute(2, 1, 0),
+         None if EB is None else EB.permute(1, 2, 0)),
+    ]
+    for X, mu, U, C, E in parts:
+        x, m_, u, c = X.numpy(), mu.numpy(), U.numpy(), C.numpy()
+        e = None if E is None else E.numpy()
+
+        def work(lo: int, hi: int, x: Any = x, m_: Any = m_, u: Any = u, c: Any = c, e: Any = e) -> int:
+            return kernels.rmm_positions(x, Q, k, EIG_RTOL, m_, u, c, e, lo, hi)
+
+        if any(_split(X.shape[0], work, kernels.LANES)):
+            raise NonFiniteError("non-finite factor")
+    return mb, (None if EA is None or EB is None else (EA, EB))
 
 
 def _truncated(mb: ModuleBasis, p: int) -> ModuleBasis:
@@ -541,9 +673,14 @@ def _tr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _module_errors(fx: _Fixed, Ahat: torch.Tensor, Bhat: torch.Tensor) -> torch.Tensor:
-    """num² = ‖B̂Â − BA‖_F² per member [n], for A, Â [n, r, in] and B, B̂ [n, out, r].
+    """num² = ‖B̂Â − BA‖_F² per member [n], for A, Â [n, r, in] and B, B̂ [n, out, r]
+    (:func:`_residual_errors` of the residuals A − Â, B − B̂)."""
+    return _residual_errors(fx, fx.A - Ahat, fx.B - Bhat)
 
-    With residuals E_A = A − Â, E_B = B − B̂ (so B̂Â − BA = −(B E_A + E_B Â)) and ‖XY‖² = tr(XᵀX YYᵀ):
+
+def _residual_errors(fx: _Fixed, EA: torch.Tensor, EB: torch.Tensor) -> torch.Tensor:
+    """num² = ‖B̂Â − BA‖_F² per member [n] from the residuals E_A = A − Â [n, r, in], E_B = B − B̂
+    [n, out, r] (so B̂Â − BA = −(B E_A + E_B Â)), with ‖XY‖² = tr(XᵀX YYᵀ):
 
         num² = tr(BᵀB · E_AE_Aᵀ) + 2 tr(BᵀE_B · ÂE_Aᵀ) + tr(E_BᵀE_B · ÂÂᵀ)
         ÂE_Aᵀ = AE_Aᵀ − E_AE_Aᵀ,   ÂÂᵀ = AAᵀ − AE_Aᵀ − (AE_Aᵀ)ᵀ + E_AE_Aᵀ,   den² = tr(BᵀB · AAᵀ)
@@ -551,8 +688,6 @@ def _module_errors(fx: _Fixed, Ahat: torch.Tensor, Bhat: torch.Tensor) -> torch.
     Every term is a product of r × r Grams (cost (in + out) r² per member, no out × in matrix), and
     the terms scale with the error itself, so there is no catastrophic cancellation (unlike
     ‖B̂Â‖² − 2⟨B̂Â, BA⟩ + ‖BA‖²); Grams in float32, traces in float64."""
-    EA = fx.A - Ahat
-    EB = fx.B - Bhat
     AE, EE = (fx.A @ EA.mT).to(_F64), (EA @ EA.mT).to(_F64)  # A E_Aᵀ, E_A E_Aᵀ
     BE, FF = (fx.B.mT @ EB).to(_F64), (EB.mT @ EB).to(_F64)  # Bᵀ E_B, E_Bᵀ E_B
     ahat = fx.AAt - AE - AE.mT + EE
@@ -601,12 +736,13 @@ def fit_basis(
         A, B = _stack(adapters, name, dev)
         fx = _fixed(A, B)
         try:
-            full = _fit_module(A, B, kmax[name] if p is None else p, storage_dtype)
+            full, resid = _fit_module(A, B, kmax[name] if p is None else p, storage_dtype, max_error is None)
         except NonFiniteError:
             check_finite(adapters, [name])  # names the adapter and factor
             raise
         if max_error is None:
-            mb, num = full, _module_errors(fx, *_all_factors(full))
+            mb = full
+            num = _residual_errors(fx, *resid) if resid is not None else _module_errors(fx, *_all_factors(full))
         else:  # scan p' = 0, 1, ...: one more direction per step, stop at the first within budget
             chosen = 0
             for chosen, (ahat, bhat) in enumerate(_partial_factors(full)):  # noqa: B007 (used below)
@@ -731,10 +867,14 @@ def save_basis(basis: RmmBasis, path: str | os.PathLike[str]) -> None:
     write_safetensors(tensors, target, metadata)
 
 
-def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
-    """Read a basis written by :func:`save_basis`; reconstructions are bit-identical to the
-    in-memory basis it came from. Raises :class:`CheckpointFormatError` on anything malformed."""
-    where, meta, tensors = read_format_file(path, FORMAT, FORMAT_VERSION, "an RMM basis")
+_SUFFIXES = ("lora_A.mu", "lora_A.U", "lora_A.C", "lora_B.mu", "lora_B.U", "lora_B.C")
+
+
+def _open_basis(path: str | os.PathLike[str]) -> tuple[FormatFile, dict[str, Any], dict[str, int]]:
+    """The open file, its parsed metadata and p per module, every tensor's shape and dtype checked
+    against the metadata from the header alone (no tensor is read)."""
+    f = FormatFile(path, FORMAT, FORMAT_VERSION, "an RMM basis")
+    where, meta = f.where, f.meta
     if meta.get("method") != METHOD:
         raise CheckpointFormatError(f"{where}: unsupported basis method {meta.get('method')!r}")
     try:
@@ -750,39 +890,56 @@ def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
         raise CheckpointFormatError(f"{where}: malformed basis metadata: {exc!r}") from exc
     if not (len(members) == n == len(dtypes) == len(configs) == len(errors)):
         raise CheckpointFormatError(f"{where}: member lists disagree with n={n}")
-    suffixes = ("lora_A.mu", "lora_A.U", "lora_A.C", "lora_B.mu", "lora_B.U", "lora_B.C")
-    expected = {f"{m}.{x}" for m in p_per_module for x in suffixes}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)
+    expected = {f"{m}.{x}" for m in p_per_module for x in _SUFFIXES}
+    if set(f.names) != expected:
+        odd = sorted(set(f.names) ^ expected)
         raise CheckpointFormatError(f"{where}: tensors do not match the modules in the metadata: {odd[:5]}")
-    modules: dict[str, ModuleBasis] = {}
     for name, p in p_per_module.items():
-        mu_a, u_a, c_a, mu_b, u_b, c_b = (tensors[f"{name}.{x}"] for x in suffixes)
-        rk, d = (mu_a.shape[0], mu_a.shape[1]) if mu_a.dim() == 2 else (-1, -1)
-        m = mu_b.shape[0] if mu_b.dim() == 2 else -1
+        mu_a, u_a, c_a, mu_b, u_b, c_b = (f.shape(f"{name}.{x}") for x in _SUFFIXES)
+        rk, d = (mu_a[0], mu_a[1]) if len(mu_a) == 2 else (-1, -1)
+        m = mu_b[0] if len(mu_b) == 2 else -1
         shapes_ok = (
             0 < rk <= r
-            and mu_a.shape == (rk, d)
-            and u_a.shape == (p, rk, d)
-            and c_a.shape == (n, p, d)
-            and mu_b.shape == (m, rk)
-            and u_b.shape == (p, m, rk)
-            and c_b.shape == (n, p, m)
+            and mu_a == (rk, d)
+            and u_a == (p, rk, d)
+            and c_a == (n, p, d)
+            and mu_b == (m, rk)
+            and u_b == (p, m, rk)
+            and c_b == (n, p, m)
         )
-        if not shapes_ok or {t.dtype for t in (mu_a, u_a, c_a, mu_b, u_b, c_b)} != {storage_dtype}:
+        if not shapes_ok or {f.dtype(f"{name}.{x}") for x in _SUFFIXES} != {storage_dtype}:
             raise CheckpointFormatError(f"{where}: {name}: tensor shapes/dtypes do not match the metadata")
-        modules[name] = ModuleBasis(mu_a, u_a, c_a, mu_b, u_b, c_b)
+    fields = {"members": members, "r": r, "n_fit": n_fit, "dtypes": dtypes, "configs": configs, "errors": errors,
+              "fan_in_fan_out": fifo, "storage_dtype": storage_dtype}
+    return f, fields, p_per_module
+
+
+def load_basis(path: str | os.PathLike[str]) -> RmmBasis:
+    """Read a basis written by :func:`save_basis`; reconstructions are bit-identical to the
+    in-memory basis it came from. Raises :class:`CheckpointFormatError` on anything malformed."""
+    f, fields, p_per_module = _open_basis(path)
+    modules = {name: ModuleBasis(*(f.tensor(f"{name}.{x}") for x in _SUFFIXES)) for name in p_per_module}
+    meta = f.meta
     known = {"format", "format_version", "method", "members", "n", "n_fit", "r", "p", "dtypes"}
     known |= {"storage_dtype", "fan_in_fan_out", "storage_ratio", "configs", "errors"}
-    return RmmBasis(
-        modules=modules,
-        members=members,
-        r=r,
-        dtypes=dtypes,
-        configs=configs,
-        errors=errors,
-        fan_in_fan_out=fifo,
-        n_fit=n_fit,
-        storage_dtype=storage_dtype,
-        extra={k: v for k, v in meta.items() if k not in known},
+    return RmmBasis(modules=modules, extra={k: v for k, v in meta.items() if k not in known}, **fields)
+
+
+def load_member_files(path: str | os.PathLike[str], member: int | str) -> MemberFiles:
+    """:meth:`RmmBasis.member_files` of the basis in ``path`` without loading it: the file is
+    checked from its header, and each module's μ, U and this member's row of C are read when the
+    module's bytes are first asked for (the other members' coefficients never are). Same bytes."""
+    f, fields, p_per_module = _open_basis(path)
+    shapes = {name: (f.shape(f"{name}.lora_A.mu"), f.shape(f"{name}.lora_B.mu")) for name in p_per_module}
+    stub = RmmBasis(  # dimensions only: zero directions, no coefficients read
+        modules={name: ModuleBasis(torch.empty(a), torch.empty(0, *a), torch.empty(0, 0, a[1]), torch.empty(b),
+                                   torch.empty(0, *b), torch.empty(0, 0, b[0])) for name, (a, b) in shapes.items()},
+        **fields,
     )
+    i = stub.index(member)
+
+    def module(name: str) -> tuple[ModuleBasis, int]:
+        t = {x: f.rows(f"{name}.{x}", i, i + 1) if x.endswith(".C") else f.tensor(f"{name}.{x}") for x in _SUFFIXES}
+        return ModuleBasis(*(t[x] for x in _SUFFIXES)), 0
+
+    return stub.member_files(i, module)

@@ -318,6 +318,7 @@ class Engine:
         self.device, self.scale, self.writer = device, scale, writer
         self.roles: dict[str, Checkpoint | None] = {"plus": plus, "minus": minus, "base": base}
         self.sums = Sums()
+        self.diagnostics = True  # False: skip the base-shift sums (cosine, shift), which only a report needs
 
     def name_in(self, job: TensorJob, role: str) -> str | None:
         return job.plus if role == "plus" else job.minus if role == "minus" else job.base
@@ -367,7 +368,8 @@ class Engine:
             return raw
         return slot.buf(role, c.cdtype, self.device, c.n).copy_(raw)
 
-    def compute(self, c: Chunk, slot: Slot) -> torch.Tensor:
+    def compute(self, c: Chunk, slot: Slot, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The chunk's result in the output dtype (on the CPU), written into ``out`` when given."""
         scale, sums, spec = self.scale, self.sums, c.job.out
         d = self._operand(c, slot, "plus")
         s = self._operand(c, slot, "minus")
@@ -380,7 +382,7 @@ class Engine:
         c_dd = _dot(d, d)
         if t is not None:
             c_tt = _dot(t, t)
-            if s is not None:
+            if s is not None and self.diagnostics:
                 w = torch.sub(t, s, out=slot.buf("shift", c.cdtype, self.device, c.n))
                 sums.has_w = True
                 sums.ww += _dot(w, w)
@@ -390,7 +392,9 @@ class Engine:
             res = t.add_(d)
         else:
             res = d.mul_(scale) if scale != 1.0 else d
-        if spec.dtype != c.cdtype or self.device.type != "cpu":
+        if out is not None:
+            res = out.copy_(res)
+        elif spec.dtype != c.cdtype or self.device.type != "cpu":
             res = slot.buf("out", spec.dtype, _CPU, c.n).copy_(res)
         # The chunk is certainly finite in the output dtype when every input chunk is finite (its
         # sum of squares is) and sqrt(Σt²) + |α|·sqrt(Σd²), a bound on every |t + α·d|, stays below

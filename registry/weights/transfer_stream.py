@@ -98,16 +98,17 @@ class TransferPlan:
                 return fh.read(hi - lo)
         isz = job.out.dtype.itemsize
         e0, e1 = lo // isz, -(-hi // isz)
-        out = bytearray()
+        dest = torch.empty(e1 - e0, dtype=job.out.dtype)  # each chunk is rounded straight into it
+        pos = 0
         for c in self._engine.chunks(job, e0, e1):
             self._engine.read_chunk(c, self._slot)
             try:
-                res = self._engine.compute(c, self._slot)
+                self._engine.compute(c, self._slot, dest[pos:pos + c.n])
             except ResultNotFinite as e:
                 self._engine.raise_nonfinite(e.chunk)
-            out += res.contiguous().view(torch.uint8).numpy().tobytes()
+            pos += c.n
         skip = lo - e0 * isz
-        return bytes(out[skip:skip + (hi - lo)])
+        return dest.view(torch.uint8).numpy()[skip:skip + (hi - lo)].tobytes()
 
     def iter_file(self, name: str, start: int = 0, end: int | None = None, piece: int = PIECE) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of output file ``name`` (a weight file or the index)."""
@@ -132,10 +133,13 @@ def plan_transfer(
     on_mismatch: OnMismatch = "skip",
     max_shard_bytes: int | None = None,
     device: str | torch.device | None = "cpu",
+    diagnostics: bool = True,
 ) -> TransferPlan:
     """Plan ``transfer(finetune, source_base, target_base, out_dir, alpha, max_shard_bytes=...)``
     without writing anything (directory inputs and output). Diagnostics are not computed (they
-    need a full pass): ``report`` lists skipped, copied and padded tensors."""
+    need a full pass): ``report`` lists skipped, copied and padded tensors, and
+    :meth:`TransferPlan.finish_report` completes it after a full pass; ``diagnostics=False`` skips
+    their sums (for serving bytes: the same bytes, less arithmetic per chunk)."""
     check_args(alpha, on_mismatch)
     f, s, t = open_checkpoint(finetune), open_checkpoint(source_base), open_checkpoint(target_base)
     try:
@@ -171,6 +175,7 @@ def plan_transfer(
         raise WeightsError("a side file collides with a weight file name")
     report.files = sorted(names) + sorted(sf.name for sf in side)
     engine = Engine(resolve_device(device), float(alpha), f, s, t, _NoWriter())  # type: ignore[arg-type]
+    engine.diagnostics = diagnostics
     return TransferPlan(layout, report, side, {j.out.name: j for j in jobs}, f, s, t, engine)
 
 

@@ -378,3 +378,66 @@ def test_refactorisation_reports_its_error(lora_adapters: Callable[..., list[Lor
     ta = merge_adapters("task_arithmetic", ads, None)
     assert isinstance(ta, dict)
     assert refactorise(ta, 12, ads[0]).error < 1e-5  # rank(Σ ΔW_i) <= 3 * 4: exact
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns (so that +0 and -0, and every rounding, count)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_compiled_cpu_path_is_the_torch_path_bit_for_bit(
+    dtype: torch.dtype, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled kernels (CPU, n ≤ 4) against the torch ops (what other devices and > 4 inputs
+    run): every method, both sign rules, ties at the threshold across chunks, the one-pass threshold
+    (bf16/fp16 inputs) and its exact fallback (float32/float64 inputs), λ and weights."""
+    base, fts = inputs((53, 41), n=n, seed=n)
+    base, fts = base.to(dtype), [f.to(dtype) for f in fts]
+    fts[0][:3] = base[:3] + 0.125  # equal magnitudes: ties at the threshold
+    if n > 1:
+        fts[1][:3] = base[:3] - 0.125
+    weights = [0.5 + 0.25 * i for i in range(n)]
+    monkeypatch.setattr(merge_module, "_CHUNK", 211)  # several chunks, ties spread across them
+    cases = [("task_arithmetic", {"weights": weights, "lam": 0.7}),
+             ("ties", {"density": 0.3, "weights": weights}),
+             ("ties", {"density": 0.3, "majority_sign": "frequency"}),
+             ("ties", {"density": 0.0001}),  # k = 0
+             ("dare_linear", {"density": 0.4, "seed": 3}),
+             ("dare_ties", {"density": 0.4, "seed": 3, "weights": weights})]
+    for method, params in cases:
+        got = merge_tensors(method, base, fts, params, name="w")
+        with monkeypatch.context() as m:
+            m.setattr(merge_module, "_KERNEL_MAX_INPUTS", 0)  # the torch path
+            want = merge_tensors(method, base, fts, params, name="w")
+        assert torch.equal(_bits(got), _bits(want)), (method, params)
+
+
+def test_one_pass_threshold_needs_no_second_pass_for_bf16_and_is_exact_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bf16 task vectors: one histogram pass decides the threshold; float32 ones with magnitudes that
+    differ only below the top 16 bits: more passes, the same top-k set as a stable sort."""
+    from registry.weights import kernels
+
+    calls: list[int] = []
+    real = kernels.magnitude_histogram
+
+    def counting(*a: object) -> None:
+        calls.append(int(a[3]))  # prefix_shift: 32 = the first pass
+        real(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "magnitude_histogram", counting)
+    base, fts = inputs((4000,), n=3)
+    b16, f16 = base.to(torch.bfloat16), [f.to(torch.bfloat16) for f in fts]
+    merge_tensors("ties", b16, f16, {"density": 0.2})
+    assert set(calls) == {32}  # one pass
+    calls.clear()
+    x = 1.0 + torch.arange(1000, dtype=torch.float32) * 2.0**-20  # all in one top-16-bit digit
+    x = x[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    got = merge_tensors("ties", torch.zeros(1000), [x], {"density": 0.25})
+    assert set(calls) == {32, 16}  # the digit does not decide: a second pass, exact
+    keep = torch.zeros(1000, dtype=torch.bool)
+    keep[torch.sort(-x, stable=True).indices[:250]] = True
+    assert torch.equal(got, x * keep)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -126,6 +127,88 @@ def test_split_eigh_is_bit_identical(monkeypatch):
     w, v = rmm._eigh(g)
     w0, v0 = torch.linalg.eigh(g)
     assert torch.equal(w, w0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize(("n", "r"), [(6, 8), (7, 3), (2, 4)])  # Helmert branch, r × r Gram, n = 2
+def test_compiled_cpu_fit_agrees_with_the_torch_path(lora_adapters, n, r):
+    """The numba kernel (CPU) against the torch path (torch.linalg.eigh, what other devices run):
+    same reconstructions and the same factored member errors, at every p."""
+    ads = lora_adapters(n, r, {"m": (40, 30)}, drift=0.6)
+    A, B = rmm._stack(ads, "m", torch.device("cpu"))
+    fx = rmm._fixed(A, B)
+    for k in range(1, min(r, n - 1) + 1):
+        got, resid = rmm._fit_module(A, B, k, torch.float32, residuals=True)
+        ref, none = rmm._fit_module(A, B, k, torch.float32, residuals=True, compiled=False)
+        assert resid is not None and none is None
+        for i in range(n):
+            for x, y in zip(got.factors(i), ref.factors(i), strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=2e-6)
+        torch.testing.assert_close(resid[0], A - rmm._all_factors(got)[0])
+        torch.testing.assert_close(resid[1], B - rmm._all_factors(got)[1])
+        torch.testing.assert_close(rmm._residual_errors(fx, *resid),
+                                   rmm._module_errors(fx, *rmm._all_factors(ref)), rtol=1e-4, atol=1e-12)
+
+
+def test_compiled_cpu_fit_does_not_depend_on_blocks_or_threads(monkeypatch, lora_adapters):
+    """Each position is solved on its own: the same bits whatever positions share its block of
+    kernels.LANES, wherever a range starts, and however the positions are split across threads."""
+    from registry.weights import kernels
+
+    ads = lora_adapters(6, 8, {"m": (300, 450)}, drift=0.6)
+    A, B = rmm._stack(ads, "m", torch.device("cpu"))
+    X = A.permute(2, 1, 0).contiguous().numpy()
+    Q = rmm._helmert(6, torch.float64, torch.device("cpu")).numpy()
+
+    def run(lo: int, hi: int) -> list:
+        P = X.shape[0]
+        out = [np.zeros((P, 8), np.float32), np.zeros((P, 8, 4), np.float32), np.zeros((P, 4, 6), np.float32),
+               np.zeros((P, 8, 6), np.float32)]
+        assert kernels.rmm_positions(X, Q, 4, rmm.EIG_RTOL, *out, lo, hi) == 0
+        return [o[lo:hi] for o in out]
+
+    whole = run(0, 300)
+    for lo, hi in [(5, 200), (131, 300), (299, 300)]:
+        part = run(lo, hi)
+        assert all(np.array_equal(a[lo:hi], b) for a, b in zip(whole, part, strict=True))
+    one = rmm.fit_basis(ads, p=4)
+    monkeypatch.setattr(rmm, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    three = rmm.fit_basis(ads, p=4)
+    ta, tb = one.modules["m"].tensors(), three.modules["m"].tensors()
+    assert all(torch.equal(ta[x], tb[x]) for x in ta)
+    assert one.member_errors() == three.member_errors()
+
+
+def test_compiled_cpu_fit_refuses_non_finite_factors(lora_adapters):
+    ads = lora_adapters(4, 4, {"m": (300, 20)})
+    ads[2].modules["m"].A[1, 250] = float("nan")
+    with pytest.raises(NonFiniteError, match="adapter 2: m.lora_A"):
+        rmm.fit_basis(ads, p=2)
+
+
+@pytest.mark.parametrize("config", [True, False])  # the member's PEFT config (scale unfolded) or none
+def test_member_files_are_the_saved_reconstruction(tmp_path, lora_adapters, config):
+    from registry.weights.adapters import CONFIG_NAME, WEIGHTS_NAME, save_peft_adapter
+    from registry.weights.checkpoint import safetensors_range
+
+    ads = lora_adapters(4, 3, SMALL, dtype=torch.float16)
+    if config:
+        cfg = {"peft_type": "LORA", "r": 3, "lora_alpha": 12, "target_modules": ["q", "up", "down"]}
+        ads = [LoraAdapter.from_factors(a.modules, config=cfg, dtype=a.dtype) for a in ads]
+    basis = rmm.fit_basis(ads, p=2)
+    for i in (0, 3):
+        save_peft_adapter(basis.reconstruct(i), tmp_path / f"m{i}")
+        files = basis.member_files(i)
+        lay = files.layout
+        assert files.config == (tmp_path / f"m{i}" / CONFIG_NAME).read_bytes()
+        want = (tmp_path / f"m{i}" / WEIGHTS_NAME).read_bytes()
+        assert b"".join(safetensors_range(lay, 0, lay.total_size, files.read, 1000)) == want
+        assert b"".join(safetensors_range(lay, 77, 5000, files.read)) == want[77:5000]  # any range
+        assert files.files == {CONFIG_NAME: len(files.config), WEIGHTS_NAME: len(want)}
+        rmm.save_basis(basis, tmp_path / "b.safetensors")
+        lazy = rmm.load_member_files(tmp_path / "b.safetensors", basis.members[i])  # from the file
+        assert lazy.config == files.config
+        assert b"".join(safetensors_range(lay, 0, lay.total_size, lazy.read)) == want
 
 
 def test_shared_initialisation_reconstructs_better_than_independent(lora_adapters):

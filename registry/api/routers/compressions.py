@@ -11,7 +11,7 @@ from ...services import compressions
 from ..deps import Ctx, Reader, Writer
 from ..params import Id
 from ..responses import AUTHENTICATED, errors
-from .jobs import JobOut
+from ..schemas import CompressionOut, JobOut
 
 router = APIRouter(tags=["compressions"], responses=AUTHENTICATED)
 
@@ -51,16 +51,16 @@ def create_compression(body: CompressionCreate, ctx: Ctx, who: Writer,
         idempotency_key=idempotency_key)
 
 
-@router.get("/compressions", responses=errors(422))
+@router.get("/compressions", response_model=list[CompressionOut], responses=errors(422))
 def list_compressions(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 50,
                       version: str | None = Query(None, description="Only the plans held by this version "
                                                   "(a ref such as demo-base-compressed@1; none if it names none).")
-                      ) -> list[dict[str, Any]]:
+                      ) -> object:
     return compressions.list_compressions(ctx, collection, limit, version)
 
 
-@router.get("/compressions/{compression_id}", responses=errors(404, 422))
-def get_compression(compression_id: Id, ctx: Ctx, _: Reader) -> dict[str, Any]:
+@router.get("/compressions/{compression_id}", response_model=CompressionOut, responses=errors(404, 422))
+def get_compression(compression_id: Id, ctx: Ctx, _: Reader) -> object:
     return compressions.get_compression(ctx, compression_id)
 
 

@@ -12,38 +12,9 @@ from ...services import bases, jobs, merges, packing, policies, pruning, transfe
 from ..deps import Ctx, Reader, Writer
 from ..params import Id, IdCursor
 from ..responses import AUTHENTICATED, errors
+from ..schemas import BasisOut, JobOut, JobPage, PolicyOut
 
 router = APIRouter(tags=["jobs"], responses=AUTHENTICATED)
-
-
-class JobOut(BaseModel):
-    id: int
-    type: str
-    state: str
-    queue: str
-    params: dict[str, Any]
-    result: dict[str, Any] | None
-    error: dict[str, Any] | None
-    progress: float
-    message: str
-    attempts: int
-    max_attempts: int
-    idempotency_key: str | None
-    celery_task_id: str | None
-    worker: str | None
-    mlflow_run_id: str | None
-    event_id: int | None
-    policy_id: int | None
-    created_by: str | None
-    created_at: Any
-    started_at: Any
-    finished_at: Any
-    heartbeat_at: Any
-
-
-class JobPage(BaseModel):
-    items: list[JobOut]
-    next_cursor: str | None
 
 
 class BasisCreate(BaseModel):
@@ -97,13 +68,13 @@ def create_basis(body: BasisCreate, ctx: Ctx, who: Writer,
                                collection=body.collection, actor=who.name, idempotency_key=idempotency_key)
 
 
-@router.get("/bases", responses=errors(422))
-def list_bases(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+@router.get("/bases", response_model=list[BasisOut], responses=errors(422))
+def list_bases(ctx: Ctx, _: Reader, collection: str | None = None, limit: int = 50) -> object:
     return bases.list_bases(ctx, collection, limit)
 
 
-@router.get("/bases/{basis_id}", responses=errors(404, 422))
-def get_basis(basis_id: Id, ctx: Ctx, _: Reader) -> dict[str, Any]:
+@router.get("/bases/{basis_id}", response_model=BasisOut, responses=errors(404, 422))
+def get_basis(basis_id: Id, ctx: Ctx, _: Reader) -> object:
     return bases.get_basis(ctx, basis_id)
 
 
@@ -149,13 +120,13 @@ def create_merge(body: MergeCreate, ctx: Ctx, who: Writer,
                                 actor=who.name, idempotency_key=idempotency_key)
 
 
-@router.post("/policies", status_code=status.HTTP_201_CREATED, responses=errors(409, 422))
-def create_policy(body: PolicyCreate, ctx: Ctx, who: Writer) -> dict[str, Any]:
+@router.post("/policies", status_code=status.HTTP_201_CREATED, response_model=PolicyOut, responses=errors(409, 422))
+def create_policy(body: PolicyCreate, ctx: Ctx, who: Writer) -> object:
     return policies.create_policy(ctx, body.name, body.type, body.base_model, body.params, who.name)
 
 
-@router.get("/policies")
-def list_policies(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
+@router.get("/policies", response_model=list[PolicyOut])
+def list_policies(ctx: Ctx, _: Reader) -> object:
     return policies.list_policies(ctx)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, status
 from sqlalchemy import text
 
@@ -13,13 +11,13 @@ from ...services.packing import storage_report
 from ..deps import Admin, Ctx, Reader
 from ..params import AfterId, Id
 from ..responses import AUTHENTICATED, errors
-from ..schemas import TokenCreate, TokenOut
+from ..schemas import EventPage, HealthOut, StorageOut, TokenCreate, TokenOut
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health", responses=errors(403))
-def health(ctx: Ctx) -> dict[str, Any]:
+@router.get("/health", response_model=HealthOut, responses=errors(403))
+def health(ctx: Ctx) -> object:
     with ctx.db.read() as s:
         s.execute(text("select 1"))
     return {"status": "ok", "version": __version__, "database": ctx.db.engine.dialect.name,
@@ -42,14 +40,14 @@ def revoke_token(token_id: Id, ctx: Ctx, _: Admin) -> object:
     return tokens.revoke(ctx, token_id)
 
 
-@router.get("/storage", responses=AUTHENTICATED)
-def storage(ctx: Ctx, _: Reader) -> dict[str, Any]:
+@router.get("/storage", response_model=StorageOut, responses=AUTHENTICATED)
+def storage(ctx: Ctx, _: Reader) -> object:
     """Logical bytes (what the versions' files add up to) against physical bytes (what the store
     holds for them), per model and in total."""
     return storage_report(ctx)
 
 
-@router.get("/events", responses=AUTHENTICATED | errors(422))
-def list_events(ctx: Ctx, _: Reader, after: AfterId = 0, limit: int = 100) -> dict[str, Any]:
+@router.get("/events", response_model=EventPage, responses=AUTHENTICATED | errors(422))
+def list_events(ctx: Ctx, _: Reader, after: AfterId = 0, limit: int = 100) -> object:
     """The event log (oldest first, after the given id)."""
     return {"items": events.list_events(ctx, after, limit)}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 from starlette.responses import Response
@@ -12,6 +10,7 @@ from ...services import webhooks
 from ..deps import Admin, Ctx
 from ..params import Id, IdCursor
 from ..responses import AUTHENTICATED, errors
+from ..schemas import DeliveryDetail, DeliveryPage, RedeliveryOut, WebhookCreated, WebhookOut
 
 router = APIRouter(tags=["webhooks"], responses=AUTHENTICATED)
 
@@ -19,8 +18,12 @@ router = APIRouter(tags=["webhooks"], responses=AUTHENTICATED)
 class WebhookCreate(BaseModel):
     url: str = Field(description="http(s) URL receiving POSTed events.")
     events: list[str] = Field(description="Event type patterns (fnmatch): 'version.*', 'job.failed', '*'.")
-    secret: str | None = Field(None, description="HMAC signing secret (16-256 chars); generated when omitted.")
+    secret: str | None = Field(None, description="HMAC signing secret (16-256 chars; for standard-webhooks "
+                               "'whsec_' + base64 of 24-64 bytes); generated when omitted.")
     description: str = ""
+    signature_scheme: str = Field("registry", description="How deliveries are signed: 'registry' "
+                                  "(X-Registry-Signature) or 'standard-webhooks' (webhook-id, webhook-timestamp, "
+                                  "webhook-signature per the Standard Webhooks specification).")
 
 
 class WebhookUpdate(BaseModel):
@@ -30,48 +33,11 @@ class WebhookUpdate(BaseModel):
     description: str | None = None
 
 
-class WebhookOut(BaseModel):
-    id: int
-    url: str
-    events: list[str]
-    active: bool
-    description: str
-    created_at: Any
-    created_by: str | None
-
-
-class WebhookCreated(WebhookOut):
-    secret: str = Field(description="The signing secret; shown only in this response.")
-
-
-class DeliveryOut(BaseModel):
-    id: int
-    webhook_id: int
-    event_id: int
-    event_type: str | None
-    status: str
-    attempts: int
-    last_status_code: int | None
-    last_error: str | None
-    next_attempt_at: Any
-    created_at: Any
-    delivered_at: Any
-
-
-class DeliveryDetail(DeliveryOut):
-    log: list[dict[str, Any]]
-
-
-class DeliveryPage(BaseModel):
-    items: list[DeliveryOut]
-    next_cursor: str | None
-
-
 @router.post("/webhooks", status_code=status.HTTP_201_CREATED, response_model=WebhookCreated, responses=errors(422))
 def create_webhook(body: WebhookCreate, ctx: Ctx, who: Admin) -> object:
     """Subscribe a URL to events. The response carries the signing secret, shown only once."""
     return webhooks.create_webhook(ctx, body.url, body.events, secret=body.secret, description=body.description,
-                                   actor=who.name)
+                                   actor=who.name, signature_scheme=body.signature_scheme)
 
 
 @router.get("/webhooks", response_model=list[WebhookOut])
@@ -109,7 +75,7 @@ def get_delivery(delivery_id: Id, ctx: Ctx, _: Admin) -> object:
 
 
 @router.post("/deliveries/{delivery_id}/redeliver", status_code=status.HTTP_202_ACCEPTED,
-             responses=errors(404, 409, 422))
-def redeliver(delivery_id: Id, ctx: Ctx, who: Admin) -> dict[str, Any]:
+             response_model=RedeliveryOut, responses=errors(404, 409, 422))
+def redeliver(delivery_id: Id, ctx: Ctx, who: Admin) -> object:
     """Send the delivery again (same delivery id, new job); returns ``{"delivery", "job"}``."""
     return webhooks.redeliver(ctx, delivery_id, actor=who.name)

@@ -1,0 +1,479 @@
+"""Compiled CPU kernels (numba) for the two hot loops torch cannot batch well on a CPU.
+
+* :func:`rmm_positions` -- steps 1-3 of an RMM fit (:mod:`registry.weights.rmm`) for a range of
+  positions: mean, Helmert-projected Gram, its eigendecomposition, directions U, coefficients C,
+  and (optionally) the reconstruction residuals the member errors are computed from. torch solves a
+  batch of tiny eigenproblems one LAPACK call at a time (≈3 µs per 7 × 7 matrix on this project's
+  CPUs); here ``LANES`` positions are solved together by a cyclic Jacobi method whose inner loops run
+  across the positions, so they compile to SIMD instructions (≈1 µs per matrix).
+
+Determinism: every position is computed on its own -- a Jacobi rotation a position does not need
+is an exact identity (cosine 1, sine 0, its off-diagonal left as is), so the result of a position
+does not depend on which other positions share its block, on the block boundaries or on the number
+of threads. Same inputs, same CPU: bit-identical outputs.
+
+Compiled on first use and cached on disk (numba ``cache=True``: next to this file, or in numba's
+user cache directory when that is read-only). CPU only; other devices use the torch code paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar, cast
+
+import numpy as np
+from numba import njit
+
+__all__ = ["LANES", "rmm_positions"]
+
+#: positions solved together (the SIMD width of the inner loops; 128 amortises the per-rotation
+#: bookkeeping best on AVX2/AVX-512 CPUs)
+LANES = 128
+_JACOBI_TOL = 1e-15  # rotate (p, q) while |g_pq| > tol · sqrt(g_pp g_qq): U orthonormal to ≈ tol
+_MAX_SWEEPS = 60
+_TINY = float(np.finfo(np.float64).tiny)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _compiled(fn: F) -> F:
+    """numba ``njit`` with the options every kernel here uses (disk cache, GIL released, numpy's
+    float semantics: division by zero gives inf/nan instead of raising). Without any writable
+    cache directory (numba looks beside this file, then in the user's cache directory;
+    ``NUMBA_CACHE_DIR`` sets one) the kernels are compiled in every process instead."""
+    try:
+        return cast(F, njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(fn))
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return cast(F, njit(cache=False, nogil=True, error_model="numpy", boundscheck=False)(fn))
+
+
+@_compiled
+def _rotate(x: np.ndarray, i: int, j: int, c: np.ndarray, s: np.ndarray) -> None:
+    """Rows i, j of ``x`` [·, lanes] <- (c x_i − s x_j, s x_i + c x_j), lane by lane. (Rows are
+    addressed by index, not by views: a view costs two reference-count updates per call.)"""
+    for lane in range(x.shape[1]):
+        a = x[i, lane]
+        b = x[j, lane]
+        x[i, lane] = c[lane] * a - s[lane] * b
+        x[j, lane] = s[lane] * a + c[lane] * b
+
+
+@_compiled
+def _angles(gpq: np.ndarray, gpp: np.ndarray, gqq: np.ndarray, c: np.ndarray, s: np.ndarray) -> int:
+    """Jacobi rotation (c, s) zeroing g_pq in every lane; an exact identity where |g_pq| is already
+    negligible. Updates the rows g_pp, g_qq, g_pq; returns the number of lanes rotated. (Separate
+    row arguments let the loop compile to SIMD instructions.)"""
+    count = 0  # an integer sum: a float one would keep the loop from vectorising
+    for lane in range(gpq.shape[0]):
+        apq = gpq[lane]
+        app = gpp[lane]
+        aqq = gqq[lane]
+        skip = abs(apq) <= _JACOBI_TOL * np.sqrt(abs(app * aqq))
+        theta = (aqq - app) / (1.0 if skip else 2.0 * apq)
+        t = 1.0 / (abs(theta) + np.sqrt(theta * theta + 1.0))
+        t = -t if theta < 0.0 else t
+        t = 0.0 if skip else t
+        cc = 1.0 / np.sqrt(t * t + 1.0)
+        c[lane] = cc
+        s[lane] = t * cc
+        gpp[lane] = app - t * apq
+        gqq[lane] = aqq + t * apq
+        gpq[lane] = apq if skip else 0.0
+        count += 0 if skip else 1
+    return count
+
+
+@_compiled
+def _jacobi(g: np.ndarray, v: np.ndarray, m: int, ut: np.ndarray, c: np.ndarray, s: np.ndarray) -> None:
+    """Diagonalise the symmetric m × m matrices of every lane in place: ``g[ut[i, j]]`` holds
+    element (min(i, j), max(i, j)); ``v`` [m·m, lanes] receives the eigenvectors (columns of row-major
+    m × m), eigenvalue i ends on ``g[ut[i, i]]``. Cyclic sweeps until a sweep rotates nothing."""
+    v[:, :] = 0.0
+    for i in range(m):
+        v[i * m + i, :] = 1.0
+    for _ in range(_MAX_SWEEPS):
+        rotated = 0
+        for p in range(m - 1):
+            for q in range(p + 1, m):
+                n_on = _angles(g[ut[p, q]], g[ut[p, p]], g[ut[q, q]], c, s)
+                if n_on == 0:
+                    continue  # identity in every lane
+                rotated += n_on
+                for r in range(m):
+                    if r != p and r != q:
+                        _rotate(g, ut[r, p], ut[r, q], c, s)
+                for r in range(m):
+                    _rotate(v, r * m + p, r * m + q, c, s)
+        if rotated == 0:
+            return
+
+
+@_compiled
+def _rmm_block(X: np.ndarray, Q: np.ndarray, k: int, rtol: float, mu_out: np.ndarray, U_out: np.ndarray,
+               C_out: np.ndarray, E_out: np.ndarray, with_err: bool, lo: int, hi: int) -> int:
+    P, r, n = X.shape
+    L = LANES
+    helmert = n - 1 <= r
+    m = n - 1 if helmert else r
+    ut = np.empty((m, m), dtype=np.int64)
+    for i in range(m):
+        for j in range(m):
+            ut[i, j] = min(i, j) * m + max(i, j)
+    x = np.empty((r * n, L))
+    mu = np.empty((r, L))
+    y = np.empty((r * m, L))  # Y = X Q (helmert) or X_c (r × n, m = r: y[t * n + i])
+    if not helmert:
+        y = np.empty((r * n, L))
+    g = np.empty((m * m, L))
+    v = np.empty((m * m, L))
+    vs = np.empty((m * k, L))  # the k chosen eigenvectors, descending eigenvalue
+    w = np.empty((r * k, L))
+    sig = np.empty((k, L))
+    cf = np.empty((k * n, L))
+    c = np.empty(L)
+    s = np.empty(L)
+    order = np.empty(m, dtype=np.int64)
+    ev = np.empty(m)
+    c32 = np.zeros((k * n, L), dtype=np.float32)
+    u32 = np.zeros((k, L), dtype=np.float32)
+    m32 = np.zeros(L, dtype=np.float32)
+    xh = np.empty(L, dtype=np.float32)
+    nrm = np.empty(L)
+    for base in range(lo, hi, L):
+        # load (the tail block repeats its last position; duplicates are computed, not stored)
+        full = base + L <= hi
+        for t in range(r):
+            for i in range(n):
+                if full:
+                    for lane in range(L):
+                        x[t * n + i, lane] = X[base + lane, t, i]
+                else:
+                    for lane in range(L):
+                        x[t * n + i, lane] = X[min(base + lane, hi - 1), t, i]
+        for t in range(r):
+            mu[t, :] = 0.0
+            for i in range(n):
+                for lane in range(L):
+                    mu[t, lane] += x[t * n + i, lane]
+            for lane in range(L):
+                mu[t, lane] = mu[t, lane] / n
+                if not np.isfinite(mu[t, lane]):
+                    return 1 + min(base + lane, hi - 1)
+        if helmert:
+            for t in range(r):
+                for a in range(m):
+                    ya = t * m + a
+                    y[ya, :] = 0.0
+                    for i in range(n):
+                        q = Q[i, a]
+                        if q != 0.0:
+                            for lane in range(L):
+                                y[ya, lane] += x[t * n + i, lane] * q
+            for a in range(m):
+                for b in range(a, m):
+                    gab = ut[a, b]
+                    g[gab, :] = 0.0
+                    for t in range(r):
+                        for lane in range(L):
+                            g[gab, lane] += y[t * m + a, lane] * y[t * m + b, lane]
+        else:
+            for t in range(r):
+                for i in range(n):
+                    for lane in range(L):
+                        y[t * n + i, lane] = x[t * n + i, lane] - mu[t, lane]
+            for a in range(m):
+                for b in range(a, m):
+                    gab = ut[a, b]
+                    g[gab, :] = 0.0
+                    for i in range(n):
+                        for lane in range(L):
+                            g[gab, lane] += y[a * n + i, lane] * y[b * n + i, lane]
+        _jacobi(g, v, m, ut, c, s)
+        # per lane: the k largest eigenvalues, descending (ties: lower index first)
+        for lane in range(L):
+            for i in range(m):
+                ev[i] = g[ut[i, i], lane]
+                order[i] = i
+            for i in range(min(k, m)):
+                best = i
+                for j in range(i + 1, m):
+                    if ev[order[j]] > ev[order[best]]:
+                        best = j
+                order[i], order[best] = order[best], order[i]
+            top = ev[order[0]]
+            for col in range(k):
+                keep = (not helmert) or ev[order[col]] > rtol * top
+                sig[col, lane] = 1.0 if keep else 0.0  # keep flag, replaced by σ below
+                for a in range(m):
+                    vs[a * k + col, lane] = v[a * m + order[col], lane]
+        if helmert:
+            # W = Y V_k (U Σ), σ = ‖W e_c‖, U = W / σ, C = Σ V_kᵀ Qᵀ
+            for col in range(k):
+                for t in range(r):
+                    wt = t * k + col
+                    w[wt, :] = 0.0
+                    for a in range(m):
+                        for lane in range(L):
+                            w[wt, lane] += y[t * m + a, lane] * vs[a * k + col, lane]
+                nrm[:] = 0.0
+                for t in range(r):
+                    for lane in range(L):
+                        nrm[lane] += w[t * k + col, lane] * w[t * k + col, lane]
+                for lane in range(L):
+                    keep = sig[col, lane] != 0.0
+                    sv = np.sqrt(nrm[lane])
+                    sig[col, lane] = sv if keep else 0.0
+                    nrm[lane] = 1.0 / max(sv, _TINY) if keep else 0.0
+                for t in range(r):
+                    for lane in range(L):
+                        w[t * k + col, lane] = w[t * k + col, lane] * nrm[lane]
+                for i in range(n):
+                    ci = col * n + i
+                    cf[ci, :] = 0.0
+                    for a in range(m):
+                        q = Q[i, a]
+                        if q != 0.0:
+                            for lane in range(L):
+                                cf[ci, lane] += (vs[a * k + col, lane] * sig[col, lane]) * q
+        else:
+            # U = V_k, C = U_kᵀ X_c
+            for col in range(k):
+                for t in range(r):
+                    w[t * k + col, :] = vs[t * k + col, :]
+                for i in range(n):
+                    ci = col * n + i
+                    cf[ci, :] = 0.0
+                    for t in range(r):
+                        for lane in range(L):
+                            cf[ci, lane] += w[t * k + col, lane] * y[t * n + i, lane]
+        # store (rounded to the output dtype), lane-innermost (the A factor's positions are contiguous)
+        nl = min(L, hi - base)
+        for t in range(r):
+            for lane in range(nl):
+                mu_out[base + lane, t] = mu[t, lane]
+            for col in range(k):
+                for lane in range(nl):
+                    U_out[base + lane, t, col] = w[t * k + col, lane]
+        for col in range(k):
+            for i in range(n):
+                for lane in range(nl):
+                    C_out[base + lane, col, i] = cf[col * n + i, lane]
+        if with_err:  # residuals x − x̂ of the stored (rounded) values, x̂ in float32 as factors() does
+            for col in range(k):
+                for i in range(n):
+                    for lane in range(nl):
+                        c32[col * n + i, lane] = np.float32(C_out[base + lane, col, i])
+            for t in range(r):
+                for lane in range(nl):
+                    m32[lane] = np.float32(mu_out[base + lane, t])
+                for col in range(k):
+                    for lane in range(nl):
+                        u32[col, lane] = np.float32(U_out[base + lane, t, col])
+                for i in range(n):
+                    for lane in range(L):
+                        xh[lane] = m32[lane]
+                    for col in range(k):
+                        for lane in range(L):
+                            xh[lane] = xh[lane] + u32[col, lane] * c32[col * n + i, lane]
+                    for lane in range(nl):
+                        E_out[base + lane, t, i] = np.float32(x[t * n + i, lane]) - xh[lane]
+    return 0
+
+
+def rmm_positions(X: np.ndarray, Q: np.ndarray, k: int, rtol: float, mu: np.ndarray, U: np.ndarray,
+                  C: np.ndarray, E: np.ndarray | None, lo: int, hi: int) -> int:
+    """Steps 1-3 of the RMM method for positions ``[lo, hi)`` of ``X`` [P, r, n] (float32, any
+    strides), written into ``mu`` [P, r], ``U`` [P, r, k], ``C`` [P, k, n] (float32 or float64; any
+    strides) and, when ``E`` [P, r, n] (float32) is given, the residuals ``x − x̂`` of the stored
+    values, x̂ = μ + Σ_c U[:, c] C[c, :] in float32 (what :meth:`ModuleBasis.factors` rebuilds).
+
+    ``n − 1 ≤ r``: Y = X Q with ``Q`` [n, n − 1] the Helmert basis of 1^⊥, eigh of YᵀY = W Σ² Wᵀ,
+    U = Y W_k Σ⁻¹ (columns with σ² ≤ rtol · σ²_max are zero), C = Σ W_kᵀ Qᵀ. Otherwise eigh of
+    X_c X_cᵀ, U = its top-k eigenvectors, C = Uᵀ X_c. Everything in float64; μ is the float64 mean.
+    Returns 0, or 1 + the first position whose mean is not finite (NaN/Inf in its factors)."""
+    e = E if E is not None else np.empty((1, 1, 1), dtype=np.float32)
+    return int(_rmm_block(X, Q, k, rtol, mu, U, C, e, E is not None, lo, hi))
+
+
+# --------------------------------------------------------------------------------- merges
+#
+# One chunk of one tensor at a time: ``x`` [n, cnt] the n inputs (compute dtype), ``b`` [cnt] the
+# base (``has_base=False``: a zero base, x already holds the task vectors). τ_i = x_i − b.
+
+
+@_compiled
+def _task_row(x: np.ndarray, b: np.ndarray, has_base: bool, i: int, tau: np.ndarray) -> None:
+    if has_base:
+        for j in range(tau.shape[0]):
+            tau[j] = x[i, j] - b[j]
+    else:
+        for j in range(tau.shape[0]):
+            tau[j] = x[i, j]
+
+
+@_compiled
+def _top_histogram32(x: np.ndarray, b: np.ndarray, has_base: bool, tau: np.ndarray, bits: np.ndarray,
+                     hist: np.ndarray, dirty: np.ndarray) -> None:
+    # literal masks and shifts: ≈1.4× faster than the same loop with run-time ones
+    for i in range(x.shape[0]):
+        _task_row(x, b, has_base, i, tau)
+        for j in range(tau.shape[0]):
+            mag = np.int64(bits[j]) & 0x7FFFFFFF
+            d = mag >> 16
+            hist[i, d] += 1
+            if mag & 0xFFFF:
+                dirty[i, d] += 1
+
+
+@_compiled
+def _top_histogram64(x: np.ndarray, b: np.ndarray, has_base: bool, tau: np.ndarray, bits: np.ndarray,
+                     hist: np.ndarray, dirty: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        _task_row(x, b, has_base, i, tau)
+        for j in range(tau.shape[0]):
+            mag = bits[j] & 0x7FFFFFFFFFFFFFFF
+            d = mag >> 48
+            hist[i, d] += 1
+            if mag & 0xFFFFFFFFFFFF:
+                dirty[i, d] += 1
+
+
+@_compiled
+def _prefix_histogram(x: np.ndarray, b: np.ndarray, has_base: bool, tau: np.ndarray, bits: np.ndarray,
+                      mask: int, shift: int, prefix_shift: int, prefix: np.ndarray, hist: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        _task_row(x, b, has_base, i, tau)
+        want = prefix[i]
+        for j in range(tau.shape[0]):
+            mag = np.int64(bits[j]) & mask
+            if (mag >> prefix_shift) == want:
+                hist[i, (mag >> shift) & 0xFFFF] += 1
+
+
+def magnitude_histogram(x: np.ndarray, b: np.ndarray | None, shift: int, prefix_shift: int,
+                        prefix: np.ndarray, hist: np.ndarray, dirty: np.ndarray) -> None:
+    """Add to ``hist[i, d]`` the number of elements of input i whose magnitude bits |τ_i| have the
+    16-bit digit ``d`` at ``shift``, among those whose bits above ``prefix_shift`` equal
+    ``prefix[i]`` (``prefix_shift`` = the bit width: no condition, the top digit, and then also
+    ``dirty[i, d]`` += the elements of that digit with a non-zero bit below ``shift``). ``x`` [n, cnt]
+    float32/float64 C-contiguous; ``b`` [cnt] or None (zero base)."""
+    tau = np.empty(x.shape[1], dtype=x.dtype)
+    width = 8 * x.dtype.itemsize
+    bits = tau.view(np.int32 if width == 32 else np.int64)
+    mask = (1 << (width - 1)) - 1  # clears the sign bit: the bits of |τ|
+    base = x[0] if b is None else b
+    if prefix_shift >= width:
+        assert shift == width - 16
+        top = _top_histogram32 if width == 32 else _top_histogram64
+        top(x, base, b is not None, tau, bits, hist, dirty)
+    else:
+        _prefix_histogram(x, base, b is not None, tau, bits, mask, shift, prefix_shift, prefix, hist)
+
+
+@_compiled
+def _sum_sq(t: np.ndarray, part: np.ndarray) -> float:
+    """Σ t² in float64 with 8 interleaved partial sums (a fixed order: the same bits on every CPU,
+    and a shape the compiler turns into SIMD instructions)."""
+    cnt = t.shape[0]
+    part[:] = 0.0
+    full = cnt - cnt % 8
+    for j in range(0, full, 8):
+        for u in range(8):
+            v = np.float64(t[j + u])
+            part[u] += v * v
+    total = 0.0
+    for u in range(8):
+        total += part[u]
+    for j in range(full, cnt):
+        v = np.float64(t[j])
+        total += v * v
+    return total
+
+
+@_compiled
+def _trim(t: np.ndarray, thr: float, need: np.ndarray, i: int, zero: float) -> None:
+    """Magnitude trim of one row in place: keep |τ| > T and the first need[i] elements equal to T."""
+    if need[i] == 0:
+        for j in range(t.shape[0]):
+            t[j] = t[j] if abs(t[j]) > thr else t[j] * zero  # PEFT's τ · mask: a signed zero
+        return
+    for j in range(t.shape[0]):
+        mag = abs(t[j])
+        if mag > thr:
+            continue
+        if mag == thr and need[i] > 0:
+            need[i] -= 1
+            continue
+        t[j] = t[j] * zero
+
+
+@_compiled
+def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: bool, thr: np.ndarray,
+             need: np.ndarray, elect: bool, frequency: bool, tau: np.ndarray, acc: np.ndarray,
+             count: np.ndarray, out: np.ndarray, sq: np.ndarray, consts: np.ndarray, part: np.ndarray) -> int:
+    n, cnt = x.shape
+    zero, one, minus = consts[0], consts[1], consts[2]  # in the compute dtype: no float64 promotion
+    if has_base:
+        sq[n] += _sum_sq(b, part)
+        if not np.isfinite(sq[n]):
+            for j in range(cnt):
+                if not np.isfinite(b[j]):
+                    return int(n + 1)
+    for i in range(n):
+        row = tau[i]
+        _task_row(x, b, has_base, i, row)
+        sq[i] += _sum_sq(row, part)
+        if not np.isfinite(sq[i]):
+            for j in range(cnt):
+                if not np.isfinite(row[j]):
+                    return i + 1
+        if trim:
+            _trim(row, thr[i], need, i, zero)
+    for j in range(cnt):
+        out[j] = zero
+    if not elect:  # Σ_i w_i τ_i, summed from +0 in input order (torch's sum over a stack of ≤ 4)
+        for i in range(n):
+            wi = w[i]
+            for j in range(cnt):
+                out[j] = out[j] + tau[i, j] * wi
+        return 0
+    for j in range(cnt):  # elected sign γ = sgn(Σ τ_i) or sgn(Σ sgn τ_i), +1 on ties
+        acc[j] = zero
+        count[j] = zero
+    for i in range(n):
+        if frequency:
+            for j in range(cnt):
+                v = tau[i, j]
+                acc[j] = acc[j] + (one if v > 0 else (minus if v < 0 else zero))
+        else:
+            for j in range(cnt):
+                acc[j] = acc[j] + tau[i, j]
+    for i in range(n):  # disjoint mean: Σ_{sgn τ_i = γ} w_i τ_i / max(1, #{i: sgn τ_i = γ})
+        wi = w[i]
+        for j in range(cnt):
+            v = tau[i, j]
+            agree = (v > 0) if acc[j] >= 0 else (v < 0)
+            out[j] = out[j] + (v * wi) * (one if agree else zero)
+            count[j] = count[j] + (one if agree else zero)
+    for j in range(cnt):
+        out[j] = out[j] / max(count[j], one)
+    return 0
+
+
+def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray | None, need: np.ndarray,
+            elect: bool, frequency: bool, out: np.ndarray, sq: np.ndarray) -> int:
+    """One merged chunk ``out`` [cnt] = τ_m of ``x`` [n, cnt] (minus ``b`` [cnt], None: zero base),
+    in the compute dtype of ``x``, with the operations and rounding of PEFT's ``merge_utils`` (the
+    sums run from +0 in input order, as torch sums a stack of up to 4 rows): magnitude trim when
+    ``thr`` (per input T_i; ties at T_i kept while ``need[i]`` > 0, decremented), the elected sign and
+    disjoint mean when ``elect`` (``frequency``: vote by signs), else Σ_i w_i τ_i. Adds Σ τ_i² to
+    ``sq[i]`` and Σ b² to ``sq[n]`` (float64). Returns 0, or 1 + the input whose τ is not finite
+    (n + 1: the base)."""
+    tau = np.empty(x.shape, dtype=x.dtype)
+    acc = np.empty(x.shape[1], dtype=x.dtype)
+    count = np.empty(x.shape[1], dtype=x.dtype)
+    trim = thr is not None
+    t = thr if thr is not None else w
+    consts = np.array([0.0, 1.0, -1.0], dtype=x.dtype)
+    return int(_combine(x, x[0] if b is None else b, b is not None, w, trim, t, need, elect, frequency, tau,
+                        acc, count, out, sq, consts, np.empty(8)))
