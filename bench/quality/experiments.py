@@ -77,7 +77,7 @@ class Recipe:
     # compression planner: all methods at plan_budgets (+ plan_extra, to locate the goal), each single
     # method at plan_budgets
     plan_budgets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
-    plan_extra: tuple[float, ...] = (0.03, 0.07)
+    plan_extra: tuple[float, ...] = (0.03, 0.07, 0.08)
     merges: tuple[MergeRequest, ...] = (
         MergeRequest("average", "task_arithmetic", {"lam": 1 / len(TASKS)}),  # the plain mean of the n deltas
         MergeRequest("task_arithmetic", "task_arithmetic", {"lam": 0.4}),

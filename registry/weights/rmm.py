@@ -365,9 +365,13 @@ class MemberFiles:
 # Validation
 
 
-def check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[list[str], dict[str, int]]:
-    if len(adapters) < minimum:
-        raise IncompatibleAdaptersError(f"need at least {minimum} adapters, got {len(adapters)}")
+def check_same_base(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """The one rule for "adapters of one base": every adapter has the first one's modules, each with
+    the same (in_features, out_features), and the same ``fan_in_fan_out``; ranks may differ (see
+    :func:`check_ranks`). Returns the first adapter's module names; raises
+    :class:`IncompatibleAdaptersError` naming every adapter that differs and how."""
+    if not adapters:
+        raise IncompatibleAdaptersError("no adapters given")
     ref = adapters[0]
     names = ref.module_names()
     problems: list[str] = []
@@ -378,25 +382,37 @@ def check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[l
             problems.append(f"adapter {idx} lacks modules {missing[:5]}")
         if extra:
             problems.append(f"adapter {idx} has extra modules {extra[:5]}")
+        shapes = [n for n in names if n in mine
+                  and (ad.modules[n].in_features, ad.modules[n].out_features)
+                  != (ref.modules[n].in_features, ref.modules[n].out_features)]
+        if shapes:
+            problems.append(f"adapter {idx} has other shapes for {', '.join(shapes[:5])}")
         if ad.fan_in_fan_out != ref.fan_in_fan_out:
             problems.append(f"adapter {idx} has fan_in_fan_out={ad.fan_in_fan_out}")
     if problems:
-        raise IncompatibleAdaptersError("adapters do not share their modules: " + "; ".join(problems))
-    ranks = {n: ref.modules[n].rank for n in names}
+        raise IncompatibleAdaptersError("adapters are not of one base: " + "; ".join(problems))
+    return names
+
+
+def check_ranks(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> dict[str, int]:
+    """Every adapter has the same rank r in each module (what an RMM basis needs); returns it."""
+    ranks = {n: adapters[0].modules[n].rank for n in names}
     odd = sorted({n for ad in adapters for n in names if ad.modules[n].rank != ranks[n]})
     if odd:
         raise IncompatibleAdaptersError(
             "adapters must share the rank r of every module; modules whose rank differs: "
             + ", ".join(f"{n} ({sorted({ad.modules[n].rank for ad in adapters})})" for n in odd[:10])
         )
-    shapes = sorted(
-        n
-        for n in names
-        if len({(ad.modules[n].in_features, ad.modules[n].out_features) for ad in adapters}) != 1
-    )
-    if shapes:
-        raise IncompatibleAdaptersError(f"module shapes differ across adapters: {', '.join(shapes[:10])}")
-    return names, ranks
+    return ranks
+
+
+def check_adapters(adapters: Sequence[LoraAdapter], minimum: int = 2) -> tuple[list[str], dict[str, int]]:
+    """At least ``minimum`` adapters of one base (:func:`check_same_base`) with equal ranks per
+    module (:func:`check_ranks`): (module names, rank per module)."""
+    if len(adapters) < minimum:
+        raise IncompatibleAdaptersError(f"need at least {minimum} adapters, got {len(adapters)}")
+    names = check_same_base(adapters)
+    return names, check_ranks(adapters, names)
 
 
 def check_finite(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:

@@ -117,6 +117,9 @@ def test_larger_budgets_store_fewer_bytes(plans, independent):
     for methods in (("quantize",), ("truncate",)):  # each method alone, too
         alone = [compress.plan(independent, b, methods=methods).stored_bytes() for b in (0.05, 0.1, 0.3, 0.6)]
         assert alone == sorted(alone, reverse=True)
+        assert alone[-1] < alone[0]
+        if methods == ("quantize",):  # every larger budget saves bytes (no member stays exact)
+            assert len(set(alone)) == len(alone), alone
 
 
 def test_methods_restrict_the_representation(independent):
@@ -124,11 +127,12 @@ def test_methods_restrict_the_representation(independent):
     quant = compress.plan(independent, 0.1, methods=["quantize"])
     for i, ad in enumerate(independent):
         assert trunc.members[i].method in ("truncate", "exact")
-        assert quant.members[i].method in ("quantize", "exact")
+        assert quant.members[i].method == "quantize"  # a budget of 0.1 holds every member quantized
         rec = quant.reconstruct(i)
         assert all(rec.modules[n].rank == m.rank for n, m in ad.modules.items())  # quantization keeps ranks
         assert rmm_baselines.adapter_error(ad, trunc.reconstruct(i)).overall <= 0.3
     assert trunc.stored_bytes() < trunc.original_bytes()
+    assert quant.stored_bytes() < quant.original_bytes() / 2
     # truncation alone stores each kept component in the source dtype: the same numbers truncate_adapter keeps
     kept = sum(trunc.reconstruct(i).modules[n].rank for i in range(len(independent)) for n in independent[0].modules)
     assert kept < len(independent) * len(independent[0].modules) * independent[0].rank
@@ -299,6 +303,43 @@ def test_mixed_bases_are_refused(independent):
     nan.modules[name].A[0, 0] = float("nan")
     with pytest.raises(NonFiniteError):
         compress.plan([independent[0], nan], 0.1)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2])
+def test_every_module_keeps_its_share_of_the_budget(budget):
+    """A module whose delta is 20x smaller than the others is not spent as free error (a joint
+    allocation over the member's absolute error drops it entirely: relative error 1.0): every
+    module's own relative error, recomputed from the reconstruction, stays near the budget."""
+    small = "model.layers.0.self_attn.v_proj"
+    adapters = [LoraAdapter.from_factors({n: (m.A, m.B * 0.05) if n == small else (m.A, m.B)
+                                          for n, m in a.modules.items()})
+                for a in make_lora_adapters(3, 4, shared_init=False, seed=5)]
+    pl = compress.plan(adapters, budget)
+    for i, a in enumerate(adapters):
+        err = rmm_baselines.adapter_error(a, pl.reconstruct(i))
+        assert err.overall <= budget
+        assert err.max_module <= 1.25 * budget, err
+        assert pl.members[i].parameters["modules"][small]["rank"] >= 1
+
+
+def test_one_base_is_one_rule_with_rmm(independent):
+    """compress and rmm refuse the same mixed collections with the same message (one rule,
+    rmm.check_same_base); only rmm also needs equal ranks."""
+    fewer = LoraAdapter.from_factors({k: v for k, v in independent[1].modules.items()
+                                      if k != "model.layers.0.mlp.up_proj"})
+    transposed = LoraAdapter.from_factors(independent[1].modules, fan_in_fan_out=True)
+    for odd in (fewer, transposed):
+        with pytest.raises(IncompatibleAdaptersError) as by_plan:
+            compress.plan([independent[0], odd], 0.1)
+        with pytest.raises(IncompatibleAdaptersError) as by_rmm:
+            rmm.fit_basis([independent[0], odd], p=1)
+        assert str(by_plan.value) == str(by_rmm.value)
+        assert "not of one base: adapter 1" in str(by_plan.value)
+    other_rank = make_lora_adapters(1, 3, shared_init=False, seed=9)[0]
+    with pytest.raises(IncompatibleAdaptersError, match="rank r of every module"):
+        rmm.fit_basis([independent[0], other_rank], p=1)
+    mixed = compress.plan([independent[0], other_rank], 0.1)  # ranks may differ in a plan
+    assert all(m.error <= 0.1 for m in mixed.members)
 
 
 def test_unknown_member_is_refused(plans):
