@@ -53,6 +53,7 @@ from .client import (
     iter_folder,
 )
 from .config import get_settings, is_loopback
+from .units import human_bytes
 
 app = typer.Typer(help="Model registry for base models, LoRA adapters, fine-tunes and merges.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -250,7 +251,8 @@ class _Lines:
                                            "completed": completed, "total": total, "percent": round(pct, 1)}}),
                   file=sys.stderr, flush=True)
         elif total > 1:  # bytes
-            print(f"{label}: {_size(int(completed))} of {_size(int(total))} ({pct:.0f}%)", file=sys.stderr, flush=True)
+            print(f"{label}: {human_bytes(int(completed))} of {human_bytes(int(total))} ({pct:.0f}%)",
+                  file=sys.stderr, flush=True)
         else:
             print(f"{label}: {pct:.0f}%", file=sys.stderr, flush=True)
 
@@ -633,20 +635,11 @@ def ls(
     table = Table("ref", "kind", "status", "base", "size", "aliases", "tags", "created")
     for v in page.items:
         table.add_row(v.ref + (" (archived)" if v.archived else ""), v.kind, v.status, v.base or "",
-                      _size(v.size), ", ".join(v.aliases), ", ".join(f"{k}={x}" for k, x in v.tags.items()),
+                      human_bytes(v.size), ", ".join(v.aliases), ", ".join(f"{k}={x}" for k, x in v.tags.items()),
                       str(v.created_at)[:19])
     out.print(table)
     if page.next_cursor:
         _note(f"(more: raise --limit; next cursor {page.next_cursor})")
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
 
 
 @app.command()
@@ -665,7 +658,7 @@ def show(ref: str, as_json: JsonOpt = False) -> None:
         content += f" (of the files as pushed; the files below are rebuilt from the {source}, with their own sha256s)"
     for label, value in (("base", v.base), ("aliases", ", ".join(v.aliases)),
                          ("tags", ", ".join(f"{k}={x}" for k, x in v.tags.items())),
-                         ("size", f"{_size(v.size)} in {v.file_count} files"),
+                         ("size", f"{human_bytes(v.size)} in {v.file_count} files"),
                          ("fingerprint", v.fingerprint), ("content sha256", content),
                          ("created", f"{v.created_at} by {v.created_by}"), ("description", v.description)):
         if value:
@@ -677,7 +670,7 @@ def show(ref: str, as_json: JsonOpt = False) -> None:
                   highlight=False)
     table = Table("path", "size", "sha256")
     for f in v.files or []:
-        table.add_row(f.path, _size(f.size), f.sha256)
+        table.add_row(f.path, human_bytes(f.size), f.sha256)
     out.print(table)
 
 
@@ -923,13 +916,13 @@ app.add_typer(compress_app, name="compress")
 
 def _print_compression(c: Compression) -> None:
     out.print(f"compression {c.id} -> {c.ref} (base {c.base}); max_error {c.max_error}; "
-              f"{_size(c.stored_bytes)} stored for {_size(c.original_bytes)} of adapters ({c.ratio:.3f})",
+              f"{human_bytes(c.stored_bytes)} stored for {human_bytes(c.original_bytes)} of adapters ({c.ratio:.3f})",
               markup=False, highlight=False)
     table = Table("position", "member", "method", "stored", "original", "error", "error as served",
                   "served from the plan")
     for m in c.members:
-        table.add_row(str(m.position), str(m.ref), m.method, _size(m.stored_bytes),
-                      _size(m.original_bytes), f"{m.error:.3e}", f"{m.served_error:.3e}",
+        table.add_row(str(m.position), str(m.ref), m.method, human_bytes(m.stored_bytes),
+                      human_bytes(m.original_bytes), f"{m.error:.3e}", f"{m.served_error:.3e}",
                       "yes" if m.pruned else ("no" if m.prunable else "no (not within budget as served)"))
     out.print(table)
 
@@ -992,7 +985,7 @@ def compress_ls(collection: Annotated[str | None, typer.Option()] = None, as_jso
     table = Table("id", "version", "members", "max_error", "stored", "original", "ratio", "max error", "created")
     for c in rows:
         table.add_row(str(c.id), str(c.ref), str(len(c.members)), str(c.max_error),
-                      _size(c.stored_bytes), _size(c.original_bytes), f"{c.ratio:.3f}",
+                      human_bytes(c.stored_bytes), human_bytes(c.original_bytes), f"{c.ratio:.3f}",
                       f"{max((m.error for m in c.members), default=0.0):.2e}", str(c.created_at)[:19])
     out.print(table)
 
@@ -1128,7 +1121,7 @@ def pack(
         out.print(f"{ref}: {r['skipped']}", markup=False, highlight=False)
         return
     out.print(f"{r['ref']}: {r['files_packed']} files packed ({r['files_already_packed']} already); "
-              f"{_size(r['logical_bytes'])} logical, {_size(r['stored_bytes'])} stored ({r['ratio']:.3f}); "
+              f"{human_bytes(r['logical_bytes'])} logical, {human_bytes(r['stored_bytes'])} stored ({r['ratio']:.3f}); "
               f"{r['chunks_new']} new chunks, {r['chunks_reused']} reused", markup=False, highlight=False)
 
 
@@ -1142,11 +1135,12 @@ def storage(as_json: JsonOpt = False) -> None:
         return
     table = Table("model", "versions", "logical", "stored", "ratio")
     for m in r.models:
-        table.add_row(m.model, str(m.versions), _size(m.logical_bytes), _size(m.stored_bytes), f"{m.ratio:.3f}")
+        table.add_row(m.model, str(m.versions), human_bytes(m.logical_bytes), human_bytes(m.stored_bytes),
+                      f"{m.ratio:.3f}")
     t = r.total
-    table.add_row("[bold]total[/bold]", "", _size(t.logical_bytes), _size(t.stored_bytes), f"{t.ratio:.3f}")
+    table.add_row("[bold]total[/bold]", "", human_bytes(t.logical_bytes), human_bytes(t.stored_bytes), f"{t.ratio:.3f}")
     out.print(table)
-    out.print(f"store: {t.objects} objects, {_size(t.object_bytes)}; {t.packed_files} packed files "
+    out.print(f"store: {t.objects} objects, {human_bytes(t.object_bytes)}; {t.packed_files} packed files "
               f"in {t.chunks} chunks; packing {r.pack}", markup=False, highlight=False)
 
 
@@ -1179,7 +1173,7 @@ def export_cmd(
     if as_json:
         _print_json(r)
         return
-    _note(f"{r.ref}: {r.files} files, {_size(r.size)} in {r.path} (tag {r.tag}, manifest {r.manifest_digest})")
+    _note(f"{r.ref}: {r.files} files, {human_bytes(r.size)} in {r.path} (tag {r.tag}, manifest {r.manifest_digest})")
     out.print(f"oci:{r.path}:{r.tag}", markup=False, highlight=False)
 
 

@@ -31,6 +31,7 @@ from ...services.jobtypes import JOB_TYPES
 from ...services.tokens import Principal
 from ...services.versions import VersionFilter
 from ...services.webhooks import DELIVERY_STATUSES
+from ...units import human_bytes
 from ..deps import COOKIE, Ctx, PageAdmin, PageWriter, Reader, cross_site, csrf_token
 from ..params import Id, parse_id_cursor
 from .common import version_ref
@@ -66,17 +67,6 @@ templates = Jinja2Templates(directory=UI_DIR / "templates")
 
 
 # --------------------------------------------------------------------------- formatting (template filters)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
 
 
 def number(x: Any, digits: int = 4) -> str:
