@@ -27,7 +27,7 @@ REDIS_URL = os.environ.get("REGISTRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 REQUIRE_SERVICES = os.environ.get("REGISTRY_TEST_REQUIRE_SERVICES") == "1"
 
 
-def _reachable(host: str, port: int) -> bool:
+def reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=2):
             return True
@@ -36,7 +36,7 @@ def _reachable(host: str, port: int) -> bool:
 
 
 def need_service(name: str, host: str, port: int) -> None:
-    if _reachable(host, port):
+    if reachable(host, port):
         return
     msg = f"{name} is not reachable at {host}:{port}"
     if REQUIRE_SERVICES:
@@ -336,7 +336,7 @@ class RedisProcess:
         self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not _reachable("127.0.0.1", self.port):
+        while not reachable("127.0.0.1", self.port):
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)

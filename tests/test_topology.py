@@ -40,7 +40,7 @@ import pytest
 
 from registry.client import Job, RegistryAPIError, RegistryClient, RegistryConnectionError, iter_folder
 
-from .conftest import RedisProcess, _reachable, free_port, need_postgres, new_pg_database, wait_healthy, wait_until
+from .conftest import RedisProcess, free_port, need_postgres, new_pg_database, reachable, wait_healthy, wait_until
 
 WARMUP = 5.0  # seconds of load before the first kill
 DOWNTIME = 2.0  # seconds a killed process stays down; also between kills
@@ -141,7 +141,7 @@ def _start_moto(root: Path) -> tuple[subprocess.Popen[bytes], str]:
                             stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 60
-    while not _reachable("127.0.0.1", port):
+    while not reachable("127.0.0.1", port):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"moto server did not start:\n{(root / 'moto.log').read_text()}")
         time.sleep(0.1)
