@@ -36,7 +36,7 @@ def get(ctx: RegistryContext, ref: str, *, with_files: bool = True) -> VersionVi
     """The view of the version ``ref`` names: two statements (the version's row by its ref, then
     everything related to it), no ORM entity."""
     r = parse_ref(ref)
-    with ctx.db.read() as s:
+    with ctx.db.lookup() as s:
         row = s.execute(ref_query(select(*VERSION_COLUMNS), r)).first()
         if row is None:
             raise not_found(s, r)
@@ -55,7 +55,7 @@ def search(ctx: RegistryContext, f: VersionFilter) -> tuple[list[VersionView], i
         names.kind(f.kind)
     if f.status is not None and f.status not in {s.value for s in VersionStatus}:
         raise InvalidInput(f"unknown status {f.status!r}", code="invalid_status")
-    with ctx.db.read() as s:
+    with ctx.db.lookup() as s:
         # Plain columns (the version's and its model's name), not ORM entities.
         q = select(*VERSION_COLUMNS).join(Model, Model.id == ModelVersion.model_id)
         if f.model is not None:
