@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, Row, Text, bindparam, cast, literal_column, null, select, union_all
+from sqlalchemy import ARRAY, BigInteger, Integer, Row, Text, any_, bindparam, cast, literal_column, null, select, union_all
 from sqlalchemy.orm import Session, aliased
 
 from ..models import Alias, DerivedFile, LineageEdge, Model, ModelVersion, VersionFile, VersionTag
@@ -92,9 +92,16 @@ joined with ``models``): no ORM entity, identity map or instance state for what 
 # as JSON text, edge id), 3 file (path, sha256, size), 4 derived native file (path, sha256, size),
 # 5 base (the base's id; model, number). Each branch is answered from an index on its version id.
 _TAG, _ALIAS, _PARENT_EDGE, _FILE, _DERIVED, _BASE = range(6)
-_IDS = bindparam("ids", expanding=True)
-_DERIVED_IDS = bindparam("derived_ids", expanding=True)
-_BASE_IDS = bindparam("base_ids", expanding=True)
+
+
+def _ids(column: Any, name: str, pg: bool) -> Any:
+    """``column`` is one of the ids bound as ``name``. PostgreSQL: ``= ANY(array)``, one parameter,
+    so the statement's text is the same for every page size (psycopg caches its parsing and
+    prepares it once; an expanded ``IN`` list made a new, long statement per page size). SQLite: an
+    expanded ``IN``."""
+    if pg:
+        return column == any_(bindparam(name, type_=ARRAY(Integer)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 def _part(n: int, vid: Any, a: Any = None, b: Any = None, num: Any = None, c: Any = None, order: Any = None) -> Any:
@@ -106,32 +113,34 @@ def _part(n: int, vid: Any, a: Any = None, b: Any = None, num: Any = None, c: An
             (cast(order, BigInteger) if order is not None else none_int).label("o"))
 
 
-def _related_query(*, files: bool, derived: bool, bases: bool) -> Any:
+def _related_query(*, files: bool, derived: bool, bases: bool, pg: bool) -> Any:
+    ids, derived_ids, base_ids = (_ids(c, n, pg) for c, n in (
+        (VersionTag.version_id, "ids"), (DerivedFile.version_id, "derived_ids"), (ModelVersion.id, "base_ids")))
     parts = [
         select(*_part(_TAG, VersionTag.version_id, VersionTag.key, VersionTag.value))
-        .where(VersionTag.version_id.in_(_IDS)),
-        select(*_part(_ALIAS, Alias.version_id, Alias.name)).where(Alias.version_id.in_(_IDS)),
+        .where(ids),
+        select(*_part(_ALIAS, Alias.version_id, Alias.name)).where(_ids(Alias.version_id, "ids", pg)),
         select(*_part(_PARENT_EDGE, LineageEdge.child_id, LineageEdge.relation, Model.name, _PARENT.version,
                       cast(LineageEdge.params, Text), LineageEdge.id))
         .join(_PARENT, _PARENT.id == LineageEdge.parent_id).join(Model, Model.id == _PARENT.model_id)
-        .where(LineageEdge.child_id.in_(_IDS)),
+        .where(_ids(LineageEdge.child_id, "ids", pg)),
     ]
     if files:
         parts.append(select(*_part(_FILE, VersionFile.version_id, VersionFile.path, VersionFile.blob_sha256,
-                                   VersionFile.size)).where(VersionFile.version_id.in_(_IDS)))
+                                   VersionFile.size)).where(_ids(VersionFile.version_id, "ids", pg)))
     if derived:
         parts.append(select(*_part(_DERIVED, DerivedFile.version_id, DerivedFile.path, DerivedFile.sha256,
                                    DerivedFile.size))
-                     .where(DerivedFile.version_id.in_(_DERIVED_IDS), DerivedFile.format == "native"))
+                     .where(derived_ids, DerivedFile.format == "native"))
     if bases:
         parts.append(select(*_part(_BASE, ModelVersion.id, None, Model.name, ModelVersion.version))
-                     .join(Model, Model.id == ModelVersion.model_id).where(ModelVersion.id.in_(_BASE_IDS)))
+                     .join(Model, Model.id == ModelVersion.model_id).where(base_ids))
     return union_all(*parts)
 
 
 # One compiled statement per shape (SQLAlchemy caches each by its structure).
-_RELATED = {(f, d, b): _related_query(files=f, derived=d, bases=b)
-            for f in (False, True) for d in (False, True) for b in (False, True)}
+_RELATED = {(f, d, b, pg): _related_query(files=f, derived=d, bases=b, pg=pg)
+            for f in (False, True) for d in (False, True) for b in (False, True) for pg in (False, True)}
 
 
 def version_views(session: Session, versions: Sequence[Any], *, with_files: bool = False) -> list[VersionView]:
@@ -153,7 +162,8 @@ def version_views(session: Session, versions: Sequence[Any], *, with_files: bool
     edges: dict[int, list[tuple[int, ParentView]]] = defaultdict(list)
     files: dict[int, list[FileView]] = defaultdict(list)
     base_refs: dict[int, str] = {}
-    stmt = _RELATED[(with_files, bool(derived_ids), bool(base_ids))]
+    pg = session.get_bind().dialect.name == "postgresql"
+    stmt = _RELATED[(with_files, bool(derived_ids), bool(base_ids), pg)]
     for part, vid, a, b, n, c, o in session.execute(stmt, params):
         if part == _TAG:
             tags[vid][a] = b
