@@ -68,12 +68,25 @@ class Database:
         self._write = sessionmaker(
             self.engine.execution_options(registry_write=True), expire_on_commit=False
         )
+        # PostgreSQL: statements outside a transaction (see lookup()); SQLite: a read transaction.
+        self._lookup = self._read if self.is_sqlite else sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
         # SQLite: this process's writers take turns on a lock before BEGIN IMMEDIATE (see write()).
         self._write_lock = threading.RLock() if self.is_sqlite else None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         with self._read() as session:
+            yield session
+
+    @contextmanager
+    def lookup(self) -> Iterator[Session]:
+        """A read that writes nothing and needs no snapshot across its statements (the hot API
+        reads). On PostgreSQL its statements run outside a transaction: each sees what was
+        committed when it started, as it would in read()'s READ COMMITTED transaction, without the
+        BEGIN and ROLLBACK round trips. On SQLite it is read() (a WAL read transaction: one snapshot)."""
+        with self._lookup() as session:
             yield session
 
     @contextmanager

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.peer import loadgen  # noqa: E402
+from bench.peer import bulk, loadgen  # noqa: E402
 from bench.peer.systems import MLflow, Ours, System, busiest_share  # noqa: E402
 from tests.conftest import PG_ADMIN_URL, free_port  # noqa: E402
 
@@ -152,36 +152,52 @@ async def populate(s: System, args: argparse.Namespace) -> dict[str, Any]:
 
 async def prepare(kind: str, db: str, args: argparse.Namespace, pg: Pg | None, root: Path) -> dict[str, Any]:
     """Make sure a populated snapshot of ``kind`` (ours | mlflow) on ``db`` exists; returns its metadata."""
-    key = f"{kind}-{db}-v{args.versions}-m{args.models}-d{DATASET}"
+    mode = "" if args.populate == "api" else "b"
+    key = f"{kind}-{db}-v{args.versions}-m{args.models}-d{DATASET}{mode}"
     snap = (args.data / "snapshots" / key).resolve()
-    pg_name = f"peer_snap_{kind}_v{args.versions}_m{args.models}_d{DATASET}"
+    pg_name = f"peer_snap_{kind}_v{args.versions}_m{args.models}_d{DATASET}{mode}"
     meta_file = snap / "meta.json"
     if meta_file.exists() and not args.fresh and (db == "sqlite" or (pg is not None and pg.exists(pg_name))):
         return json.loads(meta_file.read_text()) | {"pg_template": pg_name, "snapshot": str(snap)}
     shutil.rmtree(snap, ignore_errors=True)
     home = root / f"populate-{kind}"
     s: System = Ours(kind, free_port(), home) if kind == "ours" else MLflow(kind, free_port(), home)
+    home.mkdir(parents=True, exist_ok=True)
     if db == "sqlite":
         url = f"sqlite:///{home / 'db.sqlite'}"
     else:
         assert pg is not None
         pg.drop(pg_name)
         url = pg.create(pg_name)
-    print(f"{db}: populating {kind} (snapshot {snap})", flush=True)
+    print(f"{db}: populating {kind} ({args.populate}, snapshot {snap})", flush=True)
+    if args.populate == "bulk":
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        if kind == "ours":
+            s.shas = bulk.populate_ours(url, home, versions=args.versions, models=args.models)
+        else:
+            bulk.populate_mlflow(url, versions=args.versions, models=args.models)
+        stats = {"mode": "bulk", "wall_s": round(time.perf_counter() - t0, 1),
+                 "cpu_s": round(time.process_time() - cpu0, 1),
+                 "date": dt.datetime.now().isoformat(timespec="seconds"), "loadavg": loadavg()}
+        return _snapshot(home, snap, meta_file, {"populate": stats, "shas": s.shas}, pg_name)
     s.start(url, args.workers)
     try:
         stats = await populate(s, args)
     finally:
         s.stop()
+    stats["mode"] = "api"
     if db == "postgres":
         # What autovacuum does to a table this size within a minute or so; a database copied from a
         # template keeps these statistics but never gets its own (its change counters start at 0),
         # and without them PostgreSQL picks nested loops that cost MLflow's tag search seconds.
         assert pg is not None
         pg.vacuum_analyze(pg_name)
+    return _snapshot(home, snap, meta_file, {"populate": stats, "shas": s.shas}, pg_name)
+
+
+def _snapshot(home: Path, snap: Path, meta_file: Path, meta: dict[str, Any], pg_name: str) -> dict[str, Any]:
     snap.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(home, snap, ignore=shutil.ignore_patterns("*.log", "staging", "artifacts"))
-    meta = {"populate": stats, "shas": s.shas}
+    shutil.copytree(home, snap, ignore=shutil.ignore_patterns("*.log", "staging", "artifacts", "tmp*"))
     meta_file.write_text(json.dumps(meta))
     shutil.rmtree(home, ignore_errors=True)
     return meta | {"pg_template": pg_name, "snapshot": str(snap)}
@@ -217,11 +233,11 @@ async def measure_round(systems: list[System], rnd: int, args: argparse.Namespac
     order = systems if rnd % 2 == 0 else systems[::-1]
     ops = {s.label: s.operations(models=args.models, per_model=per_model, round_tag=f"r{rnd}",
                                  create_models=args.create_models) for s in systems}
-    for s in systems:
+    for s in systems if set(WRITES) & set(args.ops) else ():
         conn = loadgen.Conn(s.url)
         await s.create_models(conn, s.create_model_names(f"r{rnd}", args.create_models))
         await conn.close()
-    for name in (*READS, *WRITES):
+    for name in (n for n in (*READS, *WRITES) if n in args.ops):
         for s in order:
             op = ops[s.label].get(name)
             if op is None:
@@ -332,9 +348,13 @@ def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
            "process* = the largest share one process of a server took of that server's CPU in the measurement "
            f"(1/{args.workers} = evenly spread).", ""]
     for r in results:
-        pops = "; ".join(f"{k} {v['ops_per_s']:.0f} versions/s ({v['req_per_s']:.0f} req/s, {v['date']})"
-                         for k, v in r["populate"].items())
-        out += [f"{r['db']}: populated through the APIs at concurrency {args.populate_concurrency}: {pops}. "
+        def pop(v: dict[str, Any]) -> str:
+            if v.get("mode") == "bulk":
+                return f"bulk-written in {v['wall_s']} s ({v['date']})"
+            return f"through the API at {v['ops_per_s']:.0f} versions/s ({v['req_per_s']:.0f} req/s, {v['date']})"
+
+        pops = "; ".join(f"{k} {pop(v)}" for k, v in r["populate"].items())
+        out += [f"{r['db']}: {args.versions} versions; populated: {pops}. "
                 f"Matches: " + "; ".join(f"{k} {v}" for k, v in r["hits"].items()) + ".", "",
                 table(r["db"], r["rows"]), ""]
     return "\n".join(out)
@@ -355,6 +375,10 @@ def main() -> None:
     ap.add_argument("--create-models", type=int, default=20, help="models the creates of one round spread over")
     ap.add_argument("--repeat", type=int, default=2, help="measurement rounds per database")
     ap.add_argument("--data", type=Path, default=Path(".bench-data/peer"))
+    ap.add_argument("--populate", choices=("bulk", "api"), default="bulk",
+                    help="bulk: rows written straight into each system's tables (bulk.py); api: every version "
+                         "created through the HTTP API (21 min for 10k)")
+    ap.add_argument("--ops", default=",".join((*READS, *WRITES)), help="comma-separated operations to measure")
     ap.add_argument("--fresh", action="store_true", help="populate again instead of using the snapshots")
     ap.add_argument("--prepare-only", action="store_true", help="only make the populated snapshots")
     ap.add_argument("--ours-tree", action="append", default=[], metavar="LABEL=PATH",
@@ -363,7 +387,11 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, default=None, help="write the report (tables) here")
     args = ap.parse_args()
     args.ours_tree = [(lab, Path(p).resolve()) for lab, _, p in (t.partition("=") for t in args.ours_tree)]
-    if args.repeat * (args.creates + args.create_warmup) > args.versions:
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if set(args.ops) - set(READS) - set(WRITES):
+        ap.error(f"unknown operations: {sorted(set(args.ops) - set(READS) - set(WRITES))}")
+    limit = min(args.versions, bulk.DEFAULT_BLOBS) if args.populate == "bulk" else args.versions
+    if set(WRITES) & set(args.ops) and args.repeat * (args.creates + args.create_warmup) > limit:
         ap.error("--repeat x (--creates + --create-warmup) must not exceed --versions (each create links a new blob)")
     try:
         import uvloop

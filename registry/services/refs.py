@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, contains_eager, lazyload
@@ -10,6 +11,8 @@ from sqlalchemy.orm import Session, contains_eager, lazyload
 from ..errors import InvalidInput, NotFound
 from ..models import Alias, Model, ModelVersion, VersionStatus
 from . import names
+
+T = TypeVar("T", bound=tuple[Any, ...])
 
 
 @dataclass(frozen=True)
@@ -64,28 +67,38 @@ def get_model(session: Session, name: str) -> Model:
     return model
 
 
+def ref_query(q: Select[T], r: Ref) -> Select[T]:
+    """``q`` (a select from ``model_versions``) narrowed to the version ``r`` names, joined with its
+    model: by number (the unique ``(model_id, version)``), by alias (the aliases' primary key), or
+    the newest ready, non-archived version (``ix_versions_model_status_version``)."""
+    q = q.join(Model, Model.id == ModelVersion.model_id).where(Model.name == r.name)
+    if r.version is not None:
+        return q.where(ModelVersion.version == r.version)
+    if r.alias is not None:
+        return q.join(Alias, Alias.version_id == ModelVersion.id).where(
+            Alias.model_id == Model.id, Alias.name == r.alias)
+    return q.where(ModelVersion.status == VersionStatus.ready.value, ModelVersion.archived_at.is_(None)).order_by(
+        ModelVersion.version.desc()).limit(1)
+
+
+def not_found(session: Session, r: Ref) -> NotFound:
+    """The error for a ref that names no version: ``model_not_found`` (raised) when the model
+    itself is unknown, else ``version_not_found`` (returned)."""
+    get_model(session, r.name)
+    what = "no ready version" if r.version is None and r.alias is None else "not found"
+    return NotFound(f"{r}: {what}", code="version_not_found", details={"ref": str(r)})
+
+
 def resolve(session: Session, ref: Ref | str, *, include_archived: bool = True) -> ModelVersion:
     """The version a ref names. ``name`` alone is the newest ready, non-archived version.
 
     One query (the version joined with its model; the model's tags are left unloaded); a second
     one only on a miss, to tell an unknown model from an unknown version."""
     r = parse_ref(ref) if isinstance(ref, str) else ref
-    q = (select(ModelVersion).join(Model, Model.id == ModelVersion.model_id).where(Model.name == r.name)
-         .options(contains_eager(ModelVersion.model).lazyload(Model.tags)))
-    if r.version is not None:
-        q = q.where(ModelVersion.version == r.version)
-    elif r.alias is not None:
-        q = q.join(Alias, Alias.version_id == ModelVersion.id).where(
-            Alias.model_id == Model.id, Alias.name == r.alias)
-    else:
-        q = q.where(ModelVersion.status == VersionStatus.ready.value, ModelVersion.archived_at.is_(None)).order_by(
-            ModelVersion.version.desc()).limit(1)
-    v = session.scalar(q)
-    if v is None:
-        get_model(session, r.name)  # model_not_found when the model itself is unknown
+    v = session.scalar(ref_query(select(ModelVersion), r).options(
+        contains_eager(ModelVersion.model).lazyload(Model.tags)))
     if v is None or (not include_archived and v.archived_at is not None):
-        what = "no ready version" if r.version is None and r.alias is None else "not found"
-        raise NotFound(f"{r}: {what}", code="version_not_found", details={"ref": str(r)})
+        raise not_found(session, r)
     return v
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, defaultload
+from sqlalchemy.orm import Session
 
 from ..errors import Conflict, InvalidInput, NotFound
 from ..formats.paths import clean_path
@@ -14,9 +14,9 @@ from . import names
 from .context import RegistryContext
 from .derived import ServedFile, served_files
 from .events import emit
-from .refs import find, parse_ref, resolve
+from .refs import find, not_found, parse_ref, ref_query, resolve
 from .sql import check_limit, newest_first
-from .views import VersionView, version_view, version_views
+from .views import VERSION_COLUMNS, VersionView, version_view, version_views
 
 
 @dataclass
@@ -33,8 +33,14 @@ class VersionFilter:
 
 
 def get(ctx: RegistryContext, ref: str, *, with_files: bool = True) -> VersionView:
-    with ctx.db.read() as s:
-        return version_view(s, resolve(s, ref), with_files=with_files)
+    """The view of the version ``ref`` names: two statements (the version's row by its ref, then
+    everything related to it), no ORM entity."""
+    r = parse_ref(ref)
+    with ctx.db.lookup() as s:
+        row = s.execute(ref_query(select(*VERSION_COLUMNS), r)).first()
+        if row is None:
+            raise not_found(s, r)
+        return version_views(s, [row], with_files=with_files)[0]
 
 
 def search(ctx: RegistryContext, f: VersionFilter) -> tuple[list[VersionView], int | None]:
@@ -49,15 +55,13 @@ def search(ctx: RegistryContext, f: VersionFilter) -> tuple[list[VersionView], i
         names.kind(f.kind)
     if f.status is not None and f.status not in {s.value for s in VersionStatus}:
         raise InvalidInput(f"unknown status {f.status!r}", code="invalid_status")
-    with ctx.db.read() as s:
-        # The page needs each version's model name, not the model's tags.
-        q = select(ModelVersion).options(defaultload(ModelVersion.model).lazyload(Model.tags))
-        if f.model is not None or f.prefix is not None:
-            q = q.join(Model, Model.id == ModelVersion.model_id)
-            if f.model is not None:
-                q = q.where(Model.name == f.model)
-            if f.prefix is not None:
-                q = q.where(Model.name.startswith(f.prefix, autoescape=True))
+    with ctx.db.lookup() as s:
+        # Plain columns (the version's and its model's name), not ORM entities.
+        q = select(*VERSION_COLUMNS).join(Model, Model.id == ModelVersion.model_id)
+        if f.model is not None:
+            q = q.where(Model.name == f.model)
+        if f.prefix is not None:
+            q = q.where(Model.name.startswith(f.prefix, autoescape=True))
         if f.kind is not None:
             q = q.where(ModelVersion.kind == f.kind)
         if f.status is not None:
@@ -74,7 +78,7 @@ def search(ctx: RegistryContext, f: VersionFilter) -> tuple[list[VersionView], i
             if base is None:
                 return [], None
             q = q.where(ModelVersion.base_version_id == base.id)
-        rows, more = newest_first(s, q, ModelVersion.id, f.limit, f.cursor)
+        rows, more = newest_first(s, q, ModelVersion.id, f.limit, f.cursor, entities=False)
         return version_views(s, rows), (rows[-1].id if more else None)
 
 

@@ -14,7 +14,7 @@ from registry.models import Event
 from registry.services import aliases, catalog, tags, versions
 from registry.services.versions import VersionFilter
 
-from .inproc import InProcess
+from .inproc import InProcess, weights_bytes
 
 pytestmark = pytest.mark.services
 
@@ -186,3 +186,54 @@ def test_models_catalog(reg: InProcess) -> None:
     with pytest.raises(NotFound) as e2:
         catalog.get(reg.ctx, "ghost")
     assert e2.value.code == "model_not_found"
+
+
+def test_views_of_a_page_match_the_tables(reg: InProcess) -> None:
+    """A page's views come from one statement over the related tables (tags, aliases, parents,
+    base, files): each view must say exactly what those tables hold, version by version, for
+    versions with and without each kind of related row, read by ref and in a search page."""
+    from registry.models import Alias, LineageEdge, Model, ModelVersion, VersionFile, VersionTag
+
+    base = reg.push_base("llm", tags={"b": "1"}, aliases=["prod", "blue"])
+    reg.push_adapter("lora", base=base.ref, tags={"z": "last", "a": "first"})
+    reg.push_weights("merged", 3, parents=[{"ref": "llm@1", "relation": "merge_of", "params": {"weight": 0.5}},
+                                           {"ref": "lora@1", "relation": "merge_of", "params": {"w": [1, 2]}}])
+    reg.push_files("multi", {"b.safetensors": weights_bytes(8, names=("b",)),
+                                "a.safetensors": weights_bytes(9, names=("a",))})
+    reg.push_weights("plain", 4)
+    with reg.ctx.db.read() as s:
+        rows = s.execute(select(ModelVersion.id, Model.name, ModelVersion.version, ModelVersion.base_version_id)
+                         .join(Model, Model.id == ModelVersion.model_id)).all()
+        ref_of = {vid: f"{n}@{v}" for vid, n, v, _ in rows}
+        expected = {}
+        for vid, _, _, base_id in rows:
+            expected[ref_of[vid]] = {
+                "tags": dict(sorted(s.execute(select(VersionTag.key, VersionTag.value)
+                                              .where(VersionTag.version_id == vid)).all())),
+                "aliases": sorted(s.scalars(select(Alias.name).where(Alias.version_id == vid))),
+                "parents": [(ref_of[p], rel, params or {}) for p, rel, params in s.execute(
+                    select(LineageEdge.parent_id, LineageEdge.relation, LineageEdge.params)
+                    .where(LineageEdge.child_id == vid).order_by(LineageEdge.id))],
+                "base": ref_of[base_id] if base_id else None,
+                "files": [(p, sha, size) for p, sha, size in s.execute(
+                    select(VersionFile.path, VersionFile.blob_sha256, VersionFile.size)
+                    .where(VersionFile.version_id == vid).order_by(VersionFile.path))],
+            }
+    assert expected["llm@1"]["aliases"] == ["blue", "prod"] and expected["lora@1"]["base"] == "llm@1"
+    assert len(expected["merged@1"]["parents"]) == 2 and len(expected["multi@1"]["files"]) == 2
+
+    def seen(v, with_files: bool):  # type: ignore[no-untyped-def]
+        out = {"tags": v.tags, "aliases": v.aliases, "parents": [(p.ref, p.relation, p.params) for p in v.parents],
+               "base": v.base}
+        if with_files:
+            out["files"] = [(f.path, f.sha256, f.size) for f in v.files]
+        return out
+
+    for ref, want in expected.items():
+        assert seen(versions.get(reg.ctx, ref), True) == want, ref
+        assert list(versions.get(reg.ctx, ref).tags) == sorted(want["tags"])
+    page, _ = versions.search(reg.ctx, VersionFilter(limit=50))
+    assert {v.ref for v in page} == set(expected)
+    for v in page:
+        assert v.files is None
+        assert seen(v, False) == {k: x for k, x in expected[v.ref].items() if k != "files"}, v.ref
