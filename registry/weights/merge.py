@@ -157,7 +157,7 @@ def dare_mask(
     kept iff ``u_j / 2^53 < density``, ``u_j`` the top 53 bits of the ``(j + 1)``-th SplitMix64
     output seeded with ``tensor_seed(seed, name, index)``. The same mask on every device, for any
     chunking. ``kernel``: None picks the compiled kernel on the CPU and torch ops elsewhere; True /
-    False forces one (True only on the CPU; both give the same mask, tested)."""
+    False forces one (True computes on the CPU, then moves the mask; both give the same mask, tested)."""
     size = (shape,) if isinstance(shape, int) else tuple(shape)
     count = math.prod(size)
     if not 0.0 < density <= 1.0:
