@@ -259,6 +259,9 @@ def test_params_are_validated_in_one_place() -> None:
     )
     assert set(METHODS) == {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
     assert METHODS["ties"].variant == "ties/per-tensor"
+    # the DARE mask rule is part of the recorded variant (the torch.bernoulli masks had none)
+    assert METHODS["dare_linear"].variant == "dare_linear/rescaled/mask-splitmix64"
+    assert METHODS["dare_ties"].variant == "dare_ties/rescaled/per-tensor/mask-splitmix64"
 
 
 def test_bad_tensors() -> None:
