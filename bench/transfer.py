@@ -12,11 +12,14 @@ merge). Then, in one run, on a warm page cache:
   safe_open read and with read + raw write), and peak RSS growth over the post-import RSS (the
   high-water mark ``VmHWM`` is reset after imports via ``/proc/self/clear_refs``) compared with the
   largest tensor;
-* ``merge_checkpoints("ties", base, [3 inputs])`` likewise, against reading its 4 checkpoints.
+* ``merge_checkpoints(method, base, [3 inputs])`` likewise, against reading its 4 checkpoints, for
+  each method of ``--merge-methods`` (default ``ties``; ``dare`` = ``dare_linear,dare_ties``; density
+  0.2, weights 1, DARE seed 0), each interleaved with its own reads (and the baseline tree's merge).
 
 Usage: ``python bench/transfer.py [--repeat 3] [--merge-repeat 2] [--regen] [--profile]
-[--threads N] [--skip-merge]``. Prints markdown tables. ``--threads`` sets ``torch.set_num_threads``
-in the measured subprocesses (default: torch's default, one per core).
+[--threads N] [--skip-merge] [--skip-transfer] [--merge-methods ties,dare]``. Prints markdown tables.
+``--threads`` sets ``torch.set_num_threads`` in the measured subprocesses (default: torch's default,
+one per core).
 """
 
 from __future__ import annotations
@@ -181,8 +184,8 @@ if args["op"] == "transfer":
     rep = T.transfer(args["f"], args["s"], args["t"], args["out"], device="cpu", max_shard_bytes=args["shard"])
     extra = {"cosine": rep.cosine, "relative_base_shift": rep.relative_base_shift}
 else:
-    rep = M.merge_checkpoints("ties", args["base"], args["inputs"], args["out"],
-                              {"density": 0.2, "weights": [1.0, 1.0, 1.0]}, device="cpu")
+    rep = M.merge_checkpoints(args["method"], args["base"], args["inputs"], args["out"], args["params"],
+                              device="cpu")
     extra = {}
 if prof: prof.disable()
 dt = time.perf_counter() - t0
@@ -218,6 +221,51 @@ def mb(x: float) -> str:
     return f"{x / 1e6:,.0f} MB"
 
 
+def merge_table(a: argparse.Namespace, method: str, params: dict[str, object], mg_inputs: list[Path],
+                mg_args: dict[str, object], largest: int) -> None:
+    """Time ``merge_checkpoints(method)`` (and the baseline tree's) interleaved with reads of its inputs."""
+    read4: list[float] = []
+    mgs: list[dict[str, object]] = []
+    olds: list[dict[str, object]] = []
+    for _ in range(a.merge_repeat):
+        read4.append(read_safe_open(mg_inputs))
+        mgs.append(child(mg_args))
+        if a.baseline_src:
+            olds.append(child(mg_args, a.baseline_src))
+    t_mg = [float(str(r["seconds"])) for r in mgs]
+    rss_mg = max(float(str(r["rss_growth"])) for r in mgs)
+    print(f"\n### {method} merge, 3 inputs + base ({json.dumps(params)}; {a.merge_repeat} runs)\n")
+    print("| measurement | min | median | ratio of mins |")
+    print("|---|---|---|---|")
+    print(
+        f"| read 4 checkpoints, safe_open get_tensor().clone() | {min(read4):.2f} s | "
+        f"{statistics.median(read4):.2f} s | 1.00 |"
+    )
+    print(
+        f"| merge_checkpoints('{method}') | {min(t_mg):.2f} s | {statistics.median(t_mg):.2f} s | "
+        f"**{min(t_mg) / min(read4):.1f}x** |"
+    )
+    print(f"| peak RSS growth of merge (max) | {mb(rss_mg)} | | {rss_mg / largest:.2f}x largest tensor |")
+    k_s, k_rss = max(float(str(r["kernel_s"])) for r in mgs), max(float(str(r["kernel_rss"])) for r in mgs)
+    print(f"| one-off per process, before the timing: load the compiled kernels | {k_s:.2f} s | | "
+          f"{mb(k_rss)} RSS |")
+    if olds:
+        t_old = [float(str(r["seconds"])) for r in olds]
+        rss_old = max(float(str(r["rss_growth"])) for r in olds)
+        print(f"| baseline tree {a.baseline_src}: merge_checkpoints('{method}') | {min(t_old):.2f} s | "
+              f"{statistics.median(t_old):.2f} s | **{min(t_old) / min(read4):.1f}x** |")
+        print(f"| baseline tree: peak RSS growth of merge (max) | {mb(rss_old)} | | "
+              f"{rss_old / largest:.2f}x largest tensor |")
+        print(f"\nbaseline merge runs: {[round(x, 2) for x in t_old]} s")
+    c_read = min(CPU_READS[-a.merge_repeat:])
+    c_mg = min(float(str(r["cpu"])) for r in mgs)
+    print(f"\nCPU time (user + system; not stretched by other processes): read 4 checkpoints {c_read:.2f} s, "
+          f"merge {c_mg:.2f} s = **{c_mg / c_read:.1f}x**" + (
+              f"; baseline merge {min(float(str(r['cpu'])) for r in olds):.2f} s = "
+              f"**{min(float(str(r['cpu'])) for r in olds) / c_read:.1f}x**" if olds else ""))
+    print(f"\nruns: merge {[round(x, 2) for x in t_mg]} s; read {[round(x, 2) for x in read4]} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
@@ -225,6 +273,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one transfer and one merge")
     ap.add_argument("--merge-repeat", type=int, default=2)
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--skip-transfer", action="store_true")
+    ap.add_argument("--merge-methods", default="ties",
+                    help="comma-separated merge methods to time (ties, dare_linear, dare_ties, task_arithmetic; "
+                         "'dare' = dare_linear,dare_ties)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the measured subprocesses")
     ap.add_argument("--baseline-src", default=None,
                     help="a source tree of the code before a change (e.g. `git worktree add /tmp/base main`): "
@@ -255,107 +307,83 @@ def main() -> None:
         "shard": SHARD,
         "threads": a.threads,
     }
-    # Interleaved (read, raw read, write, transfer) x repeat, so a disturbance hits all of them;
-    # min = least disturbed run, median for reference.
-    read3: list[float] = []
-    raw3: list[float] = []
-    write1: list[float] = []
-    trs: list[dict[str, object]] = []
-    for _ in range(a.repeat):
-        read3.append(read_safe_open(tr_inputs))
-        raw3.append(read_raw(tr_inputs))
-        write1.append(write_raw(model_bytes))
-        trs.append(child(tr_args))
-    t_tr_all = [float(str(r["seconds"])) for r in trs]
-    rss = max(float(str(r["rss_growth"])) for r in trs)
-    t_read = min(read3)
-    print(f"### Transfer ({a.repeat} interleaved runs, warm page cache; min / median)\n")
-    print("| measurement | min | median | ratio of mins |")
-    print("|---|---|---|---|")
-    rows = [
-        ("read 3 inputs: safe_open get_tensor().clone(), tensor by tensor", read3),
-        ("read 3 inputs: raw file read, 16 MiB buffer", raw3),
-        ("write 1 model of bytes: raw file write (page cache, no fsync)", write1),
-        ("**transfer** (3 in, 1 out, 4 shards, with diagnostics)", t_tr_all),
-    ]
-    for label, xs in rows:
-        print(f"| {label} | {min(xs):.2f} s | {statistics.median(xs):.2f} s | {min(xs) / t_read:.2f}x |")
-    t_rw = min(read3) + min(write1)
-    print(
-        f"| read 3 inputs (safe_open) + raw write 1 model (sum of the two mins above) | {t_rw:.2f} s | | "
-        f"{t_rw / t_read:.2f}x; transfer = **{min(t_tr_all) / t_rw:.2f}x** this |"
-    )
-    t_raw = min(raw3) + min(write1)
-    print(
-        f"| raw read 3 inputs + raw write 1 model (sum of the two mins above) | {t_raw:.2f} s | | "
-        f"{t_raw / t_read:.2f}x; transfer = **{min(t_tr_all) / t_raw:.2f}x** this |"
-    )
-    print(f"| transfer throughput (input bytes / min time) | {3 * model_bytes / min(t_tr_all) / 1e9:.2f} GB/s | | |")
-    ratio = f"**{rss / largest:.3f}x** largest tensor"
-    print(f"| peak RSS growth of transfer (VmHWM - RSS after imports; max) | {mb(rss)} | | {ratio} |")
-    print(f"| diagnostics | cosine {trs[0]['cosine']:.4f}, rel. shift {trs[0]['relative_base_shift']:.4f} | | |")
-    print(f"\ngoals: transfer <= 1.5x read -> {min(t_tr_all) / t_read:.2f}x; RSS <= 4x largest -> {rss / largest:.3f}x")
-    print(
-        f"runs: transfer {[round(x, 2) for x in t_tr_all]} s; read {[round(x, 2) for x in read3]} s; "
-        f"raw read {[round(x, 2) for x in raw3]} s; raw write {[round(x, 2) for x in write1]} s"
-    )
-
-    if not a.skip_merge:
-        mg_args = {
-            "op": "merge",
-            "base": str(paths["source"]),
-            "inputs": [str(paths["finetune"]), str(paths["target"]), str(paths["finetune2"])],
-            "out": str(DATA / "out-merge"),
-            "threads": a.threads,
-        }
-        read4: list[float] = []
-        mgs: list[dict[str, object]] = []
-        olds: list[dict[str, object]] = []
-        for _ in range(a.merge_repeat):
-            read4.append(read_safe_open(mg_inputs))
-            mgs.append(child(mg_args))
-            if a.baseline_src:
-                olds.append(child(mg_args, a.baseline_src))
-        t_mg = [float(str(r["seconds"])) for r in mgs]
-        rss_mg = max(float(str(r["rss_growth"])) for r in mgs)
-        print(f"\n### TIES merge, 3 inputs + base (density 0.2, per-tensor trim; {a.merge_repeat} runs)\n")
+    if not a.skip_transfer:
+        # Interleaved (read, raw read, write, transfer) x repeat, so a disturbance hits all of them;
+        # min = least disturbed run, median for reference.
+        read3: list[float] = []
+        raw3: list[float] = []
+        write1: list[float] = []
+        trs: list[dict[str, object]] = []
+        for _ in range(a.repeat):
+            read3.append(read_safe_open(tr_inputs))
+            raw3.append(read_raw(tr_inputs))
+            write1.append(write_raw(model_bytes))
+            trs.append(child(tr_args))
+        t_tr_all = [float(str(r["seconds"])) for r in trs]
+        rss = max(float(str(r["rss_growth"])) for r in trs)
+        t_read = min(read3)
+        print(f"### Transfer ({a.repeat} interleaved runs, warm page cache; min / median)\n")
         print("| measurement | min | median | ratio of mins |")
         print("|---|---|---|---|")
+        rows = [
+            ("read 3 inputs: safe_open get_tensor().clone(), tensor by tensor", read3),
+            ("read 3 inputs: raw file read, 16 MiB buffer", raw3),
+            ("write 1 model of bytes: raw file write (page cache, no fsync)", write1),
+            ("**transfer** (3 in, 1 out, 4 shards, with diagnostics)", t_tr_all),
+        ]
+        for label, xs in rows:
+            print(f"| {label} | {min(xs):.2f} s | {statistics.median(xs):.2f} s | {min(xs) / t_read:.2f}x |")
+        t_rw = min(read3) + min(write1)
         print(
-            f"| read 4 checkpoints, safe_open get_tensor().clone() | {min(read4):.2f} s | "
-            f"{statistics.median(read4):.2f} s | 1.00 |"
+            f"| read 3 inputs (safe_open) + raw write 1 model (sum of the two mins above) | {t_rw:.2f} s | | "
+            f"{t_rw / t_read:.2f}x; transfer = **{min(t_tr_all) / t_rw:.2f}x** this |"
         )
+        t_raw = min(raw3) + min(write1)
         print(
-            f"| merge_checkpoints('ties') | {min(t_mg):.2f} s | {statistics.median(t_mg):.2f} s | "
-            f"**{min(t_mg) / min(read4):.1f}x** |"
+            f"| raw read 3 inputs + raw write 1 model (sum of the two mins above) | {t_raw:.2f} s | | "
+            f"{t_raw / t_read:.2f}x; transfer = **{min(t_tr_all) / t_raw:.2f}x** this |"
         )
-        print(f"| peak RSS growth of merge (max) | {mb(rss_mg)} | | {rss_mg / largest:.2f}x largest tensor |")
-        k_s, k_rss = max(float(str(r["kernel_s"])) for r in mgs), max(float(str(r["kernel_rss"])) for r in mgs)
-        print(f"| one-off per process, before the timing: load the compiled kernels | {k_s:.2f} s | | "
-              f"{mb(k_rss)} RSS |")
-        if olds:
-            t_old = [float(str(r["seconds"])) for r in olds]
-            rss_old = max(float(str(r["rss_growth"])) for r in olds)
-            print(f"| baseline tree {a.baseline_src}: merge_checkpoints('ties') | {min(t_old):.2f} s | "
-                  f"{statistics.median(t_old):.2f} s | **{min(t_old) / min(read4):.1f}x** |")
-            print(f"| baseline tree: peak RSS growth of merge (max) | {mb(rss_old)} | | "
-                  f"{rss_old / largest:.2f}x largest tensor |")
-            print(f"\nbaseline merge runs: {[round(x, 2) for x in t_old]} s")
-        c_read = min(CPU_READS[-a.merge_repeat:])
-        c_mg = min(float(str(r["cpu"])) for r in mgs)
-        print(f"\nCPU time (user + system; not stretched by other processes): read 4 checkpoints {c_read:.2f} s, "
-              f"merge {c_mg:.2f} s = **{c_mg / c_read:.1f}x**" + (
-                  f"; baseline merge {min(float(str(r['cpu'])) for r in olds):.2f} s = "
-                  f"**{min(float(str(r['cpu'])) for r in olds) / c_read:.1f}x**" if olds else ""))
-        print(f"\nruns: merge {[round(x, 2) for x in t_mg]} s; read {[round(x, 2) for x in read4]} s")
+        gbs = 3 * model_bytes / min(t_tr_all) / 1e9
+        print(f"| transfer throughput (input bytes / min time) | {gbs:.2f} GB/s | | |")
+        ratio = f"**{rss / largest:.3f}x** largest tensor"
+        print(f"| peak RSS growth of transfer (VmHWM - RSS after imports; max) | {mb(rss)} | | {ratio} |")
+        print(f"| diagnostics | cosine {trs[0]['cosine']:.4f}, rel. shift {trs[0]['relative_base_shift']:.4f} | | |")
+        print(f"\ngoals: transfer <= 1.5x read -> {min(t_tr_all) / t_read:.2f}x; "
+              f"RSS <= 4x largest -> {rss / largest:.3f}x")
+        print(
+            f"runs: transfer {[round(x, 2) for x in t_tr_all]} s; read {[round(x, 2) for x in read3]} s; "
+            f"raw read {[round(x, 2) for x in raw3]} s; raw write {[round(x, 2) for x in write1]} s"
+        )
+
+    methods: list[str] = []
+    for x in a.merge_methods.split(","):
+        methods += ["dare_linear", "dare_ties"] if x.strip() == "dare" else [x.strip()]
+    mg_args: dict[str, object] = {}
+    if not a.skip_merge:
+        for method in methods:
+            params: dict[str, object] = {"density": 0.2, "weights": [1.0, 1.0, 1.0]}
+            if method.startswith("dare"):
+                params["seed"] = 0
+            elif method == "task_arithmetic":
+                del params["density"]
+            mg_args = {
+                "op": "merge",
+                "method": method,
+                "params": params,
+                "base": str(paths["source"]),
+                "inputs": [str(paths["finetune"]), str(paths["target"]), str(paths["finetune2"])],
+                "out": str(DATA / "out-merge"),
+                "threads": a.threads,
+            }
+            merge_table(a, method, params, mg_inputs, mg_args, largest)
 
     print(f"\nload average at end of timings: {os.getloadavg()[0]:.2f} (1 min)")
     if a.profile:
         print("\n### cProfile of one transfer (tottime)\n```")
         print(child({**tr_args, "profile": True})["profile"])
         print("```")
-        if not a.skip_merge:
-            print("\n### cProfile of one TIES merge (tottime)\n```")
+        if mg_args:
+            print(f"\n### cProfile of one {mg_args['method']} merge (tottime)\n```")
             print(child({**mg_args, "profile": True})["profile"])
             print("```")
 

@@ -7,6 +7,9 @@
   CPUs); here ``LANES`` positions are solved together by a cyclic Jacobi method whose inner loops run
   across the positions, so they compile to SIMD instructions (≈1 µs per matrix).
 
+* :func:`combine` -- one merged chunk of a TIES / DARE / task-arithmetic merge in one fused pass,
+  DARE's counter-based random drop mask (:func:`dare_keep`) computed in the same loop.
+
 Determinism: every position is computed on its own -- a Jacobi rotation a position does not need
 is an exact identity (cosine 1, sine 0, its off-diagonal left as is), so the result of a position
 does not depend on which other positions share its block, on the block boundaries or on the number
@@ -24,7 +27,8 @@ from typing import TypeVar, cast
 import numpy as np
 from numba import njit
 
-__all__ = ["LANES", "rmm_positions"]
+__all__ = ["DARE_BITS", "LANES", "SPLITMIX_GAMMA", "SPLITMIX_MUL1", "SPLITMIX_MUL2", "combine", "dare_keep",
+           "magnitude_histogram", "rmm_positions"]
 
 #: positions solved together (the SIMD width of the inner loops; 128 amortises the per-rotation
 #: bookkeeping best on AVX2/AVX-512 CPUs)
@@ -407,12 +411,69 @@ def _trim(t: np.ndarray, thr: float, need: np.ndarray, i: int, zero: float) -> N
         t[j] = t[j] * zero
 
 
+# --------------------------------------------------------------------------------- DARE masks
+#
+# Input i of tensor ``name`` keeps flat element j iff u_j / 2^53 < density, u_j = the top 53 bits of
+# the (j + 1)-th output of SplitMix64 seeded with the input's 64-bit key (``merge.tensor_seed``):
+# z = key + (j + 1)·γ (mod 2^64), then the SplitMix64 finaliser. Counter-based: any element's draw is
+# computed from (key, j) alone, so chunks, their order, threads and devices never change a mask.
+# ``merge.dare_mask`` is the public entry point; its torch-ops twin (other devices) is tested equal.
+
+#: SplitMix64 constants (Steele, Lea & Flood 2014; Vigna's reference ``splitmix64.c``)
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MUL2 = 0x94D049BB133111EB
+#: bits of each output compared with the density: keep iff (z >> 11) < ceil(density · 2^53)
+DARE_BITS = 53
+
+_GAMMA = np.uint64(SPLITMIX_GAMMA)
+_MUL1 = np.uint64(SPLITMIX_MUL1)
+_MUL2 = np.uint64(SPLITMIX_MUL2)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_SHIFT = np.uint64(64 - DARE_BITS)
+
+
+@_compiled
+def _splitmix(key: np.uint64, j: int) -> np.uint64:
+    """The (j + 1)-th SplitMix64 output of seed ``key`` (uint64 throughout: wraps mod 2^64)."""
+    z = key + np.uint64(j + 1) * _GAMMA
+    z = (z ^ (z >> _S30)) * _MUL1
+    z = (z ^ (z >> _S27)) * _MUL2
+    return z ^ (z >> _S31)
+
+
+@_compiled
+def _dare_row(t: np.ndarray, key: np.uint64, first: int, below: np.uint64, density: float, zero: float) -> None:
+    """τ ← (τ · m) / density in place (PEFT's ``random_pruning``: a dropped entry is τ · 0, a signed
+    zero), m_j = 1 iff the draw of element ``first + j`` is below ``below``."""
+    for j in range(t.shape[0]):
+        v = t[j] if (_splitmix(key, first + j) >> _SHIFT) < below else t[j] * zero
+        t[j] = v / density
+
+
+@_compiled
+def _dare_keep(key: np.uint64, first: int, below: np.uint64, out: np.ndarray) -> None:
+    for j in range(out.shape[0]):
+        out[j] = (_splitmix(key, first + j) >> _SHIFT) < below
+
+
+def dare_keep(key: int, first: int, count: int, below: int) -> np.ndarray:
+    """DARE keep flags (bool [count]) of flat elements ``[first, first + count)`` for the 64-bit
+    ``key``: element j is kept iff ``(splitmix64_{j+1}(key) >> 11) < below`` (``below`` =
+    ``ceil(density · 2^53)``)."""
+    out = np.empty(count, dtype=np.bool_)
+    _dare_keep(np.uint64(key), first, np.uint64(below), out)
+    return out
+
+
 @_compiled
 def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: bool, thr: np.ndarray,
              need: np.ndarray, elect: bool, frequency: bool, tau: np.ndarray, acc: np.ndarray,
-             count: np.ndarray, out: np.ndarray, sq: np.ndarray, consts: np.ndarray, part: np.ndarray) -> int:
+             count: np.ndarray, out: np.ndarray, sq: np.ndarray, consts: np.ndarray, part: np.ndarray,
+             dare: bool, keys: np.ndarray, first: int, below: np.ndarray) -> int:
     n, cnt = x.shape
     zero, one, minus = consts[0], consts[1], consts[2]  # in the compute dtype: no float64 promotion
+    density = consts[3]
     if has_base:
         sq[n] += _sum_sq(b, part)
         if not np.isfinite(sq[n]):
@@ -429,6 +490,8 @@ def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: 
                     return i + 1
         if trim:
             _trim(row, thr[i], need, i, zero)
+        elif dare:
+            _dare_row(row, keys[i], first, below[0], density, zero)
     for j in range(cnt):
         out[j] = zero
     if not elect:  # Σ_i w_i τ_i, summed from +0 in input order (torch's sum over a stack of ≤ 4)
@@ -461,12 +524,16 @@ def _combine(x: np.ndarray, b: np.ndarray, has_base: bool, w: np.ndarray, trim: 
 
 
 def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray | None, need: np.ndarray,
-            elect: bool, frequency: bool, out: np.ndarray, sq: np.ndarray) -> int:
+            elect: bool, frequency: bool, out: np.ndarray, sq: np.ndarray, *, keys: np.ndarray | None = None,
+            first: int = 0, below: int = 0, density: float = 1.0) -> int:
     """One merged chunk ``out`` [cnt] = τ_m of ``x`` [n, cnt] (minus ``b`` [cnt], None: zero base),
     in the compute dtype of ``x``, with the operations and rounding of PEFT's ``merge_utils`` (the
     sums run from +0 in input order, as torch sums a stack of up to 4 rows): magnitude trim when
-    ``thr`` (per input T_i; ties at T_i kept while ``need[i]`` > 0, decremented), the elected sign and
-    disjoint mean when ``elect`` (``frequency``: vote by signs), else Σ_i w_i τ_i. Adds Σ τ_i² to
+    ``thr`` (per input T_i; ties at T_i kept while ``need[i]`` > 0, decremented); DARE's drop and
+    rescale when ``keys`` (per input its SplitMix64 key, :func:`dare_keep` with ``first`` = the flat
+    index of the chunk's first element and ``below``: τ_i ← (τ_i · m_i) / density, PEFT's
+    ``random_pruning`` with ``m_i`` for the Bernoulli draw); the elected sign and disjoint mean when
+    ``elect`` (``frequency``: vote by signs), else Σ_i w_i τ_i. Adds Σ τ_i² (before any trim) to
     ``sq[i]`` and Σ b² to ``sq[n]`` (float64). Returns 0, or 1 + the input whose τ is not finite
     (n + 1: the base)."""
     tau = np.empty(x.shape, dtype=x.dtype)
@@ -474,6 +541,9 @@ def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray 
     count = np.empty(x.shape[1], dtype=x.dtype)
     trim = thr is not None
     t = thr if thr is not None else w
-    consts = np.array([0.0, 1.0, -1.0], dtype=x.dtype)
+    consts = np.array([0.0, 1.0, -1.0, density], dtype=x.dtype)
+    dare = keys is not None
+    k = keys if keys is not None else np.zeros(1, dtype=np.uint64)
     return int(_combine(x, x[0] if b is None else b, b is not None, w, trim, t, need, elect, frequency, tau,
-                        acc, count, out, sq, consts, np.empty(8)))
+                        acc, count, out, sq, consts, np.empty(8), dare, k, first,
+                        np.array([below], dtype=np.uint64)))

@@ -13,17 +13,23 @@ elected. The merged model is ``θ = θ_base + λ · τ_m`` with, per tensor (wei
   ``γ = +1`` on ties; disjoint mean ``τ_m = Σ_{i: sgn τ̂_i = γ} w_i τ̂_i / max(1, #{i: sgn τ̂_i = γ})``
   (zeros never count; the vote is unweighted, weights apply afterwards -- PEFT's semantics);
 * ``dare_linear``: ``τ̃_i = m_i ⊙ τ_i / density`` with ``m_i ~ Bernoulli(density)`` (drop rate
-  ``p = 1 − density``, rescaled as in PEFT ≥ 0.19), ``τ_m = Σ_i w_i τ̃_i``;
+  ``p = 1 − density``, rescaled as in PEFT ≥ 0.19; the mask from :func:`dare_mask`),
+  ``τ_m = Σ_i w_i τ̃_i``;
 * ``dare_ties``: the DARE-rescaled ``τ̃_i`` through TIES's sign election and disjoint mean.
 
 Bit-for-bit these are PEFT's ``peft.utils.merge_utils`` functions (same operations in the same
 order; tested), with two documented differences: the top-k set is found by an exact radix select
 on the magnitudes' bit patterns (ties at the threshold kept in flat-index order -- PEFT's
-``torch.topk`` leaves that order unspecified), and input ``i``'s DARE mask is drawn
-(``torch.bernoulli(full(density))``, as PEFT) from its own ``torch.Generator`` seeded with
-:func:`tensor_seed` ``(seed, tensor name, i)`` -- PEFT draws all inputs from the global RNG -- so a
-mask depends neither on the order tensors are processed in nor on the device (masks are drawn on
-the CPU), and can be drawn chunk by chunk.
+``torch.topk`` leaves that order unspecified), and DARE's masks are not ``torch.bernoulli`` draws
+from the global RNG but counter-based (:func:`dare_mask`, variant suffix ``mask-splitmix64``):
+element j of input i of tensor ``name`` is kept iff the top 53 bits of the (j + 1)-th SplitMix64
+output seeded with :func:`tensor_seed` ``(seed, name, i)``, over 2^53, are below ``density``. A
+mask so depends only on (seed, tensor name, input, element): not on the order tensors are
+processed in, the chunking, the threads or the device; it is computed inside the compiled merge
+pass on the CPU and by the same hash in torch ops elsewhere (tested equal). PEFT's
+``dare_linear`` / ``dare_ties`` given these masks for their Bernoulli draws give the same bytes
+(tested). (Until this rule, masks were ``torch.bernoulli`` draws from a ``torch.Generator`` seeded
+with :func:`tensor_seed`: the same seed now gives a different merge.)
 
 Streaming: everything after the top-k threshold is elementwise per position, so each tensor is
 processed in flat chunks of ``_CHUNK`` elements (the n task-vector chunks stacked ``[n, chunk]``);
@@ -35,8 +41,9 @@ pass per chunk (trim, sign election, disjoint mean, the same float operations in
 the torch ops, so the same bits), and a threshold that usually needs a single histogram pass
 (:func:`_kernel_thresholds`: the top 16 bits plus a per-digit count of elements with lower bits set
 decide it exactly unless those elements straddle the k-th; bf16/fp16 checkpoints almost never need
-the second pass, float32 ones usually do). Elsewhere (CUDA, 5+ inputs) the same computation runs as
-torch ops: two histogram passes (four for float64), then the merge pass.
+the second pass, float32 ones usually do); DARE needs no threshold and is that one pass, the mask
+drawn per element in the same loop. Elsewhere (CUDA, 5+ inputs) the same computation runs as torch
+ops: two histogram passes (four for float64), then the merge pass.
 
 Arithmetic in float32 (float64 when an input is float64); the merged tensor is rounded once to the
 base tensor's dtype. For LoRA adapters the merge runs in delta space (:func:`merge_adapters`);
@@ -84,15 +91,80 @@ __all__ = [
     "merge_adapters",
     "merge_checkpoints",
     "merge_tensors",
+    "dare_below",
+    "dare_mask",
     "tensor_seed",
     "truncated_svd_factors",
 ]
 
 def tensor_seed(seed: int, name: str, index: int = 0) -> int:
-    """Seed of input ``index``'s DARE generator for tensor ``name``: the first 8 bytes
+    """Key of input ``index``'s DARE mask for tensor ``name`` (:func:`dare_mask`): the first 8 bytes
     (little-endian) of ``sha256(f"{seed}:{name}:{index}")``, masked to 63 bits."""
     digest = hashlib.sha256(f"{seed}:{name}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def dare_below(density: float) -> int:
+    """``ceil(density · 2^53)``: a draw ``u`` (53 bits) is kept iff ``u < dare_below(density)``, i.e.
+    iff ``u / 2^53 < density`` exactly (density · 2^53 is exact in float64)."""
+    return math.ceil(density * float(1 << 53))
+
+
+def _splitmix_keep_torch(key: int, first: int, count: int, below: int, dev: torch.device) -> torch.Tensor:
+    """:func:`registry.weights.kernels.dare_keep` in torch ops (int64 wraps mod 2^64 as uint64 does;
+    ``>>`` is arithmetic, so each shift is masked to its logical result). Any device."""
+    from .kernels import DARE_BITS, SPLITMIX_GAMMA, SPLITMIX_MUL1, SPLITMIX_MUL2
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    def shr(z: torch.Tensor, k: int) -> torch.Tensor:
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    z = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=dev)
+    z.mul_(signed(SPLITMIX_GAMMA)).add_(signed(key))
+    z.bitwise_xor_(shr(z, 30)).mul_(signed(SPLITMIX_MUL1))
+    z.bitwise_xor_(shr(z, 27)).mul_(signed(SPLITMIX_MUL2))
+    z.bitwise_xor_(shr(z, 31))
+    return shr(z, 64 - DARE_BITS) < below
+
+
+def _dare_keep(key: int, first: int, count: int, below: int, dev: torch.device, kernel: bool | None) -> torch.Tensor:
+    if kernel is None:
+        kernel = dev.type == "cpu"
+    if kernel:
+        from .kernels import dare_keep
+
+        return torch.from_numpy(dare_keep(key, first, count, below)).to(dev)
+    return _splitmix_keep_torch(key, first, count, below, dev)
+
+
+def dare_mask(
+    shape: int | Sequence[int],
+    density: float,
+    seed: int,
+    name: str,
+    index: int = 0,
+    *,
+    first: int = 0,
+    device: str | torch.device | None = "cpu",
+    kernel: bool | None = None,
+) -> torch.Tensor:
+    """The DARE keep mask (bool, ``shape``) of input ``index`` of tensor ``name`` under ``seed`` --
+    the one the merges apply (dropped entries become ``τ · 0``, kept ones ``τ / density``).
+
+    Counter-based: flat element ``j`` (counted from ``first``, for a chunk of a larger tensor) is
+    kept iff ``u_j / 2^53 < density``, ``u_j`` the top 53 bits of the ``(j + 1)``-th SplitMix64
+    output seeded with ``tensor_seed(seed, name, index)``. The same mask on every device, for any
+    chunking. ``kernel``: None picks the compiled kernel on the CPU and torch ops elsewhere; True /
+    False forces one (True computes on the CPU, then moves the mask; both give the same mask, tested)."""
+    size = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = math.prod(size)
+    if not 0.0 < density <= 1.0:
+        raise MergeParamsError(f"density must be in (0, 1], got {density}")
+    dev = resolve_device(device)
+    keep = _dare_keep(tensor_seed(seed, name, index), first, count, dare_below(density), dev, kernel)
+    return keep.view(size)
 
 
 # ------------------------------------------------------------------------------- streaming core
@@ -177,14 +249,15 @@ def _stream_merge(
     density = p.density if p.density is not None else 1.0
     k = int(density * numel)
     magnitude = m.trim == "magnitude" and density < 1.0 and k < numel
-    gens = []
+    keys: list[int] = []  # DARE: input i's mask key (dare_mask)
     if m.trim == "random" and density < 1.0:
-        gens = [torch.Generator(device="cpu").manual_seed(tensor_seed(p.seed or 0, name, i)) for i in range(n)]
+        keys = [tensor_seed(p.seed or 0, name, i) for i in range(n)]
+    below = dare_below(density)
     assert p.weights is not None
     w = torch.tensor(p.weights, dtype=cd, device=dev).view(n, 1)
     lam = p.lam if p.lam is not None else 1.0
     if dev.type == "cpu" and n <= _KERNEL_MAX_INPUTS:
-        return _stream_merge_cpu(m, p, name, ranges, load, n, k, magnitude, gens, density, w, lam, cd, emit)
+        return _stream_merge_cpu(m, p, name, ranges, load, n, k, magnitude, keys, density, w, lam, cd, emit)
     thresholds: list[torch.Tensor] = []
     need: list[int] = []
     if magnitude and k > 0:
@@ -212,10 +285,9 @@ def _stream_merge(
                     keep |= eq
                     need[i] -= hits
                 taus[i].mul_(keep)
-        elif gens:
+        elif keys:  # PEFT's random_pruning with the counter-based mask: (τ · m) / density
             for i in range(n):
-                mask = torch.bernoulli(torch.full((cnt,), density, dtype=cd), generator=gens[i])
-                taus[i].mul_(mask.to(dev)).div_(density)
+                taus[i].mul_(_dare_keep(keys[i], lo, cnt, below, dev, None)).div_(density)
         if m.elect:
             sign = taus.sign()
             total = taus.sum(dim=0) if p.majority_sign != "frequency" else sign.sum(dim=0)
@@ -249,7 +321,7 @@ def _stream_merge_cpu(
     n: int,
     k: int,
     magnitude: bool,
-    gens: Sequence[torch.Generator],
+    keys: Sequence[int],
     density: float,
     w: torch.Tensor,
     lam: float,
@@ -257,8 +329,9 @@ def _stream_merge_cpu(
     emit: Emit,
 ) -> tuple[list[float], float]:
     """:func:`_stream_merge` on the CPU with the compiled kernels (:mod:`registry.weights.kernels`):
-    one fused pass per chunk for trim + sign election + disjoint mean (bit-for-bit the torch path),
-    and the TIES threshold from :func:`_kernel_thresholds` (usually one histogram pass)."""
+    one fused pass per chunk for trim or DARE drop + sign election + disjoint mean (bit-for-bit the
+    torch path; DARE's mask drawn in the same loop), and the TIES threshold from
+    :func:`_kernel_thresholds` (usually one histogram pass)."""
     from . import kernels
 
     where = f"tensor {name!r}"
@@ -270,31 +343,22 @@ def _stream_merge_cpu(
         else:
             thr, need = _kernel_thresholds(load, ranges, n, k, cd, where)
     wn = w.view(-1).numpy()
+    dkeys = np.array(keys, dtype=np.uint64) if keys else None
+    below = dare_below(density)
     task_sq, update_sq = [0.0] * n, 0.0
     for lo, cnt in ranges:
         b, xs = load(lo, cnt, True)
         sq = np.zeros(n + 1)
-        if gens:  # DARE: τ_i · m_i / density in torch (the masks are torch's Bernoulli draws), zero base
-            b_sq = _finite_sq(b, f"{where} of the base") if b is not None else 0.0
-            if b is not None:
-                xs.sub_(b)
-            for i in range(n):
-                task_sq[i] += _finite_sq(xs[i], f"{where} of input {i}")
-                mask = torch.bernoulli(torch.full((cnt,), density, dtype=cd), generator=gens[i])
-                xs[i].mul_(mask).div_(density)
-            xb = None
-        else:
-            b_sq, xb = 0.0, (None if b is None else b.numpy())
         update = torch.empty(cnt, dtype=cd)
-        bad = kernels.combine(xs.numpy(), xb, wn, thr, need, m.elect, p.majority_sign == "frequency",
-                              update.numpy(), sq)
+        bad = kernels.combine(xs.numpy(), None if b is None else b.numpy(), wn, thr, need, m.elect,
+                              p.majority_sign == "frequency", update.numpy(), sq, keys=dkeys, first=lo,
+                              below=below, density=density)
         if bad:
             raise NonFiniteError(f"{where} of the base holds NaN or Inf values" if bad == n + 1
                                  else f"{where} of input {bad - 1} holds NaN or Inf values")
-        if not gens:
-            b_sq = float(sq[n])
-            for i in range(n):
-                task_sq[i] += float(sq[i])
+        b_sq = float(sq[n])
+        for i in range(n):
+            task_sq[i] += float(sq[i])
         if lam != 1.0:
             update = lam * update
         u_sq = float(torch.dot(update, update))

@@ -14,10 +14,14 @@ from typing import Any, Literal
 
 from .errors import MergeParamsError
 
-__all__ = ["DARE_LINEAR", "DARE_TIES", "METHODS", "TASK_ARITHMETIC", "TIES", "MergeMethod", "MergeParams",
+__all__ = ["DARE_LINEAR", "DARE_MASK", "DARE_TIES", "METHODS", "TASK_ARITHMETIC", "TIES", "MergeMethod", "MergeParams",
            "ParamsLike", "get_method"]
 
 Trim = Literal["none", "magnitude", "random"]
+#: DARE's mask rule, the suffix of the DARE variants (``merge.dare_mask``): counter-based SplitMix64.
+#: Variants without it (``dare_linear/rescaled``, ``dare_ties/rescaled/per-tensor``) drew
+#: ``torch.bernoulli`` masks: the same seed gave other masks.
+DARE_MASK = "splitmix64"
 _PARAM_NAMES = ("weights", "lam", "density", "seed", "majority_sign")
 _ALIASES = {"lambda": "lam"}
 
@@ -129,7 +133,7 @@ TIES = MergeMethod(
 )
 DARE_LINEAR = MergeMethod(
     "dare_linear",
-    "dare_linear/rescaled",
+    f"dare_linear/rescaled/mask-{DARE_MASK}",
     "random",
     False,
     ("weights", "lam", "density", "seed"),
@@ -138,7 +142,7 @@ DARE_LINEAR = MergeMethod(
 )
 DARE_TIES = MergeMethod(
     "dare_ties",
-    "dare_ties/rescaled/per-tensor",
+    f"dare_ties/rescaled/per-tensor/mask-{DARE_MASK}",
     "random",
     True,
     ("weights", "lam", "density", "seed", "majority_sign"),

@@ -24,6 +24,7 @@ from registry.weights.errors import (
 from registry.weights.merge import (
     METHODS,
     MergeParams,
+    dare_mask,
     get_method,
     merge_adapter_factors_separately,
     merge_adapters,
@@ -71,34 +72,94 @@ def test_ties_equals_peft(shape: tuple[int, ...], density: float, rule: str) -> 
     assert torch.equal(got, peft_reference("ties", base, fts, w, density=density, majority_sign_method=rule))
 
 
+def peft_dare_with_registry_masks(
+    method: str, taus: list[torch.Tensor], w: list[float], density: float, seed: int, name: str,
+    monkeypatch: pytest.MonkeyPatch, **kw: object,
+) -> torch.Tensor:
+    """PEFT's own ``dare_linear`` / ``dare_ties`` with its Bernoulli draw (``random_pruning``:
+    ``torch.bernoulli(full_like(τ_i, density))``, one per input, in input order) answered by the
+    registry's mask of that input -- everything else is PEFT's arithmetic."""
+    masks = [dare_mask(t.shape, density, seed, name, i).to(t.dtype) for i, t in enumerate(taus)]
+    drawn: list[int] = []
+
+    def bernoulli(probs: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+        assert not a and not k and bool((probs == density).all())
+        drawn.append(len(drawn))
+        return masks[drawn[-1]]
+
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns when density >= 1
+        m.setattr(torch, "bernoulli", bernoulli)
+        out = getattr(peft_merge, method)(taus, torch.tensor(w), density, **kw)
+    assert len(drawn) == (len(taus) if density < 1.0 else 0)  # one draw per input
+    return out
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", [0.1, 0.7, 1.0])
-def test_dare_equals_peft_with_the_same_draws(shape: tuple[int, ...], density: float) -> None:
-    # PEFT's prune(..., "random") draws torch.bernoulli(full_like(τ_i, density)) from the global RNG;
-    # input i's mask here comes from a Generator seeded with tensor_seed(seed, name, i). Seeding the
-    # global RNG the same way per input gives PEFT the same masks.
+def test_dare_equals_peft_given_the_registry_masks(
+    shape: tuple[int, ...], density: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, fts = inputs(shape)
-    w = [0.7, 1.2, 0.5]
-    pruned = []
-    for i, f in enumerate(fts):
-        torch.manual_seed(tensor_seed(11, "layer.w", i))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruned.append(peft_merge.prune(f - base, density, "random", rescale=True))
-    wt = torch.tensor(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        refs = {
-            "dare_linear": base + peft_merge.task_arithmetic(pruned, wt),
-            "dare_ties": base + peft_merge.ties([x.clone() for x in pruned], wt, 1.0, "total"),  # 1.0: no trim
-        }
-    for method, ref in refs.items():
-        got = merge_tensors(method, base, fts, {"weights": w, "density": density, "seed": 11}, name="layer.w")
-        assert torch.equal(got, ref), method
-    if shape == SHAPES[0] and density == 0.1:  # and PEFT's own dare_* with one input = same draw
-        torch.manual_seed(tensor_seed(11, "x", 0))
-        ref = base + peft_merge.dare_linear([fts[0] - base], torch.tensor([1.0]), density)
-        assert torch.equal(merge_tensors("dare_linear", base, fts[:1], {"density": density, "seed": 11}, name="x"), ref)
+    w = [0.7, 1.2, -0.5]
+    taus = [f - base for f in fts]
+    cases = [("dare_linear", {}), ("dare_ties", {"majority_sign_method": "total"}),
+             ("dare_ties", {"majority_sign_method": "frequency"})]
+    for method, kw in cases:
+        ref = base + peft_dare_with_registry_masks(method, taus, w, density, 11, "layer.w", monkeypatch, **kw)
+        params: dict[str, object] = {"weights": w, "density": density, "seed": 11}
+        if kw:
+            params["majority_sign"] = kw["majority_sign_method"]
+        got = merge_tensors(method, base, fts, params, name="layer.w")
+        assert torch.equal(got, ref), (method, kw)
+
+
+def splitmix64_reference(key: int, j: int) -> int:
+    """The (j + 1)-th output of SplitMix64 seeded with ``key`` (Vigna's splitmix64.c), in Python ints."""
+    m64 = (1 << 64) - 1
+    z = (key + (j + 1) * 0x9E3779B97F4A7C15) & m64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+    return z ^ (z >> 31)
+
+
+def test_dare_mask_is_the_documented_splitmix64_rule() -> None:
+    assert splitmix64_reference(0, 0) == 0xE220A8397B1DCDAF  # splitmix64.c, seed 0, first output
+    for density in (0.1, 0.5, 0.9):
+        first = 3_000_000_007  # beyond 2^31: the counter is 64-bit
+        got = dare_mask(200, density, 5, "model.layers.0.mlp.up_proj.weight", 2, first=first)
+        key = tensor_seed(5, "model.layers.0.mlp.up_proj.weight", 2)
+        want = [(splitmix64_reference(key, first + j) >> 11) / 2.0**53 < density for j in range(200)]
+        assert got.tolist() == want
+    assert dare_mask(10, 1.0, 0, "x").all()
+    with pytest.raises(MergeParamsError, match="density"):
+        dare_mask(10, 0.0, 0, "x")
+
+
+@pytest.mark.parametrize("density", [1e-6, 0.1, 0.5, 0.9, 1.0 - 2.0**-40])
+def test_dare_mask_torch_ops_equal_the_compiled_kernel(density: float) -> None:
+    """The torch-ops hash (CUDA and other devices) gives the compiled kernel's mask, bit for bit."""
+    for seed, name, index, first, count in [(0, "w", 0, 0, 100_003), (7, "a.b", 3, 2**40 - 17, 5000),
+                                            (2**62, "", 1, 2**62, 999)]:
+        compiled = dare_mask(count, density, seed, name, index, first=first, kernel=True)
+        ops = dare_mask(count, density, seed, name, index, first=first, kernel=False)
+        assert compiled.dtype == ops.dtype == torch.bool
+        assert torch.equal(compiled, ops), (seed, name, first)
+    m = dare_mask((300, 301), density, 1, "w")
+    assert abs(float(m.float().mean()) - density) < 0.01
+    assert torch.equal(m.view(-1)[1000:2000], dare_mask(1000, density, 1, "w", first=1000))  # chunks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_dare_on_cuda_uses_the_same_masks() -> None:
+    assert torch.equal(dare_mask((123, 77), 0.3, 9, "w", 1, device="cuda").cpu(), dare_mask((123, 77), 0.3, 9, "w", 1))
+    base, fts = inputs((64, 48))
+    for method in ("dare_linear", "dare_ties"):
+        p = {"density": 0.3, "seed": 9}
+        cpu = merge_tensors(method, base, fts, p, name="w")
+        gpu = merge_tensors(method, base, fts, p, name="w", device="cuda").cpu()
+        assert torch.equal(gpu == base, cpu == base)  # the same entries dropped everywhere
+        torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-7)  # CUDA divides by a reciprocal
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -198,6 +259,9 @@ def test_params_are_validated_in_one_place() -> None:
     )
     assert set(METHODS) == {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
     assert METHODS["ties"].variant == "ties/per-tensor"
+    # the DARE mask rule is part of the recorded variant (the torch.bernoulli masks had none)
+    assert METHODS["dare_linear"].variant == "dare_linear/rescaled/mask-splitmix64"
+    assert METHODS["dare_ties"].variant == "dare_ties/rescaled/per-tensor/mask-splitmix64"
 
 
 def test_bad_tensors() -> None:
@@ -255,6 +319,40 @@ def test_merge_checkpoints_streams_per_tensor(
     # same inputs, same bytes
     merge_checkpoints("dare_ties", bp, ips, tmp_path / "again.safetensors", params)
     assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_checkpoint_merges_are_byte_identical_across_runs_and_chunk_sizes(
+    method: str, tmp_path: Path, write_ckpt: WriteCkpt
+) -> None:
+    """The same seed gives the same bytes: here and in a fresh process with another chunk size,
+    another torch RNG state and another thread count (the masks are counter-based)."""
+    import subprocess
+    import sys
+
+    base = model(0)
+    g = torch.Generator().manual_seed(1)
+    ins = [{k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()} for _ in range(3)]
+    bp = write_ckpt(tmp_path / "base", base)
+    ips = [write_ckpt(tmp_path / f"in{i}", x) for i, x in enumerate(ins)]
+    params = {"density": 0.3, "seed": 42, "weights": [1.0, -0.5, 0.8]}
+    rep = merge_checkpoints(method, bp, ips, tmp_path / "a.safetensors", params)
+    assert rep.variant.endswith("/mask-splitmix64")
+    script = (
+        "import sys, json, torch\n"
+        "from registry.weights import merge as M\n"
+        "torch.manual_seed(12345); torch.set_num_threads(1); M._CHUNK = 5\n"
+        "a = json.loads(sys.argv[1])\n"
+        "M.merge_checkpoints(a['m'], a['b'], a['i'], a['o'], a['p'])\n"
+    )
+    arg = json.dumps({"m": method, "b": str(bp), "i": [str(x) for x in ips], "o": str(tmp_path / "b.safetensors"),
+                      "p": params})
+    subprocess.run([sys.executable, "-c", script, arg], check=True, cwd=Path(__file__).resolve().parents[2])
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+    other = merge_checkpoints(method, bp, ips, tmp_path / "c.safetensors", {**params, "seed": 43})
+    assert other.bytes_written == rep.bytes_written
+    assert (tmp_path / "c.safetensors").read_bytes() != (tmp_path / "a.safetensors").read_bytes()
 
 
 def test_merge_checkpoints_refuses_mismatched_inputs(tmp_path: Path, write_ckpt: WriteCkpt) -> None:
