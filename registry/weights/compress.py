@@ -256,6 +256,25 @@ def _row_values(row: _Row, src: torch.dtype) -> torch.Tensor:
     return _to_src(x, src)
 
 
+def _rows_values(rows: Sequence[_Row], src: torch.dtype) -> torch.Tensor:
+    """:func:`_row_values` of rows of one length, stacked [n, length]: the entropy-coded rows are
+    dequantized together (the same elementwise float32 products and roundings, so the same bits)."""
+    ec = [i for i, r in enumerate(rows) if OPTIONS[r.opt].kind == "ec"]
+    if len(ec) < 2:
+        return torch.stack([_row_values(r, src) for r in rows])
+    codes = torch.stack([rows[i].codes for i in ec])  # type: ignore[misc]
+    steps = _STEPS[torch.tensor([rows[i].e for i in ec], dtype=torch.int64)]
+    vals = _to_src(codes.to(_F32) * steps[:, None], src)
+    if len(ec) == len(rows):
+        return vals
+    out = vals.new_empty(len(rows), vals.shape[1])
+    out[ec] = vals
+    for i, r in enumerate(rows):
+        if OPTIONS[r.opt].kind != "ec":
+            out[i] = _row_values(r, src)
+    return out
+
+
 _CLIPS = torch.tensor([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5], dtype=_F64)
 
 
@@ -800,8 +819,8 @@ def _decode_own(blob: bytes, layout: Sequence[tuple[str, int, int]], config: Map
         if not rows_a:
             factors[name] = (torch.zeros(0, d_in, dtype=cdt), torch.zeros(d_out, 0, dtype=cdt))
             continue
-        a = torch.stack([_row_values(r, src) for r in rows_a])
-        b = torch.stack([_row_values(r, src) for r in rows_b]).T.contiguous()
+        a = _rows_values(rows_a, src)
+        b = _rows_values(rows_b, src).T.contiguous()
         factors[name] = (a, b)
     return src, factors, all_raw
 
@@ -1191,8 +1210,8 @@ def _decode_rmm_member(blob: bytes, layout: Sequence[tuple[str, int, int]],
     _read_pending(pending, rd.rest())
     coeffs: Factors = {}
     for (name, d_in, d_out, _p), (ra, rb) in zip(dims, rows_by_module, strict=True):
-        ca = torch.stack([_row_values(x, _F32) for x in ra]) if ra else torch.zeros(0, d_in)
-        cb = torch.stack([_row_values(x, _F32) for x in rb]) if rb else torch.zeros(0, d_out)
+        ca = _rows_values(ra, _F32) if ra else torch.zeros(0, d_in)
+        cb = _rows_values(rb, _F32) if rb else torch.zeros(0, d_out)
         coeffs[name] = (ca, cb)
     return src, _rmm_factors(basis, coeffs)
 
