@@ -34,7 +34,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -217,7 +217,7 @@ def code_lengths(codes: torch.Tensor, q: int, K: int) -> torch.Tensor:
     return length_table(q, K)[idx]
 
 
-def _kernels() -> Any:
+def _kernels() -> ModuleType | None:
     """:mod:`registry.weights.kernels` (imported on first use: numba is slow to import), or None where
     numba cannot be imported; the coder then runs its pure-Python reference loops."""
     try:
@@ -252,7 +252,8 @@ def _symbol_indices(codes: Sequence[int] | torch.Tensor | np.ndarray, K: int) ->
             c = np.asarray(codes, dtype=np.int64).reshape(-1)
         except OverflowError:  # Python integers beyond int64: clamp them first
             c = np.array([min(K, max(-K, int(v))) for v in codes], dtype=np.int64)
-    return np.clip(c, -K, K) + K
+    idx: np.ndarray = np.clip(c, -K, K) + K
+    return idx
 
 
 class RansEncoder:
@@ -323,7 +324,8 @@ class RansDecoder:
 
     def read(self, count: int, q: int, K: int) -> list[int]:
         """The next ``count`` codes of one row coded under (q, K)."""
-        return self.read_rows([(count, q, K)]).tolist()
+        out: list[int] = self.read_rows([(count, q, K)]).tolist()
+        return out
 
     def read_rows(self, rows: Sequence[tuple[int, int, int]]) -> np.ndarray:
         """The codes of the next rows, given as (count, q, K), concatenated (int64). Raises ValueError
@@ -350,6 +352,7 @@ class RansDecoder:
         bits = kernels.RANS_BUCKET_BITS
         lookup = (np.stack([_bucket_lookup(q, K, bits) for q, K in models]) if models
                   else np.zeros((1, 1 << bits), dtype=np.int32))
+        codes: np.ndarray
         codes, complete = kernels.rans_decode(data, state, counts, model, start, size, ks, cums, freqs, lookup)
         self._x, self._pos = int(state[0]), int(state[1])
         if not complete:

@@ -20,7 +20,6 @@ import torch
 
 from registry.weights import codec, compress
 from registry.weights.adapters import WEIGHTS_NAME, save_peft_adapter
-
 from tests.weights.test_compress import make_lora_adapters
 
 DATA = Path(__file__).parent / "data"
