@@ -22,7 +22,10 @@ Pieces:
   c ≠ 0, θ = exp(−√2 t) (the Laplace law with the row's variance, integrated over each step).
   Frequencies are integers summing to 2^24, every symbol of the alphabet [−K, K] gets at least 1.
 * :class:`RansEncoder` / :class:`RansDecoder`: byte-oriented rANS (state in [2^31, 2^39), 24-bit
-  probabilities, Python integers), symbols pushed in order and decoded in the same order.
+  probabilities), symbols pushed in order and decoded in the same order. The loops are compiled
+  (:func:`registry.weights.kernels.rans_encode` / ``rans_decode``: every row of a stream decoded in
+  one call, a few ns per code); the pure-Python loops (Python integers, ``reference=True``) are the
+  reference they are tested against, byte for byte, and the fallback without numba.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from functools import lru_cache
+from types import ModuleType
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -212,26 +217,82 @@ def code_lengths(codes: torch.Tensor, q: int, K: int) -> torch.Tensor:
     return length_table(q, K)[idx]
 
 
+def _kernels() -> ModuleType | None:
+    """:mod:`registry.weights.kernels` (imported on first use: numba is slow to import), or None where
+    numba cannot be imported; the coder then runs its pure-Python reference loops."""
+    try:
+        from . import kernels
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return kernels
+
+
+@lru_cache(maxsize=512)
+def _table_arrays(q: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`laplace_table` as int64 arrays (cumulative, frequencies)."""
+    cums, freqs = laplace_table(q, K)
+    return np.array(cums, dtype=np.int64), np.array(freqs, dtype=np.int64)
+
+
+@lru_cache(maxsize=512)
+def _bucket_lookup(q: int, K: int, bucket_bits: int) -> np.ndarray:
+    """Per bucket of 2^(24 − bucket_bits) slots, the index of the symbol whose range holds the
+    bucket's first slot (int32): where the decoder's symbol search starts."""
+    cums, _ = _table_arrays(q, K)
+    firsts = np.arange(1 << bucket_bits, dtype=np.int64) << (PROB_BITS - bucket_bits)
+    return (np.searchsorted(cums, firsts, side="right") - 1).astype(np.int32)
+
+
+def _symbol_indices(codes: Sequence[int] | torch.Tensor | np.ndarray, K: int) -> np.ndarray:
+    """Table indices c + K of ``codes`` clamped to [−K, K] (int64)."""
+    if isinstance(codes, torch.Tensor):
+        c = codes.detach().reshape(-1).to(torch.int64).cpu().numpy()
+    else:
+        try:
+            c = np.asarray(codes, dtype=np.int64).reshape(-1)
+        except OverflowError:  # Python integers beyond int64: clamp them first
+            c = np.array([min(K, max(-K, int(v))) for v in codes], dtype=np.int64)
+    idx: np.ndarray = np.clip(c, -K, K) + K
+    return idx
+
+
 class RansEncoder:
-    """Collects symbols (with their table) in order; :meth:`finish` returns the rANS stream."""
+    """Collects symbols (with their table) in order; :meth:`finish` returns the rANS stream.
 
-    def __init__(self) -> None:
-        self._syms: list[tuple[int, int]] = []
+    ``push`` takes codes as a sequence of integers, a numpy array or a torch tensor (values outside
+    [−K, K] are clamped). :meth:`finish` runs the compiled coder (:func:`kernels.rans_encode`);
+    ``reference=True`` (or no numba) runs the pure-Python loop it is tested against -- the same bytes."""
 
-    def push(self, codes: Sequence[int], q: int, K: int) -> None:
-        cums, freqs = laplace_table(q, K)
-        for c in codes:
-            i = min(K, max(-K, int(c))) + K
-            self._syms.append((cums[i], freqs[i]))
+    def __init__(self, *, reference: bool = False) -> None:
+        self._reference = reference
+        self._rows: list[tuple[np.ndarray, int, int]] = []
+
+    def push(self, codes: Sequence[int] | torch.Tensor | np.ndarray, q: int, K: int) -> None:
+        laplace_table(q, K)  # validates the alphabet now, as the symbols are pushed
+        self._rows.append((_symbol_indices(codes, K), q, K))
 
     def finish(self) -> bytes:
-        if not self._syms:
+        kernels = None if self._reference else _kernels()
+        if kernels is None:
+            return self._finish_reference()
+        if not self._rows:
+            return b""
+        cum = np.concatenate([_table_arrays(q, K)[0][idx] for idx, q, K in self._rows])
+        freq = np.concatenate([_table_arrays(q, K)[1][idx] for idx, q, K in self._rows])
+        return bytes(kernels.rans_encode(cum, freq))
+
+    def _finish_reference(self) -> bytes:
+        syms: list[tuple[int, int]] = []
+        for idx, q, K in self._rows:
+            cums, freqs = laplace_table(q, K)
+            syms.extend((cums[i], freqs[i]) for i in idx.tolist())
+        if not syms:
             return b""
         x = _L
         out = bytearray()
         shift = PROB_BITS
         bound = (_L >> PROB_BITS) << 8
-        for cum, freq in reversed(self._syms):
+        for cum, freq in reversed(syms):
             x_max = bound * freq
             while x >= x_max:
                 out.append(x & 0xFF)
@@ -245,10 +306,14 @@ class RansEncoder:
 
 
 class RansDecoder:
-    """Decodes a :class:`RansEncoder` stream; rows must be read with the same (count, q, K) as pushed."""
+    """Decodes a :class:`RansEncoder` stream; rows must be read with the same (count, q, K) as pushed.
 
-    def __init__(self, data: bytes) -> None:
+    :meth:`read_rows` decodes many rows in one compiled call (:func:`kernels.rans_decode`);
+    ``reference=True`` (or no numba) decodes with the pure-Python loop -- the same codes."""
+
+    def __init__(self, data: bytes, *, reference: bool = False) -> None:
         self._data = data
+        self._reference = reference
         if not data:
             self._x, self._pos = _L, 0
             return
@@ -258,6 +323,43 @@ class RansDecoder:
         self._pos = 5
 
     def read(self, count: int, q: int, K: int) -> list[int]:
+        """The next ``count`` codes of one row coded under (q, K)."""
+        out: list[int] = self.read_rows([(count, q, K)]).tolist()
+        return out
+
+    def read_rows(self, rows: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """The codes of the next rows, given as (count, q, K), concatenated (int64). Raises ValueError
+        when the stream ends early."""
+        kernels = None if self._reference else _kernels()
+        if kernels is None:
+            return np.array([c for count, q, K in rows for c in self._read_reference(count, q, K)],
+                            dtype=np.int64)
+        models: dict[tuple[int, int], int] = {}
+        for _, q, K in rows:
+            if (q, K) not in models:
+                laplace_table(q, K)  # validates the alphabet
+                models[(q, K)] = len(models)
+        tables = [_table_arrays(q, K) for q, K in models]
+        size = np.array([len(c) for c, _ in tables], dtype=np.int64)
+        start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
+        ks = np.array([K for _, K in models], dtype=np.int64)
+        cums = np.concatenate([c for c, _ in tables]) if tables else np.zeros(0, dtype=np.int64)
+        freqs = np.concatenate([f for _, f in tables]) if tables else np.zeros(0, dtype=np.int64)
+        counts = np.array([count for count, _, _ in rows], dtype=np.int64)
+        model = np.array([models[(q, K)] for _, q, K in rows], dtype=np.int64)
+        state = np.array([self._x, self._pos], dtype=np.int64)
+        data = np.frombuffer(self._data, dtype=np.uint8) if self._data else np.zeros(0, dtype=np.uint8)
+        bits = kernels.RANS_BUCKET_BITS
+        lookup = (np.stack([_bucket_lookup(q, K, bits) for q, K in models]) if models
+                  else np.zeros((1, 1 << bits), dtype=np.int32))
+        codes: np.ndarray
+        codes, complete = kernels.rans_decode(data, state, counts, model, start, size, ks, cums, freqs, lookup)
+        self._x, self._pos = int(state[0]), int(state[1])
+        if not complete:
+            raise ValueError("entropy-coded stream ended early")
+        return codes
+
+    def _read_reference(self, count: int, q: int, K: int) -> list[int]:
         cums, freqs = laplace_table(q, K)
         mask = _M - 1
         x, pos, data = self._x, self._pos, self._data

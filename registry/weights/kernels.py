@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba) for the two hot loops torch cannot batch well on a CPU.
+"""Compiled CPU kernels (numba) for the hot loops torch cannot batch well on a CPU.
 
 * :func:`rmm_positions` -- steps 1-3 of an RMM fit (:mod:`registry.weights.rmm`) for a range of
   positions: mean, Helmert-projected Gram, its eigendecomposition, directions U, coefficients C,
@@ -6,7 +6,11 @@
   batch of tiny eigenproblems one LAPACK call at a time (≈3 µs per 7 × 7 matrix on this project's
   CPUs); here ``LANES`` positions are solved together by a cyclic Jacobi method whose inner loops run
   across the positions, so they compile to SIMD instructions (≈1 µs per matrix).
-
+* :func:`magnitude_histogram` -- the one-pass TIES threshold of a chunk of a merge
+  (:mod:`registry.weights.merge`).
+* :func:`rans_encode` / :func:`rans_decode` -- the rANS entropy coder of :mod:`registry.weights.codec`
+  (a few ns per code instead of ≈1 µs in Python): the integer arithmetic of its pure-Python
+  reference coder, in int64, so the same bytes and the same codes.
 * :func:`combine` -- one merged chunk of a TIES / DARE / task-arithmetic merge in one fused pass,
   DARE's counter-based random drop mask (:func:`dare_keep`) computed in the same loop.
 
@@ -28,7 +32,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["DARE_BITS", "LANES", "SPLITMIX_GAMMA", "SPLITMIX_MUL1", "SPLITMIX_MUL2", "combine", "dare_keep",
-           "magnitude_histogram", "rmm_positions"]
+           "magnitude_histogram", "rans_decode", "rans_encode", "rmm_positions"]
 
 #: positions solved together (the SIMD width of the inner loops; 128 amortises the per-rotation
 #: bookkeeping best on AVX2/AVX-512 CPUs)
@@ -547,3 +551,109 @@ def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray 
     return int(_combine(x, x[0] if b is None else b, b is not None, w, trim, t, need, elect, frequency, tau,
                         acc, count, out, sq, consts, np.empty(8), dare, k, first,
                         np.array([below], dtype=np.uint64)))
+
+
+# --------------------------------------------------------------------------------- rANS
+#
+# The coder of :mod:`registry.weights.codec` (state in [2^31, 2^39), 24-bit probabilities, bytes out
+# in reverse), in int64: the state stays below 2^39 and a product freq · (x >> 24) below 2^39.
+
+_RANS_PROB_BITS = 24
+_RANS_L = 1 << 31
+_RANS_BOUND = (_RANS_L >> _RANS_PROB_BITS) << 8
+
+
+@_compiled
+def _rans_encode(cum: np.ndarray, freq: np.ndarray, out: np.ndarray) -> int:
+    """Encode the symbols (cum[j], freq[j]) last to first; bytes go to ``out`` in reverse stream order
+    (at most 4 per symbol + 5). Returns the number written."""
+    x = np.int64(_RANS_L)
+    pos = 0
+    for j in range(cum.shape[0] - 1, -1, -1):
+        f = freq[j]
+        x_max = np.int64(_RANS_BOUND) * f
+        while x >= x_max:
+            out[pos] = np.uint8(x & 0xFF)
+            pos += 1
+            x >>= 8
+        x = ((x // f) << _RANS_PROB_BITS) + (x % f) + cum[j]
+    for _ in range(5):
+        out[pos] = np.uint8(x & 0xFF)
+        pos += 1
+        x >>= 8
+    return pos
+
+
+def rans_encode(cum: np.ndarray, freq: np.ndarray) -> bytes:
+    """The rANS stream of symbols given by their cumulative counts ``cum`` and frequencies ``freq``
+    (int64, in push order; frequencies ≥ 1 of a 2^24 total); b"" for no symbols."""
+    n = cum.shape[0]
+    if n == 0:
+        return b""
+    out = np.empty(4 * n + 5, dtype=np.uint8)
+    used = int(_rans_encode(np.ascontiguousarray(cum, dtype=np.int64), np.ascontiguousarray(freq, dtype=np.int64),
+                            out))
+    return out[:used][::-1].tobytes()
+
+
+#: slots of a bucket of the decoder's symbol lookup (2^12 buckets of a 2^24 total)
+RANS_BUCKET_BITS = 12
+
+
+@_compiled
+def _rans_decode(data: np.ndarray, state: np.ndarray, counts: np.ndarray, model: np.ndarray,
+                 start: np.ndarray, size: np.ndarray, ks: np.ndarray, cums: np.ndarray, freqs: np.ndarray,
+                 lookup: np.ndarray, out: np.ndarray) -> int:
+    """Decode ``counts[r]`` codes of each row r under model ``model[r]`` (its table: ``size`` symbols
+    from ``start`` in ``cums`` / ``freqs``, codes −K … K with K = ``ks``; ``lookup[m, b]`` the symbol
+    holding the first slot of bucket b) into ``out``, from the state (x, pos) = ``state``, which is
+    updated. Returns the number of codes decoded: fewer than asked when the stream ended early."""
+    x = state[0]
+    pos = state[1]
+    n_bytes = data.shape[0]
+    mask = np.int64((1 << _RANS_PROB_BITS) - 1)
+    last = lookup.shape[1] - 1
+    o = 0
+    for r in range(counts.shape[0]):
+        mi = model[r]
+        base = start[mi]
+        n = size[mi]
+        k = ks[mi]
+        for _ in range(counts[r]):
+            slot = x & mask
+            b = slot >> (_RANS_PROB_BITS - RANS_BUCKET_BITS)
+            lo = np.int64(lookup[mi, b])  # the symbol is the last one with cum ≤ slot, in [lo, hi)
+            hi = np.int64(lookup[mi, b + 1]) + 1 if b < last else n
+            while hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if cums[base + mid] <= slot:
+                    lo = mid
+                else:
+                    hi = mid
+            out[o] = lo - k
+            x = freqs[base + lo] * (x >> _RANS_PROB_BITS) + slot - cums[base + lo]
+            while x < _RANS_L:
+                if pos >= n_bytes:
+                    state[0] = x
+                    state[1] = pos
+                    return o
+                x = (x << 8) | np.int64(data[pos])
+                pos += 1
+            o += 1
+    state[0] = x
+    state[1] = pos
+    return o
+
+
+def rans_decode(data: np.ndarray, state: np.ndarray, counts: np.ndarray, model: np.ndarray, start: np.ndarray,
+                size: np.ndarray, ks: np.ndarray, cums: np.ndarray, freqs: np.ndarray, lookup: np.ndarray
+                ) -> tuple[np.ndarray, bool]:
+    """All rows of a stream in one call: ``counts[r]`` codes of row r (int64 ``counts``, ``model``) under
+    the table ``model[r]`` of the concatenated tables (``start``, ``size``, ``ks`` per table; ``cums``,
+    ``freqs`` int64; ``lookup`` [tables, 2^RANS_BUCKET_BITS] int32: per bucket of slots the index of
+    the symbol whose range holds the bucket's first slot), from ``data`` (uint8) at the state
+    ``state`` = [x, pos] (int64, updated). Returns (the codes, int64, rows concatenated; whether the
+    stream held them all)."""
+    out = np.empty(int(counts.sum()), dtype=np.int64)
+    done = int(_rans_decode(data, state, counts, model, start, size, ks, cums, freqs, lookup, out))
+    return out, done == out.shape[0]
