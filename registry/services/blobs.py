@@ -84,6 +84,15 @@ def ready(s: Session, shas: Iterable[str]) -> set[str]:
     return set(s.scalars(select(Blob.sha256).where(Blob.sha256.in_(shas), Blob.state == BlobState.ready.value)))
 
 
+def ready_sizes(s: Session, shas: Iterable[str]) -> dict[str, int]:
+    """sha256 -> size of those of ``shas`` whose bytes are in the store."""
+    shas = sorted(set(shas))
+    if not shas:
+        return {}
+    return {sha: size for sha, size in s.execute(
+        select(Blob.sha256, Blob.size).where(Blob.sha256.in_(shas), Blob.state == BlobState.ready.value))}
+
+
 def mark_ready(s: Session, blobs: dict[str, int]) -> None:
     """The bytes of ``blobs`` (sha256 -> size) are now in the store, fsynced: call in the commit's
     transaction. Their rows were claimed when the files joined the draft (a row missing for any
