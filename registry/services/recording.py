@@ -68,10 +68,14 @@ class NewFile:
     staged: Path | None = None
 
 
-def _sources(ctx: RegistryContext, s: Session, files: list[NewFile]) -> dict[str, fmt.FileSource]:
-    """A readable source for every file (staged file, or blob already stored)."""
+def _sources(ctx: RegistryContext, s: Session, files: list[NewFile],
+             held: dict[str, tuple[int, str]] | None = None) -> dict[str, fmt.FileSource]:
+    """A readable source for every file (staged file, or blob already stored; ``held``: the blob
+    rows of the stored ones when the caller read them already)."""
     sources: dict[str, fmt.FileSource] = {}
     stored = [f for f in files if f.staged is None or not f.staged.exists()]
+    if held is None:
+        held = content.rows(s, [f.sha256 for f in stored])
     # A deduplicated blob was scanned before if some version already holds it as weights.
     weights = sorted({f.sha256 for f in stored if fmt.is_weights(f.path)})
     scanned = set(s.scalars(select(VersionFile.blob_sha256).where(
@@ -81,15 +85,16 @@ def _sources(ctx: RegistryContext, s: Session, files: list[NewFile]) -> dict[str
             src = local_source(f.path, f.staged, f.sha256, f.size)
             src.needs_scan = False  # scanned on arrival
         else:
-            if not content.exists(ctx, f.sha256):
+            row = held.get(f.sha256)
+            if not content.exists(ctx, f.sha256, row):
                 raise Conflict(f"{f.path}: its bytes are no longer available; upload it again",
                                code="blob_missing", details={"path": f.path})
 
-            def read_at(offset: int, length: int, sha: str = f.sha256) -> bytes:
-                return content.read_bytes(ctx, sha, offset, offset + length)
+            def read_at(offset: int, length: int, sha: str = f.sha256, row: tuple[int, str] | None = row) -> bytes:
+                return content.read_bytes(ctx, sha, offset, offset + length, known=row)
 
-            def iter_bytes(sha: str = f.sha256) -> Iterator[bytes]:
-                return content.iter_range(ctx, sha)
+            def iter_bytes(sha: str = f.sha256, row: tuple[int, str] | None = row) -> Iterator[bytes]:
+                return content.iter_range(ctx, sha, known=row)
 
             src = fmt.FileSource(path=f.path, sha256=f.sha256, size=f.size, read_at=read_at, iter_bytes=iter_bytes)
             if fmt.is_weights(f.path):
@@ -124,7 +129,8 @@ class _Plan:
     content_sha256: str
 
 
-def _plan(ctx: RegistryContext, s: Session, model_name: str, spec: dict[str, Any], files: list[NewFile]) -> _Plan:
+def _plan(ctx: RegistryContext, s: Session, model_name: str, spec: dict[str, Any], files: list[NewFile],
+          held: dict[str, tuple[int, str]] | None = None) -> _Plan:
     """What every new version is checked for before its files are read: files, the model's kind,
     the base, the parents, a duplicate of an existing version."""
     if not files:
@@ -146,7 +152,7 @@ def _plan(ctx: RegistryContext, s: Session, model_name: str, spec: dict[str, Any
         check_duplicate(s, model.id, chash, base.id if base is not None else None, model_name)
     return _Plan(model_name=model_name, spec=spec, kind=kind, base=base,
                  base_index=dict(base.tensor_index or {}) if base is not None else None,
-                 sources=_sources(ctx, s, files), files={f.path: (f.sha256, f.size) for f in files},
+                 sources=_sources(ctx, s, files, held), files={f.path: (f.sha256, f.size) for f in files},
                  content_sha256=chash)
 
 
@@ -219,15 +225,15 @@ def create_version(ctx: RegistryContext, spec: DraftSpec, files: list[tuple[str,
             raise InvalidInput(f"{path} is listed twice", code="duplicate_path", details={"path": path})
         listed[path] = (check_sha_arg(sha) or "", size)
     with ctx.db.read() as s:
-        held = blobs.ready_sizes(s, {sha for sha, _ in listed.values()})
+        held = blobs.ready_rows(s, {sha for sha, _ in listed.values()})
         missing = [{"path": p, "sha256": sha, "size": size} for p, (sha, size) in sorted(listed.items())
-                   if sha not in held or (size is not None and held[sha] != size)]
+                   if sha not in held or (size is not None and held[sha][0] != size)]
         if missing:
             raise InvalidInput(f"the registry holds no bytes for {len(missing)} of the files: "
                                + ", ".join(m["path"] for m in missing[:10]) + "; upload them instead",
                                code="blob_not_found", details={"missing": missing})
         plan = _plan(ctx, s, spec.model, checked,
-                     [NewFile(p, sha, held[sha]) for p, (sha, _) in sorted(listed.items())])
+                     [NewFile(p, sha, held[sha][0]) for p, (sha, _) in sorted(listed.items())], held)
     insp = _inspect(ctx, plan)
     with ctx.db.write() as s:
         return _record_plan(s, plan, insp, actor, CommitOptions(), set()).view
@@ -252,12 +258,8 @@ def record_version(
     ``generated``: path -> (sha256, size) of files the server generates), tags, lineage, aliases,
     the options' hook and the events. The same path for pushes, job outputs and derived versions.
     Returns the row and its view, built from what was written."""
-    model = _get_or_create_model(s, model_name, kind, actor)
-    number = s.execute(
-        update(Model).where(Model.id == model.id).values(last_version=Model.last_version + 1)
-        .returning(Model.last_version)
-    ).scalar_one()
-    check_duplicate(s, model.id, content_sha256, base.id if base is not None else None, model_name)
+    model_id, number = _next_number(s, model_name, kind, actor)
+    check_duplicate(s, model_id, content_sha256, base.id if base is not None else None, model_name)
     if base is not None:
         locked = s.scalar(select(ModelVersion).where(ModelVersion.id == base.id).with_for_update(read=True))
         if locked is None or locked.archived_at is not None:
@@ -269,7 +271,7 @@ def record_version(
     generated = generated or {}
     all_sizes = [size for _, size in files.values()] + [size for _, size in generated.values()]
     v = ModelVersion(
-        model=model, model_id=model.id, version=number, kind=kind, status=options.status, storage_mode=storage_mode,
+        model_id=model_id, version=number, kind=kind, status=options.status, storage_mode=storage_mode,
         base_version_id=base.id if base is not None else None, fingerprint=fingerprint,
         content_sha256=content_sha256, total_size=sum(all_sizes), file_count=len(all_sizes),
         description=spec.get("description") or "", summary=summary, tensor_index=tensor_index,
@@ -297,7 +299,7 @@ def record_version(
         parents.append(ParentView(_ref(parent), p["relation"], p["params"] or {}))
     aliases = list(dict.fromkeys(spec.get("aliases") or []))
     for alias in aliases:
-        set_row(s, model.id, alias, v.id)
+        set_row(s, model_id, alias, v.id)
     s.flush()
     if options.hook is not None:
         options.hook(s, v)
@@ -354,17 +356,22 @@ def _check_against_base(kind: str, insp: fmt.Inspection, base_index: dict[str, A
                            details={"base": base_ref, "mismatches": problems})
 
 
-def _get_or_create_model(s: Session, name: str, kind: str, actor: str | None) -> Model:
-    model = s.scalar(model_named(name))
-    if model is None:  # the first version of a new model (a concurrent first version may insert it too)
+def _next_number(s: Session, name: str, kind: str, actor: str | None) -> tuple[int, int]:
+    """(model id, the next version number) of model ``name``, created if needed. One statement
+    for an existing model; it locks the model's row until the transaction ends, so the versions
+    of one model are recorded one at a time (and see each other: :func:`check_duplicate`)."""
+    bump = (update(Model).where(Model.name == name).values(last_version=Model.last_version + 1)
+            .returning(Model.id, Model.kind, Model.last_version))
+    row = s.execute(bump).one_or_none()
+    if row is None:  # the first version of a new model (a concurrent first version may insert it too)
         insert_ignore(s, Model.__table__, [{"name": name, "kind": kind, "description": "", "last_version": 0,
                                             "created_at": utcnow(), "created_by": actor}])
-        model = s.scalar(model_named(name))
-    assert model is not None
-    if model.kind != kind:
-        raise Conflict(f"model {name!r} holds {model.kind} versions, not {kind}", code="kind_mismatch",
-                       details={"model": name, "kind": model.kind})
-    return model
+        row = s.execute(bump).one()
+    model_id, model_kind, number = row
+    if model_kind != kind:
+        raise Conflict(f"model {name!r} holds {model_kind} versions, not {kind}", code="kind_mismatch",
+                       details={"model": name, "kind": model_kind})
+    return int(model_id), int(number)
 
 
 def ingest_folder(ctx: RegistryContext, folder: Path, spec: DraftSpec, actor: str | None,
