@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import Conflict, InvalidInput, NotFound
@@ -282,10 +282,16 @@ def record_version(
     s.add(v)
     s.flush()
     tags = dict(spec.get("tags") or {})
-    s.add_all(VersionFile(version_id=v.id, path=p, blob_sha256=sha, size=size) for p, (sha, size) in files.items())
-    s.add_all(DerivedFile(version_id=v.id, format="native", path=p, sha256=sha, size=size)
-              for p, (sha, size) in generated.items())
-    s.add_all(VersionTag(version_id=v.id, key=k, value=val) for k, val in tags.items())
+    # Plain multi-row INSERTs: rows nothing in this transaction reads back as objects (no unit of work).
+    for table, rows in (
+        (VersionFile.__table__, [{"version_id": v.id, "path": p, "blob_sha256": sha, "size": size}
+                                 for p, (sha, size) in files.items()]),
+        (DerivedFile.__table__, [{"version_id": v.id, "format": "native", "path": p, "sha256": sha, "size": size,
+                                  "created_at": v.created_at} for p, (sha, size) in generated.items()]),
+        (VersionTag.__table__, [{"version_id": v.id, "key": k, "value": val} for k, val in tags.items()]),
+    ):
+        if rows:
+            s.execute(insert(table), rows)
     parents: list[ParentView] = []
     if base is not None and kind in ("adapter", "finetune"):
         rel = Relation.adapter_of if kind == "adapter" else Relation.finetune_of
