@@ -578,6 +578,53 @@ def push(
     out.print(v.ref, markup=False, highlight=False)
 
 
+def _read_manifest(source: Path) -> dict[str, Any]:
+    """A manifest file (``-``: standard input): ``{"files": [{"path", "sha256", "size"}, ...], "tags",
+    "aliases", "kind", "base", "description", "parents"}`` (all but ``files`` optional), or only
+    the list of files."""
+    text = sys.stdin.read() if str(source) == "-" else source.read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise typer.BadParameter(f"{source}: not JSON ({e})") from None
+    if isinstance(data, list):
+        data = {"files": data}
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+            for f in data["files"]):
+        raise typer.BadParameter(f"{source}: expected {{\"files\": [{{\"path\": ..., \"sha256\": ..., "
+                                 "\"size\": ...}, ...]} or that list of files")
+    return data
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="JSON manifest of the files; - reads stdin.")],
+    kind: Annotated[str | None, typer.Option(help="base, adapter, finetune or merge (default: inferred).")] = None,
+    base: Annotated[str | None, typer.Option(help="Ref of the base this adapter/fine-tune is pinned to.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="key=value; repeatable.")] = None,
+    alias: Annotated[list[str] | None, typer.Option("--alias", "-a", help="Alias to point here; repeatable.")] = None,
+    description: Annotated[str | None, typer.Option(help="Free text.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the new version as JSON (not its ref).")] = False,
+) -> None:
+    """Create the next version of NAME in one request from files the registry already holds
+    (by sha256: nothing is uploaded); the last line printed is the new ref NAME@VERSION. Options
+    add to (tags, aliases) or replace (kind, base, description) what the manifest says."""
+    with _errors(as_json):
+        data = _read_manifest(manifest)
+        with _client() as rc:
+            v = rc.create_version(
+                name, data["files"], kind=kind or data.get("kind"), base=base or data.get("base"),
+                tags={**(data.get("tags") or {}), **_kv(tag)}, aliases=[*(data.get("aliases") or []), *(alias or [])],
+                description=description if description is not None else data.get("description") or "",
+                parents=data.get("parents"))
+    if as_json:
+        _print_json(v)
+        return
+    out.print(v.ref, markup=False, highlight=False)
+
+
 @app.command()
 def pull(
     ref: Annotated[str, typer.Argument(help="name, name@VERSION or name@ALIAS.")],

@@ -558,6 +558,36 @@ class Operations(Core):
                                             tags=tags, aliases=aliases, description=description, parents=parents,
                                             dedup=dedup, progress=progress))
 
+    @operation
+    def create_version(self, name: str, files: list[dict[str, Any]] | list[FileEntry], *, kind: str | None = None,
+                       base: str | None = None, tags: dict[str, str] | None = None,
+                       aliases: list[str] | None = None, description: str = "",
+                       parents: list[dict[str, Any]] | None = None) -> Flow[Version]:
+        """Create the next version of ``name`` in one request from bytes the registry already holds.
+
+        ``files``: the manifest, ``{"path", "sha256", "size"}`` per file (size optional; a
+        :class:`FileEntry` works too, e.g. another version's ``files``). The server runs the same
+        checks as a push's commit; files whose bytes it does not hold are refused with
+        :class:`InvalidInput` ``blob_not_found`` (``details["missing"]`` lists them) and nothing is
+        recorded. Repeated while the server is unreachable; when an answer was lost, the repeat's
+        ``duplicate_content`` refusal means the first try created it, and that version is returned."""
+        manifest = [f.model_dump() if isinstance(f, FileEntry) else
+                    {"path": f["path"], "sha256": f["sha256"], "size": f.get("size")} for f in files]
+        body = {"files": manifest, "kind": kind, "base": base, "tags": tags or {}, "aliases": aliases or [],
+                "description": description, "parents": parents or []}
+        retry = self._retry(f"create of {name}")
+        retried = False
+        while True:
+            try:
+                return parse(Version, check((yield Send("POST", f"/models/{_q(name)}/versions", json=body))))
+            except (httpx.TransportError, RegistryAPIError) as e:
+                if retried and isinstance(e, RegistryAPIError) and e.code == "duplicate_content":
+                    return (yield from Operations.get_version(self, str((e.details or {})["existing"])))
+                if not transient(e, idempotent=True):  # a repeat adds nothing: duplicates are refused
+                    raise self._fail(e) from e
+                yield from retry.wait(e)
+                retried = True
+
     def _push_files(self, files: list[LocalFile], name: str, *, kind: str | None, base: str | None,
                     tags: dict[str, str] | None, aliases: list[str] | None, description: str,
                     parents: list[dict[str, Any]] | None, dedup: bool, progress: Progress | None) -> Flow[Version]:

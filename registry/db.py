@@ -5,7 +5,10 @@ opened with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of fail
 "database is locked" when a read transaction tries to upgrade. Read sessions use a plain
 ``BEGIN`` and never block writers (WAL).
 
-PostgreSQL (production): ``postgresql+psycopg://``; a pool sized for the API's thread pool.
+PostgreSQL (production): ``postgresql+psycopg://``; a pool sized for the API's thread pool. A pooled
+connection is checked with a round trip only when it sat idle in the pool for
+:data:`IDLE_PING_SECONDS` or more (:func:`_pg_setup`): a busy server sends no ping per transaction,
+and after a restarted database the idle connections are found dead at checkout and replaced.
 
 The schema is created and changed only by Alembic (:func:`upgrade`).
 """
@@ -13,12 +16,13 @@ The schema is created and changed only by Alembic (:func:`upgrade`).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,6 +49,34 @@ def _sqlite_setup(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+# A connection idle in the pool this long is pinged before it is handed out (SQLAlchemy's
+# ``pool_pre_ping`` pings on every checkout: a round trip per transaction under load).
+IDLE_PING_SECONDS = 1.0
+
+
+def _pg_setup(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only when it was idle for :data:`IDLE_PING_SECONDS`.
+
+    A dead one (the database restarted, or closed idle connections) makes the pool drop every
+    connection older than now and hand out a fresh one: the request goes on. A connection that
+    breaks while it is in use fails its request as before, and that disconnect error also makes
+    the pool drop the connections made before it (SQLAlchemy's disconnect handling)."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return  # a new connection, or one returned a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as e:
+            raise exc.InvalidatePoolError(f"pooled connection is dead: {e}") from e
+
+
 def create_db_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
@@ -54,7 +86,9 @@ def create_db_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _sqlite_setup(engine)
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=20, max_overflow=20)
+    _pg_setup(engine)
+    return engine
 
 
 class Database:

@@ -187,6 +187,7 @@ class System:
 
 class Ours(System):
     API = "/api/v1"
+    one_request_create = False  # set at start: whether this tree's server has POST /models/{name}/versions
 
     def start(self, db_url: str, workers: int) -> None:
         sys.path.insert(0, str(ROOT))
@@ -196,6 +197,9 @@ class Ours(System):
         env["PYTHONPATH"] = str(self.tree)  # ahead of the editable install of /work/main
         self._spawn([sys.executable, "-m", "registry", "up", "--api-workers", str(workers)], env,
                     self.API + "/health")
+        # One-request create (POST /models/{name}/versions): only trees that have it (--ours-tree of an older one).
+        paths = httpx.get(self.url + "/openapi.json", timeout=30).json()["paths"]
+        self.one_request_create = "post" in paths.get(self.API + "/models/{name}/versions", {})
 
     async def create_models(self, conn: Conn, names: list[str]) -> None:
         for name in names:
@@ -256,11 +260,22 @@ class Ours(System):
 
             return op
 
-        return {"get_number": get_number, "get_alias": get_alias, "search_1": search("bucket", 100),
-                "search_10": search("decile", 10), "create": create(False), "create_upload": create(True)}
+        async def create_manifest(conn: Conn, i: int) -> int:
+            # One request: the manifest names bytes the registry already holds (the same as "create" links).
+            sha, size = shas[i % len(shas)]
+            await conn.call("POST", f"{api}/models/{round_tag}-m{i % create_models:02d}/versions", {
+                "files": [{"path": "model.safetensors", "sha256": sha, "size": size}], "kind": "base",
+                "tags": NEW_TAGS})
+            return 1
+
+        ops = {"get_number": get_number, "get_alias": get_alias, "search_1": search("bucket", 100),
+               "search_10": search("decile", 10), "create": create(False), "create_upload": create(True)}
+        if self.one_request_create:
+            ops["create_manifest"] = create_manifest
+        return ops
 
     def create_model_names(self, round_tag: str, create_models: int) -> list[str]:
-        return [f"{round_tag}-{kind}{k:02d}" for kind in ("l", "u") for k in range(create_models)]
+        return [f"{round_tag}-{kind}{k:02d}" for kind in ("l", "u", "m") for k in range(create_models)]
 
     async def count_hits(self, conn: Conn, key: str, value: str) -> int:
         page = await conn.call("GET", f"{self.API}/versions?tag={quote(f'{key}={value}')}&limit=1000")

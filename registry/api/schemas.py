@@ -113,6 +113,24 @@ class DraftCreate(BaseModel):
     parents: list[ParentIn] = Field(default_factory=list)
 
 
+class ManifestFile(BaseModel):
+    path: str
+    sha256: str
+    size: int | None = Field(None, description="Checked against the held bytes when given.")
+
+
+class VersionCreate(BaseModel):
+    """A version made in one request from bytes the registry already holds."""
+
+    files: list[ManifestFile]
+    kind: str | None = None
+    base: str | None = Field(None, description="Ref of the base version an adapter/fine-tune is pinned to.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    parents: list[ParentIn] = Field(default_factory=list)
+
+
 class DraftFileOut(BaseModel):
     path: str
     sha256: str

@@ -84,6 +84,16 @@ def ready(s: Session, shas: Iterable[str]) -> set[str]:
     return set(s.scalars(select(Blob.sha256).where(Blob.sha256.in_(shas), Blob.state == BlobState.ready.value)))
 
 
+def ready_rows(s: Session, shas: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """sha256 -> (size, form) of those of ``shas`` whose bytes are in the store (the ``known`` rows
+    of :mod:`registry.services.content`)."""
+    shas = sorted(set(shas))
+    if not shas:
+        return {}
+    return {sha: (int(size), str(form)) for sha, size, form in s.execute(
+        select(Blob.sha256, Blob.size, Blob.form).where(Blob.sha256.in_(shas), Blob.state == BlobState.ready.value))}
+
+
 def mark_ready(s: Session, blobs: dict[str, int]) -> None:
     """The bytes of ``blobs`` (sha256 -> size) are now in the store, fsynced: call in the commit's
     transaction. Their rows were claimed when the files joined the draft (a row missing for any

@@ -70,10 +70,21 @@ def _row(ctx: RegistryContext, sha256: str) -> tuple[int, str] | None:
     return None if row is None else (int(row[0]), str(row[1]))
 
 
-def size(ctx: RegistryContext, sha256: str) -> int | None:
+def rows(s: Session, shas: list[str]) -> dict[str, tuple[int, str]]:
+    """sha256 -> (size, form) of the blob rows of ``shas``, in the caller's transaction: what
+    :func:`size`, :func:`exists` and :func:`iter_range` take as ``known`` instead of looking the
+    row up again each (one transaction per call)."""
+    if not shas:
+        return {}
+    return {sha: (int(n), str(form)) for sha, n, form in s.execute(
+        select(Blob.sha256, Blob.size, Blob.form).where(Blob.sha256.in_(sorted(set(shas)))))}
+
+
+def size(ctx: RegistryContext, sha256: str, known: tuple[int, str] | None = None) -> int | None:
     """The file's size when the registry can read it back, else None (no row, or a raw file
-    whose object is missing or of another size)."""
-    row = _row(ctx, sha256)
+    whose object is missing or of another size). ``known``: its row's (size, form), when the
+    caller read it already (:func:`rows`)."""
+    row = known or _row(ctx, sha256)
     if row is None:
         return ctx.store.size(sha256)  # an object from before blob rows existed
     n, form = row
@@ -91,8 +102,8 @@ def describe(ctx: RegistryContext, sha256: str) -> str:
     return "packed blob" if row is not None and row[1] == BlobForm.packed.value else "blob"
 
 
-def exists(ctx: RegistryContext, sha256: str) -> bool:
-    return size(ctx, sha256) is not None
+def exists(ctx: RegistryContext, sha256: str, known: tuple[int, str] | None = None) -> bool:
+    return size(ctx, sha256, known) is not None
 
 
 def local_path(ctx: RegistryContext, sha256: str) -> Path | None:
@@ -100,12 +111,13 @@ def local_path(ctx: RegistryContext, sha256: str) -> Path | None:
     return ctx.store.local_path(sha256)
 
 
-def read_bytes(ctx: RegistryContext, sha256: str, start: int = 0, end: int | None = None) -> bytes:
-    return b"".join(iter_range(ctx, sha256, start, end))
+def read_bytes(ctx: RegistryContext, sha256: str, start: int = 0, end: int | None = None, *,
+               known: tuple[int, str] | None = None) -> bytes:
+    return b"".join(iter_range(ctx, sha256, start, end, known=known))
 
 
 def iter_range(ctx: RegistryContext, sha256: str, start: int = 0, end: int | None = None, *,
-               hashed_whole: bool = False) -> Iterator[bytes | memoryview]:
+               hashed_whole: bool = False, known: tuple[int, str] | None = None) -> Iterator[bytes | memoryview]:
     """Bytes ``[start, end)`` of the file (``end`` None: to its end), as bytes-like pieces.
     Raises FileNotFoundError (missing) or :class:`ContentError` (damaged) while iterating.
 
@@ -113,8 +125,9 @@ def iter_range(ctx: RegistryContext, sha256: str, start: int = 0, end: int | Non
     ``hashed_whole``, its sha256. ``hashed_whole`` is for a caller that reads the whole file and
     checks its sha256 before it hands the last piece on (:mod:`registry.services.integrity`):
     that hash catches whatever a CRC-32 could miss, and hashing the file once instead of each
-    chunk once costs the same but runs beside the decoding threads instead of in them."""
-    row = _row(ctx, sha256)
+    chunk once costs the same but runs beside the decoding threads instead of in them.
+    ``known``: the row's (size, form) when the caller read it already (:func:`rows`)."""
+    row = known or _row(ctx, sha256)
     if row is not None and row[1] == BlobForm.packed.value:
         return _packed(ctx, sha256, start, row[0] if end is None else end, hashed_whole)
     return _raw(ctx, sha256, start, end, hashed_whole)

@@ -63,9 +63,9 @@ def _draft_view(draft: Draft) -> dict[str, Any]:
     }
 
 
-def create_draft(ctx: RegistryContext, spec: DraftSpec, actor: str | None) -> dict[str, Any]:
-    """Start a push. Names, kind, base and parent refs are checked now, so a bad push fails
-    before any byte is uploaded."""
+def checked_spec(ctx: RegistryContext, spec: DraftSpec) -> dict[str, Any]:
+    """The spec of a version to create, its names and values checked (no database access): the
+    ``spec`` a draft stores, and what a one-request create records."""
     names.model_name(spec.model)
     if spec.kind is not None:
         names.kind(spec.kind)
@@ -74,6 +74,14 @@ def create_draft(ctx: RegistryContext, spec: DraftSpec, actor: str | None) -> di
     aliases = [names.alias_name(a) for a in spec.aliases]
     description = names.description(spec.description)
     parents = [_check_parent(p) for p in spec.parents]
+    return {"kind": spec.kind, "base": spec.base, "tags": tags, "aliases": aliases,
+            "description": description, "parents": parents}
+
+
+def create_draft(ctx: RegistryContext, spec: DraftSpec, actor: str | None) -> dict[str, Any]:
+    """Start a push. Names, kind, base and parent refs are checked now, so a bad push fails
+    before any byte is uploaded."""
+    checked = checked_spec(ctx, spec)
     with ctx.db.read() as s:
         model = s.scalar(model_named(spec.model))
         if model is not None and spec.kind is not None and model.kind != spec.kind:
@@ -81,14 +89,13 @@ def create_draft(ctx: RegistryContext, spec: DraftSpec, actor: str | None) -> di
                            code="kind_mismatch", details={"model": spec.model, "kind": model.kind})
         if spec.base is not None:
             resolve_base(s, spec.base)
-        for p in parents:
+        for p in checked["parents"]:
             resolve_body_ref(s, p["ref"], "parent")
     draft = Draft(
         id=str(uuid.uuid4()),
         model_name=spec.model,
         created_by=actor,
-        spec={"kind": spec.kind, "base": spec.base, "tags": tags, "aliases": aliases,
-              "description": description, "parents": parents},
+        spec=checked,
         files=[],  # known empty: no query to load it
     )
     with ctx.db.write() as s:

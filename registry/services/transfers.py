@@ -244,7 +244,7 @@ def _record_derived(run: JobRun[Any], spec: DraftSpec, recipe: dict[str, Any], h
                 content_sha256=chash, fingerprint=fmt.fingerprint(index), summary=summary, tensor_index=index,
                 files=links, new_blobs=set(), generated=generated, storage_mode="derived:diff",
                 options=CommitOptions(status="candidate", recipe=recipe, mlflow_run_id=mr.run_id, hook=hook))
-            return v.id  # the hook completed the job with the new ref
+            return v.version.id  # the hook completed the job with the new ref
     except Conflict as e:
         if e.code != "duplicate_content":
             raise

@@ -10,6 +10,7 @@ from ...errors import BadRequest
 from ...services import drafts, names, recording, uploads
 from ...services.drafts import DraftSpec
 from ..deps import Ctx, Writer, streamed_body
+from .common import version_json
 from ..responses import AUTHENTICATED, errors
 from ..schemas import (
     DraftCreate,
@@ -117,4 +118,4 @@ def abort_upload(upload_id: str, ctx: Ctx, who: Writer) -> Response:
              responses=errors(404, 409, 422))
 def commit_draft(draft_id: str, ctx: Ctx, who: Writer) -> object:
     """Validate the whole version and make it visible atomically, with the next version number."""
-    return recording.commit(ctx, draft_id, who.name, who=who)
+    return version_json(recording.commit(ctx, draft_id, who.name, who=who), status.HTTP_201_CREATED)
