@@ -24,7 +24,8 @@ from typing import TypeVar, cast
 import numpy as np
 from numba import njit
 
-__all__ = ["LANES", "rmm_positions"]
+__all__ = ["LANES", "join_planes", "key_counts", "pack_symbols", "place_escapes", "rmm_positions", "split_planes",
+           "unpack_symbols"]
 
 #: positions solved together (the SIMD width of the inner loops; 128 amortises the per-rotation
 #: bookkeeping best on AVX2/AVX-512 CPUs)
@@ -477,3 +478,207 @@ def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray 
     consts = np.array([0.0, 1.0, -1.0], dtype=x.dtype)
     return int(_combine(x, x[0] if b is None else b, b is not None, w, trim, t, need, elect, frequency, tau,
                         acc, count, out, sq, consts, np.empty(8)))
+
+
+# --------------------------------------------------------------------------------- packed storage
+#
+# The per-element passes of :mod:`registry.weights.packing`, one pass per frame each way. Elements
+# are the segment's little-endian unsigned integers (uint8/16/32/64, any strides), computed in
+# uint64 and masked to their width ``mask`` (2^bits − 1). ``method`` is the payload's: 1 byte
+# planes (rotated left by ``rot``), 2 XOR with the reference (then rotated), 3 the zigzagged
+# difference from the reference. ``keyed``: the elements go in the stable order of the reference's
+# key ``(r >> shift) & kmask`` -- a counting sort: ``start[v]`` is where key v's run begins (the
+# array is advanced while the pass runs), so no index array is ever built.
+
+_PLANES, _XOR, _SUB = 1, 2, 3
+
+
+@_compiled
+def _forward(v: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+             mask: np.uint64) -> np.uint64:
+    one = np.uint64(1)
+    if method == _SUB:
+        d = (v - rr) & mask
+        return ((d << one) & mask) ^ (mask * ((d >> top) & one))
+    if method == _XOR:
+        v = v ^ rr
+    if rot != 0:
+        v = ((v << rot) | (v >> back)) & mask
+    return v
+
+
+@_compiled
+def _inverse(z: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.uint64,
+             mask: np.uint64) -> np.uint64:
+    one = np.uint64(1)
+    if method == _SUB:
+        return (((z >> one) ^ (mask * (z & one))) + rr) & mask
+    if rot != 0:
+        z = ((z >> rot) | (z << back)) & mask
+    if method == _XOR:
+        z = z ^ rr
+    return z
+
+
+@_compiled
+def _split(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+           mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
+           grid: np.ndarray) -> None:
+    w = grid.shape[0]
+    has_ref = method != _PLANES
+    zero = np.uint64(0)
+    eight = np.uint64(8)
+    byte = np.uint64(0xFF)
+    for i in range(a.shape[0]):
+        rr = np.uint64(r[i]) if has_ref else zero
+        z = _forward(np.uint64(a[i]), rr, method, rot, back, top, mask)
+        p = i
+        if keyed:
+            k = (rr >> shift) & kmask
+            p = start[k]
+            start[k] = p + 1
+        for j in range(w):
+            grid[j, p] = np.uint8(z & byte)
+            z = z >> eight
+
+
+@_compiled
+def _join(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, mask: np.uint64,
+          keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray) -> None:
+    has_ref = method != _PLANES
+    zero = np.uint64(0)
+    for i in range(out.shape[0]):
+        rr = np.uint64(r[i]) if has_ref else zero
+        p = i
+        if keyed:
+            k = (rr >> shift) & kmask
+            p = start[k]
+            start[k] = p + 1
+        out[i] = _inverse(np.uint64(x[p]), rr, method, rot, back, mask)
+
+
+@_compiled
+def _key_counts(r: np.ndarray, shift: np.uint64, kmask: np.uint64, counts: np.ndarray) -> None:
+    for i in range(r.shape[0]):
+        counts[(np.uint64(r[i]) >> shift) & kmask] += 1
+
+
+def _params(width: int, rot: int) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
+    bits = 8 * width
+    return np.uint64(rot), np.uint64((bits - rot) % bits), np.uint64(bits - 1), np.uint64((1 << bits) - 1)
+
+
+def _starts(counts: np.ndarray | None) -> tuple[bool, np.ndarray]:
+    if counts is None:
+        return False, np.zeros(1, dtype=np.int64)
+    start = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=start[1:])
+    return True, start
+
+
+def split_planes(a: np.ndarray, r: np.ndarray | None, method: int, rot: int, shift: int, kbits: int,
+                 counts: np.ndarray | None, grid: np.ndarray) -> None:
+    """The byte planes of the transformed elements of ``a`` into ``grid`` [width, len(a)] (uint8):
+    ``grid[j, p]`` = byte j of element p, the elements transformed by ``method`` against the
+    reference ``r`` (None for method 1) and, when ``counts`` (the number of elements per key value,
+    :func:`key_counts`) is given, put in the stable order of the reference's ``kbits``-bit key at
+    ``shift``."""
+    w = a.dtype.itemsize
+    rot_, back, top, mask = _params(w, rot)
+    keyed, start = _starts(counts)
+    _split(a, a if r is None else r, method, rot_, back, top, mask, keyed, np.uint64(shift),
+           np.uint64((1 << kbits) - 1), start, grid)
+
+
+def join_planes(x: np.ndarray, r: np.ndarray | None, method: int, rot: int, shift: int, kbits: int,
+                counts: np.ndarray | None, out: np.ndarray) -> None:
+    """The inverse of :func:`split_planes`: ``out`` (the elements) from ``x``, the transformed
+    elements (in the reference's key order when ``counts`` is given)."""
+    w = x.dtype.itemsize
+    rot_, back, _, mask = _params(w, rot)
+    keyed, start = _starts(counts)
+    _join(x, x if r is None else r, method, rot_, back, mask, keyed, np.uint64(shift), np.uint64((1 << kbits) - 1),
+          start, out)
+
+
+def key_counts(r: np.ndarray, shift: int, kbits: int) -> np.ndarray:
+    """The number of elements of ``r`` per value of the key ``(r >> shift) & (2^kbits − 1)`` (int64)."""
+    counts = np.zeros(1 << kbits, dtype=np.int64)
+    _key_counts(r, np.uint64(shift), np.uint64((1 << kbits) - 1), counts)
+    return counts
+
+
+@_compiled
+def _pack(s: np.ndarray, lut: np.ndarray, bits: int, esc: int, packed: np.ndarray, escapes: np.ndarray) -> int:
+    per = 8 // bits
+    n = s.shape[0]
+    e = 0
+    for g in range(packed.shape[0]):
+        acc = 0
+        for u in range(per):
+            i = g * per + u
+            if i < n:
+                v = s[i]
+                c = np.int64(lut[v])
+                if c == esc:
+                    escapes[e] = v
+                    e += 1
+                acc |= c << (bits * u)
+        packed[g] = np.uint8(acc)
+    return e
+
+
+@_compiled
+def _unpack(packed: np.ndarray, values: np.ndarray, bits: int, first_escape: int, dst: np.ndarray) -> int:
+    per = 8 // bits
+    cmask = (1 << bits) - 1
+    n = dst.shape[0]
+    count = 0
+    for g in range(packed.shape[0]):
+        b = np.int64(packed[g])
+        for u in range(per):
+            i = g * per + u
+            if i < n:
+                c = (b >> (bits * u)) & cmask
+                dst[i] = values[c]
+                if c >= first_escape:
+                    count += 1
+    return count
+
+
+@_compiled
+def _place_escapes(packed: np.ndarray, bits: int, first_escape: int, escapes: np.ndarray, dst: np.ndarray) -> None:
+    per = 8 // bits
+    cmask = (1 << bits) - 1
+    n = dst.shape[0]
+    e = 0
+    for g in range(packed.shape[0]):
+        b = np.int64(packed[g])
+        for u in range(per):
+            i = g * per + u
+            if i < n and ((b >> (bits * u)) & cmask) >= first_escape:
+                dst[i] = escapes[e]
+                e += 1
+
+
+def pack_symbols(s: np.ndarray, lut: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes ``s`` as codes ``lut[s]`` of ``bits`` (2 or 4) bits, ``8 // bits`` to a byte (code u of a
+    group in bits ``[bits*u, bits*(u+1))``, the last group padded with code 0), and the escapes: the
+    values whose code is the largest, ``2^bits − 1``, in order."""
+    per = 8 // bits
+    packed = np.empty(-(-len(s) // per), dtype=np.uint8)
+    escapes = np.empty(len(s), dtype=np.uint8)
+    e = _pack(s, lut, bits, (1 << bits) - 1, packed, escapes)
+    return packed, escapes[:e]
+
+
+def unpack_symbols(packed: np.ndarray, values: np.ndarray, bits: int, first_escape: int, dst: np.ndarray) -> int:
+    """The inverse of :func:`pack_symbols` into ``dst`` (its length is the number of codes; any
+    strides): ``dst[i] = values[code i]``. Returns the number of codes at or above ``first_escape``
+    (those :func:`place_escapes` then overwrites)."""
+    return int(_unpack(packed, values, bits, first_escape, dst))
+
+
+def place_escapes(packed: np.ndarray, bits: int, first_escape: int, escapes: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[i]`` = the next of ``escapes`` wherever code i is at or above ``first_escape``."""
+    _place_escapes(packed, bits, first_escape, escapes, dst)
