@@ -493,7 +493,16 @@ def combine(x: np.ndarray, b: np.ndarray | None, w: np.ndarray, thr: np.ndarray 
 _PLANES, _XOR, _SUB = 1, 2, 3
 
 
-@_compiled
+def _compiled_inline(fn: F) -> F:
+    """:func:`_compiled` for a helper that numba inlines into its callers (a loop-invariant branch
+    in it is then hoisted out of the caller's loop)."""
+    try:
+        return cast(F, njit(cache=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")(fn))
+    except RuntimeError:
+        return cast(F, njit(cache=False, nogil=True, error_model="numpy", boundscheck=False, inline="always")(fn))
+
+
+@_compiled_inline
 def _forward(v: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
              mask: np.uint64) -> np.uint64:
     one = np.uint64(1)
@@ -507,7 +516,7 @@ def _forward(v: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.
     return v
 
 
-@_compiled
+@_compiled_inline
 def _inverse(z: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.uint64,
              mask: np.uint64) -> np.uint64:
     one = np.uint64(1)
@@ -520,14 +529,12 @@ def _inverse(z: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.
     return z
 
 
-@_compiled
-def _split(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
-           mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
-           grid: np.ndarray) -> None:
-    w = grid.shape[0]
+@_compiled_inline
+def _split_w(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+             mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
+             grid: np.ndarray, w: int) -> None:
     has_ref = method != _PLANES
     zero = np.uint64(0)
-    eight = np.uint64(8)
     byte = np.uint64(0xFF)
     for i in range(a.shape[0]):
         rr = np.uint64(r[i]) if has_ref else zero
@@ -537,14 +544,42 @@ def _split(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.u
             k = (rr >> shift) & kmask
             p = start[k]
             start[k] = p + 1
-        for j in range(w):
-            grid[j, p] = np.uint8(z & byte)
-            z = z >> eight
+        # one literal width per branch (w is the same for every element): the stores unroll
+        if w == 2:
+            grid[0, p] = np.uint8(z & byte)
+            grid[1, p] = np.uint8(z >> np.uint64(8))
+        elif w == 4:
+            grid[0, p] = np.uint8(z & byte)
+            grid[1, p] = np.uint8((z >> np.uint64(8)) & byte)
+            grid[2, p] = np.uint8((z >> np.uint64(16)) & byte)
+            grid[3, p] = np.uint8(z >> np.uint64(24))
+        elif w == 1:
+            grid[0, p] = np.uint8(z)
+        else:
+            for j in range(w):
+                grid[j, p] = np.uint8((z >> np.uint64(8 * j)) & byte)
 
 
 @_compiled
-def _join(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, mask: np.uint64,
-          keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray) -> None:
+def _split(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+           mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
+           grid: np.ndarray) -> None:
+    # the method, the ordering and the width as constants of each call below: every loop is
+    # compiled for its own case (a branch per element would keep the compiler from unrolling)
+    w = grid.shape[0]
+    for m in (_PLANES, _XOR, _SUB):
+        if method == m:
+            for ww in (1, 2, 4, 8):
+                if w == ww:
+                    if keyed:
+                        _split_w(a, r, m, rot, back, top, mask, True, shift, kmask, start, grid, ww)
+                    else:
+                        _split_w(a, r, m, rot, back, top, mask, False, shift, kmask, start, grid, ww)
+
+
+@_compiled_inline
+def _join_w(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, mask: np.uint64,
+            keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray, w: int) -> None:
     has_ref = method != _PLANES
     zero = np.uint64(0)
     for i in range(out.shape[0]):
@@ -554,7 +589,33 @@ def _join(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.ui
             k = (rr >> shift) & kmask
             p = start[k]
             start[k] = p + 1
-        out[i] = _inverse(np.uint64(x[p]), rr, method, rot, back, mask)
+        if w == 2:
+            z = np.uint64(x[0, p]) | (np.uint64(x[1, p]) << np.uint64(8))
+        elif w == 4:
+            z = (np.uint64(x[0, p]) | (np.uint64(x[1, p]) << np.uint64(8)) | (np.uint64(x[2, p]) << np.uint64(16))
+                 | (np.uint64(x[3, p]) << np.uint64(24)))
+        elif w == 1:
+            z = np.uint64(x[0, p])
+        else:
+            z = zero
+            for j in range(w):
+                z |= np.uint64(x[j, p]) << np.uint64(8 * j)
+        out[i] = _inverse(z, rr, method, rot, back, mask)
+
+
+@_compiled
+def _join(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, mask: np.uint64,
+          keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray) -> None:
+    """``x`` [width, n]: the byte planes; every case compiled on its own, as in :func:`_split`."""
+    w = x.shape[0]
+    for m in (_PLANES, _XOR, _SUB):
+        if method == m:
+            for ww in (1, 2, 4, 8):
+                if w == ww:
+                    if keyed:
+                        _join_w(x, r, m, rot, back, mask, True, shift, kmask, start, out, ww)
+                    else:
+                        _join_w(x, r, m, rot, back, mask, False, shift, kmask, start, out, ww)
 
 
 @_compiled
@@ -592,12 +653,13 @@ def split_planes(a: np.ndarray, r: np.ndarray | None, method: int, rot: int, shi
 
 def join_planes(x: np.ndarray, r: np.ndarray | None, method: int, rot: int, shift: int, kbits: int,
                 counts: np.ndarray | None, out: np.ndarray) -> None:
-    """The inverse of :func:`split_planes`: ``out`` (the elements) from ``x``, the transformed
-    elements (in the reference's key order when ``counts`` is given)."""
-    w = x.dtype.itemsize
+    """The inverse of :func:`split_planes`: ``out`` (the elements) from ``x`` [width, len(out)], the
+    byte planes of the transformed elements (in the reference's key order when ``counts`` is
+    given)."""
+    w = out.dtype.itemsize
     rot_, back, _, mask = _params(w, rot)
     keyed, start = _starts(counts)
-    _join(x, x if r is None else r, method, rot_, back, mask, keyed, np.uint64(shift), np.uint64((1 << kbits) - 1),
+    _join(x, out if r is None else r, method, rot_, back, mask, keyed, np.uint64(shift), np.uint64((1 << kbits) - 1),
           start, out)
 
 
@@ -629,20 +691,48 @@ def _pack(s: np.ndarray, lut: np.ndarray, bits: int, esc: int, packed: np.ndarra
 
 
 @_compiled
+def _byte_tables(values: np.ndarray, bits: int, first_escape: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every packed byte: the values of its codes, and how many of them are escapes."""
+    per = 8 // bits
+    cmask = (1 << bits) - 1
+    table = np.empty((256, per), dtype=np.uint8)
+    nesc = np.zeros(256, dtype=np.int64)
+    for b in range(256):
+        for u in range(per):
+            c = (b >> (bits * u)) & cmask
+            table[b, u] = values[c]
+            if c >= first_escape:
+                nesc[b] += 1
+    return table, nesc
+
+
+@_compiled
 def _unpack(packed: np.ndarray, values: np.ndarray, bits: int, first_escape: int, dst: np.ndarray) -> int:
     per = 8 // bits
     cmask = (1 << bits) - 1
+    table, nesc = _byte_tables(values, bits, first_escape)
     n = dst.shape[0]
+    full = n // per
     count = 0
-    for g in range(packed.shape[0]):
-        b = np.int64(packed[g])
-        for u in range(per):
-            i = g * per + u
-            if i < n:
-                c = (b >> (bits * u)) & cmask
-                dst[i] = values[c]
-                if c >= first_escape:
-                    count += 1
+    if per == 2:
+        for g in range(full):
+            b = packed[g]
+            dst[2 * g] = table[b, 0]
+            dst[2 * g + 1] = table[b, 1]
+            count += nesc[b]
+    else:
+        for g in range(full):
+            b = packed[g]
+            dst[4 * g] = table[b, 0]
+            dst[4 * g + 1] = table[b, 1]
+            dst[4 * g + 2] = table[b, 2]
+            dst[4 * g + 3] = table[b, 3]
+            count += nesc[b]
+    for i in range(full * per, n):  # the last, partial group (its padding codes are not counted)
+        c = (np.int64(packed[i // per]) >> (bits * (i % per))) & cmask
+        dst[i] = values[c]
+        if c >= first_escape:
+            count += 1
     return count
 
 
@@ -650,10 +740,13 @@ def _unpack(packed: np.ndarray, values: np.ndarray, bits: int, first_escape: int
 def _place_escapes(packed: np.ndarray, bits: int, first_escape: int, escapes: np.ndarray, dst: np.ndarray) -> None:
     per = 8 // bits
     cmask = (1 << bits) - 1
+    _, nesc = _byte_tables(np.zeros(16, dtype=np.uint8), bits, first_escape)
     n = dst.shape[0]
     e = 0
     for g in range(packed.shape[0]):
         b = np.int64(packed[g])
+        if nesc[b] == 0:
+            continue
         for u in range(per):
             i = g * per + u
             if i < n and ((b >> (bits * u)) & cmask) >= first_escape:

@@ -648,21 +648,20 @@ def decode(payload: Buffer, reference: Buffer | Reference | None = None, *,
         count = n // w
         order = ref.order(w, shift, bits, 1 << section_log) if bits and ref is not None else None
         cuts = order.bounds if order is not None else [0, count]
-        grid = np.empty((count, w), dtype=np.uint8)
+        grid = np.empty((w, count), dtype=np.uint8)  # the byte planes
         for a, b in zip(cuts, cuts[1:], strict=False):
             for i in range(w):
-                rd.stream_into(grid[a:b, i])
-        x = grid.reshape(-1).view(_UINT[w])
-        if method == _PLANES and not rot:
-            out = x.tobytes()
+                rd.stream_into(grid[i, a:b])
+        if method == _PLANES and not rot and w == 1:
+            out = grid.tobytes()
         else:  # one compiled pass: back to the segment's order, unrotated or added to the reference
             y = np.empty(count, dtype=_UINT[w])
             r = ref.u8.view(_UINT[w]) if ref is not None else None
             if order is None:
-                kernels.join_planes(x, r, method, rot, 0, 0, None, y)
+                kernels.join_planes(grid, r, method, rot, 0, 0, None, y)
             else:
-                kernels.join_planes(x, r, method, rot, order.shift, order.bits, order.counts, y)
-            del grid, x
+                kernels.join_planes(grid, r, method, rot, order.shift, order.bits, order.counts, y)
+            del grid
             out = y.tobytes()
         if order is not None and ref is not None and not keep_order:
             ref.forget()
