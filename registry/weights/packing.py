@@ -218,7 +218,6 @@ _SECTION_MIN = 8192
 # table almost nothing.
 _SORT_GAIN_BITS = 0.125
 _SORT_SAMPLE = 1 << 18
-_SORT_CHUNK = 1 << 17
 
 
 def _layout(dtype: str | None, n: int) -> tuple[int, int, int, int]:

@@ -1,6 +1,6 @@
 """The packed-storage codec as main shipped it before the compiled kernels (pure numpy): a frozen copy of
 ``registry/weights/packing.py`` at commit 1a90f20, imports made absolute, nothing else changed. It is the
-reference the kernels are held to: ``tests/weights/test_packing_kernels.py`` checks that the shipped codec
+reference the kernels are held to: ``tests/weights/test_packing.py`` checks that the shipped codec
 writes exactly the bytes this one writes and decodes what this one wrote. Do not edit it: it is the
 witness of the payload format."""
 
