@@ -564,17 +564,15 @@ def _split_w(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np
 def _split(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
            mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
            grid: np.ndarray) -> None:
-    # the method, the ordering and the width as constants of each call below: every loop is
-    # compiled for its own case (a branch per element would keep the compiler from unrolling)
+    # the width and the ordering as constants of each call below: every loop is compiled for its
+    # own case (the stores of a known width unroll; the method's branch is cheap, well predicted)
     w = grid.shape[0]
-    for m in (_PLANES, _XOR, _SUB):
-        if method == m:
-            for ww in (1, 2, 4, 8):
-                if w == ww:
-                    if keyed:
-                        _split_w(a, r, m, rot, back, top, mask, True, shift, kmask, start, grid, ww)
-                    else:
-                        _split_w(a, r, m, rot, back, top, mask, False, shift, kmask, start, grid, ww)
+    for ww in (1, 2, 4, 8):
+        if w == ww:
+            if keyed:
+                _split_w(a, r, method, rot, back, top, mask, True, shift, kmask, start, grid, ww)
+            else:
+                _split_w(a, r, method, rot, back, top, mask, False, shift, kmask, start, grid, ww)
 
 
 @_compiled_inline
@@ -608,20 +606,29 @@ def _join(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.ui
           keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray) -> None:
     """``x`` [width, n]: the byte planes; every case compiled on its own, as in :func:`_split`."""
     w = x.shape[0]
-    for m in (_PLANES, _XOR, _SUB):
-        if method == m:
-            for ww in (1, 2, 4, 8):
-                if w == ww:
-                    if keyed:
-                        _join_w(x, r, m, rot, back, mask, True, shift, kmask, start, out, ww)
-                    else:
-                        _join_w(x, r, m, rot, back, mask, False, shift, kmask, start, out, ww)
+    for ww in (1, 2, 4, 8):
+        if w == ww:
+            if keyed:
+                _join_w(x, r, method, rot, back, mask, True, shift, kmask, start, out, ww)
+            else:
+                _join_w(x, r, method, rot, back, mask, False, shift, kmask, start, out, ww)
 
 
 @_compiled
 def _key_counts(r: np.ndarray, shift: np.uint64, kmask: np.uint64, counts: np.ndarray) -> None:
-    for i in range(r.shape[0]):
-        counts[(np.uint64(r[i]) >> shift) & kmask] += 1
+    # four partial histograms: consecutive equal keys do not wait on each other's increments
+    part = np.zeros((4, counts.shape[0]), dtype=np.int64)
+    n = r.shape[0]
+    full = n - n % 4
+    for i in range(0, full, 4):
+        part[0, (np.uint64(r[i]) >> shift) & kmask] += 1
+        part[1, (np.uint64(r[i + 1]) >> shift) & kmask] += 1
+        part[2, (np.uint64(r[i + 2]) >> shift) & kmask] += 1
+        part[3, (np.uint64(r[i + 3]) >> shift) & kmask] += 1
+    for i in range(full, n):
+        part[0, (np.uint64(r[i]) >> shift) & kmask] += 1
+    for v in range(counts.shape[0]):
+        counts[v] += part[0, v] + part[1, v] + part[2, v] + part[3, v]
 
 
 def _params(width: int, rot: int) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:

@@ -74,7 +74,7 @@ from .formatfile import varint
 from .safetensors_header import DTYPE_BITS, HeaderError, parse_header
 
 __all__ = ["FRAME_BYTES", "PackError", "Reference", "Segment", "decode", "decoded_length", "encode", "needs_reference",
-           "segments"]
+           "segments", "warm"]
 
 # Raw bytes per segment at most. 4 MiB, measured (bench/storage.py) against 1 to 16 MiB: the
 # compression is the same as with larger frames (zstd's level-1 window is 512 KiB and its Huffman
@@ -546,7 +546,8 @@ def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> 
     if not bits or count < 4 * _SORT_MIN:
         return False
     step = max(4, count // _SORT_SAMPLE)
-    a, r = raw.view(_UINT[w])[::step], ref.view(_UINT[w])[::step]
+    # contiguous copies of the sample (an eighth of the segment or less): one compiled form of each pass
+    a, r = np.ascontiguousarray(raw.view(_UINT[w])[::step]), np.ascontiguousarray(ref.view(_UINT[w])[::step])
     plain = len(_planes_body(_split(a, r, _SUB, 0, None), level))
     order = _order(r, shift, bits, max(1, _SECTION_MIN // step))
     grouped = len(_planes_body(_split(a, r, _SUB, 0, order), level, order.bounds))
@@ -669,3 +670,16 @@ def decode(payload: Buffer, reference: Buffer | Reference | None = None, *,
     if check_crc and zlib.crc32(out) != crc:
         raise PackError("decoded bytes fail their CRC-32 (corrupt payload or wrong reference)")
     return out
+
+
+def warm() -> None:
+    """Load the compiled kernels of the codec now (numba's JIT and its on-disk cache: about 60 MB
+    and a fraction of a second, once per process), so that the first segment a process codes or
+    decodes does not pay for it: a server calls this when it starts, before any download."""
+    x = (np.arange(40000, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(3)
+    for dtype in ("U8", "BF16", "F32", "F64"):
+        w = _LAYOUT.get(dtype, (1, 0, 0, 0))[0]
+        ref = (x >> np.uint64(64 - 8 * w)).astype(_UINT[w]) if w < 8 else x.copy()
+        data = ref + (np.arange(len(ref)) % 3).astype(_UINT[w])
+        for r in (None, ref.tobytes()):
+            decode(encode(data.tobytes(), dtype, r), r)
