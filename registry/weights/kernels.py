@@ -631,6 +631,15 @@ def _key_counts(r: np.ndarray, shift: np.uint64, kmask: np.uint64, counts: np.nd
         counts[v] += part[0, v] + part[1, v] + part[2, v] + part[3, v]
 
 
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view of an input array: inputs arrive both ways, and each way is a compiled
+    variant of its own (compiling every kernel takes seconds on first use)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def _params(width: int, rot: int) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
     bits = 8 * width
     return np.uint64(rot), np.uint64((bits - rot) % bits), np.uint64(bits - 1), np.uint64((1 << bits) - 1)
@@ -654,7 +663,8 @@ def split_planes(a: np.ndarray, r: np.ndarray | None, method: int, rot: int, shi
     w = a.dtype.itemsize
     rot_, back, top, mask = _params(w, rot)
     keyed, start = _starts(counts)
-    _split(a, a if r is None else r, method, rot_, back, top, mask, keyed, np.uint64(shift),
+    a = _ro(a)
+    _split(a, a if r is None else _ro(r), method, rot_, back, top, mask, keyed, np.uint64(shift),
            np.uint64((1 << kbits) - 1), start, grid)
 
 
@@ -666,14 +676,14 @@ def join_planes(x: np.ndarray, r: np.ndarray | None, method: int, rot: int, shif
     w = out.dtype.itemsize
     rot_, back, _, mask = _params(w, rot)
     keyed, start = _starts(counts)
-    _join(x, out if r is None else r, method, rot_, back, mask, keyed, np.uint64(shift), np.uint64((1 << kbits) - 1),
+    _join(x, _ro(out) if r is None else _ro(r), method, rot_, back, mask, keyed, np.uint64(shift), np.uint64((1 << kbits) - 1),
           start, out)
 
 
 def key_counts(r: np.ndarray, shift: int, kbits: int) -> np.ndarray:
     """The number of elements of ``r`` per value of the key ``(r >> shift) & (2^kbits − 1)`` (int64)."""
     counts = np.zeros(1 << kbits, dtype=np.int64)
-    _key_counts(r, np.uint64(shift), np.uint64((1 << kbits) - 1), counts)
+    _key_counts(_ro(r), np.uint64(shift), np.uint64((1 << kbits) - 1), counts)
     return counts
 
 
@@ -768,7 +778,7 @@ def pack_symbols(s: np.ndarray, lut: np.ndarray, bits: int) -> tuple[np.ndarray,
     per = 8 // bits
     packed = np.empty(-(-len(s) // per), dtype=np.uint8)
     escapes = np.empty(len(s), dtype=np.uint8)
-    e = _pack(s, lut, bits, (1 << bits) - 1, packed, escapes)
+    e = _pack(_ro(s), _ro(lut), bits, (1 << bits) - 1, packed, escapes)
     return packed, escapes[:e]
 
 
@@ -776,9 +786,9 @@ def unpack_symbols(packed: np.ndarray, values: np.ndarray, bits: int, first_esca
     """The inverse of :func:`pack_symbols` into ``dst`` (its length is the number of codes; any
     strides): ``dst[i] = values[code i]``. Returns the number of codes at or above ``first_escape``
     (those :func:`place_escapes` then overwrites)."""
-    return int(_unpack(packed, values, bits, first_escape, dst))
+    return int(_unpack(_ro(packed), _ro(values), bits, first_escape, dst))
 
 
 def place_escapes(packed: np.ndarray, bits: int, first_escape: int, escapes: np.ndarray, dst: np.ndarray) -> None:
     """``dst[i]`` = the next of ``escapes`` wherever code i is at or above ``first_escape``."""
-    _place_escapes(packed, bits, first_escape, escapes, dst)
+    _place_escapes(_ro(packed), bits, first_escape, _ro(escapes), dst)

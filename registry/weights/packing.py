@@ -683,3 +683,9 @@ def warm() -> None:
         data = ref + (np.arange(len(ref)) % 3).astype(_UINT[w])
         for r in (None, ref.tobytes()):
             decode(encode(data.tobytes(), dtype, r), r)
+    # 2- and 4-bit symbol streams with escapes
+    s = ((x % np.uint64(3)) + np.uint64(40) * (x % np.uint64(50) == 0)).astype(np.uint8)
+    for bits, table in ((2, bytes([0, 1, 2])), (4, bytes(range(15)))):
+        payload = _packed(s, table, bits, DEFAULT_LEVEL)
+        if (_Reader(memoryview(payload), 0).stream(len(s)) != s).any():  # pragma: no cover - a broken build
+            raise PackError("the compiled symbol coder does not round-trip")
