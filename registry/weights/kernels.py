@@ -676,8 +676,8 @@ def join_planes(x: np.ndarray, r: np.ndarray | None, method: int, rot: int, shif
     w = out.dtype.itemsize
     rot_, back, _, mask = _params(w, rot)
     keyed, start = _starts(counts)
-    _join(x, _ro(out) if r is None else _ro(r), method, rot_, back, mask, keyed, np.uint64(shift), np.uint64((1 << kbits) - 1),
-          start, out)
+    _join(x, _ro(out) if r is None else _ro(r), method, rot_, back, mask, keyed, np.uint64(shift),
+          np.uint64((1 << kbits) - 1), start, out)
 
 
 def key_counts(r: np.ndarray, shift: int, kbits: int) -> np.ndarray:
@@ -698,7 +698,7 @@ def _pack(s: np.ndarray, lut: np.ndarray, bits: int, esc: int, packed: np.ndarra
             i = g * per + u
             if i < n:
                 v = s[i]
-                c = np.int64(lut[v])
+                c = int(lut[v])
                 if c == esc:
                     escapes[e] = v
                     e += 1

@@ -320,7 +320,8 @@ def _code_table(table: bytes, bits: int) -> U8:
     code (``2**bits - 1``) for an escape."""
     esc = (1 << bits) - 1
     if bits == 4 and _is_window(table):
-        return np.minimum((np.arange(256) - table[0]) & 0xFF, esc).astype(np.uint8)
+        window: U8 = np.minimum((np.arange(256) - table[0]) & 0xFF, esc).astype(np.uint8)
+        return window
     lut = np.full(256, esc, dtype=np.uint8)
     for i in reversed(range(len(table))):  # the first index of a value wins
         lut[table[i]] = i
