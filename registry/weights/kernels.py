@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba) for the two hot loops torch cannot batch well on a CPU.
+"""Compiled CPU kernels (numba) for the hot loops torch and numpy cannot batch well on a CPU.
 
 * :func:`rmm_positions` -- steps 1-3 of an RMM fit (:mod:`registry.weights.rmm`) for a range of
   positions: mean, Helmert-projected Gram, its eigendecomposition, directions U, coefficients C,
@@ -6,6 +6,13 @@
   batch of tiny eigenproblems one LAPACK call at a time (≈3 µs per 7 × 7 matrix on this project's
   CPUs); here ``LANES`` positions are solved together by a cyclic Jacobi method whose inner loops run
   across the positions, so they compile to SIMD instructions (≈1 µs per matrix).
+
+* The packed-storage codec's per-element passes (:mod:`registry.weights.packing`): the transform of a
+  segment against its reference (zigzagged difference, XOR or bit rotation), its reorder by the
+  reference's exponent (a counting sort) and its split into byte planes in one pass, the inverse in
+  one pass, and the 2-/4-bit symbol coder. numpy needed 6-10 passes and an index array of 8 bytes
+  per element for the same work; the output is the same, byte for byte (``tests/weights/
+  test_packing.py`` holds them to the numpy codec they replaced).
 
 Determinism: every position is computed on its own -- a Jacobi rotation a position does not need
 is an exact identity (cosine 1, sine 0, its off-diagonal left as is), so the result of a position

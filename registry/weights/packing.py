@@ -33,9 +33,10 @@ How a segment is coded (the encoder keeps the smallest form; raw when nothing he
   short, costly matches in the exponent plane).
 * with a reference, the segment is reordered only where a sample shows that to save at least 1/8
   bit per element (dense layers save about one; sparsely updated embedding rows nothing). The
-  decoder repeats the stable sort: on the bench's bf16 fine-tunes reordering saves 16-25 % of the
-  bytes and halves decode speed (about 600 -> 260-320 MB/s per core); on fp32 it saves 3 % (and
-  keeps a 0.46 fine-tune under 0.45). The no-reference form is tried too when the difference does
+  decoder repeats the order from the reference (a counting sort by exponent, fused with the
+  inverse transform: one compiled pass, no index array): on the bench's bf16 fine-tunes
+  reordering saves 16-25 % of the bytes; on fp32 it saves 3 % (and keeps a 0.46 fine-tune under
+  0.45). The no-reference form is tried too when the difference does
   not compress well (an unrelated reference, e.g. a re-initialised head).
 
 Payload (all integers little-endian)::
@@ -79,8 +80,9 @@ __all__ = ["FRAME_BYTES", "PackError", "Reference", "Segment", "decode", "decode
 # Raw bytes per segment at most. 4 MiB, measured (bench/storage.py) against 1 to 16 MiB: the
 # compression is the same as with larger frames (zstd's level-1 window is 512 KiB and its Huffman
 # tables are per 128 KiB block; 1 MiB frames lose 0.1-0.3 %), decoding is no slower, and the coding
-# working set (the segment, its reference, the payload and every temporary, sort indices included:
-# about 17 bytes per byte of segment) stays near 70 MiB. A Range read decodes whole frames, so at
+# working set (the segment, its reference, the payload and every temporary: about 17 bytes per
+# byte of segment when it was measured, sort indices included; fewer since the compiled kernels
+# need none) stays near 70 MiB. A Range read decodes whole frames, so at
 # most two frames it needs only in part.
 FRAME_BYTES: int = 4 << 20
 
@@ -212,10 +214,10 @@ _REF_RETRY = 0.75
 # planes are compressed apart)
 _SORT_MIN = 4096
 _SECTION_MIN = 8192
-# Reordering costs the decoder a stable sort of the reference's exponents (about 10 ns per
-# element), so it is used only where a sample of the segment shows it saving at least this many
-# bits per element: dense weight updates save about one, the sparsely updated rows of an embedding
-# table almost nothing.
+# Reordering costs the coder and the decoder a scattered pass over the elements (a counting sort:
+# about 3 ns per element against 0.5 in order), so it is used only where a sample of the segment
+# shows it saving at least this many bits per element: dense weight updates save about one, the
+# sparsely updated rows of an embedding table almost nothing.
 _SORT_GAIN_BITS = 0.125
 _SORT_SAMPLE = 1 << 18
 
@@ -490,7 +492,7 @@ class Reference:
         return len(self.u8)
 
     def forget(self) -> None:
-        """Drop the orders kept so far (their indices take 4-8 bytes per element)."""
+        """Drop the orders kept so far (a count per exponent value each)."""
         self._orders.clear()
 
     def order(self, width: int, shift: int, bits: int, section_min: int) -> _Order:
