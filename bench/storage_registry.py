@@ -173,6 +173,9 @@ def main() -> None:
         best = {label: float("inf") for label in servers}
         rss = {label: 0 for label in servers}
         cpu = {label: float("inf") for label in servers}
+        # each server's resident memory before its first download (a packed one holds the codec's
+        # compiled kernels, loaded when it starts)
+        idle = {label: rss_kb(srv.proc.pid, "VmRSS") for label, srv in servers.items() if srv.proc is not None}
         for _ in range(args.repeat):
             for label in ("raw", "packed"):
                 srv = servers[label]
@@ -185,12 +188,13 @@ def main() -> None:
                 rss[label] = max(rss[label], rss_kb(srv.proc.pid, "VmHWM") - base_rss)
         print(f"\nDownload of {e.name}/{weights} ({size / 2**20:.0f} MiB), best of {args.repeat} "
               f"(raw and packed taking turns; load average {os.getloadavg()[0]:.1f} at the end):\n")
-        print("| stored as | seconds | MiB/s | vs raw | server CPU ms per MiB | server peak RSS increase |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| stored as | seconds | MiB/s | vs raw | server CPU ms per MiB | server peak RSS increase | "
+              "server RSS before |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for label in ("raw", "packed"):
             print(f"| {label} | {best[label]:.2f} | {size / 2**20 / best[label]:.0f} | "
                   f"{best['raw'] / best[label]:.2f}× | {cpu[label] * 1e3 / (size / 2**20):.2f} | "
-                  f"{rss[label] / 1024:.0f} MB |")
+                  f"{rss[label] / 1024:.0f} MB | {idle.get(label, 0) / 1024:.0f} MB |")
     finally:
         for srv in servers.values():
             srv.stop()

@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__
 from ..config import Settings, get_settings, is_loopback
 from ..errors import RegistryError
-from ..services import names
+from ..services import content, names
 from ..services.context import RegistryContext
 from .responses import declare_body_errors
 from .routers import compat, compressions, drafts, files, hub, jobs, models, system, ui, versions, webhooks
@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None, ctx: RegistryContext | None = N
             from workers.app import send_job
 
             app.state.ctx.job_sender = send_job
+        content.load_codec()  # packed downloads decode with compiled kernels: load them now, beside startup
         try:
             yield
         finally:

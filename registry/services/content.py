@@ -188,6 +188,16 @@ def _keep_freed_buffers() -> None:
 
 _keep_freed_buffers()
 
+
+def load_codec() -> threading.Thread:
+    """Load the packed-storage codec's compiled kernels in a background thread (numba: about 60 MB
+    and a fraction of a second from its disk cache, once per process; compiling them the first
+    time on a machine takes longer). A server calls this when it starts, so that its first packed
+    download neither waits for the kernels nor grows by them."""
+    t = threading.Thread(target=packing.warm, name="load-codec", daemon=True)
+    t.start()
+    return t
+
 # Frames decoded ahead of the one being sent (zstd, numpy and hashlib release the GIL, so decoding
 # overlaps sending, and two frames decode at once); memory stays at a few frames: each decoding
 # frame holds its payload, its reference and the order's indices (about 30 MB for a 4 MiB frame).

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba) for the hot loops torch cannot batch well on a CPU.
+"""Compiled CPU kernels (numba) for the hot loops torch and numpy cannot batch well on a CPU.
 
 * :func:`rmm_positions` -- steps 1-3 of an RMM fit (:mod:`registry.weights.rmm`) for a range of
   positions: mean, Helmert-projected Gram, its eigendecomposition, directions U, coefficients C,
@@ -13,6 +13,12 @@
   reference coder, in int64, so the same bytes and the same codes.
 * :func:`combine` -- one merged chunk of a TIES / DARE / task-arithmetic merge in one fused pass,
   DARE's counter-based random drop mask (:func:`dare_keep`) computed in the same loop.
+* The packed-storage codec's per-element passes (:mod:`registry.weights.packing`): the transform of a
+  segment against its reference (zigzagged difference, XOR or bit rotation), its reorder by the
+  reference's exponent (a counting sort) and its split into byte planes in one pass, the inverse in
+  one pass, and the 2-/4-bit symbol coder. numpy needed 6-10 passes and an index array of 8 bytes
+  per element for the same work; the output is the same, byte for byte (``tests/weights/
+  test_packing.py`` holds them to the numpy codec they replaced).
 
 Determinism: every position is computed on its own -- a Jacobi rotation a position does not need
 is an exact identity (cosine 1, sine 0, its off-diagonal left as is), so the result of a position
@@ -32,7 +38,8 @@ import numpy as np
 from numba import njit
 
 __all__ = ["DARE_BITS", "LANES", "SPLITMIX_GAMMA", "SPLITMIX_MUL1", "SPLITMIX_MUL2", "combine", "dare_keep",
-           "magnitude_histogram", "rans_decode", "rans_encode", "rmm_positions"]
+           "join_planes", "key_counts", "magnitude_histogram", "pack_symbols", "place_escapes", "rans_decode",
+           "rans_encode", "rmm_positions", "split_planes", "unpack_symbols"]
 
 #: positions solved together (the SIMD width of the inner loops; 128 amortises the per-rotation
 #: bookkeeping best on AVX2/AVX-512 CPUs)
@@ -657,3 +664,317 @@ def rans_decode(data: np.ndarray, state: np.ndarray, counts: np.ndarray, model: 
     out = np.empty(int(counts.sum()), dtype=np.int64)
     done = int(_rans_decode(data, state, counts, model, start, size, ks, cums, freqs, lookup, out))
     return out, done == out.shape[0]
+
+
+# --------------------------------------------------------------------------------- packed storage
+#
+# The per-element passes of :mod:`registry.weights.packing`, one pass per frame each way. Elements
+# are the segment's little-endian unsigned integers (uint8/16/32/64, any strides), computed in
+# uint64 and masked to their width ``mask`` (2^bits − 1). ``method`` is the payload's: 1 byte
+# planes (rotated left by ``rot``), 2 XOR with the reference (then rotated), 3 the zigzagged
+# difference from the reference. ``keyed``: the elements go in the stable order of the reference's
+# key ``(r >> shift) & kmask`` -- a counting sort: ``start[v]`` is where key v's run begins (the
+# array is advanced while the pass runs), so no index array is ever built.
+
+_PLANES, _XOR, _SUB = 1, 2, 3
+
+
+def _compiled_inline(fn: F) -> F:
+    """:func:`_compiled` for a helper that numba inlines into its callers (a loop-invariant branch
+    in it is then hoisted out of the caller's loop)."""
+    try:
+        return cast(F, njit(cache=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")(fn))
+    except RuntimeError:
+        return cast(F, njit(cache=False, nogil=True, error_model="numpy", boundscheck=False, inline="always")(fn))
+
+
+@_compiled_inline
+def _forward(v: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+             mask: np.uint64) -> np.uint64:
+    one = np.uint64(1)
+    if method == _SUB:
+        d = (v - rr) & mask
+        return ((d << one) & mask) ^ (mask * ((d >> top) & one))
+    if method == _XOR:
+        v = v ^ rr
+    if rot != 0:
+        v = ((v << rot) | (v >> back)) & mask
+    return v
+
+
+@_compiled_inline
+def _inverse(z: np.uint64, rr: np.uint64, method: int, rot: np.uint64, back: np.uint64,
+             mask: np.uint64) -> np.uint64:
+    one = np.uint64(1)
+    if method == _SUB:
+        return (((z >> one) ^ (mask * (z & one))) + rr) & mask
+    if rot != 0:
+        z = ((z >> rot) | (z << back)) & mask
+    if method == _XOR:
+        z = z ^ rr
+    return z
+
+
+@_compiled_inline
+def _split_w(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+             mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
+             grid: np.ndarray, w: int) -> None:
+    has_ref = method != _PLANES
+    zero = np.uint64(0)
+    byte = np.uint64(0xFF)
+    for i in range(a.shape[0]):
+        rr = np.uint64(r[i]) if has_ref else zero
+        z = _forward(np.uint64(a[i]), rr, method, rot, back, top, mask)
+        p = i
+        if keyed:
+            k = (rr >> shift) & kmask
+            p = start[k]
+            start[k] = p + 1
+        # one literal width per branch (w is the same for every element): the stores unroll
+        if w == 2:
+            grid[0, p] = np.uint8(z & byte)
+            grid[1, p] = np.uint8(z >> np.uint64(8))
+        elif w == 4:
+            grid[0, p] = np.uint8(z & byte)
+            grid[1, p] = np.uint8((z >> np.uint64(8)) & byte)
+            grid[2, p] = np.uint8((z >> np.uint64(16)) & byte)
+            grid[3, p] = np.uint8(z >> np.uint64(24))
+        elif w == 1:
+            grid[0, p] = np.uint8(z)
+        else:
+            for j in range(w):
+                grid[j, p] = np.uint8((z >> np.uint64(8 * j)) & byte)
+
+
+@_compiled
+def _split(a: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, top: np.uint64,
+           mask: np.uint64, keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray,
+           grid: np.ndarray) -> None:
+    # the width and the ordering as constants of each call below: every loop is compiled for its
+    # own case (the stores of a known width unroll; the method's branch is cheap, well predicted)
+    w = grid.shape[0]
+    for ww in (1, 2, 4, 8):
+        if w == ww:
+            if keyed:
+                _split_w(a, r, method, rot, back, top, mask, True, shift, kmask, start, grid, ww)
+            else:
+                _split_w(a, r, method, rot, back, top, mask, False, shift, kmask, start, grid, ww)
+
+
+@_compiled_inline
+def _join_w(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, mask: np.uint64,
+            keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray, w: int) -> None:
+    has_ref = method != _PLANES
+    zero = np.uint64(0)
+    for i in range(out.shape[0]):
+        rr = np.uint64(r[i]) if has_ref else zero
+        p = i
+        if keyed:
+            k = (rr >> shift) & kmask
+            p = start[k]
+            start[k] = p + 1
+        if w == 2:
+            z = np.uint64(x[0, p]) | (np.uint64(x[1, p]) << np.uint64(8))
+        elif w == 4:
+            z = (np.uint64(x[0, p]) | (np.uint64(x[1, p]) << np.uint64(8)) | (np.uint64(x[2, p]) << np.uint64(16))
+                 | (np.uint64(x[3, p]) << np.uint64(24)))
+        elif w == 1:
+            z = np.uint64(x[0, p])
+        else:
+            z = zero
+            for j in range(w):
+                z |= np.uint64(x[j, p]) << np.uint64(8 * j)
+        out[i] = _inverse(z, rr, method, rot, back, mask)
+
+
+@_compiled
+def _join(x: np.ndarray, r: np.ndarray, method: int, rot: np.uint64, back: np.uint64, mask: np.uint64,
+          keyed: bool, shift: np.uint64, kmask: np.uint64, start: np.ndarray, out: np.ndarray) -> None:
+    """``x`` [width, n]: the byte planes; every case compiled on its own, as in :func:`_split`."""
+    w = x.shape[0]
+    for ww in (1, 2, 4, 8):
+        if w == ww:
+            if keyed:
+                _join_w(x, r, method, rot, back, mask, True, shift, kmask, start, out, ww)
+            else:
+                _join_w(x, r, method, rot, back, mask, False, shift, kmask, start, out, ww)
+
+
+@_compiled
+def _key_counts(r: np.ndarray, shift: np.uint64, kmask: np.uint64, counts: np.ndarray) -> None:
+    # four partial histograms: consecutive equal keys do not wait on each other's increments
+    part = np.zeros((4, counts.shape[0]), dtype=np.int64)
+    n = r.shape[0]
+    full = n - n % 4
+    for i in range(0, full, 4):
+        part[0, (np.uint64(r[i]) >> shift) & kmask] += 1
+        part[1, (np.uint64(r[i + 1]) >> shift) & kmask] += 1
+        part[2, (np.uint64(r[i + 2]) >> shift) & kmask] += 1
+        part[3, (np.uint64(r[i + 3]) >> shift) & kmask] += 1
+    for i in range(full, n):
+        part[0, (np.uint64(r[i]) >> shift) & kmask] += 1
+    for v in range(counts.shape[0]):
+        counts[v] += part[0, v] + part[1, v] + part[2, v] + part[3, v]
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view of an input array: inputs arrive both ways, and each way is a compiled
+    variant of its own (compiling every kernel takes seconds on first use)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def _params(width: int, rot: int) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
+    bits = 8 * width
+    return np.uint64(rot), np.uint64((bits - rot) % bits), np.uint64(bits - 1), np.uint64((1 << bits) - 1)
+
+
+def _starts(counts: np.ndarray | None) -> tuple[bool, np.ndarray]:
+    if counts is None:
+        return False, np.zeros(1, dtype=np.int64)
+    start = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=start[1:])
+    return True, start
+
+
+def split_planes(a: np.ndarray, r: np.ndarray | None, method: int, rot: int, shift: int, kbits: int,
+                 counts: np.ndarray | None, grid: np.ndarray) -> None:
+    """The byte planes of the transformed elements of ``a`` into ``grid`` [width, len(a)] (uint8):
+    ``grid[j, p]`` = byte j of element p, the elements transformed by ``method`` against the
+    reference ``r`` (None for method 1) and, when ``counts`` (the number of elements per key value,
+    :func:`key_counts`) is given, put in the stable order of the reference's ``kbits``-bit key at
+    ``shift``."""
+    w = a.dtype.itemsize
+    rot_, back, top, mask = _params(w, rot)
+    keyed, start = _starts(counts)
+    a = _ro(a)
+    _split(a, a if r is None else _ro(r), method, rot_, back, top, mask, keyed, np.uint64(shift),
+           np.uint64((1 << kbits) - 1), start, grid)
+
+
+def join_planes(x: np.ndarray, r: np.ndarray | None, method: int, rot: int, shift: int, kbits: int,
+                counts: np.ndarray | None, out: np.ndarray) -> None:
+    """The inverse of :func:`split_planes`: ``out`` (the elements) from ``x`` [width, len(out)], the
+    byte planes of the transformed elements (in the reference's key order when ``counts`` is
+    given)."""
+    w = out.dtype.itemsize
+    rot_, back, _, mask = _params(w, rot)
+    keyed, start = _starts(counts)
+    _join(x, _ro(out) if r is None else _ro(r), method, rot_, back, mask, keyed, np.uint64(shift),
+          np.uint64((1 << kbits) - 1), start, out)
+
+
+def key_counts(r: np.ndarray, shift: int, kbits: int) -> np.ndarray:
+    """The number of elements of ``r`` per value of the key ``(r >> shift) & (2^kbits − 1)`` (int64)."""
+    counts = np.zeros(1 << kbits, dtype=np.int64)
+    _key_counts(_ro(r), np.uint64(shift), np.uint64((1 << kbits) - 1), counts)
+    return counts
+
+
+@_compiled
+def _pack(s: np.ndarray, lut: np.ndarray, bits: int, esc: int, packed: np.ndarray, escapes: np.ndarray) -> int:
+    per = 8 // bits
+    n = s.shape[0]
+    e = 0
+    for g in range(packed.shape[0]):
+        acc = 0
+        for u in range(per):
+            i = g * per + u
+            if i < n:
+                v = s[i]
+                c = int(lut[v])
+                if c == esc:
+                    escapes[e] = v
+                    e += 1
+                acc |= c << (bits * u)
+        packed[g] = np.uint8(acc)
+    return e
+
+
+@_compiled
+def _byte_tables(values: np.ndarray, bits: int, first_escape: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every packed byte: the values of its codes, and how many of them are escapes."""
+    per = 8 // bits
+    cmask = (1 << bits) - 1
+    table = np.empty((256, per), dtype=np.uint8)
+    nesc = np.zeros(256, dtype=np.int64)
+    for b in range(256):
+        for u in range(per):
+            c = (b >> (bits * u)) & cmask
+            table[b, u] = values[c]
+            if c >= first_escape:
+                nesc[b] += 1
+    return table, nesc
+
+
+@_compiled
+def _unpack(packed: np.ndarray, values: np.ndarray, bits: int, first_escape: int, dst: np.ndarray) -> int:
+    per = 8 // bits
+    cmask = (1 << bits) - 1
+    table, nesc = _byte_tables(values, bits, first_escape)
+    n = dst.shape[0]
+    full = n // per
+    count = 0
+    if per == 2:
+        for g in range(full):
+            b = packed[g]
+            dst[2 * g] = table[b, 0]
+            dst[2 * g + 1] = table[b, 1]
+            count += nesc[b]
+    else:
+        for g in range(full):
+            b = packed[g]
+            dst[4 * g] = table[b, 0]
+            dst[4 * g + 1] = table[b, 1]
+            dst[4 * g + 2] = table[b, 2]
+            dst[4 * g + 3] = table[b, 3]
+            count += nesc[b]
+    for i in range(full * per, n):  # the last, partial group (its padding codes are not counted)
+        c = (np.int64(packed[i // per]) >> (bits * (i % per))) & cmask
+        dst[i] = values[c]
+        if c >= first_escape:
+            count += 1
+    return count
+
+
+@_compiled
+def _place_escapes(packed: np.ndarray, bits: int, first_escape: int, escapes: np.ndarray, dst: np.ndarray) -> None:
+    per = 8 // bits
+    cmask = (1 << bits) - 1
+    _, nesc = _byte_tables(np.zeros(16, dtype=np.uint8), bits, first_escape)
+    n = dst.shape[0]
+    e = 0
+    for g in range(packed.shape[0]):
+        b = np.int64(packed[g])
+        if nesc[b] == 0:
+            continue
+        for u in range(per):
+            i = g * per + u
+            if i < n and ((b >> (bits * u)) & cmask) >= first_escape:
+                dst[i] = escapes[e]
+                e += 1
+
+
+def pack_symbols(s: np.ndarray, lut: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes ``s`` as codes ``lut[s]`` of ``bits`` (2 or 4) bits, ``8 // bits`` to a byte (code u of a
+    group in bits ``[bits*u, bits*(u+1))``, the last group padded with code 0), and the escapes: the
+    values whose code is the largest, ``2^bits − 1``, in order."""
+    per = 8 // bits
+    packed = np.empty(-(-len(s) // per), dtype=np.uint8)
+    escapes = np.empty(len(s), dtype=np.uint8)
+    e = _pack(_ro(s), _ro(lut), bits, (1 << bits) - 1, packed, escapes)
+    return packed, escapes[:e]
+
+
+def unpack_symbols(packed: np.ndarray, values: np.ndarray, bits: int, first_escape: int, dst: np.ndarray) -> int:
+    """The inverse of :func:`pack_symbols` into ``dst`` (its length is the number of codes; any
+    strides): ``dst[i] = values[code i]``. Returns the number of codes at or above ``first_escape``
+    (those :func:`place_escapes` then overwrites)."""
+    return int(_unpack(_ro(packed), _ro(values), bits, first_escape, dst))
+
+
+def place_escapes(packed: np.ndarray, bits: int, first_escape: int, escapes: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[i]`` = the next of ``escapes`` wherever code i is at or above ``first_escape``."""
+    _place_escapes(_ro(packed), bits, first_escape, _ro(escapes), dst)

@@ -33,9 +33,10 @@ How a segment is coded (the encoder keeps the smallest form; raw when nothing he
   short, costly matches in the exponent plane).
 * with a reference, the segment is reordered only where a sample shows that to save at least 1/8
   bit per element (dense layers save about one; sparsely updated embedding rows nothing). The
-  decoder repeats the stable sort: on the bench's bf16 fine-tunes reordering saves 16-25 % of the
-  bytes and halves decode speed (about 600 -> 260-320 MB/s per core); on fp32 it saves 3 % (and
-  keeps a 0.46 fine-tune under 0.45). The no-reference form is tried too when the difference does
+  decoder repeats the order from the reference (a counting sort by exponent, fused with the
+  inverse transform: one compiled pass, no index array): on the bench's bf16 fine-tunes
+  reordering saves 16-25 % of the bytes; on fp32 it saves 3 % (and keeps a 0.46 fine-tune under
+  0.45). The no-reference form is tried too when the difference does
   not compress well (an unrelated reference, e.g. a re-initialised head).
 
 Payload (all integers little-endian)::
@@ -69,17 +70,19 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from . import kernels
 from .formatfile import varint
 from .safetensors_header import DTYPE_BITS, HeaderError, parse_header
 
 __all__ = ["FRAME_BYTES", "PackError", "Reference", "Segment", "decode", "decoded_length", "encode", "needs_reference",
-           "segments"]
+           "segments", "warm"]
 
 # Raw bytes per segment at most. 4 MiB, measured (bench/storage.py) against 1 to 16 MiB: the
 # compression is the same as with larger frames (zstd's level-1 window is 512 KiB and its Huffman
 # tables are per 128 KiB block; 1 MiB frames lose 0.1-0.3 %), decoding is no slower, and the coding
-# working set (the segment, its reference, the payload and every temporary, sort indices included:
-# about 17 bytes per byte of segment) stays near 70 MiB. A Range read decodes whole frames, so at
+# working set (the segment, its reference, the payload and every temporary: about 17 bytes per
+# byte of segment when it was measured, sort indices included; fewer since the compiled kernels
+# need none) stays near 70 MiB. A Range read decodes whole frames, so at
 # most two frames it needs only in part.
 FRAME_BYTES: int = 4 << 20
 
@@ -211,13 +214,12 @@ _REF_RETRY = 0.75
 # planes are compressed apart)
 _SORT_MIN = 4096
 _SECTION_MIN = 8192
-# Reordering costs the decoder a stable sort of the reference's exponents (about 10 ns per
-# element), so it is used only where a sample of the segment shows it saving at least this many
-# bits per element: dense weight updates save about one, the sparsely updated rows of an embedding
-# table almost nothing.
+# Reordering costs the coder and the decoder a scattered pass over the elements (a counting sort:
+# about 3 ns per element against 0.5 in order), so it is used only where a sample of the segment
+# shows it saving at least this many bits per element: dense weight updates save about one, the
+# sparsely updated rows of an embedding table almost nothing.
 _SORT_GAIN_BITS = 0.125
 _SORT_SAMPLE = 1 << 18
-_SORT_CHUNK = 1 << 17
 
 
 def _layout(dtype: str | None, n: int) -> tuple[int, int, int, int]:
@@ -227,167 +229,54 @@ def _layout(dtype: str | None, n: int) -> tuple[int, int, int, int]:
     return lay
 
 
-def _rotl(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
-    if r == 0:
-        return a
-    t = a.dtype.type
-    return (a << t(r)) | (a >> t(a.dtype.itemsize * 8 - r))  # type: ignore[no-any-return]
-
-
-def _rotr_inplace(a: npt.NDArray[Any], r: int) -> npt.NDArray[Any]:
-    """``a`` rotated right by ``r`` bits, in place (one temporary)."""
-    if r == 0:
-        return a
-    t = a.dtype.type
-    high = a << t(a.dtype.itemsize * 8 - r)
-    a >>= t(r)
-    a |= high
-    return a
-
-
-def _zigzag_inplace(d: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """Wrapped difference (unsigned) -> zigzag, in place: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
-    w = d.dtype.itemsize
-    sign = d.view(_INT[w]) >> _INT[w].type(w * 8 - 1)  # 0 or all ones
-    d <<= d.dtype.type(1)
-    d ^= sign.view(d.dtype)
-    return d
-
-
-def _unzigzag_inplace(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """The inverse of :func:`_zigzag_inplace`, in place (one temporary)."""
-    t = z.dtype.type
-    w = z.dtype.itemsize
-    # all ones where the lowest bit is set (an arithmetic shift; numpy's negation of unsigned
-    # integers is several times slower)
-    mask = (z << t(w * 8 - 1)).view(_INT[w])
-    mask >>= _INT[w].type(w * 8 - 1)
-    z >>= t(1)
-    z ^= mask.view(z.dtype)
-    return z
-
-
 @dataclass(frozen=True)
 class _Order:
-    """The stable order of a segment's elements by a small integer key (``np.argsort(key,
-    kind="stable")``), kept chunk by chunk: ``rows[i]`` is the stable argsort of the keys of chunk
-    ``i`` (elements ``[i * chunk, (i + 1) * chunk)``, indices local to the chunk) and
-    ``cuts[i, v]`` where key ``v`` starts in it. The whole order is: the elements with the
-    smallest key from every chunk in chunk order, then the next key, ... (a chunk's sort stays in
-    cache: three times faster than sorting a frame in one piece, and no frame-sized index is built).
-    ``bounds`` are the section boundaries in that order (see :func:`_order`)."""
+    """The stable order of a segment's elements by a small integer key (what ``np.argsort(key,
+    kind="stable")`` gives), kept as the number of elements per key value: the compiled passes
+    (:func:`registry.weights.kernels.split_planes`, :func:`~registry.weights.kernels.join_planes`)
+    place each element at the next free slot of its key's run (a counting sort), so no index
+    array is built. ``bounds`` are the section boundaries in that order (see :func:`_order`)."""
 
-    chunk: int
-    rows: list[npt.NDArray[np.intp]]
-    cuts: npt.NDArray[np.intp]  # (rows, values + 1)
-    counts: npt.NDArray[np.intp]  # elements per key value
+    shift: int
+    bits: int
+    counts: npt.NDArray[np.int64]  # elements per key value
     bounds: list[int]
-
-    def slices(self) -> list[tuple[int, int, int]]:
-        """(chunk, start, stop) of every non-empty run of the order, in order: key by key, chunk
-        by chunk (positions within the chunk's sorted keys)."""
-        out: list[tuple[int, int, int]] = []
-        cuts = self.cuts.tolist()
-        for v in np.flatnonzero(self.counts).tolist():
-            out += [(i, c[v], c[v + 1]) for i, c in enumerate(cuts) if c[v + 1] > c[v]]
-        return out
-
-
-def _run_starts(keys: npt.NDArray[Any], orders: npt.NDArray[np.intp], values: int, lo: int,
-                hi: int) -> npt.NDArray[np.intp]:
-    """``cuts[i, v]``: where key ``v`` starts in row ``i`` sorted by ``orders[i]`` (the rows'
-    stable argsorts), for keys below ``values`` all within ``[lo, hi)``. One vectorised binary
-    search over every (row, key) pair: several times cheaper than sorting the keys again."""
-    m, n = keys.shape
-    cuts = np.zeros((m, values + 1), dtype=np.intp)
-    cuts[:, hi:] = n
-    probe = np.arange(lo, hi, dtype=np.intp)  # keys below lo start at 0, keys from hi on at n
-    if not len(probe) or not n:
-        return cuts
-    first = np.zeros((m, len(probe)), dtype=np.intp)
-    last = np.full((m, len(probe)), n, dtype=np.intp)
-    row = np.arange(m)[:, None]
-    for _ in range(n.bit_length()):
-        mid = (first + last) >> 1
-        below = (keys[row, orders[row, np.minimum(mid, n - 1)]] < probe) & (first < last)
-        first = np.where(below, mid + 1, first)
-        last = np.where(below, last, mid)
-    cuts[:, lo:hi] = first
-    return cuts
-
-
-def _stable_order(key: npt.NDArray[Any], values: int) -> _Order:
-    """The stable order of ``key`` (values below ``values``), without section bounds."""
-    n = len(key)
-    chunk = _SORT_CHUNK
-    if n == 0:
-        return _Order(chunk, [], np.zeros((0, values + 1), dtype=np.intp), np.zeros(values, dtype=np.intp), [0, 0])
-    lo, hi = int(key.min()), int(key.max()) + 1
-    rows: list[npt.NDArray[np.intp]] = []
-    edges: list[npt.NDArray[np.intp]] = []
-    m = n // chunk
-    if m:
-        grid = key[: m * chunk].reshape(m, chunk)
-        orders = np.argsort(grid, axis=1, kind="stable")
-        rows += list(orders)
-        edges.append(_run_starts(grid, orders, values, lo, hi))
-    if m * chunk < n:
-        tail = key[m * chunk:].reshape(1, -1)
-        orders = np.argsort(tail, axis=1, kind="stable")
-        rows.append(orders[0])
-        edges.append(_run_starts(tail, orders, values, lo, hi))
-    cuts = np.concatenate(edges)
-    counts = (cuts[:, 1:] - cuts[:, :-1]).sum(axis=0)
-    return _Order(chunk, rows, cuts, counts, [0, n])
-
-
-def _gather(x: npt.NDArray[Any], order: _Order) -> npt.NDArray[Any]:
-    """``x`` in ``order``: each chunk gathered by its own argsort, then the runs interleaved."""
-    chunk = order.chunk
-    if not order.rows:
-        return x[:0].copy()
-    rows = [np.take(x[i * chunk:(i + 1) * chunk], o) for i, o in enumerate(order.rows)]
-    return np.concatenate([rows[i][a:b] for i, a, b in order.slices()])
-
-
-def _scatter(xs: npt.NDArray[Any], order: _Order, out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
-    """The inverse of :func:`_gather` (into ``out`` when given)."""
-    chunk = order.chunk
-    res = np.empty_like(xs) if out is None else out
-    per_row: list[list[npt.NDArray[Any]]] = [[] for _ in order.rows]
-    pos = 0
-    for i, a, b in order.slices():
-        per_row[i].append(xs[pos:pos + b - a])
-        pos += b - a
-    for i, o in enumerate(order.rows):
-        parts = per_row[i]
-        res[i * chunk:i * chunk + len(o)][o] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return res
 
 
 def _order(reference: npt.NDArray[Any], shift: int, bits: int, section_min: int) -> _Order:
-    """The stable order of the elements by the reference's exponent field, with the section
-    boundaries in that order: runs of equal exponents, neighbours merged until a section holds at
-    least ``section_min`` elements (a short tail joins the last section)."""
-    t = reference.dtype.type
-    key = reference >> t(shift) if shift else reference
-    # the cast to 8 or 16 bits keeps the low bits: the mask is needed only for narrower fields
-    key = key.astype(np.uint8 if bits <= 8 else np.uint16)
-    if bits not in (8, 16):
-        key &= key.dtype.type((1 << bits) - 1)
-    found = _stable_order(key, 1 << bits)
-    ends = np.cumsum(found.counts[found.counts > 0]).tolist()
+    """The stable order of the elements by the reference's exponent field ``(reference >> shift)
+    & (2**bits - 1)``, with the section boundaries in that order: runs of equal exponents,
+    neighbours merged until a section holds at least ``section_min`` elements (a short tail joins
+    the last section)."""
+    counts = kernels.key_counts(reference, shift, bits)
+    ends = np.cumsum(counts[counts > 0]).tolist()
     bounds = [0]
     for c in ends:
         if c - bounds[-1] >= section_min:
             bounds.append(c)
-    total = len(key)
+    total = len(reference)
     if bounds[-1] != total:
         if len(bounds) > 1:
             bounds[-1] = total  # a short tail joins the section before it
         else:
             bounds.append(total)
-    return _Order(found.chunk, found.rows, found.cuts, found.counts, bounds)
+    return _Order(shift, bits, counts, bounds)
+
+
+def _split(a: npt.NDArray[Any], r: npt.NDArray[Any] | None, method: int, rot: int,
+           order: _Order | None) -> U8:
+    """The byte planes [width, len(a)] of ``a`` transformed by ``method`` (planes: rotated left by
+    ``rot``; XOR with ``r``, then rotated; the zigzagged difference from ``r``), in ``order`` when
+    given: one compiled pass."""
+    w = a.dtype.itemsize
+    if w == 1 and method == _PLANES and not rot and order is None:
+        return a.view(np.uint8).reshape(1, -1)  # the bytes are their own plane
+    grid = np.empty((w, len(a)), dtype=np.uint8)
+    if order is None:
+        kernels.split_planes(a, r, method, rot, 0, 0, None, grid)
+    else:
+        kernels.split_planes(a, r, method, rot, order.shift, order.bits, order.counts, grid)
+    return grid
 
 
 # --- streams ------------------------------------------------------------------------------------------
@@ -427,57 +316,27 @@ def _is_window(table: bytes) -> bool:
     return len(table) == 15 and all(b - a == 1 for a, b in zip(table, table[1:], strict=False))
 
 
-def _codes(s: U8, table: bytes, bits: int) -> tuple[U8, U8]:
-    """Codes for ``s`` (padded with zeros to whole bytes of codes) and the escapes: the code of a
-    value is its index in ``table`` (3 values for 2-bit codes, up to 15 for 4-bit), the last code
-    marks an escape."""
+def _code_table(table: bytes, bits: int) -> U8:
+    """The code of every byte value (256 entries): its index in ``table`` (3 values for 2-bit
+    codes, up to 15 for 4-bit; a window of 15 consecutive values codes by a subtraction), the last
+    code (``2**bits - 1``) for an escape."""
     esc = (1 << bits) - 1
-    per = 8 // bits
-    n = len(s)
-    codes = np.zeros(n + (-n) % per, dtype=np.uint8)
-    if bits == 2:  # by comparisons, several times faster than a gather
-        miss0 = s != np.uint8(table[0])
-        miss1 = miss0 & (s != np.uint8(table[1]))
-        miss2 = miss1 & (s != np.uint8(table[2]))
-        np.add(miss0.view(np.uint8), miss1.view(np.uint8), out=codes[:n])
-        codes[:n] += miss2.view(np.uint8)
-        return codes, s[miss2]
-    if _is_window(table):  # consecutive values: a subtraction
-        np.subtract(s, np.uint8(table[0]), out=codes[:n])
-        outside = codes[:n] >= esc
-        np.minimum(codes, np.uint8(esc), out=codes)
-        return codes, s[outside]
-    rank = np.full(256, esc, dtype=np.uint8)
-    rank[np.frombuffer(table, dtype=np.uint8)] = np.arange(len(table), dtype=np.uint8)
-    np.take(rank, s, out=codes[:n])
-    return codes, s[codes[:n] == esc]
+    if bits == 4 and _is_window(table):
+        window: U8 = np.minimum((np.arange(256) - table[0]) & 0xFF, esc).astype(np.uint8)
+        return window
+    lut = np.full(256, esc, dtype=np.uint8)
+    for i in reversed(range(len(table))):  # the first index of a value wins
+        lut[table[i]] = i
+    return lut
 
 
 def _packed(s: U8, table: bytes, bits: int, level: int) -> bytes:
-    """``s`` as :func:`_codes`, ``8 // bits`` codes to a byte (code *i* of a group in bits
-    ``[bits*i, bits*(i+1))``), then the escapes."""
-    codes, escapes = _codes(s, table, bits)
-    # gather the codes of a group with one multiplication: code i sits in byte i of the word and
-    # the multiplier moves each to its bit field in the top byte (no carries: codes are small)
-    if bits == 2:
-        packed = ((codes.view("<u4") * np.uint32(0x01041040)) >> np.uint32(24)).astype(np.uint8)
-        head = bytes([_S_PACK2]) + table
-    else:
-        packed = ((codes.view("<u2") * np.uint16(0x0110)) >> np.uint16(8)).astype(np.uint8)
-        head = bytes([_S_PACK4, len(table)]) + table
+    """``s`` as codes of ``bits`` bits (:func:`_code_table`), ``8 // bits`` codes to a byte (code *i*
+    of a group in bits ``[bits*i, bits*(i+1))``, the last group padded with code 0), then the
+    escapes (the values coded as escapes, in order): one compiled pass."""
+    packed, escapes = kernels.pack_symbols(s, _code_table(table, bits), bits)
+    head = bytes([_S_PACK2]) + table if bits == 2 else bytes([_S_PACK4, len(table)]) + table
     return head + _blob(packed, level) + _blob(escapes, level)
-
-
-def _unpacked(packed: U8, bits: int, n: int) -> U8:
-    """The codes :func:`_packed` packed: one byte per code."""
-    if bits == 2:
-        w = packed.astype("<u4")
-        w = (w | (w << np.uint32(6)) | (w << np.uint32(12)) | (w << np.uint32(18))) & np.uint32(0x03030303)
-    else:
-        w = packed.astype("<u2")
-        w = (w | (w << np.uint16(4))) & np.uint16(0x0F0F)
-    out: U8 = w.view(np.uint8)[:n]
-    return out
 
 
 def _stream(s: U8, level: int) -> bytes:
@@ -568,47 +427,42 @@ class _Reader:
         return np.frombuffer(out, dtype=np.uint8)
 
     def stream_into(self, dst: U8) -> None:
-        """The next stream (``len(dst)`` bytes), written into ``dst`` (a constant without a
-        temporary)."""
-        if self.pos + 1 < len(self.buf) and self.buf[self.pos] == _S_CONST:
-            dst[...] = self.buf[self.pos + 1]
-            self.pos += 2
-            return
-        dst[...] = self.stream(len(dst))
-
-    def stream(self, n: int) -> U8:
+        """The next stream (``len(dst)`` bytes), written into ``dst`` (any strides)."""
+        n = len(dst)
         mode = self.buf[self.pos] if self.pos < len(self.buf) else None
         if mode in (_S_RAW, _S_ZSTD):
-            return self.blob(n)
+            dst[...] = self.blob(n)
+            return
         mode = self.byte()
         if mode == _S_CONST:
-            return np.full(n, self.byte(), dtype=np.uint8)
+            dst[...] = self.byte()
+            return
         if mode not in (_S_PACK4, _S_PACK2):
             raise PackError(f"unknown stream mode {mode}")
+        values = np.zeros(16, dtype=np.uint8)
         if mode == _S_PACK2:
-            v0, v1, v2 = (int(b) for b in self.take(3))
-            flat = _unpacked(self.blob(-(-n // 4)), 2, n)
-            # table look-up by arithmetic (several times faster than a gather)
-            out = ((flat == 1).view(np.uint8) * np.uint8((v1 - v0) & 0xFF)) + np.uint8(v0)
-            out += (flat == 2).view(np.uint8) * np.uint8((v2 - v0) & 0xFF)
-            where = flat == 3
+            bits, first_escape = 2, 3
+            values[:3] = np.frombuffer(self.take(3), dtype=np.uint8)  # code 3: an escape, overwritten
         else:
-            k = self.byte()
+            bits = 4
+            first_escape = k = self.byte()
             if k > 15:
                 raise PackError("malformed symbol table")
             table = self.take(k).tobytes()
-            flat = _unpacked(self.blob(-(-n // 2)), 4, n)
             if _is_window(table):
-                out = flat + np.uint8(table[0])
+                values[:] = (np.arange(16) + table[0]) & 0xFF
             else:
-                lut = np.zeros(16, dtype=np.uint8)
-                lut[:k] = np.frombuffer(table, dtype=np.uint8)
-                out = np.take(lut, flat)
-            where = flat >= k
-        escapes = self.blob(int(np.count_nonzero(where)))
-        out[where] = escapes
-        result: U8 = out
-        return result
+                values[:k] = np.frombuffer(table, dtype=np.uint8)
+        packed = self.blob(-(-n // (8 // bits)))
+        count = kernels.unpack_symbols(packed, values, bits, first_escape, dst)
+        escapes = self.blob(count)
+        if count:
+            kernels.place_escapes(packed, bits, first_escape, escapes, dst)
+
+    def stream(self, n: int) -> U8:
+        out = np.empty(n, dtype=np.uint8)
+        self.stream_into(out)
+        return out
 
 
 # --- encode / decode ------------------------------------------------------------------------------------
@@ -638,7 +492,7 @@ class Reference:
         return len(self.u8)
 
     def forget(self) -> None:
-        """Drop the orders kept so far (their indices take 4-8 bytes per element)."""
+        """Drop the orders kept so far (a count per exponent value each)."""
         self._orders.clear()
 
     def order(self, width: int, shift: int, bits: int, section_min: int) -> _Order:
@@ -653,11 +507,11 @@ def _reference(reference: Buffer | Reference | None) -> Reference | None:
     return reference if isinstance(reference, Reference) or reference is None else Reference(reference)
 
 
-def _planes_body(x: npt.NDArray[Any], level: int, bounds: list[int] | None = None) -> bytes:
-    """The byte planes of ``x`` as streams, section by section (one section: all of ``x``)."""
-    w = x.dtype.itemsize
-    grid = x.view(np.uint8).reshape(-1, w).T.copy() if w > 1 else x.view(np.uint8).reshape(1, -1)
-    cuts = bounds if bounds is not None else [0, len(x)]
+def _planes_body(grid: U8, level: int, bounds: list[int] | None = None) -> bytes:
+    """The byte planes ``grid`` [width, elements] as streams, section by section (one section: all
+    the elements)."""
+    w = grid.shape[0]
+    cuts = bounds if bounds is not None else [0, grid.shape[1]]
     return b"".join(_stream(grid[i, a:b], level) for a, b in zip(cuts, cuts[1:], strict=False) for i in range(w))
 
 
@@ -674,19 +528,17 @@ def _encode_as(raw: U8, method: int, lay: tuple[int, int, int, int], ref: Refere
         return _head(_RAW, (1, 0, 0, 0), crc, len(raw)) + raw.tobytes()
     a = raw.view(_UINT[w])
     if method == _PLANES:
-        return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(_rotl(a, rot), level)
+        return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(_split(a, None, method, rot, None), level)
     assert ref is not None
     r = ref.u8.view(_UINT[w])
-    if method == _XOR:
-        x = _rotl(a ^ r, rot)
-    else:
-        x, rot = _zigzag_inplace(a - r), 0
+    if method == _SUB:
+        rot = 0  # the difference is not rotated
     if not bits:
-        return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(x, level)
+        return _head(method, (w, rot, 0, 0), crc, len(raw)) + _planes_body(_split(a, r, method, rot, None), level)
     section_log = _SECTION_MIN.bit_length() - 1
     order = ref.order(w, shift, bits, 1 << section_log)
     return _head(method, (w, rot, shift, bits), crc, len(raw), section_log) + _planes_body(
-        _gather(x, order), level, order.bounds)
+        _split(a, r, method, rot, order), level, order.bounds)
 
 
 def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> bool:
@@ -697,12 +549,12 @@ def _sort_pays(raw: U8, ref: U8, lay: tuple[int, int, int, int], level: int) -> 
     if not bits or count < 4 * _SORT_MIN:
         return False
     step = max(4, count // _SORT_SAMPLE)
-    a, r = raw.view(_UINT[w])[::step], ref.view(_UINT[w])[::step]
-    z = _zigzag_inplace(a - r)
-    plain = len(_planes_body(z, level))
+    # contiguous copies of the sample (an eighth of the segment or less): one compiled form of each pass
+    a, r = np.ascontiguousarray(raw.view(_UINT[w])[::step]), np.ascontiguousarray(ref.view(_UINT[w])[::step])
+    plain = len(_planes_body(_split(a, r, _SUB, 0, None), level))
     order = _order(r, shift, bits, max(1, _SECTION_MIN // step))
-    grouped = len(_planes_body(_gather(z, order), level, order.bounds))
-    return (plain - grouped) * 8 >= _SORT_GAIN_BITS * len(z)
+    grouped = len(_planes_body(_split(a, r, _SUB, 0, order), level, order.bounds))
+    return (plain - grouped) * 8 >= _SORT_GAIN_BITS * len(a)
 
 
 def encode(data: Buffer, dtype: str | None, reference: Buffer | Reference | None = None, *,
@@ -799,30 +651,44 @@ def decode(payload: Buffer, reference: Buffer | Reference | None = None, *,
         count = n // w
         order = ref.order(w, shift, bits, 1 << section_log) if bits and ref is not None else None
         cuts = order.bounds if order is not None else [0, count]
-        grid = np.empty((count, w), dtype=np.uint8)
+        grid = np.empty((w, count), dtype=np.uint8)  # the byte planes
         for a, b in zip(cuts, cuts[1:], strict=False):
             for i in range(w):
-                rd.stream_into(grid[a:b, i])
-        x = grid.reshape(-1).view(_UINT[w])
-        if order is not None:
-            x = _scatter(x, order)
-            del grid, order  # the order's indices are the largest temporaries: free them now
-            if ref is not None and not keep_order:
-                ref.forget()
-        # x is this call's own array from here on: the rest works in place
-        if method == _PLANES:
-            _rotr_inplace(x, rot)
-        elif method == _XOR:
-            assert ref is not None
-            _rotr_inplace(x, rot)
-            x ^= ref.u8.view(_UINT[w])
-        else:
-            assert ref is not None
-            _unzigzag_inplace(x)
-            x += ref.u8.view(_UINT[w])
-        out = x.tobytes()
+                rd.stream_into(grid[i, a:b])
+        if method == _PLANES and not rot and w == 1:
+            out = grid.tobytes()
+        else:  # one compiled pass: back to the segment's order, unrotated or added to the reference
+            y = np.empty(count, dtype=_UINT[w])
+            r = ref.u8.view(_UINT[w]) if ref is not None else None
+            if order is None:
+                kernels.join_planes(grid, r, method, rot, 0, 0, None, y)
+            else:
+                kernels.join_planes(grid, r, method, rot, order.shift, order.bits, order.counts, y)
+            del grid
+            out = y.tobytes()
+        if order is not None and ref is not None and not keep_order:
+            ref.forget()
     if rd.pos != len(buf):
         raise PackError(f"{len(buf) - rd.pos} bytes trail the payload")
     if check_crc and zlib.crc32(out) != crc:
         raise PackError("decoded bytes fail their CRC-32 (corrupt payload or wrong reference)")
     return out
+
+
+def warm() -> None:
+    """Load the compiled kernels of the codec now (numba's JIT and its on-disk cache: about 60 MB
+    and a fraction of a second, once per process), so that the first segment a process codes or
+    decodes does not pay for it: a server calls this when it starts, before any download."""
+    x = (np.arange(40000, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(3)
+    for dtype in ("U8", "BF16", "F32", "F64"):
+        w = _LAYOUT.get(dtype, (1, 0, 0, 0))[0]
+        ref = (x >> np.uint64(64 - 8 * w)).astype(_UINT[w]) if w < 8 else x.copy()
+        data = ref + (np.arange(len(ref)) % 3).astype(_UINT[w])
+        for r in (None, ref.tobytes()):
+            decode(encode(data.tobytes(), dtype, r), r)
+    # 2- and 4-bit symbol streams with escapes
+    s = ((x % np.uint64(3)) + np.uint64(40) * (x % np.uint64(50) == 0)).astype(np.uint8)
+    for bits, table in ((2, bytes([0, 1, 2])), (4, bytes(range(15)))):
+        payload = _packed(s, table, bits, DEFAULT_LEVEL)
+        if (_Reader(memoryview(payload), 0).stream(len(s)) != s).any():  # pragma: no cover - a broken build
+            raise PackError("the compiled symbol coder does not round-trip")

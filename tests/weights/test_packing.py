@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from registry.weights import packing
+from registry.weights import kernels, packing
 from registry.weights.packing import PackError, Segment, decode, decoded_length, encode, needs_reference, segments
+from tests.weights import packing_reference
 
 # safetensors dtype -> (element bytes, torch dtype used to make float values or None for ints)
 DTYPES: dict[str, tuple[int, torch.dtype | None, np.dtype]] = {
@@ -141,7 +142,6 @@ def test_roundtrip_through_reordering_and_sections(dtype: str, n: int, seed: int
     with pytest.MonkeyPatch.context() as m:
         m.setattr(packing, "_SORT_MIN", 16)
         m.setattr(packing, "_SECTION_MIN", 32)
-        m.setattr(packing, "_SORT_CHUNK", 64 << (seed % 4))  # sorted in several chunks
         m.setattr(packing, "_SORT_GAIN_BITS", -1e9)  # always reorder when the dtype has an exponent
         rng = np.random.default_rng(seed)
         base = _values(dtype, n, "specials" if seed % 2 else "weights", rng)
@@ -153,22 +153,27 @@ def test_roundtrip_through_reordering_and_sections(dtype: str, n: int, seed: int
     assert decode(payload, base if needs_reference(payload) else None) == data
 
 
-@pytest.mark.parametrize("chunk", [7, 64, 1 << 17])
-@pytest.mark.parametrize("keys", ["uint8", "uint16"])
-def test_chunked_stable_order_is_the_stable_argsort(monkeypatch: pytest.MonkeyPatch, chunk: int, keys: str) -> None:
-    monkeypatch.setattr(packing, "_SORT_CHUNK", chunk)
-    rng = np.random.default_rng(chunk)
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_the_counting_sort_is_the_stable_argsort(width: int) -> None:
+    """The compiled passes place the elements in the stable order of the reference's key (what
+    ``np.argsort(key, kind="stable")`` gives) and back."""
+    rng = np.random.default_rng(width)
+    dt = np.dtype(f"<u{width}")
     for n in (0, 1, 5, 63, 64, 65, 1000, 5000):
-        values = 256 if keys == "uint8" else 2048
-        key = rng.integers(0, 7 if n % 2 else values, n).astype(keys)
-        found = packing._stable_order(key, values)
-        runs = [i * chunk + found.rows[i][a:b] for i, a, b in found.slices()]
-        order = np.concatenate(runs) if runs else np.zeros(0, np.intp)
-        assert (order == np.argsort(key, kind="stable")).all()
-        assert (found.counts == np.bincount(key, minlength=values)).all()
-        x = rng.integers(0, 1 << 16, n).astype(np.uint16)
-        assert (packing._gather(x, found) == x[order]).all()
-        assert (packing._scatter(packing._gather(x, found), found) == x).all()
+        for shift, kbits in ((0, 3), (1, 8), (width * 8 - 11 if width > 1 else 2, 11 if width > 1 else 6)):
+            r = rng.integers(0, 1 << (8 * width), n, dtype=np.uint64).astype(dt) if width < 8 else \
+                rng.integers(0, 2**63, n, dtype=np.uint64)
+            key = (r.astype(np.uint64) >> np.uint64(shift)) & np.uint64((1 << kbits) - 1)
+            counts = kernels.key_counts(r, shift, kbits)
+            assert (counts == np.bincount(key.astype(np.intp), minlength=1 << kbits)).all()
+            x = rng.integers(0, 256, n * width, dtype=np.uint8).view(dt)
+            grid = np.empty((width, n), dtype=np.uint8)
+            kernels.split_planes(x, r, 2, 0, shift, kbits, counts, grid)  # XOR with r, not rotated
+            order = np.argsort(key, kind="stable")
+            assert (grid == (x ^ r)[order].view(np.uint8).reshape(-1, width).T).all()
+            back = np.empty_like(x)
+            kernels.join_planes(grid, r, 2, 0, shift, kbits, counts, back)
+            assert (back == x).all()
 
 
 @settings(max_examples=40, deadline=None)
@@ -555,3 +560,91 @@ def test_files_round_trip_segment_by_segment(tmp_path: Path, monkeypatch: pytest
         rebuilt += decode(payload, ref if needs_reference(payload) else None, expected_length=s.length)
     assert bytes(rebuilt) == tuned
     assert used > 0
+
+
+# --- the compiled codec against the pure-numpy one it replaced ---------------------------------------------
+#
+# tests/weights/packing_reference.py is the codec as main shipped it before the kernels. The payload format is
+# fixed: the same input must give the same bytes, and each must decode what the other wrote.
+
+
+def _same_as_reference(data: bytes, dtype: str | None, ref: bytes | None) -> bytes:
+    new = encode(data, dtype, ref)
+    old = packing_reference.encode(data, dtype, ref)
+    assert new == old
+    assert decode(old, ref) == data
+    assert packing_reference.decode(new, ref) == data
+    return new
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from(sorted(DTYPES) + [None]),
+    n=st.one_of(st.integers(0, 40), st.integers(41, 3000), st.integers(3001, 40000)),
+    kind=st.sampled_from(["bits", "gaussian", "weights", "wide", "sparse", "specials", "constant"]),
+    ref_kind=st.sampled_from([None, "update", "flips", "equal", "unrelated"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kernels_write_the_reference_codecs_bytes(dtype: str | None, n: int, kind: str, ref_kind: str | None,
+                                                  seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    base = _values(dtype or "U8", n, kind, rng)
+    if dtype is None and n % 3 == 1:
+        base = base[:-1] if base else base  # opaque bytes of any length
+    if ref_kind is None:
+        _same_as_reference(base, dtype, None)
+        return
+    data = _values(dtype or "U8", n, "bits", rng)[:len(base)] if ref_kind == "unrelated" else \
+        _derived(dtype or "U8", base, ref_kind, rng)
+    _same_as_reference(data, dtype, base)
+
+
+@settings(max_examples=80, deadline=None)
+@given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2", "I32"]),
+       n=st.integers(200, 6000), seed=st.integers(0, 2**32 - 1))
+def test_kernels_write_the_reference_codecs_bytes_reordered(dtype: str, n: int, seed: int) -> None:
+    """Small thresholds in both codecs, so that small segments take the reordered, sectioned path
+    and the sampled decision whether reordering pays."""
+    if dtype not in DTYPES:
+        pytest.skip("no float8 in this torch")
+    with pytest.MonkeyPatch.context() as m:
+        for mod in (packing, packing_reference):
+            m.setattr(mod, "_SORT_MIN", 16)
+            m.setattr(mod, "_SECTION_MIN", 32)
+            m.setattr(mod, "_SORT_SAMPLE", 256)
+            m.setattr(mod, "_SORT_GAIN_BITS", (-1e9, 0.0, 0.125)[seed % 3])
+        m.setattr(packing_reference, "_SORT_CHUNK", 64 << (seed % 4))  # its sort runs in several chunks
+        rng = np.random.default_rng(seed)
+        base = _values(dtype, n, "specials" if seed % 2 else "weights", rng)
+        _same_as_reference(_derived(dtype, base, "update", rng), dtype, base)
+        _same_as_reference(_derived(dtype, base, "flips", rng), dtype, base)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "I16"])
+def test_kernels_write_the_reference_codecs_bytes_on_frames(dtype: str) -> None:
+    """Frame-sized segments (the default thresholds: the sampled decision, sections of 8192, every
+    stream mode): a fine-tune against its base, the base alone, against an unrelated reference."""
+    rng = np.random.default_rng(11)
+    n = (1 << 20) // DTYPES[dtype][0] + 7
+    base = _values(dtype, n, "weights", rng)
+    tuned = _derived(dtype, base, "update", rng)
+    for data, ref in ((tuned, base), (base, None), (tuned, _values(dtype, n, "weights", rng))):
+        _same_as_reference(data, dtype, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_symbol_packing_matches_the_reference(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for n in (1, 2, 3, 4, 5, 7, 8, 1001):
+        for table in (bytes([7, 3, 200]), bytes(range(40, 55)), bytes([1, 9, 30, 31, 200]), bytes(range(241, 256))):
+            if bits == 2:
+                table = table[:3]
+            pool = np.frombuffer(table + bytes([0, 100, 255]), dtype=np.uint8)
+            s = rng.choice(pool, n)
+            payload = packing._packed(s, table, bits, 1)
+            assert payload == packing_reference._packed(s, table, bits, 1)
+            reader = packing._Reader(memoryview(payload), 0)
+            assert (reader.stream(n) == s).all() and reader.pos == len(payload)
+            strided = np.full((n, 3), 99, dtype=np.uint8)
+            packing._Reader(memoryview(payload), 0).stream_into(strided[:, 1])
+            assert (strided[:, 1] == s).all() and (strided[:, [0, 2]] == 99).all()
