@@ -48,6 +48,7 @@ from urllib.parse import quote
 import httpx
 
 from .api import schemas
+from . import client_io
 from .client_errors import (
     BadRequest,
     ChecksumMismatch,
@@ -169,13 +170,10 @@ def _params(**values: Any) -> dict[str, Any]:
 
 
 def _hash_file(path: Path, progress: Progress | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * CHUNK):
-            h.update(chunk)
-            if progress:
-                progress("hash", len(chunk))
-    return h.hexdigest()
+    digest = client_io.sha256_file(path)
+    if progress:
+        progress("hash", path.stat().st_size)
+    return digest
 
 
 def _hash_prefix(path: Path) -> tuple[Any, int]:
@@ -653,19 +651,9 @@ class Operations(Core):
 
     def _read_chunks(self, path: Path, start: int, length: int, progress: Progress | None,
                      hasher: Any = None) -> Iterator[bytes]:
-        with open(path, "rb") as f:
-            f.seek(start)
-            left = length
-            while left > 0:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{path} shrank while uploading")
-                left -= len(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
-                if progress:
-                    progress("upload", len(chunk))
-                yield chunk
+        """An upload body: ``hasher`` (if any) is fed on a helper thread while the chunks are sent."""
+        return client_io.read_hashing(path, start, length, CHUNK, hasher,
+                                      (lambda n: progress("upload", n)) if progress else None)
 
     def _upload_simple(self, draft_id: str, rel: str, path: Path, sha: str | None,
                        progress: Progress | None) -> Flow[DraftFile]:
@@ -857,12 +845,12 @@ class Operations(Core):
                 if r.status_code != 206:
                     h, start = hashlib.sha256(), 0
                     report(0)
-                out = open(part, "ab" if r.status_code == 206 else "wb")  # noqa: SIM115 - closed below
+                # written and hashed by helper threads while the next bytes arrive
+                out = client_io.HashedFile(part, "ab" if r.status_code == 206 else "wb", h)
 
                 def write(chunk: bytes) -> None:
                     nonlocal start
                     out.write(chunk)
-                    h.update(chunk)
                     start += len(chunk)
                     report(start)
 
@@ -870,6 +858,9 @@ class Operations(Core):
 
             try:
                 r = yield Stream(url, headers, sink)
+                if out is not None:
+                    opened, out = out, None
+                    opened.close()  # every byte written and hashed
                 if r.status_code == 416:  # the .part is already complete (or bogus): start over
                     part.unlink(missing_ok=True)
                     continue
@@ -882,7 +873,7 @@ class Operations(Core):
                 continue
             finally:
                 if out is not None:
-                    out.close()
+                    out.abandon()  # the body broke off: the .part keeps what was written (resumed)
             actual = h.hexdigest()
             want = expected_sha256 or server_sha
             if want and actual != want:

@@ -262,9 +262,9 @@ DRAIN_AFTER_ERROR = 64 << 20  # read (and drop) this much more of a refused body
 
 
 async def pump_body(body: AsyncIterator[bytes], writer: HashingWriter, limit: int, path: str, *,
-                hasher: Any = None, check: StreamCheck | None = None, timeout: float | None = None) -> None:
-    """Copy the request body to ``writer`` in batches handed to a worker thread, updating the
-    extra ``hasher`` and feeding the stream ``check`` on the way. A check failure (bad header)
+                    check: StreamCheck | None = None, timeout: float | None = None) -> None:
+    """Copy the request body to ``writer`` in batches handed to a worker thread (which hashes them
+    as it writes), feeding the stream ``check`` on the way. A check failure (bad header)
     stops the copy early; a little more of the body is drained so the client reads the 4xx.
     A body that sends nothing for ``timeout`` seconds (one read) is refused with 408."""
     batch: list[bytes] = []
@@ -272,14 +272,8 @@ async def pump_body(body: AsyncIterator[bytes], writer: HashingWriter, limit: in
     total = writer.size  # bytes received so far, including those still being written
     failure: BaseException | None = None
 
-    def also(c: bytes) -> None:
-        if hasher is not None:
-            hasher.update(c)
-        if check is not None:
-            check.feed(c)
-
     def flush(chunks: list[bytes]) -> None:
-        writer.write_many(chunks, also if hasher is not None or check is not None else None)
+        writer.write_many(chunks, check.feed if check is not None else None)
 
     inflight: asyncio.Future[None] | None = None  # one batch is hashed/written while the next arrives
 
