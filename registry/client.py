@@ -47,8 +47,8 @@ from urllib.parse import quote
 
 import httpx
 
-from .api import schemas
 from . import client_io
+from .api import schemas
 from .client_errors import (
     BadRequest,
     ChecksumMismatch,
@@ -72,7 +72,7 @@ from .client_errors import (
 )
 from .config import get_settings
 from .formats import oci
-from .formats.inspect import content_hash
+from .formats.inspect import content_hash, sample_digest
 from .transport import (
     AsyncDriver,
     Blocking,
@@ -119,6 +119,7 @@ Lineage = schemas.LineageOut
 Model = schemas.ModelOut
 ModelPage = schemas.ModelPage
 Policy = schemas.PolicyOut
+Probe = schemas.ProbeOut
 Predictions = schemas.PredictionsOut
 Redelivery = schemas.RedeliveryOut
 StorageReport = schemas.StorageOut
@@ -186,6 +187,15 @@ def _hash_prefix(path: Path) -> tuple[Any, int]:
                 h.update(chunk)
                 n += len(chunk)
     return h, n
+
+
+def _sample(path: Path, size: int) -> str:
+    with open(path, "rb") as f:
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        return sample_digest(read_at, size)
 
 
 def _holds(target: Path, size: int, sha256: str) -> bool:
@@ -544,10 +554,12 @@ class Operations(Core):
              progress: Progress | None = None) -> Flow[Version]:
         """Upload a folder (or one file) as the next version of ``name``; returns the version.
 
-        Each file is hashed first; with ``dedup`` bytes the registry already holds are linked, not
-        sent. Files over 64 MiB use a resumable upload. While the server is unreachable (restarting)
-        every step is retried and resumes where it was, with the same draft; a commit whose answer
-        was lost is looked up before it is repeated. On a failure that is not retried the draft is
+        With ``dedup`` bytes the registry already holds are linked, not sent: a file is hashed
+        first, unless it is over 64 MiB and the server, asked with a sample of a few KiB, holds no
+        file like it (then it is hashed while it is sent). Files over 64 MiB use a resumable
+        upload. While the server is unreachable (restarting) every step is retried and resumes
+        where it was, with the same draft; a commit whose answer was lost is looked up before it
+        is repeated. On a failure that is not retried the draft is
         aborted: nothing becomes visible."""
         files = iter_folder(Path(folder))
         if not files:
@@ -569,9 +581,10 @@ class Operations(Core):
         try:
             for rel, path, known in files:
                 sha = known
-                if sha is None and dedup:
-                    sha = yield Blocking(lambda path=path: _hash_file(path, progress))  # type: ignore[misc]
                 size = path.stat().st_size
+                if sha is None and dedup and (size <= RESUMABLE_THRESHOLD or
+                                              (yield from self._maybe_held(draft.id, path, size))):
+                    sha = yield Blocking(lambda path=path: _hash_file(path, progress))  # type: ignore[misc]
                 if sha is not None:
                     try:  # linking a path again replaces the link: safe to repeat
                         yield from self.request("POST", f"/drafts/{draft.id}/links", idempotent=True,
@@ -594,6 +607,20 @@ class Operations(Core):
                 with contextlib.suppress(Exception):  # best effort; gc removes abandoned drafts anyway
                     yield Send("DELETE", f"/drafts/{draft.id}", timeout=10)
             raise
+
+    def _maybe_held(self, draft_id: str, path: Path, size: int) -> Flow[bool]:
+        """Whether the registry may hold ``path``'s bytes, asked with a sample of a few KiB: when
+        it certainly does not, the file is uploaded at once and hashed while it is sent, instead of
+        being read twice (hashed for deduplication, then sent). A server without the question: True."""
+        sample = yield Blocking(lambda: _sample(path, size))
+        try:
+            probe = yield from self.call(Probe, "POST", f"/drafts/{draft_id}/probe", idempotent=True,
+                                         what="deduplication probe", json={"size": size, "sample": sample})
+        except RegistryAPIError as e:
+            if e.status in (404, 405) and e.code != "draft_not_found":
+                return True
+            raise
+        return bool(probe.maybe_held)
 
     def _commit_draft(self, draft_id: str, name: str, manifest: dict[str, str]) -> Flow[Version]:
         """Commit a draft; after a lost answer find out whether the commit happened. The server deletes

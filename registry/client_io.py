@@ -9,6 +9,7 @@ wait (memory stays at a few tens of MiB whatever the file's size).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -64,10 +65,8 @@ class Pipeline:
         """Drop the chunks not handed over yet and wait for the rest, ignoring their errors (the
         transfer failed already): afterwards no helper touches this pipeline's objects."""
         self._batch.clear()
-        try:
+        with contextlib.suppress(BaseException):
             self.drain()
-        except BaseException:  # noqa: BLE001, S110 - see above
-            pass
 
     def drain(self) -> None:
         """Wait for the batches handed over so far (the first error is raised after all ended)."""
