@@ -598,6 +598,8 @@ class Operations(Core):
                             raise
                 if size > RESUMABLE_THRESHOLD:
                     got = yield from self._upload_resumable(draft.id, rel, path, size, sha, progress)
+                    if sha is None and dedup and progress:
+                        progress("hash", size)  # hashed while it was sent
                 else:
                     got = yield from self._upload_simple(draft.id, rel, path, sha, progress)
                 manifest[rel] = got.sha256
