@@ -171,10 +171,7 @@ def _params(**values: Any) -> dict[str, Any]:
 
 
 def _hash_file(path: Path, progress: Progress | None = None) -> str:
-    digest = client_io.sha256_file(path)
-    if progress:
-        progress("hash", path.stat().st_size)
-    return digest
+    return client_io.sha256_file(path, (lambda n: progress("hash", n)) if progress else None)
 
 
 def _hash_prefix(path: Path) -> tuple[Any, int]:

@@ -137,12 +137,18 @@ def read_hashing(path: Path, start: int, length: int, chunk_size: int, hasher: A
             pipe.abandon()  # after finish(): nothing left; after an error or an abandoned body: wait
 
 
-def sha256_file(path: Path, chunk_size: int = 16 << 20) -> str:
-    """The file's sha256, read ahead on a helper thread while the previous chunk is hashed."""
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None, chunk_size: int = 16 << 20) -> str:
+    """The file's sha256, the next chunk read on a helper thread while this one is hashed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         nxt: Future[bytes] = _WRITE.submit(f.read, chunk_size)
-        while chunk := nxt.result():
-            nxt = _WRITE.submit(f.read, chunk_size)
-            h.update(chunk)
+        try:
+            while chunk := nxt.result():
+                nxt = _WRITE.submit(f.read, chunk_size)
+                h.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        finally:
+            with contextlib.suppress(BaseException):
+                nxt.result()  # no read in flight once the file is closed
     return h.hexdigest()
