@@ -28,7 +28,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,7 +140,7 @@ def _raw(ctx: RegistryContext, sha256: str, start: int, end: int | None,
 _STREAM_HELPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stream")
 
 
-def read_ahead(pieces: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+def read_ahead(pieces: Iterator[bytes | memoryview]) -> Generator[bytes | memoryview, None, None]:
     """``pieces``, the next one read on a helper thread while the caller handles the current one
     (a download reads the file while it sends and hashes). Closing this iterator waits for the
     read in flight, then closes ``pieces``."""

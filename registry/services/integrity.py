@@ -73,15 +73,17 @@ def _stream(ctx: RegistryContext, version_id: int, f: ServedFile, start: int,
     held: bytes | memoryview | None = None
     try:
         try:
-            for chunk in content.read_ahead(content.iter_range(ctx, f.sha256, start, end, hashed_whole=whole)):
-                if h is not None:
-                    if hashing is not None:
-                        hashing.result()
-                    hashing = content.hash_beside(h, chunk)
-                if held is not None:
-                    yield held
-                sent += len(chunk)
-                held = chunk
+            with contextlib.closing(content.read_ahead(
+                    content.iter_range(ctx, f.sha256, start, end, hashed_whole=whole))) as pieces:
+                for chunk in pieces:
+                    if h is not None:
+                        if hashing is not None:
+                            hashing.result()
+                        hashing = content.hash_beside(h, chunk)
+                    if held is not None:
+                        yield held
+                    sent += len(chunk)
+                    held = chunk
         except (FileNotFoundError, OSError) as e:
             raise _fail(ctx, version_id, f, f"unreadable ({e})") from e
         if hashing is not None:
