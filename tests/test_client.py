@@ -198,5 +198,7 @@ def test_large_push_asks_before_hashing(sqlite_server: Server, tmp_path: Path, n
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_sha256"
         r = httpx.post(probe, json={"size": -1, "sample": "0" * 64})
         assert r.status_code == 422
+        assert httpx.post(probe, json={"size": 1 << 80, "sample": "0" * 64}).json() == {"maybe_held": False,
+                                                                                       "candidates": 0}
         answer = httpx.post(probe, json={"size": size, "sample": "0" * 64}).json()
         assert answer["maybe_held"] is False and answer["candidates"] >= 2  # compared, none alike

@@ -363,6 +363,8 @@ def probe_file(ctx: RegistryContext, draft_id: str, size: int, sample: str,
     sample = check_sha_arg(sample) or ""
     with ctx.db.read() as s:
         draft_row(s, draft_id, who)
+        if size > ctx.settings.max_file_bytes:  # no stored file is that large
+            return {"maybe_held": False, "candidates": 0}
         rows = s.execute(select(Blob.sha256).where(Blob.size == size, Blob.state == BlobState.ready.value)
                          .limit(PROBE_CANDIDATES + 1)).scalars().all()
     if len(rows) > PROBE_CANDIDATES:
