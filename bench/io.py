@@ -1,7 +1,8 @@
 """Push and pull a ~1 GB safetensors checkpoint over HTTP on loopback against the embedded server.
 
-Prints throughput next to `cp` of the same file measured in the same run, and the server's peak
-RSS increase during each operation (Linux: VmHWM after resetting it through /proc/PID/clear_refs).
+Prints throughput next to `cp` of the same file measured in the same run, the CPU time the client
+(this process) and the server spent on each operation, and the server's peak RSS increase during
+each operation (Linux: VmHWM after resetting it through /proc/PID/clear_refs).
 
     python bench/io.py                 # 1 GiB, embedded default (SQLite + local blobs)
     python bench/io.py --size-mb 256   # quicker
@@ -52,6 +53,12 @@ def reset_peak(pid: int) -> int:
     return rss_kb(pid, "VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     best = float("inf")
     for _ in range(repeat):
@@ -68,6 +75,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
+    loadavg_start = Path("/proc/loadavg").read_text().strip()
     # distinct bytes for every push, so that no push is answered by deduplication
     sources = [make_model(args.data / f"model-{args.size_mb}-{i}", args.size_mb, seed=i)
                for i in range(args.repeat)]
@@ -102,43 +110,53 @@ def main() -> None:
     try:
         with RegistryClient(url) as rc:
             rc.push(make_model(scratch / "warm", 4), "warmup")  # first request imports lazily loaded code
-            def measure(fn) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+            def measure(fn) -> tuple[float, int, float, float]:  # type: ignore[no-untyped-def]
+                """(seconds, server peak RSS increase in KiB, client CPU s, server CPU s) of one call."""
                 base = reset_peak(server.pid)
-                t = time.perf_counter()
+                c0, s0, t = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
                 fn()
-                return time.perf_counter() - t, rss_kb(server.pid, "VmHWM") - base
+                return (time.perf_counter() - t, rss_kb(server.pid, "VmHWM") - base,
+                        time.process_time() - c0, cpu_seconds(server.pid) - s0)
+
+            def best(runs: list[tuple[float, int, float, float]]) -> tuple[float, int, float, float]:
+                """Fastest time, largest RSS increase, least CPU (each over the runs: CPU time is
+                what load from other processes stretches least)."""
+                return (min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs),
+                        min(r[3] for r in runs))
 
             for folder in sources:
                 folder.joinpath("model.safetensors").read_bytes()
-            t_push, rss_push = min(measure(lambda f=f, i=i: rc.push(f, f"bench-{i}"))
-                                   for i, f in enumerate(sources))
-            t_push_nd, rss_push_nd = min(measure(lambda f=f, i=i: rc.push(f, f"bench-nd-{i}", dedup=False))
-                                         for i, f in enumerate(sources))
-            t_dedup, rss_dedup = min(measure(lambda i=i: rc.push(src, f"bench-dup-{i}"))
-                                     for i in range(args.repeat))
+            push = best([measure(lambda f=f, i=i: rc.push(f, f"bench-{i}")) for i, f in enumerate(sources)])
+            push_nd = best([measure(lambda f=f, i=i: rc.push(f, f"bench-nd-{i}", dedup=False))
+                            for i, f in enumerate(sources)])
+            dedup = best([measure(lambda i=i: rc.push(src, f"bench-dup-{i}")) for i in range(args.repeat)])
             dest = scratch / "pulled"
 
             def pull() -> None:
                 shutil.rmtree(dest, ignore_errors=True)
                 rc.pull("bench-0@1", dest)
 
-            t_pull, rss_pull = min(measure(pull) for _ in range(args.repeat))
+            pulled = best([measure(pull) for _ in range(args.repeat)])
             assert (dest / "model.safetensors").stat().st_size == size
         mb = size / 2**20
         rows = [
-            ("cp (page cache, no fsync)", t_cp, None),
-            ("cp + fsync (durable copy)", t_cp_sync, None),
-            ("push new bytes (pre-hash for dedup, upload, validate + NaN scan, fsync, commit)", t_push, rss_push),
-            ("push new bytes --no-dedup (hash while sending)", t_push_nd, rss_push_nd),
-            ("push identical bytes again (deduplicated: linked, not sent)", t_dedup, rss_dedup),
-            ("pull (download, verify sha256)", t_pull, rss_pull),
+            ("cp (page cache, no fsync)", (t_cp, None, None, None)),
+            ("cp + fsync (durable copy)", (t_cp_sync, None, None, None)),
+            ("push new bytes (dedup probe, upload hashing while sending, validate + NaN scan, fsync, commit)",
+             push),
+            ("push new bytes --no-dedup (hash while sending)", push_nd),
+            ("push identical bytes again (deduplicated: hashed, linked, not sent)", dedup),
+            ("pull (download, verify sha256 on both ends)", pulled),
         ]
         print(f"\n{mb:.0f} MiB safetensors file, embedded server (SQLite + local blobs) on loopback, "
-              f"best of {args.repeat}; {os.cpu_count()} CPU cores\n")
-        print("| operation | seconds | MiB/s | vs cp | vs cp + fsync | server peak RSS increase |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for label, t, rss in rows:
+              f"best of {args.repeat}; {os.cpu_count()} CPU cores; /proc/loadavg {loadavg_start} at start, "
+              f"{Path('/proc/loadavg').read_text().strip()} at the end\n")
+        print("| operation | seconds | MiB/s | vs cp | vs cp + fsync | client CPU s | server CPU s | "
+              "server peak RSS increase |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, (t, rss, c_cpu, s_cpu) in rows:
             print(f"| {label} | {t:.2f} | {mb / t:.0f} | {t_cp / t:.2f}× | {t_cp_sync / t:.2f}× | "
+                  f"{'–' if c_cpu is None else f'{c_cpu:.2f}'} | {'–' if s_cpu is None else f'{s_cpu:.2f}'} | "
                   f"{'–' if rss is None else f'{rss / 1024:.0f} MB'} |")
     finally:
         srv.stop()

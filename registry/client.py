@@ -47,6 +47,7 @@ from urllib.parse import quote
 
 import httpx
 
+from . import client_io
 from .api import schemas
 from .client_errors import (
     BadRequest,
@@ -71,7 +72,7 @@ from .client_errors import (
 )
 from .config import get_settings
 from .formats import oci
-from .formats.inspect import content_hash
+from .formats.inspect import content_hash, sample_digest
 from .transport import (
     AsyncDriver,
     Blocking,
@@ -118,6 +119,7 @@ Lineage = schemas.LineageOut
 Model = schemas.ModelOut
 ModelPage = schemas.ModelPage
 Policy = schemas.PolicyOut
+Probe = schemas.ProbeOut
 Predictions = schemas.PredictionsOut
 Redelivery = schemas.RedeliveryOut
 StorageReport = schemas.StorageOut
@@ -169,13 +171,7 @@ def _params(**values: Any) -> dict[str, Any]:
 
 
 def _hash_file(path: Path, progress: Progress | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * CHUNK):
-            h.update(chunk)
-            if progress:
-                progress("hash", len(chunk))
-    return h.hexdigest()
+    return client_io.sha256_file(path, (lambda n: progress("hash", n)) if progress else None)
 
 
 def _hash_prefix(path: Path) -> tuple[Any, int]:
@@ -188,6 +184,15 @@ def _hash_prefix(path: Path) -> tuple[Any, int]:
                 h.update(chunk)
                 n += len(chunk)
     return h, n
+
+
+def _sample(path: Path, size: int) -> str:
+    with open(path, "rb") as f:
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        return sample_digest(read_at, size)
 
 
 def _holds(target: Path, size: int, sha256: str) -> bool:
@@ -546,10 +551,12 @@ class Operations(Core):
              progress: Progress | None = None) -> Flow[Version]:
         """Upload a folder (or one file) as the next version of ``name``; returns the version.
 
-        Each file is hashed first; with ``dedup`` bytes the registry already holds are linked, not
-        sent. Files over 64 MiB use a resumable upload. While the server is unreachable (restarting)
-        every step is retried and resumes where it was, with the same draft; a commit whose answer
-        was lost is looked up before it is repeated. On a failure that is not retried the draft is
+        With ``dedup`` bytes the registry already holds are linked, not sent: a file is hashed
+        first, unless it is over 64 MiB and the server, asked with a sample of a few KiB, holds no
+        file like it (then it is hashed while it is sent). Files over 64 MiB use a resumable
+        upload. While the server is unreachable (restarting) every step is retried and resumes
+        where it was, with the same draft; a commit whose answer was lost is looked up before it
+        is repeated. On a failure that is not retried the draft is
         aborted: nothing becomes visible."""
         files = iter_folder(Path(folder))
         if not files:
@@ -601,9 +608,10 @@ class Operations(Core):
         try:
             for rel, path, known in files:
                 sha = known
-                if sha is None and dedup:
-                    sha = yield Blocking(lambda path=path: _hash_file(path, progress))  # type: ignore[misc]
                 size = path.stat().st_size
+                if sha is None and dedup and (size <= RESUMABLE_THRESHOLD or
+                                              (yield from self._maybe_held(draft.id, path, size))):
+                    sha = yield Blocking(lambda path=path: _hash_file(path, progress))  # type: ignore[misc]
                 if sha is not None:
                     try:  # linking a path again replaces the link: safe to repeat
                         yield from self.request("POST", f"/drafts/{draft.id}/links", idempotent=True,
@@ -617,6 +625,8 @@ class Operations(Core):
                             raise
                 if size > RESUMABLE_THRESHOLD:
                     got = yield from self._upload_resumable(draft.id, rel, path, size, sha, progress)
+                    if sha is None and dedup and progress:
+                        progress("hash", size)  # hashed while it was sent
                 else:
                     got = yield from self._upload_simple(draft.id, rel, path, sha, progress)
                 manifest[rel] = got.sha256
@@ -626,6 +636,20 @@ class Operations(Core):
                 with contextlib.suppress(Exception):  # best effort; gc removes abandoned drafts anyway
                     yield Send("DELETE", f"/drafts/{draft.id}", timeout=10)
             raise
+
+    def _maybe_held(self, draft_id: str, path: Path, size: int) -> Flow[bool]:
+        """Whether the registry may hold ``path``'s bytes, asked with a sample of a few KiB: when
+        it certainly does not, the file is uploaded at once and hashed while it is sent, instead of
+        being read twice (hashed for deduplication, then sent). A server without the question: True."""
+        sample = yield Blocking(lambda: _sample(path, size))
+        try:
+            probe = yield from self.call(Probe, "POST", f"/drafts/{draft_id}/probe", idempotent=True,
+                                         what="deduplication probe", json={"size": size, "sample": sample})
+        except RegistryAPIError as e:
+            if e.status in (404, 405) and e.code != "draft_not_found":
+                return True
+            raise
+        return bool(probe.maybe_held)
 
     def _commit_draft(self, draft_id: str, name: str, manifest: dict[str, str]) -> Flow[Version]:
         """Commit a draft; after a lost answer find out whether the commit happened. The server deletes
@@ -683,19 +707,9 @@ class Operations(Core):
 
     def _read_chunks(self, path: Path, start: int, length: int, progress: Progress | None,
                      hasher: Any = None) -> Iterator[bytes]:
-        with open(path, "rb") as f:
-            f.seek(start)
-            left = length
-            while left > 0:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{path} shrank while uploading")
-                left -= len(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
-                if progress:
-                    progress("upload", len(chunk))
-                yield chunk
+        """An upload body: ``hasher`` (if any) is fed on a helper thread while the chunks are sent."""
+        return client_io.read_hashing(path, start, length, CHUNK, hasher,
+                                      (lambda n: progress("upload", n)) if progress else None)
 
     def _upload_simple(self, draft_id: str, rel: str, path: Path, sha: str | None,
                        progress: Progress | None) -> Flow[DraftFile]:
@@ -887,12 +901,12 @@ class Operations(Core):
                 if r.status_code != 206:
                     h, start = hashlib.sha256(), 0
                     report(0)
-                out = open(part, "ab" if r.status_code == 206 else "wb")  # noqa: SIM115 - closed below
+                # written and hashed by helper threads while the next bytes arrive
+                out = client_io.HashedFile(part, "ab" if r.status_code == 206 else "wb", h)
 
                 def write(chunk: bytes) -> None:
                     nonlocal start
                     out.write(chunk)
-                    h.update(chunk)
                     start += len(chunk)
                     report(start)
 
@@ -900,6 +914,9 @@ class Operations(Core):
 
             try:
                 r = yield Stream(url, headers, sink)
+                if out is not None:
+                    opened, out = out, None
+                    opened.close()  # every byte written and hashed
                 if r.status_code == 416:  # the .part is already complete (or bogus): start over
                     part.unlink(missing_ok=True)
                     continue
@@ -912,7 +929,7 @@ class Operations(Core):
                 continue
             finally:
                 if out is not None:
-                    out.close()
+                    out.abandon()  # the body broke off: the .part keeps what was written (resumed)
             actual = h.hexdigest()
             want = expected_sha256 or server_sha
             if want and actual != want:

@@ -40,7 +40,6 @@ RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or a restarting server: w
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_FIRST_DELAY = 0.5  # seconds; doubles after each failure of an outage
 RETRY_MAX_DELAY = 5.0
-STREAM_CHUNK = 4 << 20  # bytes a download hands its writer at a time
 # Raised before the request reached the server: safe to repeat whatever the request does.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -296,7 +295,7 @@ class SyncDriver(Core):
             if write is None:
                 r.read()
                 return r
-            for chunk in r.iter_bytes(STREAM_CHUNK):
+            for chunk in r.iter_bytes():  # as received: no re-chunking copy
                 write(chunk)
             return r
 
@@ -349,7 +348,7 @@ class AsyncDriver(Core):
             if write is None:
                 await r.aread()
                 return r
-            async for chunk in r.aiter_bytes(STREAM_CHUNK):
+            async for chunk in r.aiter_bytes():
                 write(chunk)
             return r
 

@@ -163,3 +163,42 @@ def test_async_download_resumes_and_checks(sqlite_server: Server, tmp_path: Path
         asyncio.run(fetch())
     assert e.value.details["expected"] == sha and not part.exists() and not out.exists()
     assert asyncio.run(fetch()) == sha and out.read_bytes() == weights
+
+
+def test_large_push_asks_before_hashing(sqlite_server: Server, tmp_path: Path, name: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file over the resumable threshold is hashed before sending only when the server, asked
+    with a sample of it, may hold it: new bytes are sent at once (hashed while they go), identical
+    bytes are still linked, not sent."""
+    monkeypatch.setattr(client_mod, "RESUMABLE_THRESHOLD", 256 << 10)
+    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 256 << 10)
+    hashed: list[str] = []
+    real_hash = client_mod._hash_file
+    monkeypatch.setattr(client_mod, "_hash_file", lambda p, progress=None: hashed.append(p.name) or real_hash(p))
+    first, other = make_base(tmp_path / "a", seed=41), make_base(tmp_path / "b", seed=42)
+    weights = "model.safetensors"
+    size = (first / weights).stat().st_size
+    assert size > 256 << 10 and (other / weights).stat().st_size == size  # same size, other bytes
+    with RegistryClient(sqlite_server.url) as rc:
+        v1 = rc.push(first, name)
+        assert weights not in hashed  # no file of that size was stored: sent at once
+        before = sqlite_server.blob_files()
+        hashed.clear()
+        v2 = rc.push(first, f"{name}-again")
+        assert weights in hashed and sqlite_server.blob_files() == before  # may be held: hashed, linked
+        hashed.clear()
+        v3 = rc.push(other, f"{name}-other")
+        assert weights not in hashed  # a stored file of that size, but another sample: sent at once
+        assert {f.path: f.sha256 for f in v1.files or []} == {f.path: f.sha256 for f in v2.files or []}
+        rc.pull(v3.ref, tmp_path / "out")
+        assert (tmp_path / "out" / weights).read_bytes() == (other / weights).read_bytes()
+        draft = httpx.post(sqlite_server.url + "/api/v1/drafts", json={"model": name}).json()
+        probe = sqlite_server.url + f"/api/v1/drafts/{draft['id']}/probe"
+        r = httpx.post(probe, json={"size": size, "sample": "not-hex"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_sha256"
+        r = httpx.post(probe, json={"size": -1, "sample": "0" * 64})
+        assert r.status_code == 422
+        assert httpx.post(probe, json={"size": 1 << 80, "sample": "0" * 64}).json() == {"maybe_held": False,
+                                                                                       "candidates": 0}
+        answer = httpx.post(probe, json={"size": size, "sample": "0" * 64}).json()
+        assert answer["maybe_held"] is False and answer["candidates"] >= 2  # compared, none alike

@@ -157,6 +157,16 @@ class LinkFile(BaseModel):
     size: int | None = None
 
 
+class ProbeFile(BaseModel):
+    size: int
+    sample: str  # hex sha256: registry.formats.inspect.sample_digest of the file
+
+
+class ProbeOut(BaseModel):
+    maybe_held: bool  # false: certainly new bytes (upload them); true: hash the file and link it
+    candidates: int  # stored files of this size that were compared
+
+
 class UploadCreate(BaseModel):
     path: str
     size: int | None = None

@@ -21,17 +21,19 @@ pack job released it after packing) starts again from the packed form; nothing e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
 import os
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -145,6 +147,36 @@ def _raw(ctx: RegistryContext, sha256: str, start: int, end: int | None,
         if sent or row is None or row[1] != BlobForm.packed.value:
             raise
         yield from _packed(ctx, sha256, start, row[0] if end is None else end, hashed_whole)
+
+
+# Reads ahead of a stream and the sha256 of a whole-file download run here, beside the thread that sends.
+_STREAM_HELPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stream")
+
+
+def read_ahead(pieces: Iterator[bytes | memoryview]) -> Generator[bytes | memoryview, None, None]:
+    """``pieces``, the next one read on a helper thread while the caller handles the current one
+    (a download reads the file while it sends and hashes). Closing this iterator waits for the
+    read in flight, then closes ``pieces``."""
+    it = iter(pieces)
+    done = object()
+    nxt: Future[object] = _STREAM_HELPERS.submit(next, it, done)
+    try:
+        while (piece := nxt.result()) is not done:
+            nxt = _STREAM_HELPERS.submit(next, it, done)
+            yield piece  # type: ignore[misc]
+    finally:
+        nxt.cancel()
+        with contextlib.suppress(BaseException):  # the caller stopped or failed already
+            nxt.result()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def hash_beside(h: Any, piece: bytes | memoryview) -> Future[None]:
+    """``h.update(piece)`` on a helper thread (hashlib releases the GIL): wait for the result
+    before the next update of ``h``."""
+    return _STREAM_HELPERS.submit(h.update, piece)
 
 
 def pieces(s: Session, sha256: str, start: int = 0, end: int | None = None) -> list[Piece]:

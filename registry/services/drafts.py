@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..errors import BadRequest, Conflict, InvalidInput, NotFound, PayloadTooLarge, RequestTimeout
 from ..formats import inspect as fmt
 from ..formats.paths import clean_path
 from ..formats.safetensors import StreamCheck, iter_file
-from ..models import Draft, DraftFile, ModelVersion, Relation
+from ..models import Blob, BlobState, Draft, DraftFile, ModelVersion, Relation
 from ..storage import HashingWriter
 from ..storage.base import SHA256_RE
-from . import blobs, names
+from . import blobs, content, names
 from .context import RegistryContext
 from .refs import model_named, parse_ref, resolve
 from .tokens import Principal
@@ -269,9 +270,9 @@ DRAIN_AFTER_ERROR = 64 << 20  # read (and drop) this much more of a refused body
 
 
 async def pump_body(body: AsyncIterator[bytes], writer: HashingWriter, limit: int, path: str, *,
-                hasher: Any = None, check: StreamCheck | None = None, timeout: float | None = None) -> None:
-    """Copy the request body to ``writer`` in batches handed to a worker thread, updating the
-    extra ``hasher`` and feeding the stream ``check`` on the way. A check failure (bad header)
+                    check: StreamCheck | None = None, timeout: float | None = None) -> None:
+    """Copy the request body to ``writer`` in batches handed to a worker thread (which hashes them
+    as it writes), feeding the stream ``check`` on the way. A check failure (bad header)
     stops the copy early; a little more of the body is drained so the client reads the 4xx.
     A body that sends nothing for ``timeout`` seconds (one read) is refused with 408."""
     batch: list[bytes] = []
@@ -279,14 +280,8 @@ async def pump_body(body: AsyncIterator[bytes], writer: HashingWriter, limit: in
     total = writer.size  # bytes received so far, including those still being written
     failure: BaseException | None = None
 
-    def also(c: bytes) -> None:
-        if hasher is not None:
-            hasher.update(c)
-        if check is not None:
-            check.feed(c)
-
     def flush(chunks: list[bytes]) -> None:
-        writer.write_many(chunks, also if hasher is not None or check is not None else None)
+        writer.write_many(chunks, check.feed if check is not None else None)
 
     inflight: asyncio.Future[None] | None = None  # one batch is hashed/written while the next arrives
 
@@ -357,6 +352,48 @@ def link_file(ctx: RegistryContext, draft_id: str, path: str, sha256: str, size:
             s.flush()
         s.add(DraftFile(draft_id=draft_id, path=path, sha256=sha, size=held, staged=False))
         return {"path": path, "sha256": sha, "size": held, "deduplicated": True}
+
+
+PROBE_CANDIDATES = 64  # stored files of one size a probe compares samples with; more: "maybe"
+
+
+def probe_file(ctx: RegistryContext, draft_id: str, size: int, sample: str,
+               who: Principal | None = None) -> dict[str, Any]:
+    """Whether the registry may already hold a file of ``size`` bytes whose
+    :func:`~registry.formats.inspect.sample_digest` is ``sample``: a cheap question a push asks
+    before it hashes a large file. ``maybe_held`` false is certain (no stored file of that size
+    has that sample: upload the bytes, hashing them while they are sent); true means hash the file
+    and link it (it may still turn out new). Stored files whose samples cannot be read cheaply
+    (not a local raw object, or too many candidates) answer true."""
+    if size < 0:
+        raise InvalidInput("size must be >= 0", code="invalid_size")
+    sample = check_sha_arg(sample) or ""
+    with ctx.db.read() as s:
+        draft_row(s, draft_id, who)
+        if size > ctx.settings.max_file_bytes:  # no stored file is that large
+            return {"maybe_held": False, "candidates": 0}
+        rows = s.execute(select(Blob.sha256).where(Blob.size == size, Blob.state == BlobState.ready.value)
+                         .limit(PROBE_CANDIDATES + 1)).scalars().all()
+    if len(rows) > PROBE_CANDIDATES:
+        return {"maybe_held": True, "candidates": len(rows)}
+    held = any(local is None or _sample_matches(local, size, sample)
+               for local in (content.local_path(ctx, sha) for sha in rows))
+    return {"maybe_held": held, "candidates": len(rows)}
+
+
+def _sample_matches(local: Path, size: int, sample: str) -> bool:
+    try:
+        with open(local, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return False
+
+            def read_at(offset: int, length: int) -> bytes:
+                f.seek(offset)
+                return f.read(length)
+
+            return fmt.sample_digest(read_at, size) == sample
+    except FileNotFoundError:
+        return True  # released meanwhile (packed): cannot tell
 
 
 def stage_local_file(ctx: RegistryContext, draft_id: str, path: str, local: Path) -> dict[str, Any]:

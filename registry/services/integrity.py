@@ -11,8 +11,10 @@ clears the mark (after an operator restored the bytes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 from sqlalchemy import update
 
@@ -62,20 +64,36 @@ def _stream(ctx: RegistryContext, version_id: int, f: ServedFile, start: int,
             end: int) -> Iterator[bytes | memoryview]:
     # A range of a packed file is checked chunk by chunk as it decodes (each against its sha256);
     # a whole file is hashed here, whatever its form (its chunks then only by their CRC-32).
+    # The file is read ahead, and each chunk hashed on a helper thread while the one before it is
+    # sent: reading, hashing and sending overlap. The last chunk waits for the whole digest.
     whole = ctx.settings.verify_reads and start == 0 and end == f.size
     h = hashlib.sha256() if whole else None
+    hashing: Future[None] | None = None
     sent = 0
     held: bytes | memoryview | None = None
     try:
-        for chunk in content.iter_range(ctx, f.sha256, start, end, hashed_whole=whole):
-            if held is not None:
-                yield held
-            if h is not None:
-                h.update(chunk)
-            sent += len(chunk)
-            held = chunk
-    except (FileNotFoundError, OSError) as e:
-        raise _fail(ctx, version_id, f, f"unreadable ({e})") from e
+        try:
+            with contextlib.closing(content.read_ahead(
+                    content.iter_range(ctx, f.sha256, start, end, hashed_whole=whole))) as pieces:
+                for chunk in pieces:
+                    if h is not None:
+                        if hashing is not None:
+                            hashing.result()
+                        hashing = content.hash_beside(h, chunk)
+                    if held is not None:
+                        yield held
+                    sent += len(chunk)
+                    held = chunk
+        except (FileNotFoundError, OSError) as e:
+            raise _fail(ctx, version_id, f, f"unreadable ({e})") from e
+        if hashing is not None:
+            hashing.result()
+            hashing = None
+    finally:
+        if hashing is not None:  # stopped early: let the hash of the last chunk end before it is dropped
+            hashing.cancel()
+            with contextlib.suppress(BaseException):
+                hashing.result()
     if sent != end - start:
         raise _fail(ctx, version_id, f, f"short: {start + sent} of {end} bytes")
     if h is not None and h.hexdigest() != f.sha256:

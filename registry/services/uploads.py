@@ -190,11 +190,12 @@ async def _append_locked(ctx: RegistryContext, upload_id: str, offset: int,
     # Chunks arrive in order at this process: keep hashing and checking as they stream.
     hasher, check = (state[0], state[1]) if state is not None and state[2] == offset else (None, None)
     limit = view["size"] if view["size"] is not None else ctx.settings.max_file_bytes
-    writer = HashingWriter(part, mode="ab")
+    # The writer continues the upload's hash (no hash at all when its state is gone: the commit
+    # reads the file again), so every byte is hashed once.
+    writer = HashingWriter(part, mode="ab", hasher=hasher, hashing=hasher is not None)
     writer.size = offset
     try:
-        await pump_body(body, writer, limit, view["path"], hasher=hasher, check=check,
-                    timeout=ctx.settings.body_timeout_seconds)
+        await pump_body(body, writer, limit, view["path"], check=check, timeout=ctx.settings.body_timeout_seconds)
         await asyncio.to_thread(writer.close)  # fsync: durable before ``received`` says so
     except BaseException:
         writer.abandon()

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .base import CHUNK
 
@@ -43,46 +43,52 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
 _START_WRITEBACK = _sync_file_range()
 
 
+def _each(fn: Callable[[bytes], Any], chunks: list[bytes]) -> None:
+    for c in chunks:
+        fn(c)
+
+
 class HashingWriter:
     """Writes bytes to a file while computing their sha256 and size.
 
     Every ``SYNC_EVERY`` bytes the kernel is asked to start writing the new pages back (without
     waiting), so the ``fsync`` in :meth:`close`, which makes the file durable before any version
     can reference it, has little left to do. Hashing and writing of one batch run in parallel
-    (:meth:`write_many`); both release the GIL."""
+    (:meth:`write_many`); both release the GIL.
+
+    ``hasher``: the sha256 state to continue (an upload appended to over several requests), or
+    None for a fresh one; ``hashing=False``: the bytes are not hashed at all (their digest is
+    computed elsewhere), and :meth:`close` returns an empty string."""
 
     SYNC_EVERY = 32 << 20
 
-    def __init__(self, path: Path, mode: str = "wb") -> None:
+    def __init__(self, path: Path, mode: str = "wb", *, hasher: Any = None, hashing: bool = True) -> None:
         self.path = path
         self._f: BinaryIO = open(path, mode)  # noqa: SIM115 - closed in close()
-        self._h = hashlib.sha256()
+        self._h = (hasher if hasher is not None else hashlib.sha256()) if hashing else None
         self.size = 0
         self._synced_to = self._f.tell()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._f.write(data)
-        self._h.update(data)
+        if self._h is not None:
+            self._h.update(data)
         self.size += len(data)
         self._writeback()
 
     def write_many(self, chunks: list[bytes], also: Callable[[bytes], None] | None = None) -> None:
-        """Write ``chunks`` while a helper thread hashes them (and runs ``also`` on each)."""
-
-        def digest() -> None:
-            for c in chunks:
-                self._h.update(c)
-                if also is not None:
-                    also(c)
-
-        fut = _HASH_POOL.submit(digest)
+        """Write ``chunks`` while helper threads hash them and run ``also`` on each (a stream
+        check): hashing, checking and writing of one batch run at once, each in order."""
+        futures = [_HASH_POOL.submit(_each, fn, chunks) for fn in (self._h.update if self._h is not None else None,
+                                                                   also) if fn is not None]
         try:
             for c in chunks:
                 self._f.write(c)
                 self.size += len(c)
             self._writeback()
         finally:
-            fut.result()
+            for fut in futures:
+                fut.result()
 
     def _writeback(self) -> None:
         if _START_WRITEBACK is None:
@@ -98,7 +104,7 @@ class HashingWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        return self._h.hexdigest()
+        return self._h.hexdigest() if self._h is not None else ""
 
     def abort(self) -> None:
         """Close and delete the file."""

@@ -17,6 +17,8 @@ from ..schemas import (
     DraftFileOut,
     DraftOut,
     LinkFile,
+    ProbeFile,
+    ProbeOut,
     UploadCommit,
     UploadCreate,
     UploadOut,
@@ -73,6 +75,13 @@ async def put_file(draft_id: str, path: str, request: Request, ctx: Ctx, who: Wr
 def link_file(draft_id: str, body: LinkFile, ctx: Ctx, who: Writer) -> object:
     """Add a file by sha256 when the registry already holds those bytes (404 otherwise: upload it)."""
     return drafts.link_file(ctx, draft_id, body.path, body.sha256, body.size, who)
+
+
+@router.post("/drafts/{draft_id}/probe", response_model=ProbeOut, responses=errors(400, 404, 422))
+def probe_file(draft_id: str, body: ProbeFile, ctx: Ctx, who: Writer) -> object:
+    """Whether the registry may already hold a file of this size and sample digest (a few KiB of
+    it, see the client): false is certain, so the client uploads without hashing the file first."""
+    return drafts.probe_file(ctx, draft_id, body.size, body.sample, who)
 
 
 @router.post("/drafts/{draft_id}/uploads", status_code=status.HTTP_201_CREATED, response_model=UploadOut,
