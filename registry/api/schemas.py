@@ -103,14 +103,19 @@ class ParentIn(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class DraftCreate(BaseModel):
-    model: str
+class VersionSpec(BaseModel):
+    """What a new version says about itself, however its bytes arrive (a draft or a manifest)."""
+
     kind: str | None = None
     base: str | None = Field(None, description="Ref of the base version an adapter/fine-tune is pinned to.")
     tags: dict[str, str] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
     parents: list[ParentIn] = Field(default_factory=list)
+
+
+class DraftCreate(VersionSpec):
+    model: str
 
 
 class ManifestFile(BaseModel):
@@ -119,16 +124,10 @@ class ManifestFile(BaseModel):
     size: int | None = Field(None, description="Checked against the held bytes when given.")
 
 
-class VersionCreate(BaseModel):
+class VersionCreate(VersionSpec):
     """A version made in one request from bytes the registry already holds."""
 
     files: list[ManifestFile]
-    kind: str | None = None
-    base: str | None = Field(None, description="Ref of the base version an adapter/fine-tune is pinned to.")
-    tags: dict[str, str] = Field(default_factory=dict)
-    aliases: list[str] = Field(default_factory=list)
-    description: str = ""
-    parents: list[ParentIn] = Field(default_factory=list)
 
 
 class DraftFileOut(BaseModel):

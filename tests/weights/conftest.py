@@ -157,3 +157,14 @@ def write_checkpoint(
 def write_ckpt() -> Callable[..., Path]:
     """``write_ckpt(path, tensors, shards=1, files=None)``: see :func:`write_checkpoint`."""
     return write_checkpoint
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny matrices: torch's intra-op threads only add overhead (10× slower on a loaded 2-core box).
+    Test modules of such math use it for every test (``pytestmark = pytest.mark.usefixtures(...)``)
+    or through a module fixture of their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -55,13 +55,7 @@ def folder_digest(folder: Path) -> str:
     return sha(folder / WEIGHTS_NAME) + sha(folder / "adapter_config.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: torch's intra-op threads only add overhead (10× slower on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from tests.weights.test_compress import make_lora_adapters
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def laplace_codes(gen: np.random.Generator, count: int, q: int, K: int, outliers: float = 0.0) -> np.ndarray:
