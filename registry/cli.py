@@ -366,9 +366,10 @@ def worker(
     """Run a Celery worker that executes registry jobs (bases, transfers, merges, webhooks)."""
     import logging
 
-    from workers.app import celery_app
+    from workers.app import celery_app, prepare_broker
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_broker()
     args = ["worker", "-Q", queues, "-c", str(concurrency), "-P", "solo" if concurrency == 1 else "threads",
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if hostname:

@@ -203,3 +203,35 @@ def test_broker_outage_loses_no_event(bare_stack: Stack, demo: dict[str, Path], 
         assert done.result["ref"] == f"{name}-ft@2"
         parents = {(p.ref, p.relation) for p in rc.get_version(done.result["ref"]).parents}
         assert parents == {(ft.ref, "transfer_of"), (v2.ref, "finetune_of")}
+
+
+_PREPARE = """
+import sys, time
+start = float(sys.argv[1])
+from workers.app import prepare_broker
+while time.time() < start:
+    time.sleep(0.001)
+prepare_broker()
+"""
+
+
+def test_processes_starting_together_all_reach_the_embedded_broker(tmp_path: Path) -> None:
+    """Found by CI: two workers and the dispatcher starting at once on a fresh embedded broker raced
+    kombu's check-then-insert ("UNIQUE constraint failed: kombu_queue.name", "table kombu_queue
+    already exists"); the loser never consumed and every job stayed queued. Eight processes released
+    at the same instant must all declare the queues, and each queue must exist once."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REGISTRY_HOME": str(tmp_path)}
+    env.pop("REGISTRY_BROKER_URL", None)
+    start = time.time() + 8  # after every interpreter has imported celery
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, str(start)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(8)]
+    outputs = [(p.wait(60), p.stdout.read().decode() if p.stdout else "") for p in procs]
+    failed = [out for rc, out in outputs if rc != 0]
+    assert not failed, failed[0][-2000:]
+    with sqlite3.connect(tmp_path / "broker.db") as db:
+        names = sorted(n for (n,) in db.execute("SELECT name FROM kombu_queue"))
+    assert names == ["cpu", "gpu"]

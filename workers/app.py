@@ -12,6 +12,9 @@ dispatcher also re-queues jobs whose heartbeat stopped, for brokers that do not 
 
 from __future__ import annotations
 
+import threading
+import time
+
 from celery import Celery
 from kombu import Queue
 
@@ -47,7 +50,42 @@ def make_celery(settings: Settings) -> Celery:
 
 celery_app = make_celery(get_settings())
 
+_prepared = threading.Event()
+_prepare_lock = threading.Lock()
+PREPARE_TRIES = 5
+
+
+def prepare_broker(app: Celery = celery_app) -> None:
+    """Declare the registry's queues once in this process, before a worker consumes or a job is sent.
+
+    kombu's SQLAlchemy transport (the embedded broker) creates its tables and queue rows on first
+    use with a check-then-insert that is safe between threads but not between processes: a worker,
+    a second worker and the dispatcher starting together on a fresh ``broker.db`` collide ("table
+    kombu_queue already exists", "UNIQUE constraint failed: kombu_queue.name") and the loser's
+    consumer never received a job. A collision means another process has just created what we
+    wanted, so a fresh connection's second try finds it; every later declare is then a lookup.
+    Redis declares are idempotent and take one try."""
+    if _prepared.is_set():
+        return
+    from sqlalchemy.exc import SQLAlchemyError
+
+    with _prepare_lock:
+        for attempt in range(1, PREPARE_TRIES + 1):
+            if _prepared.is_set():
+                return
+            try:
+                with app.connection_for_write() as conn:
+                    channel = conn.default_channel
+                    for queue in app.conf.task_queues:
+                        queue.bind(channel).declare()
+                _prepared.set()
+            except SQLAlchemyError:
+                if attempt == PREPARE_TRIES:
+                    raise
+                time.sleep(0.05 * attempt)
+
 
 def send_job(job_id: int, queue: str) -> str:
     """Put a job on the broker; returns the Celery task id."""
+    prepare_broker()
     return str(celery_app.send_task(TASK_NAME, args=[job_id], queue=queue).id)

@@ -134,8 +134,8 @@ def _spread(n: int, models: int) -> Iterator[tuple[int, int, int]]:
 def populate_ours(db_url: str, home: Path, *, versions: int, models: int,
                   blobs: int = DEFAULT_BLOBS) -> list[tuple[str, int]]:
     """Our schema (migrations) and the data set; returns (sha256, size) of the blobs, in order."""
-    from registry.formats import inspect as fmt
     from registry.config import Settings
+    from registry.formats import inspect as fmt
     from registry.services.context import RegistryContext
     from registry.services.drafts import local_source
 

@@ -15,12 +15,12 @@ concurrency, warm-up excluded, every latency kept, exact percentiles) measures, 
                    with a manifest of held sha256s); compared with MLflow's create
 
 Data: ``--versions`` versions over ``--models`` models, written in bulk straight into each system's
-tables after its own migrations (``bulk.py``, the default: seconds for 10k, ~17 s for 100k) or,
-with ``--populate api``, created through each system's own HTTP API (``systems.py``: tags,
-aliases; slow, each version is a real create). The populated database of each system (SQLite file / PostgreSQL template database, plus our blob
-directory) is kept as a snapshot under ``--data`` and every run measures a fresh copy of it;
-``--fresh`` populates again. Measurement rounds alternate which system goes first; each table row
-is the best round by throughput, every round is in the JSON file.
+tables after its own migrations (``bulk.py``, the default: seconds for 10k, ~17 s for 100k) or, with
+``--populate api``, created through each system's own HTTP API (``systems.py``: tags, aliases; slow,
+each version is a real create). The populated database of each system (SQLite file / PostgreSQL
+template database, plus our blob directory) is kept as a snapshot under ``--data`` and every run
+measures a fresh copy of it; ``--fresh`` populates again. Measurement rounds alternate which system
+goes first; each table row is the best round by throughput, every round is in the JSON file.
 
     python bench/peer/run.py                        # SQLite and PostgreSQL
     python bench/peer/run.py --db sqlite --versions 2000 --repeat 1 --requests 500   # quick look

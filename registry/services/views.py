@@ -10,7 +10,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, Integer, Row, Text, any_, bindparam, cast, literal_column, null, select, union_all
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Integer,
+    Row,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    literal_column,
+    null,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased
 
 from ..models import Alias, DerivedFile, LineageEdge, Model, ModelVersion, VersionFile, VersionTag

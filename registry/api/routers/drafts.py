@@ -10,7 +10,6 @@ from ...errors import BadRequest
 from ...services import drafts, names, recording, uploads
 from ...services.drafts import DraftSpec
 from ..deps import Ctx, Writer, streamed_body
-from .common import version_json
 from ..responses import AUTHENTICATED, errors
 from ..schemas import (
     DraftCreate,
@@ -24,6 +23,7 @@ from ..schemas import (
     UploadOut,
     VersionOut,
 )
+from .common import version_json
 
 router = APIRouter(tags=["push"], responses=AUTHENTICATED)
 
